@@ -1,0 +1,30 @@
+# Everything runs from ./.venv, created and filled on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export CNNPIPE_HOME ?= $(CURDIR)/.cnnpipe
+
+.PHONY: install demo test test-fast bench-ingest clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/cnnpipe demo
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow and not crash"
+
+bench-ingest: install
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) bench/ingest.py
+
+clean:
+	rm -rf .cnnpipe .pytest_cache

@@ -1,0 +1,74 @@
+"""Run summaries as Markdown: the CLI renders them with rich, Prefect keeps them as artifacts."""
+
+from __future__ import annotations
+
+from cnnpipe.store import IngestSummary
+
+MAX_CLASS_ROWS = 20
+MAX_REJECT_LINES = 10
+SPLITS = ("train", "val", "test")
+
+
+def ingest_markdown(summary: IngestSummary) -> str:
+    rate = (summary.added + summary.duplicates) / summary.seconds if summary.seconds else 0.0
+    lines = [
+        f"### Ingest into `{summary.dataset}`",
+        f"Source `{summary.source_uri}`",
+        "",
+        f"**{summary.added:,} added**, {summary.duplicates:,} duplicates skipped, "
+        f"{len(summary.rejected):,} rejected, in {summary.seconds:.1f} s ({rate:,.0f} images/s). "
+        f"Dataset is at version {summary.version} (`{summary.version_id or '-'}`) with {summary.total_rows:,} images.",
+        "",
+    ]
+    lines += counts_table(summary.counts, summary.added_counts)
+    if summary.rejected:
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in summary.rejected_by_reason.items())
+        lines += ["", f"**Rejected** ({reasons})", ""]
+        lines += [f"- `{r.path}`: {r.reason} ({r.detail})" for r in summary.rejected[:MAX_REJECT_LINES]]
+        if len(summary.rejected) > MAX_REJECT_LINES:
+            lines.append(f"- … and {len(summary.rejected) - MAX_REJECT_LINES:,} more in the dataset's rejected.json")
+    return "\n".join(lines) + "\n"
+
+
+def counts_table(counts: dict[str, dict[str, int]], added: dict[str, dict[str, int]] | None = None) -> list[str]:
+    classes = sorted({label for labels in counts.values() for label in labels})
+    if not classes:
+        return []
+    splits = [s for s in SPLITS if s in counts] + sorted(set(counts) - set(SPLITS))
+    header = ["class", *splits, "total"] + (["added now"] if added is not None else [])
+    rows = [f"| {' | '.join(header)} |", f"|{'|'.join(['---'] + ['---:'] * (len(header) - 1))}|"]
+    for label in classes[:MAX_CLASS_ROWS]:
+        per_split = [counts.get(split, {}).get(label, 0) for split in splits]
+        cells = [label, *(f"{n:,}" for n in per_split), f"{sum(per_split):,}"]
+        if added is not None:
+            cells.append(f"{sum(labels.get(label, 0) for labels in added.values()):,}")
+        rows.append(f"| {' | '.join(cells)} |")
+    if len(classes) > MAX_CLASS_ROWS:
+        rows.append(f"| … {len(classes) - MAX_CLASS_ROWS} more classes |" + " |" * (len(header) - 1))
+    totals = [sum(counts.get(split, {}).values()) for split in splits]
+    cells = ["**all**", *(f"{n:,}" for n in totals), f"{sum(totals):,}"]
+    if added is not None:
+        cells.append(f"{sum(sum(labels.values()) for labels in added.values()):,}")
+    rows.append(f"| {' | '.join(cells)} |")
+    return rows
+
+
+def dataset_markdown(store) -> str:
+    manifest = store.manifest()
+    rejected = store.rejected()
+    lines = [
+        f"### Dataset `{manifest['name']}`",
+        f"Version {manifest['version']} (`{manifest['version_id']}`): {manifest['num_rows']:,} images, "
+        f"{len(manifest['classes'])} classes, {len(manifest['files'])} Parquet files under `{store.root}`.",
+        "",
+        *counts_table(manifest["counts"]),
+        "",
+        "| version | id | created | images added | source |",
+        "|---:|---|---|---:|---|",
+        *(f"| {v['version']} | `{v['version_id']}` | {v['created_at']} | {v['rows']:,} | `{v['source_uri']}` |"
+          for v in manifest["versions"]),
+    ]
+    if rejected:
+        lines += ["", f"**{len(rejected):,} rejected inputs** (first {min(len(rejected), MAX_REJECT_LINES)}):", ""]
+        lines += [f"- `{r['source_uri']}` :: `{r['path']}`: {r['reason']} ({r['detail']})" for r in rejected[:MAX_REJECT_LINES]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,53 @@
+"""Every path and URI the pipeline uses, derived from the environment.
+
+`CNNPIPE_HOME` (default `./.cnnpipe`) is the root of all state. MLflow honours
+`MLFLOW_TRACKING_URI`; Prefect keeps its own rule (ephemeral API unless
+`PREFECT_API_URL` is set), so nothing here touches Prefect's settings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    mlflow_tracking_uri: str
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.home / "datasets"
+
+    @property
+    def staging_dir(self) -> Path:
+        # Outside datasets/ so that a glob over a dataset never sees staged parts.
+        return self.home / "staging"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.home / "locks"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.home / "checkpoints"
+
+    @property
+    def predictions_db(self) -> Path:
+        return self.home / "predictions.duckdb"
+
+    @property
+    def demo_dir(self) -> Path:
+        return self.home / "demo"
+
+    def dataset_dir(self, name: str) -> Path:
+        return self.datasets_dir / name
+
+
+def get_settings() -> Settings:
+    """Read the environment now, so tests and long-lived servers see changes."""
+    home = Path(os.environ.get("CNNPIPE_HOME") or ".cnnpipe").expanduser().absolute()
+    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    return Settings(home=home, mlflow_tracking_uri=tracking)

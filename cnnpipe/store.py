@@ -1,0 +1,567 @@
+"""The versioned, deduplicated Parquet image store.
+
+Layout of `$CNNPIPE_HOME/datasets/NAME/`:
+
+    manifest.json            committed files, classes, counts, current version and its id
+    rejected.json            every refused input: source, path, reason
+    v000001/part-00000.parquet
+    v000001/version.json     what that version added
+    v000002/...
+
+A version is staged under `$CNNPIPE_HOME/staging/NAME/next/` and committed by renaming
+that whole folder to `vNNNNNN`: one atomic step, so `datasets/NAME/**/*.parquet` sees
+exactly the committed rows. `manifest.json` is derived from the `version.json` files
+and rebuilt if a crash left it behind. Staged parts that were complete when a run died
+are adopted by the next run, which then only reads what is still missing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.failpoints import failpoint
+from cnnpipe.fsutil import atomic_write_json, fsync_dir, fsync_file
+from cnnpipe.images import CheckedImage, RejectedImage, check_image
+from cnnpipe.settings import Settings, get_settings
+from cnnpipe.sources import Entry, Source
+
+log = logging.getLogger("cnnpipe.store")
+
+FORMAT = "cnnpipe-dataset/1"
+SCHEMA = pa.schema([
+    ("sha256", pa.string()),
+    ("image", pa.binary()),
+    ("format", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("n_frames", pa.int32()),
+    ("label", pa.string()),
+    ("split", pa.string()),
+    ("source_uri", pa.string()),
+    ("member_path", pa.string()),
+    ("ingested_at", pa.timestamp("us", tz="UTC")),
+])
+# A row group is the unit a streaming reader fetches and shuffles: ~1,024 images (at most
+# 32 MiB) keeps a shuffle buffer of a few groups small while leaving many groups per file
+# to shuffle, and is still large enough that per-group metadata and seeks cost nothing.
+ROW_GROUP_ROWS = 1024
+ROW_GROUP_BYTES = 32 * 1024 * 1024
+PART_BYTES = 512 * 1024 * 1024
+VALIDATION_CHUNK = 256
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    resize: int | None = None
+    # Decoding processes; None picks one per core, 0 decodes in this process.
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
+                and self.val_fraction + self.test_fraction < 1):
+            raise CnnpipeError("--val-fraction and --test-fraction must be in [0, 1) and sum below 1")
+        if self.resize is not None and self.resize < 8:
+            raise CnnpipeError(f"--resize {self.resize}: expected a size of at least 8 pixels")
+
+
+@dataclass(frozen=True)
+class Reject:
+    path: str
+    reason: str
+    detail: str
+
+    def line(self, source_uri: str) -> str:
+        return f"{source_uri} :: {self.path}: {self.reason} ({self.detail})"
+
+
+@dataclass
+class StagedRun:
+    dataset: str
+    source_uri: str
+    base_version: int
+    started_at: float
+    rows: int = 0
+    adopted_rows: int = 0
+    duplicates: int = 0
+    rejected: list[Reject] = field(default_factory=list)
+    added_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    new_sha256: list[str] = field(default_factory=list)
+
+
+@dataclass
+class IngestSummary:
+    dataset: str
+    source_uri: str
+    version: int
+    version_id: str
+    added: int
+    duplicates: int
+    rejected: list[Reject]
+    added_counts: dict[str, dict[str, int]]
+    counts: dict[str, dict[str, int]]
+    total_rows: int
+    seconds: float
+
+    @property
+    def rejected_by_reason(self) -> dict[str, int]:
+        return dict(Counter(reject.reason for reject in self.rejected).most_common())
+
+
+def split_for(sha256_hex: str, val_fraction: float, test_fraction: float) -> str:
+    """A stable split from the content hash, so an image never changes split between versions."""
+    position = int(sha256_hex[:16], 16) / 2**64
+    if position < test_fraction:
+        return "test"
+    if position < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def check_batch(datas: list[bytes], resize: int | None) -> list[CheckedImage | tuple[str, str]]:
+    """Worker entry point: check many images, turning rejections into (reason, detail)."""
+    results: list[CheckedImage | tuple[str, str]] = []
+    for data in datas:
+        try:
+            results.append(check_image(data, resize))
+        except RejectedImage as exc:
+            results.append((exc.reason, exc.detail))
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not end the batch
+            results.append(("corrupt", f"{type(exc).__name__}: {exc}"))
+    return results
+
+
+@dataclass
+class _Pending:
+    entry: Entry
+    sha256: str
+    label: str
+    split: str
+
+
+class _Validator:
+    """Decodes chunks of images in worker processes, in order, with bounded memory."""
+
+    def __init__(self, resize: int | None, workers: int | None):
+        self.resize = resize
+        self.workers = (os.cpu_count() or 1) if workers is None else workers
+        self.pool: ProcessPoolExecutor | None = None
+        self.inflight: deque[tuple[list[_Pending], Future]] = deque()
+
+    def __enter__(self) -> _Validator:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def submit(self, chunk: list[_Pending]) -> Iterator[tuple[_Pending, CheckedImage | tuple[str, str]]]:
+        datas = [item.entry.data for item in chunk]
+        if self.workers == 0 or (self.pool is None and len(chunk) < VALIDATION_CHUNK):
+            # Small sources are not worth starting processes for.
+            yield from zip(chunk, check_batch(datas, self.resize))
+            return
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+        self.inflight.append((chunk, self.pool.submit(check_batch, datas, self.resize)))
+        while len(self.inflight) > 2 * self.workers:
+            yield from self._collect()
+
+    def drain(self) -> Iterator[tuple[_Pending, CheckedImage | tuple[str, str]]]:
+        while self.inflight:
+            yield from self._collect()
+
+    def _collect(self) -> Iterator[tuple[_Pending, CheckedImage | tuple[str, str]]]:
+        chunk, future = self.inflight.popleft()
+        try:
+            results = future.result()
+        except BrokenProcessPool:
+            results = self._isolate(chunk)
+        yield from zip(chunk, results)
+
+    def _isolate(self, chunk: list[_Pending]) -> list[CheckedImage | tuple[str, str]]:
+        # A decoder killed a worker (out of memory, say): find the culprit one image at a time.
+        self.pool.shutdown(cancel_futures=True)
+        results = []
+        for item in chunk:
+            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as single:
+                try:
+                    results.append(single.submit(check_batch, [item.entry.data], self.resize).result()[0])
+                except BrokenProcessPool:
+                    results.append(("decoder_crashed", "the decoding process died on this file"))
+        self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+        pending, self.inflight = self.inflight, deque()
+        for later_chunk, _ in pending:
+            self.inflight.append((later_chunk, self.pool.submit(
+                check_batch, [item.entry.data for item in later_chunk], self.resize)))
+        return results
+
+
+class _PartWriter:
+    """Writes numbered Parquet parts, each published only once complete and verified."""
+
+    def __init__(self, directory: Path, first_index: int):
+        self.directory = directory
+        self.index = first_index
+        self.columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+        self.group_bytes = 0
+        self.writer: pq.ParquetWriter | None = None
+        self.tmp_path: Path | None = None
+        self.file_rows = 0
+        self.file_bytes = 0
+
+    def add(self, rows: dict[str, list]) -> None:
+        """Append rows given as columns; flushes a row group whenever one is full."""
+        for name in SCHEMA.names:
+            self.columns[name].extend(rows[name])
+        self.group_bytes += sum(map(len, rows["image"]))
+        while len(self.columns["sha256"]) >= ROW_GROUP_ROWS or self.group_bytes >= ROW_GROUP_BYTES:
+            self._write_group(limit=ROW_GROUP_ROWS)
+
+    def close(self) -> None:
+        self._write_group()
+        self._publish()
+
+    def _write_group(self, limit: int | None = None) -> None:
+        rows = len(self.columns["sha256"])
+        if limit is not None and self.group_bytes < ROW_GROUP_BYTES:
+            rows = min(rows, limit)
+        if rows == 0:
+            return
+        if self.writer is None:
+            self.tmp_path = self.directory / f"part-{self.index:05d}.parquet.tmp"
+            self.writer = pq.ParquetWriter(
+                self.tmp_path, SCHEMA,
+                # Images are already compressed; compressing them again only costs time.
+                compression={name: "none" if name == "image" else "zstd" for name in SCHEMA.names},
+                use_dictionary=["format", "label", "split", "source_uri"],
+            )
+        group = {name: values[:rows] for name, values in self.columns.items()}
+        self.writer.write_table(pa.table(group, schema=SCHEMA), row_group_size=rows)
+        failpoint("parquet.after_rowgroup")
+        written_bytes = sum(map(len, group["image"]))
+        self.file_rows += rows
+        self.file_bytes += written_bytes
+        self.columns = {name: values[rows:] for name, values in self.columns.items()}
+        self.group_bytes -= written_bytes
+        if self.file_bytes >= PART_BYTES:
+            self._publish()
+
+    def _publish(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        written = pq.read_metadata(self.tmp_path).num_rows
+        if written != self.file_rows:
+            raise CnnpipeError(f"{self.tmp_path}: wrote {self.file_rows} rows but the file holds {written}")
+        fsync_file(self.tmp_path)
+        failpoint("parquet.before_replace")
+        os.replace(self.tmp_path, self.tmp_path.with_suffix(""))
+        fsync_dir(self.directory)
+        self.writer, self.tmp_path = None, None
+        self.file_rows = self.file_bytes = 0
+        self.index += 1
+
+
+class DatasetStore:
+    def __init__(self, name: str, settings: Settings | None = None):
+        if not _NAME.match(name):
+            raise CnnpipeError(f"dataset name {name!r}: use letters, digits, '.', '_' and '-'")
+        self.name = name
+        self.settings = settings or get_settings()
+        self.root = self.settings.dataset_dir(name)
+        self.staging = self.settings.staging_dir / name / "next"
+
+    # ---- reading -------------------------------------------------------------------
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def exists(self) -> bool:
+        return self.manifest_path.exists() or any(self._version_dirs())
+
+    def manifest(self) -> dict:
+        """The current manifest; derived afresh if a crash left it behind the versions."""
+        if self.manifest_path.exists():
+            manifest = json.loads(self.manifest_path.read_text())
+            if manifest["version"] == self._latest_version():
+                return manifest
+        return self._derive_manifest()
+
+    def files(self) -> list[Path]:
+        return [self.root / entry["path"] for entry in self.manifest()["files"]]
+
+    def read_table(self, columns: list[str] | None = None) -> pa.Table:
+        files = self.files()
+        if not files:
+            return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
+        return pa.concat_tables(pq.read_table(path, columns=columns) for path in files)
+
+    def rejected(self) -> list[dict]:
+        path = self.root / "rejected.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    # ---- writing -------------------------------------------------------------------
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """One writer per dataset; a second ingest waits, then finds nothing left to add."""
+        self.settings.locks_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.settings.locks_dir / f"dataset-{self.name}.lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another writer of dataset %s", self.name)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    def recover(self) -> None:
+        """Finish what a killed run left: rebuild a lagging manifest, drop half-written files."""
+        if self.root.exists() and self.manifest_path.exists():
+            if json.loads(self.manifest_path.read_text())["version"] != self._latest_version():
+                log.warning("dataset %s: manifest was behind its versions; rebuilt", self.name)
+                atomic_write_json(self.manifest_path, self._derive_manifest())
+        elif any(self._version_dirs()):
+            atomic_write_json(self.manifest_path, self._derive_manifest())
+        if self.staging.exists():
+            base = self.staging / "base.json"
+            if not base.exists() or json.loads(base.read_text())["base_version"] != self._latest_version():
+                shutil.rmtree(self.staging)
+            else:
+                for tmp in self.staging.glob("*.tmp"):
+                    tmp.unlink()
+
+    def stage(self, source: Source, options: IngestOptions,
+              on_progress: Callable[[int, int | None], None] | None = None) -> StagedRun:
+        """Read, hash, deduplicate and validate `source` into staged parts. Call under `lock()`."""
+        base_version = self._latest_version()
+        run = StagedRun(self.name, source.uri, base_version, time.time())
+        self.staging.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.staging / "base.json", {"base_version": base_version})
+        known = self._known_images(run)
+        added: defaultdict[str, Counter] = defaultdict(Counter)
+        ingested_at = datetime.now(timezone.utc)
+        next_index = 1 + max((int(p.name[5:10]) for p in self.staging.glob("part-*.parquet")), default=-1)
+        writer = _PartWriter(self.staging, next_index)
+        done = 0
+
+        def accept(results: Iterator[tuple[_Pending, CheckedImage | tuple[str, str]]]) -> None:
+            kept: list[tuple[_Pending, CheckedImage]] = []
+            for item, result in results:
+                if isinstance(result, tuple):
+                    del known[item.sha256]
+                    self._reject(run, item.entry.path, *result)
+                else:
+                    kept.append((item, result))
+            if not kept:
+                return
+            writer.add({
+                "sha256": [item.sha256 for item, _ in kept],
+                "image": [item.entry.data if r.encoded is None else r.encoded for item, r in kept],
+                "format": [r.format for _, r in kept],
+                "width": [r.width for _, r in kept],
+                "height": [r.height for _, r in kept],
+                "n_frames": [r.n_frames for _, r in kept],
+                "label": [item.label for item, _ in kept],
+                "split": [item.split for item, _ in kept],
+                "source_uri": [source.uri] * len(kept),
+                "member_path": [item.entry.path for item, _ in kept],
+                "ingested_at": [ingested_at] * len(kept),
+            })
+            for item, _ in kept:
+                added[item.split][item.label] += 1
+            run.new_sha256.extend(item.sha256 for item, _ in kept)
+            run.rows += len(kept)
+
+        chunk: list[_Pending] = []
+        try:
+            with _Validator(options.resize, options.workers) as validator:
+                for entry in source.entries():
+                    done += 1
+                    item = self._admit(entry, run, known, options)
+                    if item is not None:
+                        chunk.append(item)
+                    if len(chunk) >= VALIDATION_CHUNK:
+                        accept(validator.submit(chunk))
+                        chunk = []
+                    if on_progress and done % 64 == 0:
+                        on_progress(done, source.total)
+                accept(validator.submit(chunk))
+                accept(validator.drain())
+            writer.close()
+        except OSError as exc:
+            if exc.errno in (28, 27):  # ENOSPC, EFBIG
+                raise CnnpipeError(f"disk full while writing {writer.tmp_path or self.staging}: {exc.strerror}") from exc
+            raise
+        if on_progress:
+            on_progress(done, source.total)
+        for split, labels in added.items():
+            for label, count in labels.items():
+                run.added_counts.setdefault(split, {})
+                run.added_counts[split][label] = run.added_counts[split].get(label, 0) + count
+        return run
+
+    def commit(self, run: StagedRun) -> IngestSummary:
+        """Publish the staged parts as the next version, in one rename. Call under `lock()`."""
+        version = run.base_version
+        if run.rows + run.adopted_rows > 0:
+            version = run.base_version + 1
+            previous_id = self.manifest()["version_id"] if run.base_version else ""
+            digest = hashlib.sha256(previous_id.encode())
+            for sha in sorted(run.new_sha256):
+                digest.update(bytes.fromhex(sha))
+            parts = sorted(self.staging.glob("part-*.parquet"))
+            (self.staging / "base.json").unlink()
+            atomic_write_json(self.staging / "version.json", {
+                "version": version,
+                "version_id": digest.hexdigest()[:16],
+                "created_at": _iso(time.time()),
+                "source_uri": run.source_uri,
+                "rows": run.rows + run.adopted_rows,
+                "counts": run.added_counts,
+                "files": [{"path": p.name, "rows": pq.read_metadata(p).num_rows} for p in parts],
+            })
+            self.root.mkdir(parents=True, exist_ok=True)
+            failpoint("store.before_commit")
+            os.rename(self.staging, self.root / f"v{version:06d}")
+            fsync_dir(self.root)
+            failpoint("store.before_manifest")
+            atomic_write_json(self.manifest_path, self._derive_manifest())
+        elif self.staging.exists():
+            shutil.rmtree(self.staging)
+        self._record_rejects(run)
+        manifest = self.manifest() if self.exists() else _empty_manifest(self.name)
+        return IngestSummary(
+            dataset=self.name, source_uri=run.source_uri, version=version,
+            version_id=manifest["version_id"], added=run.rows + run.adopted_rows,
+            duplicates=run.duplicates, rejected=run.rejected, added_counts=run.added_counts,
+            counts=manifest["counts"], total_rows=manifest["num_rows"],
+            seconds=time.time() - run.started_at,
+        )
+
+    # ---- internals -----------------------------------------------------------------
+
+    def _admit(self, entry: Entry, run: StagedRun, known: dict[str, tuple[str, str]],
+               options: IngestOptions) -> _Pending | None:
+        if entry.reject_reason:
+            self._reject(run, entry.path, entry.reject_reason, entry.reject_detail)
+            return None
+        if entry.label is None:
+            self._reject(run, entry.path, "no_label", "expected <class>/<file> or <split>/<class>/<file>")
+            return None
+        sha = hashlib.sha256(entry.data).hexdigest()
+        if entry.expected_sha256 and entry.expected_sha256 != sha:
+            self._reject(run, entry.path, "checksum_mismatch",
+                         f"manifest says sha256 {entry.expected_sha256[:12]}…, bytes hash to {sha[:12]}…")
+            return None
+        split = entry.split or split_for(sha, options.val_fraction, options.test_fraction)
+        stored = known.get(sha)
+        if stored is None:
+            known[sha] = (entry.label, split)
+            return _Pending(entry, sha, entry.label, split)
+        if stored == (entry.label, split):
+            run.duplicates += 1
+        else:
+            self._reject(run, entry.path, "conflict",
+                         f"identical image already stored as label {stored[0]!r} in split {stored[1]!r}")
+        return None
+
+    def _reject(self, run: StagedRun, path: str, reason: str, detail: str) -> None:
+        reject = Reject(path, reason, detail)
+        run.rejected.append(reject)
+        log.warning("rejected %s", reject.line(run.source_uri))
+
+    def _known_images(self, run: StagedRun) -> dict[str, tuple[str, str]]:
+        known: dict[str, tuple[str, str]] = {}
+        tables = [pq.read_table(p, columns=["sha256", "label", "split"]) for p in self.files()] if self.exists() else []
+        adopted = [pq.read_table(p, columns=["sha256", "label", "split"])
+                   for p in sorted(self.staging.glob("part-*.parquet"))]
+        for table in tables + adopted:
+            for sha, label, split in zip(*(table.column(c).to_pylist() for c in ("sha256", "label", "split"))):
+                known[sha] = (label, split)
+        for table in adopted:
+            run.adopted_rows += table.num_rows
+            run.new_sha256.extend(table.column("sha256").to_pylist())
+            labels, splits = table.column("label").to_pylist(), table.column("split").to_pylist()
+            for label, split in zip(labels, splits):
+                run.added_counts.setdefault(split, {})
+                run.added_counts[split][label] = run.added_counts[split].get(label, 0) + 1
+        if run.adopted_rows:
+            log.info("resuming: %d images were already staged by an interrupted run", run.adopted_rows)
+        return known
+
+    def _record_rejects(self, run: StagedRun) -> None:
+        if not run.rejected:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        now = _iso(time.time())
+        merged = {(r["source_uri"], r["path"]): r for r in self.rejected()}
+        for reject in run.rejected:
+            merged[(run.source_uri, reject.path)] = {"source_uri": run.source_uri, **asdict(reject), "at": now}
+        atomic_write_json(self.root / "rejected.json", sorted(merged.values(), key=lambda r: (r["source_uri"], r["path"])))
+
+    def _version_dirs(self) -> list[Path]:
+        if not self.root.exists():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and re.fullmatch(r"v\d{6}", p.name))
+
+    def _latest_version(self) -> int:
+        dirs = self._version_dirs()
+        return int(dirs[-1].name[1:]) if dirs else 0
+
+    def _derive_manifest(self) -> dict:
+        manifest = _empty_manifest(self.name)
+        counts: defaultdict[str, Counter] = defaultdict(Counter)
+        for directory in self._version_dirs():
+            info = json.loads((directory / "version.json").read_text())
+            manifest["files"] += [{"path": f"{directory.name}/{f['path']}", "rows": f["rows"], "version": info["version"]}
+                                  for f in info["files"]]
+            manifest["versions"].append({k: info[k] for k in ("version", "version_id", "created_at", "source_uri", "rows")})
+            for split, labels in info["counts"].items():
+                counts[split].update(labels)
+            manifest["version"], manifest["version_id"] = info["version"], info["version_id"]
+        manifest["counts"] = {split: dict(sorted(labels.items())) for split, labels in sorted(counts.items())}
+        manifest["classes"] = sorted({label for labels in counts.values() for label in labels})
+        manifest["num_rows"] = sum(f["rows"] for f in manifest["files"])
+        return manifest
+
+
+def _empty_manifest(name: str) -> dict:
+    return {"format": FORMAT, "name": name, "version": 0, "version_id": "", "classes": [],
+            "counts": {}, "num_rows": 0, "files": [], "versions": []}
+
+
+def list_datasets(settings: Settings | None = None) -> list[dict]:
+    settings = settings or get_settings()
+    if not settings.datasets_dir.exists():
+        return []
+    names = sorted(p.name for p in settings.datasets_dir.iterdir() if p.is_dir())
+    stores = [DatasetStore(name, settings) for name in names if _NAME.match(name)]
+    return [store.manifest() for store in stores if store.exists()]
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")

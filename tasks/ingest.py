@@ -1,0 +1,47 @@
+"""Thin Prefect tasks over the dataset store."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.progress import progress_bar
+from cnnpipe.reports import ingest_markdown
+from cnnpipe.sources import open_source
+from cnnpipe.store import DatasetStore, IngestOptions, IngestSummary, StagedRun
+from tasks.retry import is_transient_io_error
+
+
+@task(name="recover-dataset")
+def recover_dataset(dataset: str) -> None:
+    DatasetStore(dataset).recover()
+
+
+# A retry re-reads the source but adopts the parts the failed attempt already staged.
+@task(name="stage-images", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=is_transient_io_error)
+def stage_images(source: str, dataset: str, options: IngestOptions) -> StagedRun:
+    opened = open_source(source)
+    with progress_bar(f"ingest {dataset}") as update:
+        return DatasetStore(dataset).stage(opened, options, on_progress=update)
+
+
+@task(name="commit-version")
+def commit_version(staged: StagedRun) -> IngestSummary:
+    return DatasetStore(staged.dataset).commit(staged)
+
+
+@task(name="report-ingest")
+def report_ingest(summary: IngestSummary, max_reject_fraction: float) -> IngestSummary:
+    create_markdown_artifact(ingest_markdown(summary), key=f"ingest-{_artifact_key(summary.dataset)}",
+                             description=f"Ingest of {summary.source_uri} into {summary.dataset}")
+    seen = summary.added + summary.duplicates + len(summary.rejected)
+    if seen and len(summary.rejected) / seen > max_reject_fraction:
+        raise CnnpipeError(
+            f"{summary.source_uri}: {len(summary.rejected)} of {seen} files rejected, over the "
+            f"{max_reject_fraction:.0%} limit; the {summary.added} good images were kept")
+    return summary
+
+
+def _artifact_key(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower())
