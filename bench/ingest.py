@@ -86,9 +86,10 @@ def cnnpipe_ingest(source: str, home: str) -> int:
 def peer(source: str, out: str) -> int:
     from datasets import load_dataset
 
-    dataset = load_dataset("imagefolder", data_dir=source, split="train", cache_dir=out + ".cache")
-    dataset.to_parquet(out)
-    return len(dataset)
+    splits = load_dataset("imagefolder", data_dir=source, cache_dir=out + ".cache")
+    for name, dataset in splits.items():
+        dataset.to_parquet(f"{out}-{name}.parquet")
+    return sum(len(dataset) for dataset in splits.values())
 
 
 CASES = {"floor": floor, "cnnpipe": cnnpipe_ingest, "peer": peer}

@@ -2,7 +2,7 @@
 
 `FAILPOINT=parquet.after_rowgroup FAILPOINT_AFTER=3 FAILPOINT_ACTION=kill` kills the
 process on the third row group. Actions: kill (SIGKILL), exit (os._exit(137)),
-enospc (OSError: no space left), raise (RuntimeError). Timed kills are flaky on two cores;
+enospc (OSError: no space left), eio (a transient OSError), raise (RuntimeError). Timed kills are flaky on two cores;
 these are not.
 """
 
@@ -20,14 +20,21 @@ def failpoint(name: str) -> None:
     if os.environ.get("FAILPOINT") != name:
         return
     _hits[name] += 1
-    if _hits[name] < int(os.environ.get("FAILPOINT_AFTER", "1")):
+    # Fire once, on the k-th hit, so a retry in the same process gets past it.
+    if _hits[name] != int(os.environ.get("FAILPOINT_AFTER", "1")):
         return
     action = os.environ.get("FAILPOINT_ACTION", "kill")
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "exit":
         os._exit(137)
-    elif action == "enospc":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+    elif action in ("enospc", "eio"):
+        code = errno.ENOSPC if action == "enospc" else errno.EIO
+        raise OSError(code, os.strerror(code), name)
     else:
         raise RuntimeError(f"failpoint {name} triggered")
+
+
+def reset() -> None:
+    """Forget hit counts (tests that arm several failpoints in one process)."""
+    _hits.clear()

@@ -212,11 +212,12 @@ class ZipSource(Source):
                 except UnsafePath as exc:
                     yield Entry(info.filename, None, None, reject_reason="unsafe_path", reject_detail=str(exc))
                     continue
-                unix_mode = info.external_attr >> 16
-                if stat.S_ISLNK(unix_mode):
+                # Zips made off Unix, or by Python's writestr, carry no file type: regular then.
+                file_type = stat.S_IFMT(info.external_attr >> 16)
+                if file_type == stat.S_IFLNK:
                     yield Entry(path, None, None, reject_reason="link", reject_detail="symlink refused")
                     continue
-                if unix_mode and not stat.S_ISREG(unix_mode):
+                if file_type not in (0, stat.S_IFREG):
                     yield Entry(path, None, None, reject_reason="special_file",
                                 reject_detail="not a regular file")
                     continue

@@ -66,7 +66,9 @@ SCHEMA = pa.schema([
 # to shuffle, and is still large enough that per-group metadata and seeks cost nothing.
 ROW_GROUP_ROWS = 1024
 ROW_GROUP_BYTES = 32 * 1024 * 1024
+# Parts are the unit a killed run resumes from, so they close every 16 row groups too.
 PART_BYTES = 512 * 1024 * 1024
+PART_ROW_GROUPS = 16
 VALIDATION_CHUNK = 256
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -229,8 +231,7 @@ class _PartWriter:
         self.group_bytes = 0
         self.writer: pq.ParquetWriter | None = None
         self.tmp_path: Path | None = None
-        self.file_rows = 0
-        self.file_bytes = 0
+        self.file_rows = self.file_bytes = self.file_groups = 0
 
     def add(self, rows: dict[str, list]) -> None:
         """Append rows given as columns; flushes a row group whenever one is full."""
@@ -266,7 +267,8 @@ class _PartWriter:
         self.file_bytes += written_bytes
         self.columns = {name: values[rows:] for name, values in self.columns.items()}
         self.group_bytes -= written_bytes
-        if self.file_bytes >= PART_BYTES:
+        self.file_groups += 1
+        if self.file_bytes >= PART_BYTES or self.file_groups >= PART_ROW_GROUPS:
             self._publish()
 
     def _publish(self) -> None:
@@ -281,7 +283,7 @@ class _PartWriter:
         os.replace(self.tmp_path, self.tmp_path.with_suffix(""))
         fsync_dir(self.directory)
         self.writer, self.tmp_path = None, None
-        self.file_rows = self.file_bytes = 0
+        self.file_rows = self.file_bytes = self.file_groups = 0
         self.index += 1
 
 

@@ -1,0 +1,244 @@
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.sources import (FolderSource, UnsafePath, label_and_split, open_source, safe_relative_path,
+                             with_retries)
+from tests.imagefactory import jpeg, write_class_folders
+
+
+def entries_of(uri: str, **kwargs) -> list:
+    return list(open_source(uri, **kwargs).entries())
+
+
+def good(entries) -> dict[str, tuple]:
+    return {e.path: (e.label, e.split, e.data) for e in entries if e.reject_reason is None}
+
+
+def rejected(entries) -> dict[str, str]:
+    return {e.path: e.reject_reason for e in entries if e.reject_reason}
+
+
+def tar_of(files: dict[str, bytes], path: Path, mode: str = "w") -> Path:
+    with tarfile.open(path, mode) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_label_and_split_come_from_the_path():
+    assert label_and_split("cat/1.jpg") == ("cat", None)
+    assert label_and_split("train/cat/1.jpg") == ("cat", "train")
+    assert label_and_split("wrapper/validation/dog/1.jpg") == ("dog", "val")
+    assert label_and_split("1.jpg") == (None, None)
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/../../evil", "/abs/evil", "C:\\win\\x.jpg", "..\\back.jpg", "c:/x.jpg"])
+def test_unsafe_paths_are_refused(name):
+    with pytest.raises(UnsafePath):
+        safe_relative_path(name)
+
+
+def test_safe_paths_are_normalised():
+    assert safe_relative_path("./train//cat/./1.jpg") == "train/cat/1.jpg"
+    assert safe_relative_path("cat\\1.jpg") == "cat/1.jpg"
+
+
+def test_every_source_kind_yields_the_same_entries(tmp_path):
+    folder = tmp_path / "images"
+    write_class_folders(folder, {"cat": 3, "dog": 2}, split="train")
+    write_class_folders(folder, {"cat": 1, "dog": 1}, split="test", seed=1)
+    (folder / "train" / "cat" / ".DS_Store").write_bytes(b"junk")
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.jpg"))}
+    expected = {path: (path.split("/")[1], path.split("/")[0], data) for path, data in files.items()}
+
+    tar_of(files, tmp_path / "images.tar")
+    tar_of(files, tmp_path / "images.tar.gz", "w:gz")
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label,split\n" + "".join(
+        f"images/{path},{label},{split}\n" for path, (label, split, _) in expected.items()))
+    memory = fsspec.filesystem("memory")
+    for name, data in files.items():
+        memory.pipe(f"/mem-images/{name}", data)
+
+    for uri in (str(folder), f"file://{folder}", str(tmp_path / "images.tar"), str(tmp_path / "images.tar.gz"),
+                str(tmp_path / "images.zip"), "memory://mem-images"):
+        assert good(entries_of(uri)) == expected, uri
+    from_manifest = good(entries_of(str(manifest)))
+    assert {path.removeprefix("images/"): value for path, value in from_manifest.items()} == expected
+
+
+def test_manifest_rows_that_cannot_be_read_are_rejected(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(jpeg(1))
+    (tmp_path / "list.csv").write_text(
+        "path,label,split\na.jpg,cat,train\nmissing.jpg,cat,\n../outside.jpg,cat,\n/etc/passwd,cat,\na.jpg,cat,holdout\n")
+    entries = entries_of(str(tmp_path / "list.csv"))
+    assert rejected(entries) == {"missing.jpg": "missing", "../outside.jpg": "unsafe_path",
+                                 "/etc/passwd": "unsafe_path", "a.jpg": "bad_split"}
+    assert good(entries)["a.jpg"][:2] == ("cat", "train")
+
+
+def test_manifest_without_a_path_column_is_a_clear_error(tmp_path):
+    (tmp_path / "list.csv").write_text("file,label\na.jpg,cat\n")
+    with pytest.raises(CnnpipeError, match="'path' column"):
+        entries_of(str(tmp_path / "list.csv"))
+
+
+def test_unknown_or_missing_sources_are_clear_errors(tmp_path):
+    with pytest.raises(CnnpipeError, match="no such file or folder"):
+        open_source(str(tmp_path / "nope"))
+    (tmp_path / "x.rar").write_bytes(b"rar")
+    with pytest.raises(CnnpipeError, match="not a folder"):
+        open_source(str(tmp_path / "x.rar"))
+
+
+def snapshot(root: Path) -> set[str]:
+    return {str(p) for p in root.rglob("*")}
+
+
+def test_tar_traversal_links_and_devices_are_rejected_and_nothing_is_written(tmp_path):
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        def add(name, kind=tarfile.REGTYPE, data=b"", linkname=""):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname, info.size = kind, linkname, len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+
+        add("../evil.jpg", data=jpeg(1))
+        add("/abs/evil.jpg", data=jpeg(2))
+        add("cat/passwd.jpg", tarfile.SYMTYPE, linkname="/etc/passwd")
+        add("cat/up.jpg", tarfile.SYMTYPE, linkname="../../x")
+        add("cat/hard.jpg", tarfile.LNKTYPE, linkname="/etc/passwd")
+        add("cat/fifo", tarfile.FIFOTYPE)
+        add("cat/tty", tarfile.CHRTYPE)
+        add("d", tarfile.SYMTYPE, linkname=str(tmp_path / "outside"))
+        add("d/pwn.jpg", data=jpeg(3))
+        add("cat/ok.jpg", data=jpeg(4))
+    before = snapshot(tmp_path)
+    entries = entries_of(str(archive))
+    assert snapshot(tmp_path) == before
+    assert not (tmp_path / "outside").exists()
+    assert rejected(entries) == {
+        "../evil.jpg": "unsafe_path", "/abs/evil.jpg": "unsafe_path", "cat/passwd.jpg": "link", "cat/up.jpg": "link",
+        "cat/hard.jpg": "link", "cat/fifo": "special_file", "cat/tty": "special_file", "d": "link"}
+    # d/pwn.jpg is a plain member: read as bytes, never written through the link.
+    assert set(good(entries)) == {"cat/ok.jpg", "d/pwn.jpg"}
+
+
+def test_zip_slip_names_and_symlinks_are_rejected(tmp_path):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name in ("../../z.jpg", "/abs.jpg", "C:\\win.jpg", "..\\back.jpg"):
+            zf.writestr(name, jpeg(1))
+        link = zipfile.ZipInfo("cat/link.jpg")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, "/etc/passwd")
+        zf.writestr("cat/ok.jpg", jpeg(2))
+    entries = entries_of(str(archive))
+    assert set(good(entries)) == {"cat/ok.jpg"}
+    assert sorted(rejected(entries).values()) == ["link"] + ["unsafe_path"] * 4
+
+
+def test_zip_bombs_are_capped_without_inflating_them(tmp_path):
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("cat/zeros.jpg", "w") as member:
+            for _ in range(200):
+                member.write(bytes(1 << 20))
+        zf.writestr("cat/ok.jpg", jpeg(1))
+    assert archive.stat().st_size < 1 << 20
+    entries = entries_of(str(archive), max_image_bytes=8 << 20)
+    assert rejected(entries) == {"cat/zeros.jpg": "too_large"}
+    assert set(good(entries)) == {"cat/ok.jpg"}
+
+
+def test_zip_member_whose_declared_size_lies_is_capped(tmp_path):
+    archive = tmp_path / "liar.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("cat/big.jpg", bytes(50_000))
+    raw = bytearray(archive.read_bytes())
+    # Patch the central directory's uncompressed size (offset 24 of its record) to 100 bytes.
+    central = raw.rfind(b"PK\x01\x02")
+    raw[central + 24:central + 28] = (100).to_bytes(4, "little")
+    archive.write_bytes(bytes(raw))
+    entries = entries_of(str(archive), max_image_bytes=1000)
+    assert rejected(entries)["cat/big.jpg"] in {"too_large", "corrupt_member"}
+    assert not good(entries)
+
+
+def test_tar_streams_many_members_without_keeping_them(tmp_path):
+    files = {f"cat/{i:05d}.jpg": b"x" for i in range(20_000)}
+    archive = tar_of(files, tmp_path / "many.tar")
+    source = open_source(str(archive))
+    count = sum(1 for _ in source.entries())
+    assert count == 20_000
+
+
+def test_transient_read_errors_are_retried_with_capped_backoff():
+    failures = iter([ConnectionError("reset"), TimeoutError("slow"), None])
+    sleeps = []
+
+    def read():
+        failure = next(failures)
+        if failure:
+            raise failure
+        return b"data"
+
+    assert with_retries(read, sleep=sleeps.append, first_delay=1.0, max_delay=1.5) == b"data"
+    assert sleeps == [1.0, 1.5]
+    with pytest.raises(ConnectionError):
+        with_retries(lambda: (_ for _ in ()).throw(ConnectionError("down")), attempts=3, sleep=sleeps.append)
+
+
+def test_flaky_remote_folder_is_read_after_retries(monkeypatch):
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/flaky/cat/1.jpg", jpeg(1))
+    calls = {"n": 0}
+    original = type(memory).cat_file
+
+    def flaky(self, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise ConnectionError("connection reset by peer")
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(type(memory), "cat_file", flaky)
+    monkeypatch.setattr("cnnpipe.sources.time.sleep", lambda seconds: None)
+    assert set(good(entries_of("memory://flaky"))) == {"cat/1.jpg"}
+    assert calls["n"] == 3
+
+
+def test_file_that_changes_between_listing_and_reading_is_rejected(tmp_path, monkeypatch):
+    write_class_folders(tmp_path / "src", {"cat": 2})
+    original = FolderSource._listing
+
+    def stale_listing(self, root):
+        listing = original(self, root)
+        (Path(root) / listing[0][0]).write_bytes(b"\xff\xd8\xff")  # truncated after listing
+        return listing
+
+    monkeypatch.setattr(FolderSource, "_listing", stale_listing)
+    entries = entries_of(str(tmp_path / "src"))
+    assert rejected(entries) == {"cat/0000.jpg": "changed_during_read"}
+    assert set(good(entries)) == {"cat/0001.jpg"}
+
+
+def test_oversized_files_are_rejected_before_reading(tmp_path):
+    write_class_folders(tmp_path / "src", {"cat": 1})
+    (tmp_path / "src" / "cat" / "huge.jpg").write_bytes(os.urandom(5000))
+    entries = entries_of(str(tmp_path / "src"), max_image_bytes=4000)
+    assert rejected(entries) == {"cat/huge.jpg": "too_large"}

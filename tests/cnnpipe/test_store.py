@@ -1,0 +1,274 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from cnnpipe import store as store_module
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.sources import open_source
+from cnnpipe.store import DatasetStore, IngestOptions, list_datasets, split_for
+from tests.imagefactory import jpeg, png, write_class_folders
+
+
+def ingest(source: Path | str, name: str = "pets", **options):
+    store = DatasetStore(name)
+    with store.lock():
+        store.recover()
+        return store.commit(store.stage(open_source(str(source)), IngestOptions(workers=0, **options)))
+
+
+def committed_rows(name: str = "pets") -> list[dict]:
+    home = Path(os.environ["CNNPIPE_HOME"])
+    glob = str(home / "datasets" / name / "**" / "*.parquet")
+    return duckdb.sql(f"SELECT sha256, label, split FROM '{glob}' ORDER BY sha256").fetchall()
+
+
+def test_ingest_writes_parquet_that_duckdb_and_pyarrow_read(tmp_path):
+    write_class_folders(tmp_path / "src", {"cat": 6, "dog": 4})
+    summary = ingest(tmp_path / "src")
+    assert (summary.added, summary.duplicates, summary.rejected, summary.version) == (10, 0, [], 1)
+    manifest = DatasetStore("pets").manifest()
+    assert manifest["classes"] == ["cat", "dog"]
+    assert manifest["num_rows"] == 10 == len(committed_rows())
+    assert sum(manifest["counts"].get("train", {}).values()) + sum(
+        sum(c.values()) for s, c in manifest["counts"].items() if s != "train") == 10
+    table = pq.read_table(DatasetStore("pets").files()[0])
+    assert set(table.column_names) >= {"sha256", "image", "format", "width", "height", "label", "split",
+                                       "source_uri", "ingested_at"}
+    assert table.column("width").to_pylist() == [32] * 10
+
+
+def test_rerun_adds_nothing_and_new_files_append_a_version(tmp_path):
+    write_class_folders(tmp_path / "src", {"cat": 5})
+    first = ingest(tmp_path / "src")
+    again = ingest(tmp_path / "src")
+    assert (again.added, again.duplicates, again.version, again.version_id) == (0, 5, 1, first.version_id)
+    (tmp_path / "src" / "cat" / "new.png").write_bytes(png(99))
+    third = ingest(tmp_path / "src")
+    assert (third.added, third.duplicates, third.version) == (1, 5, 2)
+    assert third.version_id != first.version_id
+    assert len(committed_rows()) == 6
+    assert [v["rows"] for v in DatasetStore("pets").manifest()["versions"]] == [5, 1]
+
+
+def test_identical_image_under_two_labels_or_splits_is_reported_not_kept(tmp_path):
+    image = jpeg(7)
+    for path in ("cat/a.jpg", "cat/copy.jpg", "dog/a.jpg"):
+        (tmp_path / "src" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / path).write_bytes(image)
+    summary = ingest(tmp_path / "src")
+    assert summary.added == 1 and summary.duplicates == 1
+    assert [(r.path, r.reason) for r in summary.rejected] == [("dog/a.jpg", "conflict")]
+    for split in ("train", "test"):
+        (tmp_path / "split" / split / "cat").mkdir(parents=True)
+        (tmp_path / "split" / split / "cat" / "a.jpg").write_bytes(image)
+    summary = ingest(tmp_path / "split")
+    assert summary.added == 0 and len(summary.rejected) >= 1
+    assert {r.reason for r in summary.rejected} == {"conflict"}
+    assert len(committed_rows()) == 1
+    assert any(r["reason"] == "conflict" for r in DatasetStore("pets").rejected())
+
+
+def test_splits_come_from_folders_or_from_the_content_hash(tmp_path):
+    write_class_folders(tmp_path / "split", {"cat": 3}, split="val")
+    ingest(tmp_path / "split")
+    write_class_folders(tmp_path / "plain", {"dog": 200}, seed=3)
+    ingest(tmp_path / "plain", val_fraction=0.25, test_fraction=0.25)
+    rows = committed_rows()
+    assert {split for _, label, split in rows if label == "cat"} == {"val"}
+    dogs = [(sha, split) for sha, label, split in rows if label == "dog"]
+    assert all(split == split_for(sha, 0.25, 0.25) for sha, split in dogs)
+    assert 25 <= sum(1 for _, split in dogs if split == "test") <= 75
+
+
+def test_split_for_is_stable_and_respects_fractions():
+    shas = [hashlib.sha256(i.to_bytes(4, "big")).hexdigest() for i in range(4000)]
+    splits = [split_for(sha, 0.1, 0.2) for sha in shas]
+    assert splits == [split_for(sha, 0.1, 0.2) for sha in shas]
+    assert abs(splits.count("test") / len(splits) - 0.2) < 0.03
+    assert abs(splits.count("val") / len(splits) - 0.1) < 0.03
+
+
+def test_bad_files_are_rejected_and_the_rest_is_kept(tmp_path):
+    write_class_folders(tmp_path / "src", {"cat": 3})
+    good = jpeg(11, size=(64, 64))
+    (tmp_path / "src" / "cat" / "half.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "src" / "cat" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "src" / "cat" / "notes.jpg").write_text("hello")
+    (tmp_path / "src" / "loose.jpg").write_bytes(jpeg(12))
+    summary = ingest(tmp_path / "src")
+    assert summary.added == 3
+    assert summary.rejected_by_reason == {"truncated": 1, "empty": 1, "unidentified": 1, "no_label": 1}
+    recorded = {(r["path"], r["reason"]) for r in DatasetStore("pets").rejected()}
+    assert ("cat/half.jpg", "truncated") in recorded and len(recorded) == 4
+
+
+def test_manifest_checksum_mismatch_is_rejected(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(jpeg(1))
+    (tmp_path / "b.jpg").write_bytes(jpeg(2))
+    right = hashlib.sha256(jpeg(1)).hexdigest()
+    (tmp_path / "list.csv").write_text(f"path,label,sha256\na.jpg,cat,{right}\nb.jpg,cat,{'0' * 64}\n")
+    summary = ingest(tmp_path / "list.csv")
+    assert summary.added == 1
+    assert [(r.path, r.reason) for r in summary.rejected] == [("b.jpg", "checksum_mismatch")]
+
+
+def test_resize_stores_the_papers_crops(tmp_path):
+    (tmp_path / "src" / "cat").mkdir(parents=True)
+    (tmp_path / "src" / "cat" / "big.jpg").write_bytes(jpeg(1, size=(640, 480)))
+    ingest(tmp_path / "src", resize=256)
+    table = DatasetStore("pets").read_table(["format", "width", "height"])
+    assert table.to_pylist() == [{"format": "JPEG", "width": 256, "height": 256}]
+
+
+def test_decoding_in_worker_processes_matches_decoding_inline(tmp_path):
+    write_class_folders(tmp_path / "src", {"cat": 300, "dog": 300})
+    (tmp_path / "src" / "dog" / "bad.jpg").write_bytes(b"nope")
+    store = DatasetStore("pooled")
+    with store.lock():
+        pooled = store.commit(store.stage(open_source(str(tmp_path / "src")), IngestOptions(workers=2)))
+    inline = ingest(tmp_path / "src", name="inline")
+    assert pooled.added == inline.added == 600
+    assert [r.path for r in pooled.rejected] == [r.path for r in inline.rejected] == ["dog/bad.jpg"]
+    assert committed_rows("pooled") == committed_rows("inline")
+
+
+def test_exception_mid_write_publishes_nothing_and_a_rerun_completes(tmp_path, monkeypatch):
+    write_class_folders(tmp_path / "src", {"cat": 20})
+    ingest(tmp_path / "src")
+    write_class_folders(tmp_path / "src", {"dog": 25}, seed=5)
+    monkeypatch.setattr(store_module, "ROW_GROUP_ROWS", 4)
+    monkeypatch.setattr(store_module, "PART_ROW_GROUPS", 2)
+    monkeypatch.setenv("FAILPOINT", "parquet.after_rowgroup")
+    monkeypatch.setenv("FAILPOINT_AFTER", "5")
+    monkeypatch.setenv("FAILPOINT_ACTION", "raise")
+    with pytest.raises(RuntimeError, match="failpoint"):
+        ingest(tmp_path / "src")
+    assert len(committed_rows()) == 20
+    assert DatasetStore("pets").manifest()["version"] == 1
+    # Two complete parts (16 images) were staged before the failure; the rerun adopts them.
+    staged = sorted(p.name for p in DatasetStore("pets").staging.glob("part-*"))
+    assert staged[:2] == ["part-00000.parquet", "part-00001.parquet"]
+    monkeypatch.delenv("FAILPOINT")
+    summary = ingest(tmp_path / "src")
+    assert (summary.added, summary.version) == (25, 2)
+    rows = committed_rows()
+    assert len(rows) == 45 == len({sha for sha, _, _ in rows})
+    assert not DatasetStore("pets").staging.exists()
+
+
+def test_disk_full_is_a_clear_error_and_keeps_the_published_version(tmp_path, monkeypatch):
+    write_class_folders(tmp_path / "src", {"cat": 5})
+    ingest(tmp_path / "src")
+    write_class_folders(tmp_path / "src", {"dog": 5}, seed=9)
+    monkeypatch.setenv("FAILPOINT", "parquet.after_rowgroup")
+    monkeypatch.setenv("FAILPOINT_ACTION", "enospc")
+    with pytest.raises(CnnpipeError, match="disk full while writing .*part-00000.parquet.tmp"):
+        ingest(tmp_path / "src")
+    assert len(committed_rows()) == 5
+    monkeypatch.delenv("FAILPOINT")
+    assert ingest(tmp_path / "src").added == 5
+    assert len(committed_rows()) == 10
+
+
+class _DiskFullAfter:
+    """A file object that fails with ENOSPC once `limit` bytes were written."""
+
+    def __init__(self, handle, limit: int):
+        self.handle, self.limit, self.written = handle, limit, 0
+
+    def write(self, data):
+        self.written += len(data)
+        if self.written > self.limit:
+            raise OSError(28, "No space left on device")
+        return self.handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+def test_a_writer_hitting_enospc_never_publishes_a_readable_empty_part(tmp_path, monkeypatch):
+    write_class_folders(tmp_path / "src", {"cat": 5})
+    real_writer = store_module.pq.ParquetWriter
+
+    def failing_writer(path, *args, **kwargs):
+        sink = _DiskFullAfter(open(path, "wb"), limit=64)
+        return real_writer(store_module.pa.PythonFile(sink, mode="w"), *args, **kwargs)
+
+    monkeypatch.setattr(store_module.pq, "ParquetWriter", failing_writer)
+    with pytest.raises((CnnpipeError, OSError)):
+        ingest(tmp_path / "src")
+    home = Path(os.environ["CNNPIPE_HOME"])
+    assert not list((home / "datasets").rglob("*.parquet")) if (home / "datasets").exists() else True
+    assert not list(DatasetStore("pets").staging.glob("*.parquet"))
+
+
+def test_a_manifest_left_behind_by_a_crash_is_rebuilt(tmp_path):
+    write_class_folders(tmp_path / "src", {"cat": 3})
+    ingest(tmp_path / "src")
+    store = DatasetStore("pets")
+    old_manifest = store.manifest_path.read_text()
+    write_class_folders(tmp_path / "src", {"dog": 2}, seed=2)
+    ingest(tmp_path / "src")
+    store.manifest_path.write_text(old_manifest)  # as if killed between the rename and the manifest
+    assert store.manifest()["version"] == 2 and store.manifest()["num_rows"] == 5
+    store.recover()
+    assert json.loads(store.manifest_path.read_text())["version"] == 2
+    assert ingest(tmp_path / "src").added == 0
+
+
+def test_stale_staging_from_another_base_version_is_discarded(tmp_path):
+    write_class_folders(tmp_path / "src", {"cat": 3})
+    ingest(tmp_path / "src")
+    store = DatasetStore("pets")
+    store.staging.mkdir(parents=True)
+    (store.staging / "base.json").write_text('{"base_version": 0}')
+    shutil.copy(store.files()[0], store.staging / "part-00000.parquet")
+    (store.staging / "part-00001.parquet.tmp").write_bytes(b"half")
+    store.recover()
+    assert not store.staging.exists()
+
+
+def test_invalid_options_and_names_are_clear_errors():
+    with pytest.raises(CnnpipeError, match="sum below 1"):
+        IngestOptions(val_fraction=0.6, test_fraction=0.5)
+    with pytest.raises(CnnpipeError, match="dataset name"):
+        DatasetStore("../escape")
+
+
+def _ingest_after_barrier(barrier, home: str, source: str) -> None:
+    os.environ["CNNPIPE_HOME"] = home
+    barrier.wait()
+    ingest(source)
+
+
+def test_concurrent_ingests_of_one_dataset_leave_one_version_and_no_duplicates(tmp_path):
+    write_class_folders(tmp_path / "src", {"cat": 40, "dog": 40})
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    children = [context.Process(target=_ingest_after_barrier, args=(barrier, os.environ["CNNPIPE_HOME"], str(tmp_path / "src")))
+                for _ in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(120)
+        assert child.exitcode == 0
+    manifest = DatasetStore("pets").manifest()
+    assert (manifest["version"], manifest["num_rows"]) == (1, 80)
+    rows = committed_rows()
+    assert len(rows) == len({sha for sha, _, _ in rows}) == 80
+
+
+def test_list_datasets_reports_every_dataset(tmp_path):
+    write_class_folders(tmp_path / "src", {"cat": 2})
+    ingest(tmp_path / "src", name="a")
+    ingest(tmp_path / "src", name="b")
+    assert [(m["name"], m["num_rows"]) for m in list_datasets()] == [("a", 2), ("b", 2)]
