@@ -12,12 +12,16 @@ import errno
 import os
 import signal
 from collections import Counter
+from collections.abc import Callable
 
 _hits: Counter[str] = Counter()
 
 
-def failpoint(name: str) -> None:
+def failpoint(name: str, key: Callable[[], str] | None = None) -> None:
+    """`key`, when given, restricts the failpoint to hits whose key equals `FAILPOINT_KEY`."""
     if os.environ.get("FAILPOINT") != name:
+        return
+    if key is not None and "FAILPOINT_KEY" in os.environ and key() != os.environ["FAILPOINT_KEY"]:
         return
     _hits[name] += 1
     # Fire once, on the k-th hit, so a retry in the same process gets past it.

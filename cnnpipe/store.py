@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
@@ -146,6 +147,7 @@ def check_batch(datas: list[bytes], resize: int | None) -> list[CheckedImage | t
     """Worker entry point: check many images, turning rejections into (reason, detail)."""
     results: list[CheckedImage | tuple[str, str]] = []
     for data in datas:
+        failpoint("decode.image", key=lambda: hashlib.sha256(data).hexdigest())
         try:
             results.append(check_image(data, resize))
         except RejectedImage as exc:
@@ -153,6 +155,22 @@ def check_batch(datas: list[bytes], resize: int | None) -> list[CheckedImage | t
         except Exception as exc:  # noqa: BLE001 - a decoder bug must not end the batch
             results.append(("corrupt", f"{type(exc).__name__}: {exc}"))
     return results
+
+
+def _die_with_parent() -> None:
+    """Decoding workers must not outlive an ingest killed with SIGKILL, which cannot stop them."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _worker_pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_die_with_parent)
 
 
 @dataclass
@@ -186,7 +204,7 @@ class _Validator:
             yield from zip(chunk, check_batch(datas, self.resize))
             return
         if self.pool is None:
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+            self.pool = _worker_pool(self.workers)
         self.inflight.append((chunk, self.pool.submit(check_batch, datas, self.resize)))
         while len(self.inflight) > 2 * self.workers:
             yield from self._collect()
@@ -204,16 +222,24 @@ class _Validator:
         yield from zip(chunk, results)
 
     def _isolate(self, chunk: list[_Pending]) -> list[CheckedImage | tuple[str, str]]:
-        # A decoder killed a worker (out of memory, say): find the culprit one image at a time.
+        """A decoder killed a worker (out of memory, say): find the culprit, keep the rest."""
         self.pool.shutdown(cancel_futures=True)
-        results = []
-        for item in chunk:
-            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as single:
-                try:
-                    results.append(single.submit(check_batch, [item.entry.data], self.resize).result()[0])
-                except BrokenProcessPool:
-                    results.append(("decoder_crashed", "the decoding process died on this file"))
-        self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+        results: list[CheckedImage | tuple[str, str]] = []
+        remaining = chunk
+        while remaining:
+            # One worker runs them in order, so the first broken future is the culprit.
+            with _worker_pool(1) as single:
+                futures = [single.submit(check_batch, [item.entry.data], self.resize) for item in remaining]
+                for index, future in enumerate(futures):
+                    try:
+                        results.append(future.result()[0])
+                    except BrokenProcessPool:
+                        results.append(("decoder_crashed", "the decoding process died on this file"))
+                        remaining = remaining[index + 1:]
+                        break
+                else:
+                    remaining = []
+        self.pool = _worker_pool(self.workers)
         pending, self.inflight = self.inflight, deque()
         for later_chunk, _ in pending:
             self.inflight.append((later_chunk, self.pool.submit(
@@ -364,6 +390,9 @@ class DatasetStore:
         self.staging.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.staging / "base.json", {"base_version": base_version})
         known = self._known_images(run)
+        # Images still being validated, with the paths of identical copies seen meanwhile:
+        # those copies share the verdict, a duplicate if kept or the same reason if not.
+        waiting: dict[str, list[str]] = {}
         added: defaultdict[str, Counter] = defaultdict(Counter)
         ingested_at = datetime.now(timezone.utc)
         next_index = 1 + max((int(p.name[5:10]) for p in self.staging.glob("part-*.parquet")), default=-1)
@@ -373,10 +402,13 @@ class DatasetStore:
         def accept(results: Iterator[tuple[_Pending, CheckedImage | tuple[str, str]]]) -> None:
             kept: list[tuple[_Pending, CheckedImage]] = []
             for item, result in results:
+                copies = waiting.pop(item.sha256)
                 if isinstance(result, tuple):
                     del known[item.sha256]
-                    self._reject(run, item.entry.path, *result)
+                    for path in [item.entry.path, *copies]:
+                        self._reject(run, path, *result)
                 else:
+                    run.duplicates += len(copies)
                     kept.append((item, result))
             if not kept:
                 return
@@ -403,7 +435,7 @@ class DatasetStore:
             with _Validator(options.resize, options.workers) as validator:
                 for entry in source.entries():
                     done += 1
-                    item = self._admit(entry, run, known, options)
+                    item = self._admit(entry, run, known, waiting, options)
                     if item is not None:
                         chunk.append(item)
                     if len(chunk) >= VALIDATION_CHUNK:
@@ -467,7 +499,7 @@ class DatasetStore:
     # ---- internals -----------------------------------------------------------------
 
     def _admit(self, entry: Entry, run: StagedRun, known: dict[str, tuple[str, str]],
-               options: IngestOptions) -> _Pending | None:
+               waiting: dict[str, list[str]], options: IngestOptions) -> _Pending | None:
         if entry.reject_reason:
             self._reject(run, entry.path, entry.reject_reason, entry.reject_detail)
             return None
@@ -483,9 +515,13 @@ class DatasetStore:
         stored = known.get(sha)
         if stored is None:
             known[sha] = (entry.label, split)
+            waiting[sha] = []
             return _Pending(entry, sha, entry.label, split)
         if stored == (entry.label, split):
-            run.duplicates += 1
+            if sha in waiting:
+                waiting[sha].append(entry.path)
+            else:
+                run.duplicates += 1
         else:
             self._reject(run, entry.path, "conflict",
                          f"identical image already stored as label {stored[0]!r} in split {stored[1]!r}")

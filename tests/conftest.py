@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
-# Tests make no outbound connections, Prefect's telemetry included.
+# Tests make no outbound connections, Prefect's telemetry included, and leave ~/.prefect alone.
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cnnpipe-tests-prefect-")
 os.environ.pop("PREFECT_API_URL", None)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,6 +23,19 @@ def cnnpipe_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     from cnnpipe import failpoints
 
     failpoints.reset()
-    for name in ("FAILPOINT", "FAILPOINT_AFTER", "FAILPOINT_ACTION", "MLFLOW_TRACKING_URI"):
+    for name in ("FAILPOINT", "FAILPOINT_AFTER", "FAILPOINT_ACTION", "FAILPOINT_KEY", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(name, raising=False)
     return home
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole session; yields its URL for child processes."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield PREFECT_API_URL.value()
+
+
+needs_cifar = pytest.mark.skipif(not CIFAR_TARBALL.exists(), reason=f"{CIFAR_TARBALL} is absent (fresh clone)")

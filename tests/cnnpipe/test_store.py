@@ -141,6 +141,17 @@ def test_decoding_in_worker_processes_matches_decoding_inline(tmp_path):
     assert committed_rows("pooled") == committed_rows("inline")
 
 
+def test_an_image_that_kills_its_decoder_is_rejected_and_the_rest_kept(tmp_path, monkeypatch):
+    images = write_class_folders(tmp_path / "src", {"cat": 600})
+    monkeypatch.setenv("FAILPOINT", "decode.image")
+    monkeypatch.setenv("FAILPOINT_KEY", hashlib.sha256(images[300]).hexdigest())
+    store = DatasetStore("crashy")
+    with store.lock():
+        summary = store.commit(store.stage(open_source(str(tmp_path / "src")), IngestOptions(workers=2)))
+    assert summary.added == 599
+    assert [(r.path, r.reason) for r in summary.rejected] == [("cat/0300.jpg", "decoder_crashed")]
+
+
 def test_exception_mid_write_publishes_nothing_and_a_rerun_completes(tmp_path, monkeypatch):
     write_class_folders(tmp_path / "src", {"cat": 20})
     ingest(tmp_path / "src")
@@ -272,3 +283,24 @@ def test_list_datasets_reports_every_dataset(tmp_path):
     ingest(tmp_path / "src", name="a")
     ingest(tmp_path / "src", name="b")
     assert [(m["name"], m["num_rows"]) for m in list_datasets()] == [("a", 2), ("b", 2)]
+
+
+def test_two_archive_symlink_attack_writes_nothing_through_the_link(tmp_path):
+    import io
+    import tarfile
+
+    target = tmp_path / "target"
+    first, second = tmp_path / "a.tar", tmp_path / "b.tar"
+    with tarfile.open(first, "w") as tar:
+        link = tarfile.TarInfo("x")
+        link.type, link.linkname = tarfile.SYMTYPE, "../../target"
+        tar.addfile(link)
+    with tarfile.open(second, "w") as tar:
+        data = jpeg(21)
+        member = tarfile.TarInfo("x/payload.jpg")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    assert [r.reason for r in ingest(first).rejected] == ["link"]
+    summary = ingest(second)
+    assert summary.added == 1 and not target.exists()
+    assert committed_rows()[0][1] == "x"

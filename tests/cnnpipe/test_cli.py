@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from cnnpipe.cli import cli
+from tests.imagefactory import write_class_folders
+
+HEAVY = ("torch", "prefect", "mlflow", "duckdb", "pyarrow")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["ingest", "--help"], ["datasets", "--help"]])
+def test_help_imports_nothing_heavy(argv):
+    script = (
+        "import sys\nfrom cnnpipe.cli import cli\n"
+        f"try:\n    cli({argv!r}, prog_name='cnnpipe')\nexcept SystemExit:\n    pass\n"
+        f"print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "Examples:" in result.stdout or "Usage:" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "LOADED []"
+
+
+def test_missing_source_is_one_line_naming_the_file(tmp_path):
+    result = CliRunner().invoke(cli, ["ingest", str(tmp_path / "nowhere"), "--dataset", "x"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert lines == [f"Error: {tmp_path / 'nowhere'}: no such file or folder"]
+
+
+def test_datasets_with_nothing_ingested_says_how_to_start():
+    result = CliRunner().invoke(cli, ["datasets"])
+    assert result.exit_code == 0 and "cnnpipe ingest" in result.output
+    result = CliRunner().invoke(cli, ["datasets", "show", "ghost"])
+    assert result.exit_code == 1 and "no dataset named 'ghost'" in result.output
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_ingest_then_list_and_show(tmp_path):
+    write_class_folders(tmp_path / "src", {"cat": 3, "dog": 2})
+    (tmp_path / "src" / "dog" / "broken.jpg").write_text("nope")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["ingest", str(tmp_path / "src"), "--dataset", "pets", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "5 added" in result.output and "dog/broken.jpg" in result.output
+    listing = runner.invoke(cli, ["datasets"])
+    assert "pets" in listing.output and "5" in listing.output
+    shown = runner.invoke(cli, ["datasets", "show", "pets"])
+    assert shown.exit_code == 0
+    assert "Version 1" in shown.output and "unidentified" in shown.output and "cat" in shown.output

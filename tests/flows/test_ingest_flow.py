@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import pytest
+
+from cnnpipe import store as store_module
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.store import DatasetStore
+from flows.ingest import ingest
+from tests.imagefactory import write_class_folders
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def read_artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+
+def test_flow_ingests_reports_and_reruns_as_a_no_op(tmp_path):
+    write_class_folders(tmp_path / "src", {"cat": 4, "dog": 3})
+    first = ingest(str(tmp_path / "src"), "flowpets", workers=0)
+    assert (first.added, first.version) == (7, 1)
+    again = ingest(str(tmp_path / "src"), "flowpets", workers=0)
+    assert (again.added, again.duplicates, again.version) == (0, 7, 1)
+    artifacts = read_artifact("ingest-flowpets")
+    assert artifacts and "7 added" in artifacts[-1].data or "7 added" in artifacts[0].data
+
+
+def test_flow_fails_over_the_reject_limit_but_keeps_the_good_images(tmp_path):
+    write_class_folders(tmp_path / "src", {"cat": 1})
+    for index in range(3):
+        (tmp_path / "src" / "cat" / f"bad{index}.jpg").write_text("not an image")
+    state = ingest(str(tmp_path / "src"), "mostlybad", workers=0, max_reject_fraction=0.5, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(CnnpipeError, match="3 of 4 files rejected"):
+        state.result()
+    assert DatasetStore("mostlybad").manifest()["num_rows"] == 1
+
+
+def test_a_retried_stage_task_adopts_its_staged_parts_exactly_once(tmp_path, monkeypatch):
+    write_class_folders(tmp_path / "src", {"cat": 30})
+    monkeypatch.setattr(store_module, "ROW_GROUP_ROWS", 4)
+    monkeypatch.setattr(store_module, "PART_ROW_GROUPS", 1)
+    # A transient I/O error after three parts were published: Prefect retries the task.
+    monkeypatch.setenv("FAILPOINT", "parquet.after_rowgroup")
+    monkeypatch.setenv("FAILPOINT_AFTER", "4")
+    monkeypatch.setenv("FAILPOINT_ACTION", "eio")
+    summary = ingest(str(tmp_path / "src"), "retried", workers=0)
+    assert (summary.added, summary.version) == (30, 1)
+    table = DatasetStore("retried").read_table(["sha256"])
+    assert table.num_rows == 30 == len(set(table.column("sha256").to_pylist()))
