@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.failpoints import failpoint
+from cnn.failpoints import failpoint
 from cnnpipe.fsutil import atomic_write_json, fsync_dir, fsync_file
 from cnnpipe.images import CheckedImage, RejectedImage, check_image
 from cnnpipe.settings import Settings, get_settings

@@ -20,7 +20,7 @@ CIFAR_TARBALL = SHARED / "data" / "cifar10-jpeg.tar.gz"
 def cnnpipe_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "cnnpipe-home"
     monkeypatch.setenv("CNNPIPE_HOME", str(home))
-    from cnnpipe import failpoints
+    from cnn import failpoints
 
     failpoints.reset()
     for name in ("FAILPOINT", "FAILPOINT_AFTER", "FAILPOINT_ACTION", "FAILPOINT_KEY", "MLFLOW_TRACKING_URI"):

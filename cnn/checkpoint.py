@@ -1,0 +1,103 @@
+"""Checkpoints that load with `torch.load(weights_only=True)` and survive kill -9.
+
+A checkpoint holds only tensors and primitives: model, optimizer and scheduler state,
+epoch, every RNG state (Python's and NumPy's as plain tuples and tensors), the config,
+the dataset version and the git SHA. It is written beside its final name, fsynced and
+renamed; the last `keep` epochs stay, so a corrupt latest file falls back to an older one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnn.failpoints import failpoint
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    numpy_kind, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    python_version, python_state, python_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (numpy_kind, torch.from_numpy(numpy_keys.astype(np.int64)), numpy_pos, numpy_has_gauss, numpy_gauss),
+        "python": (python_version, list(python_state), python_gauss),
+        "generator": generator.get_state() if generator is not None else None,
+    }
+
+
+def restore_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
+    """Restore every RNG; a state that does not fit is an error, never silently skipped."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, python_state, python_gauss = state["python"]
+    random.setstate((version, tuple(python_state), python_gauss))
+    if generator is not None and state["generator"] is not None:
+        generator.set_state(state["generator"])
+
+
+def save_checkpoint(state: dict, run_dir: Path, epoch: int, keep: int = 3) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"epoch-{epoch:04d}.pt"
+    tmp = run_dir / f".{final.name}.tmp"
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    failpoint("ckpt.after_tmp_write")
+    failpoint("ckpt.before_replace")
+    os.replace(tmp, final)
+    directory = os.open(run_dir, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    for old in checkpoints(run_dir)[:-keep]:
+        old.unlink()
+    return final
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Published checkpoints of a run, oldest first."""
+    return sorted(p for p in run_dir.glob("epoch-*.pt") if re.fullmatch(r"epoch-\d{4}\.pt", p.name))
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load safely: tensors and primitives only. A pickle with code in it is refused."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refused, it is not a plain checkpoint (weights_only load failed: "
+                              f"{str(exc).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
+
+
+def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:
+    """The newest checkpoint that loads, falling back past corrupt ones; None if there is none."""
+    for stale in run_dir.glob(".*.tmp"):
+        stale.unlink()
+    errors = []
+    for path in reversed(checkpoints(run_dir)):
+        try:
+            return load_checkpoint(path, map_location), path
+        except CheckpointError as exc:
+            if "refused" in str(exc):
+                raise
+            errors.append(str(exc))
+    if errors:
+        raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
+    return None

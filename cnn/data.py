@@ -1,0 +1,339 @@
+"""Images from the Parquet store to normalised batches on the training device.
+
+Two ways in, chosen by a memory budget:
+- resident: the split fits the budget (CIFAR-10 at 32x32 uint8 is 150 MB), so it is
+  decoded once and kept as one uint8 tensor on the device; every epoch is then a
+  permutation and batched indexing, as the fastest CIFAR trainers do;
+- streaming: row groups are read in a shuffled order, decoded by a thread pool in the
+  background, mixed through a shuffle buffer and copied from pinned memory, so a data
+  set larger than RAM trains.
+
+Augmentation runs on the device, batched: the paper's random crop and horizontal flip
+(padding-crop at 32x32) and its PCA colour noise. Decoding lives in `decode_images`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import queue
+import random
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import simplejpeg
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# The paper's colour noise: standard deviation of the per-image eigenvalue multipliers.
+LIGHTING_STD = 0.1
+_DECODE_THREADS = 8
+
+
+@dataclass(frozen=True)
+class StoreSplit:
+    """One split of a dataset in the Parquet store, located without the store's code."""
+
+    files: tuple[Path, ...]
+    split: str
+    classes: tuple[str, ...]
+    version_id: str
+    rows: int
+
+    @classmethod
+    def open(cls, dataset_dir: str | Path, split: str, classes: Sequence[str] | None = None) -> StoreSplit:
+        dataset_dir = Path(dataset_dir)
+        manifest = json.loads((dataset_dir / "manifest.json").read_text())
+        rows = sum(manifest["counts"].get(split, {}).values())
+        return cls(tuple(dataset_dir / f["path"] for f in manifest["files"]), split,
+                   tuple(classes or manifest["classes"]), manifest["version_id"], rows)
+
+    def row_groups(self) -> list[tuple[Path, int]]:
+        return [(path, group) for path in self.files for group in range(pq.ParquetFile(path).num_row_groups)]
+
+    def read_group(self, path: Path, group: int) -> tuple[list[bytes], list[int]]:
+        table = pq.ParquetFile(path).read_row_group(group, columns=["image", "label", "split"])
+        index = {label: i for i, label in enumerate(self.classes)}
+        keep = [i for i, split in enumerate(table.column("split").to_pylist()) if split == self.split]
+        images, labels = table.column("image").to_pylist(), table.column("label").to_pylist()
+        return [images[i] for i in keep], [index[labels[i]] for i in keep]
+
+
+def _decode_one(blob: bytes, size: int) -> np.ndarray:
+    if blob[:3] == b"\xff\xd8\xff":
+        try:
+            pixels = simplejpeg.decode_jpeg(blob, colorspace="RGB")
+        except ValueError:  # unusual JPEGs that libjpeg-turbo's fast path refuses
+            pixels = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+    else:
+        pixels = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+    height, width = pixels.shape[:2]
+    if (height, width) != (size, size):
+        image = Image.fromarray(pixels)
+        scale = size / min(height, width)
+        resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))),
+                               Image.Resampling.BILINEAR)
+        left, top = (resized.width - size) // 2, (resized.height - size) // 2
+        pixels = np.asarray(resized.crop((left, top, left + size, top + size)))
+    return pixels
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def decode_images(blobs: Sequence[bytes], size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Encoded images to a uint8 (N, 3, size, size) tensor: shorter side to `size`, centre crop.
+
+    The one place that decodes. On CUDA, JPEGs of the target size go through nvJPEG in
+    one batched call; `torchvision.io.decode_jpeg` warns that it is deprecated since
+    torchvision 0.29, but torchcodec's image decoders need FFmpeg and are not batched on
+    the GPU, so we keep it here and nowhere else. On the CPU, libjpeg-turbo (simplejpeg)
+    and Pillow run in a thread pool; both release the GIL while decoding.
+    """
+    global _pool
+    device = torch.device(device)
+    if not blobs:
+        return torch.empty((0, 3, size, size), dtype=torch.uint8, device=device)
+    if device.type == "cuda":
+        decoded = _decode_on_gpu(blobs, size, device)
+        if decoded is not None:
+            return decoded
+    if _pool is None:
+        _pool = ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="cnn-decode")
+    arrays = list(_pool.map(_decode_one, blobs, [size] * len(blobs), chunksize=64)) if len(blobs) > 64 \
+        else [_decode_one(blob, size) for blob in blobs]
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return batch.to(device) if device.type != "cpu" else batch.contiguous()
+
+
+def _decode_on_gpu(blobs: Sequence[bytes], size: int, device: torch.device) -> torch.Tensor | None:
+    if not all(blob[:3] == b"\xff\xd8\xff" for blob in blobs):
+        return None
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        tensors = [torch.frombuffer(blob, dtype=torch.uint8) for blob in blobs]
+        try:
+            images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            return None
+    if any(image.shape[1:] != (size, size) for image in images):
+        images = [_resize_centre_crop(image, size) for image in images]
+    return torch.stack(images)
+
+
+def _resize_centre_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    height, width = image.shape[1:]
+    scale = size / min(height, width)
+    new = (max(size, round(height * scale)), max(size, round(width * scale)))
+    resized = F.interpolate(image[None].float(), size=new, mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    return resized[:, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
+
+
+# ---- statistics computed once from the training split --------------------------------
+
+@dataclass
+class ColourStats:
+    mean: list[float]
+    std: list[float]
+    eigenvalues: list[float]
+    eigenvectors: list[list[float]]
+
+    @classmethod
+    def from_images(cls, images: torch.Tensor, max_pixels: int = 4_000_000, seed: int = 0) -> ColourStats:
+        """Per-channel mean and std, and the RGB covariance's eigen-decomposition (pixels in [0, 1])."""
+        pixels = images.permute(0, 2, 3, 1).reshape(-1, 3)
+        if pixels.shape[0] > max_pixels:
+            generator = torch.Generator(device=pixels.device).manual_seed(seed)
+            pixels = pixels[torch.randint(0, pixels.shape[0], (max_pixels,), generator=generator, device=pixels.device)]
+        pixels = pixels.double() / 255.0
+        covariance = torch.cov(pixels.T)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        return cls(pixels.mean(0).tolist(), pixels.std(0).tolist(),
+                   eigenvalues.clamp_min(0).tolist(), eigenvectors.tolist())
+
+
+# ---- augmentation, batched on the device ---------------------------------------------
+
+class Augment:
+    """Random crop + flip + PCA lighting, then normalisation, for a uint8 batch on the device."""
+
+    def __init__(self, stats: ColourStats, crop: int, pad: int = 0, lighting: float = LIGHTING_STD,
+                 flip: bool = True):
+        self.crop, self.pad, self.lighting, self.flip = crop, pad, lighting, flip
+        self.stats = stats
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        batch = images.shape[0]
+        device = images.device
+        if self.pad:
+            images = F.pad(images, (self.pad,) * 4, mode="reflect") if images.dtype.is_floating_point \
+                else F.pad(images.float(), (self.pad,) * 4, mode="reflect").to(torch.uint8)
+        height, width = images.shape[2:]
+        top = torch.randint(0, height - self.crop + 1, (batch,), generator=generator, device=device)
+        left = torch.randint(0, width - self.crop + 1, (batch,), generator=generator, device=device)
+        base = torch.arange(self.crop, device=device)
+        rows, cols = (top[:, None] + base), (left[:, None] + base)
+        if self.flip:
+            flipped = torch.rand(batch, generator=generator, device=device) < 0.5
+            cols = torch.where(flipped[:, None], cols.flip(1), cols)
+        images = images[torch.arange(batch, device=device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+        images = images.permute(0, 3, 1, 2).float().div_(255.0)
+        if self.lighting:
+            alphas = torch.randn(batch, 3, generator=generator, device=device) * self.lighting
+            eigenvalues = torch.tensor(self.stats.eigenvalues, dtype=images.dtype, device=device)
+            eigenvectors = torch.tensor(self.stats.eigenvectors, dtype=images.dtype, device=device)
+            shift = (alphas * eigenvalues) @ eigenvectors.T
+            images = images + shift[:, :, None, None]
+        return normalise(images, self.stats)
+
+
+def normalise(images: torch.Tensor, stats: ColourStats) -> torch.Tensor:
+    """Float images in [0, 1] (or uint8) to zero mean and unit variance per channel."""
+    if not images.dtype.is_floating_point:
+        images = images.float().div_(255.0)
+    mean = torch.tensor(stats.mean, dtype=images.dtype, device=images.device)[None, :, None, None]
+    std = torch.tensor(stats.std, dtype=images.dtype, device=images.device)[None, :, None, None]
+    return ((images - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def centre_crop(images: torch.Tensor, crop: int) -> torch.Tensor:
+    height, width = images.shape[2:]
+    top, left = (height - crop) // 2, (width - crop) // 2
+    return images[:, :, top:top + crop, left:left + crop]
+
+
+def ten_crops(images: torch.Tensor, crop: int) -> list[torch.Tensor]:
+    """The paper's test-time patches: four corners and the centre, each also flipped."""
+    height, width = images.shape[2:]
+    if (height, width) == (crop, crop):  # small images: patch from a reflect-padded copy
+        pad = max(1, crop // 8)
+        images = F.pad(images.float(), (pad,) * 4, mode="reflect")
+        height, width = images.shape[2:]
+    corners = [(0, 0), (0, width - crop), (height - crop, 0), (height - crop, width - crop),
+               ((height - crop) // 2, (width - crop) // 2)]
+    patches = [images[:, :, top:top + crop, left:left + crop] for top, left in corners]
+    return patches + [patch.flip(3) for patch in patches]
+
+
+# ---- batch sources -------------------------------------------------------------------
+
+class ResidentImages:
+    """A whole split decoded once into device memory."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    @classmethod
+    def load(cls, split: StoreSplit, size: int, device: torch.device) -> ResidentImages:
+        images, labels = [], []
+        for path, group in split.row_groups():
+            blobs, targets = split.read_group(path, group)
+            images.append(decode_images(blobs, size, device))
+            labels.extend(targets)
+        stacked = torch.cat(images) if images else torch.empty((0, 3, size, size), dtype=torch.uint8, device=device)
+        return cls(stacked, torch.tensor(labels, dtype=torch.long, device=device))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None,
+                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        count = len(self)
+        order = torch.randperm(count, generator=generator, device=generator.device) if generator is not None \
+            else torch.arange(count, device=self.images.device)
+        order = order.to(self.images.device)
+        stop = count - count % batch_size if drop_last and count >= batch_size else count
+        for start in range(0, stop, batch_size):
+            index = order[start:start + batch_size]
+            yield self.images[index], self.labels[index]
+
+
+class StreamingImages:
+    """Row groups in a shuffled order, decoded ahead in a background thread, through a shuffle buffer."""
+
+    def __init__(self, split: StoreSplit, size: int, device: torch.device, shuffle_buffer: int = 8192,
+                 prefetch_groups: int = 2):
+        self.split, self.size, self.device = split, size, device
+        self.shuffle_buffer, self.prefetch_groups = shuffle_buffer, prefetch_groups
+        self.groups = split.row_groups()
+
+    def __len__(self) -> int:
+        return self.split.rows
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None,
+                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        shuffle = generator is not None
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item()) if shuffle else 0
+        rng = random.Random(seed)
+        groups = list(self.groups)
+        if shuffle:
+            rng.shuffle(groups)
+        decoded: queue.Queue = queue.Queue(maxsize=self.prefetch_groups)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for path, group in groups:
+                    if stop.is_set():
+                        return
+                    blobs, labels = self.split.read_group(path, group)
+                    images = decode_images(blobs, self.size, "cpu")
+                    if self.device.type == "cuda":
+                        images = images.pin_memory()
+                    decoded.put((images, torch.tensor(labels, dtype=torch.long)))
+                decoded.put(None)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+                decoded.put(exc)
+
+        worker = threading.Thread(target=produce, name="cnn-stream", daemon=True)
+        worker.start()
+        buffer_images: list[torch.Tensor] = []
+        buffer_labels: list[torch.Tensor] = []
+        buffered = 0
+        try:
+            while True:
+                item = decoded.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is not None:
+                    buffer_images.append(item[0])
+                    buffer_labels.append(item[1])
+                    buffered += len(item[1])
+                    if buffered < self.shuffle_buffer:
+                        continue
+                if not buffer_images:
+                    return
+                images, labels = torch.cat(buffer_images), torch.cat(buffer_labels)
+                if shuffle:
+                    order = torch.tensor(rng.sample(range(len(labels)), len(labels)), dtype=torch.long)
+                    images, labels = images[order], labels[order]
+                final = item is None
+                usable = len(labels) if final else len(labels) - len(labels) % batch_size
+                for start in range(0, usable, batch_size):
+                    chunk = slice(start, min(start + batch_size, usable))
+                    if drop_last and chunk.stop - chunk.start < batch_size:
+                        break
+                    yield (images[chunk].to(self.device, non_blocking=True),
+                           labels[chunk].to(self.device, non_blocking=True))
+                buffer_images, buffer_labels = [images[usable:]], [labels[usable:]]
+                buffered = len(labels) - usable
+                if final:
+                    return
+        finally:
+            stop.set()
+            while worker.is_alive():
+                try:
+                    decoded.get_nowait()
+                except queue.Empty:
+                    worker.join(0.05)

@@ -1,0 +1,311 @@
+"""Training: `train_one_epoch`, a pure `evaluate`, and `fit(config)`, as in torchvision's reference.
+
+    from cnn.train import TrainConfig, fit
+    result = fit(TrainConfig(dataset_dir=".cnnpipe/datasets/cifar10", epochs=30))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnn.checkpoint import CheckpointError, load_checkpoint, load_latest, restore_rng_state, rng_state, save_checkpoint
+from cnn.data import (Augment, ColourStats, ResidentImages, StoreSplit, StreamingImages, centre_crop, normalise,
+                      ten_crops)
+from cnn.failpoints import failpoint
+from cnn.metrics import topk_correct
+from cnn.model import build_model, input_size
+
+SCHEDULES = ("plateau", "step", "cosine", "onecycle")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. The defaults are the recipe for `alexnet-cifar` on CIFAR-10."""
+
+    dataset_dir: str
+    model: str = "alexnet-cifar"
+    epochs: int = 30
+    batch_size: int = 512
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    label_smoothing: float = 0.1
+    # AlexNet options; None keeps the model's own default (batch norm for alexnet-cifar, LRN for alexnet).
+    norm: str | None = None
+    padding: str = "zeros"
+    pool: str = "max"
+    dropout: float = 0.5
+    patience: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    memory_budget_mb: int = 2048
+    compile: bool = False
+    ten_crop: bool = False
+    checkpoint_root: str | None = None
+    resume: bool | str = False
+    keep_checkpoints: int = 3
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch size must be at least 1")
+
+    @property
+    def dataset_name(self) -> str:
+        return Path(self.dataset_dir).name
+
+
+@dataclass
+class FitResult:
+    run_dir: str
+    checkpoint: str
+    classes: list[str]
+    history: list[dict]
+    held_out: dict
+    held_out_split: str
+    best_val_top1: float
+    epochs_run: int
+    seed: int
+    device: str
+    dataset_version: str
+    stopped_early: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], augment: Callable,
+                    optimizer: torch.optim.Optimizer, scheduler, generator: torch.Generator,
+                    label_smoothing: float = 0.0, per_batch_scheduler: bool = False,
+                    on_step: Callable[[dict], None] | None = None) -> dict:
+    model.train()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    started = time.perf_counter()
+    for images, labels in batches:
+        inputs = augment(images, generator)
+        with _autocast(device):
+            logits = model(inputs)
+        loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if per_batch_scheduler:
+            scheduler.step()
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+        if on_step is not None:
+            on_step({"images": len(labels), "loss": float(loss), "lr": optimizer.param_groups[0]["lr"]})
+    seconds = time.perf_counter() - started
+    if seen == 0:
+        raise ValueError("the training split has no batches: too few images for one batch")
+    return {"train_loss": float(loss_sum) / seen, "train_accuracy": float(correct) / seen,
+            "lr": optimizer.param_groups[0]["lr"], "images_per_second": seen / seconds}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], stats: ColourStats,
+             crop: int, ten_crop: bool = False) -> dict:
+    """Loss, top-1 and top-5 accuracy on `batches`, without touching the model's training state."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum, top1, top5, seen = 0.0, 0, 0, 0
+    try:
+        for images, labels in batches:
+            views = ten_crops(images, crop) if ten_crop else [centre_crop(images, crop)]
+            with _autocast(device):
+                probabilities = sum(model(normalise(view, stats)).float().softmax(1) for view in views) / len(views)
+            loss_sum += float(nn.functional.nll_loss(probabilities.clamp_min(1e-12).log(), labels, reduction="sum"))
+            top1 += topk_correct(probabilities, labels, 1)
+            top5 += topk_correct(probabilities, labels, 5)
+            seen += len(labels)
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        return {"loss": math.nan, "top1": math.nan, "top5": math.nan, "images": 0}
+    return {"loss": loss_sum / seen, "top1": top1 / seen, "top5": top5 / seen, "images": seen}
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _run_dir(config: TrainConfig) -> tuple[Path, bool]:
+    """Where this run's checkpoints go, and whether it resumes an earlier run."""
+    root = Path(config.checkpoint_root or Path(config.dataset_dir).parent.parent / "checkpoints")
+    family = root / f"{config.dataset_name}__{config.model}"
+    if isinstance(config.resume, str) and config.resume:
+        path = Path(config.resume)
+        return (path.parent if path.is_file() else path), True
+    if config.resume:
+        unfinished = sorted(p for p in family.glob("*") if p.is_dir() and not (p / "done").exists()
+                            and any(p.glob("epoch-*.pt")))
+        if unfinished:
+            return unfinished[-1], True
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return family / stamp, False
+
+
+def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    # One step more than the run takes: OneCycleLR extrapolates past its last step.
+    total = config.epochs * steps_per_epoch + 1
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total,
+                                                   pct_start=0.25, anneal_strategy="linear"), True
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total), True
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, config.epochs // 3), gamma=0.1), False
+    # The paper: divide the learning rate by 10 when validation accuracy stops improving.
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1, patience=2), False
+
+
+def _build(config: dict, num_classes: int) -> nn.Module:
+    if not config["model"].startswith("alexnet"):
+        return build_model(config["model"], num_classes)
+    # The alexnet-cifar recipe uses batch norm; the 224 network keeps the paper's LRN.
+    norm = config["norm"] or ("batch" if config["model"] == "alexnet-cifar" else "lrn")
+    return build_model(config["model"], num_classes, padding=config["padding"], pool=config["pool"],
+                       dropout=config["dropout"], norm=norm)
+
+
+def _load_split(split: StoreSplit, size: int, device: torch.device, budget_mb: int):
+    if split.rows * 3 * size * size <= budget_mb * 2**20:
+        return ResidentImages.load(split, size, device)
+    return StreamingImages(split, size, device)
+
+
+def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
+        on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    train_split = StoreSplit.open(config.dataset_dir, "train")
+    classes = list(train_split.classes)
+    val_split = StoreSplit.open(config.dataset_dir, "val", classes)
+    test_split = StoreSplit.open(config.dataset_dir, "test", classes)
+    if val_split.rows == 0:
+        val_split = test_split
+    held_out_split = test_split if test_split.rows else val_split
+
+    model = _build(asdict(config), len(classes)).to(device, memory_format=torch.channels_last)
+    crop = input_size(model)
+    # Large models train on random 224 crops of 256 images, as in the paper; small ones on padded crops.
+    stored = 256 if crop == 224 else crop
+    train = _load_split(train_split, stored, device, config.memory_budget_mb)
+    if len(train) == 0:
+        raise ValueError(f"{config.dataset_dir}: the train split is empty")
+    sample = train.images if isinstance(train, ResidentImages) else next(iter(train.batches(4096)))[0]
+    stats = ColourStats.from_images(sample, seed=config.seed)
+    augment = Augment(stats, crop, pad=crop // 8 if stored == crop else 0)
+    val = _load_split(val_split, stored, device, config.memory_budget_mb)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay, nesterov=True)
+    steps_per_epoch = max(1, len(train) // config.batch_size)
+    scheduler, per_batch = _scheduler(config, optimizer, steps_per_epoch)
+    trainable = torch.compile(model) if config.compile else model
+
+    run_dir, resuming = _run_dir(config)
+    history: list[dict] = []
+    best, since_best, start_epoch = -1.0, 0, 0
+    if resuming:
+        loaded = load_latest(run_dir, device)
+        if loaded is None:
+            raise CheckpointError(f"{run_dir}: nothing to resume from")
+        state, _ = loaded
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"], generator)
+        history, best, since_best, start_epoch = state["history"], state["best"], state["since_best"], state["epoch"]
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+
+    stopped_early = False
+    latest = None
+    for epoch in range(start_epoch, config.epochs):
+        metrics = train_one_epoch(trainable, train.batches(config.batch_size, generator, drop_last=True), augment,
+                                  optimizer, scheduler, generator, config.label_smoothing, per_batch, on_step)
+        validation = evaluate(model, val.batches(config.batch_size * 2), stats, crop)
+        if not per_batch:
+            scheduler.step(validation["top1"]) if config.schedule == "plateau" else scheduler.step()
+        record = {"epoch": epoch + 1, **metrics, "val_loss": validation["loss"], "val_top1": validation["top1"],
+                  "val_top5": validation["top5"]}
+        history.append(record)
+        if validation["top1"] > best:
+            best, since_best = validation["top1"], 0
+        else:
+            since_best += 1
+        latest = save_checkpoint({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch + 1, "rng": rng_state(generator), "config": asdict(config), "classes": classes,
+            "colour_stats": asdict(stats), "dataset_version": train_split.version_id, "git_sha": _git_sha(),
+            "history": history, "best": best, "since_best": since_best,
+        }, run_dir, epoch + 1, config.keep_checkpoints)
+        failpoint("train.after_checkpoint")
+        if on_epoch is not None:
+            on_epoch(record)
+        if config.patience is not None and since_best > config.patience:
+            stopped_early = True
+            break
+    if latest is None:
+        loaded = load_latest(run_dir, device)
+        latest = loaded[1] if loaded else None
+    held_out = evaluate(model, _load_split(held_out_split, stored, device, config.memory_budget_mb)
+                        .batches(config.batch_size * 2), stats, crop, ten_crop=False)
+    if config.ten_crop:
+        ten = evaluate(model, _load_split(held_out_split, stored, device, config.memory_budget_mb)
+                       .batches(config.batch_size * 2), stats, crop, ten_crop=True)
+        held_out.update({"ten_crop_top1": ten["top1"], "ten_crop_top5": ten["top5"]})
+    (run_dir / "done").write_text(json.dumps(held_out))
+    return FitResult(str(run_dir), str(latest), classes, history, held_out, held_out_split.split, best,
+                     len(history), config.seed, str(device), train_split.version_id, stopped_early)
+
+
+def load_trained_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """A model and its metadata (classes, colour stats, config) from a checkpoint, safely."""
+    state = load_checkpoint(Path(checkpoint), device)
+    model = _build(state["config"], len(state["classes"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnn.data import (Augment, ColourStats, ResidentImages, StoreSplit, StreamingImages, decode_images, normalise,
+                      ten_crops)
+from tests.imagefactory import encode
+
+
+def test_decode_images_gives_rgb_uint8_of_one_size_from_any_input():
+    gradient = np.tile(np.arange(64, dtype=np.uint8)[None, :, None], (32, 1, 3))  # 32 high, 64 wide
+    blobs = [
+        encode(Image.fromarray(gradient), "PNG"),
+        encode(Image.new("L", (16, 16), 200), "JPEG", quality=95),
+        encode(Image.new("RGB", (32, 32), (10, 200, 30)), "PNG"),
+    ]
+    batch = decode_images(blobs, 32)
+    assert batch.shape == (3, 3, 32, 32) and batch.dtype == torch.uint8
+    # Shorter side to 32 keeps the wide image's scale; the centre crop keeps columns 16..47.
+    assert batch[0, 0, 0, 0] == 16 and batch[0, 0, 0, -1] == 47
+    assert abs(int(batch[1].float().mean()) - 200) <= 2
+    assert batch[2, :, 5, 5].tolist() == [10, 200, 30]
+
+
+def test_colour_stats_find_the_principal_colour_direction():
+    generator = torch.Generator().manual_seed(0)
+    grey_levels = torch.randint(0, 256, (64, 1, 8, 8), generator=generator)
+    images = grey_levels.expand(64, 3, 8, 8).to(torch.uint8)  # all variance along (1, 1, 1)
+    stats = ColourStats.from_images(images)
+    top = torch.tensor(stats.eigenvectors)[:, -1].abs()
+    assert torch.allclose(top, torch.full((3,), 3 ** -0.5), atol=1e-3)
+    assert stats.eigenvalues[-1] > 100 * max(stats.eigenvalues[0], 1e-12)
+
+
+def test_augment_crops_flips_and_normalises_per_image():
+    stats = ColourStats([0.5] * 3, [0.25] * 3, [0.0, 0.0, 0.0], torch.eye(3).tolist())
+    columns = torch.arange(40, dtype=torch.uint8).expand(16, 3, 40, 40).contiguous()
+    out = Augment(stats, crop=32, lighting=0.0)(columns, torch.Generator().manual_seed(1))
+    assert out.shape == (16, 3, 32, 32)
+    pixels = (out * 0.25 + 0.5) * 255
+    first_columns = pixels[:, 0, 0, 0].round()
+    steps = (pixels[:, 0, 0, 1] - pixels[:, 0, 0, 0]).round()
+    assert set(steps.tolist()) == {1.0, -1.0}  # both flipped and unflipped crops occur
+    assert len(set(first_columns.tolist())) > 3  # crops start at different offsets
+    assert torch.equal(out, Augment(stats, crop=32, lighting=0.0)(columns, torch.Generator().manual_seed(1)))
+
+
+def test_lighting_noise_shifts_colours_along_the_eigenvectors():
+    stats = ColourStats([0.0] * 3, [1.0] * 3, [0.0, 0.0, 1.0], [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    images = torch.full((8, 3, 4, 4), 128, dtype=torch.uint8)
+    out = Augment(stats, crop=4, flip=False, lighting=0.1)(images, torch.Generator().manual_seed(0))
+    shift = out[:, :, 0, 0] - 128 / 255
+    assert torch.allclose(shift[:, :2], torch.zeros(8, 2), atol=1e-6)
+    assert shift[:, 2].abs().max() > 0.01
+
+
+def test_ten_crops_are_the_corners_and_centre_with_flips():
+    images = torch.arange(256.0).reshape(1, 1, 16, 16)
+    patches = ten_crops(images, 8)
+    assert len(patches) == 10 and all(p.shape == (1, 1, 8, 8) for p in patches)
+    assert patches[0][0, 0, 0, 0] == 0 and patches[3][0, 0, -1, -1] == 255
+    assert torch.equal(patches[5], patches[0].flip(3))
+
+
+def test_resident_and_streaming_batches_cover_a_split_exactly_once(shapes_dataset):
+    split = StoreSplit.open(shapes_dataset, "train")
+    resident = ResidentImages.load(split, 32, torch.device("cpu"))
+    streaming = StreamingImages(split, 32, torch.device("cpu"), shuffle_buffer=100)
+    assert len(resident) == len(streaming) == split.rows > 500
+
+    def fingerprint(source, generator):
+        rows = []
+        for images, labels in source.batches(64, generator):
+            rows += [(int(images[i].sum()), int(labels[i])) for i in range(len(labels))]
+        return rows
+
+    in_order = fingerprint(resident, None)
+    first = fingerprint(streaming, torch.Generator().manual_seed(1))
+    second = fingerprint(streaming, torch.Generator().manual_seed(2))
+    assert sorted(first) == sorted(second) == sorted(in_order)
+    assert first != second
+
+
+def test_normalise_is_channels_last_with_zero_mean():
+    stats = ColourStats([0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0, 0, 0], torch.eye(3).tolist())
+    out = normalise(torch.full((2, 3, 4, 4), 255, dtype=torch.uint8), stats)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, torch.ones_like(out))
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_store_split_reads_only_its_rows(shapes_dataset, split):
+    opened = StoreSplit.open(shapes_dataset, split)
+    labels = []
+    for path, group in opened.row_groups():
+        labels += opened.read_group(path, group)[1]
+    assert len(labels) == opened.rows > 0

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnn.checkpoint import CheckpointError, checkpoints, load_checkpoint, load_latest
+from cnn.train import TrainConfig, fit, load_trained_model
+
+
+def tiny_config(dataset: Path, root: Path, **overrides) -> TrainConfig:
+    # Small and quick: a 640-image training split, a few epochs, batch 32.
+    defaults = dict(dataset_dir=str(dataset), epochs=2, batch_size=32, lr=0.01, dropout=0.2, device="cpu",
+                    checkpoint_root=str(root))
+    return TrainConfig(**{**defaults, **overrides})
+
+
+@pytest.mark.slow
+def test_same_seed_same_first_epoch_loss(shapes_dataset, tmp_path):
+    first = fit(tiny_config(shapes_dataset, tmp_path / "a", epochs=1))
+    second = fit(tiny_config(shapes_dataset, tmp_path / "b", epochs=1))
+    third = fit(tiny_config(shapes_dataset, tmp_path / "c", epochs=1, seed=1))
+    assert first.history[0]["train_loss"] == second.history[0]["train_loss"]
+    assert first.history[0]["train_loss"] != third.history[0]["train_loss"]
+
+
+@pytest.mark.slow
+def test_checkpoint_round_trip_and_resume_equivalence(shapes_dataset, tmp_path, monkeypatch):
+    straight = fit(tiny_config(shapes_dataset, tmp_path / "straight", epochs=2))
+    monkeypatch.setenv("FAILPOINT", "train.after_checkpoint")
+    monkeypatch.setenv("FAILPOINT_ACTION", "raise")
+    with pytest.raises(RuntimeError, match="failpoint"):
+        fit(tiny_config(shapes_dataset, tmp_path / "resumed", epochs=2))
+    monkeypatch.delenv("FAILPOINT")
+    resumed = fit(tiny_config(shapes_dataset, tmp_path / "resumed", epochs=2, resume=True))
+    assert len(list((tmp_path / "resumed").rglob("done"))) == 1
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in straight.history]
+    a = torch.load(straight.checkpoint, weights_only=True)["model"]
+    b = torch.load(resumed.checkpoint, weights_only=True)["model"]
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+    model, state = load_trained_model(straight.checkpoint)
+    again, _ = load_trained_model(straight.checkpoint)
+    inputs = torch.randn(4, 3, 32, 32)
+    assert torch.equal(model(inputs), again(inputs))
+    assert state["classes"] == straight.classes == ["circle", "cross", "square", "triangle"]
+    assert {"model", "optimizer", "scheduler", "epoch", "rng", "config", "dataset_version", "git_sha"} <= set(state)
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "marker"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / "epoch-0001.pt", "wb") as handle:
+        pickle.dump({"model": _Payload(marker)}, handle)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(run_dir / "epoch-0001.pt")
+    with pytest.raises(CheckpointError, match="refused"):
+        load_latest(run_dir)
+    assert not marker.exists()
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    from cnn.checkpoint import save_checkpoint
+
+    for epoch in (1, 2, 3, 4):
+        save_checkpoint({"epoch": epoch, "weights": torch.full((3,), float(epoch))}, tmp_path, epoch, keep=3)
+    assert [p.name for p in checkpoints(tmp_path)] == ["epoch-0002.pt", "epoch-0003.pt", "epoch-0004.pt"]
+    latest = tmp_path / "epoch-0004.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="epoch-0004.pt"):
+        load_checkpoint(latest)
+    state, path = load_latest(tmp_path)
+    assert state["epoch"] == 3 and path.name == "epoch-0003.pt"
+
+
+@pytest.mark.slow
+def test_smoke_training_learns_clearly_above_chance(shapes_dataset, tmp_path):
+    result = fit(tiny_config(shapes_dataset, tmp_path, epochs=12))
+    assert result.held_out_split == "test"
+    assert result.best_val_top1 > 0.5  # four classes: chance is 0.25
+    assert result.held_out["top1"] > 0.45 and result.held_out["images"] == 80
+
+
+@pytest.mark.slow
+@pytest.mark.crash
+def test_sigkill_while_checkpointing_then_resume(shapes_dataset, tmp_path):
+    script = (
+        "import sys\nfrom cnn.train import TrainConfig, fit\n"
+        f"fit(TrainConfig(dataset_dir={str(shapes_dataset)!r}, epochs=3, batch_size=32, lr=0.01, dropout=0.2,"
+        f" device='cpu', checkpoint_root={str(tmp_path)!r}, resume=len(sys.argv) > 1))\n"
+    )
+    env = {**os.environ, "FAILPOINT": "ckpt.before_replace", "FAILPOINT_AFTER": "2", "FAILPOINT_ACTION": "kill"}
+    killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (run_dir,) = (tmp_path / "shapes__alexnet-cifar").iterdir()
+    assert [p.name for p in checkpoints(run_dir)] == ["epoch-0001.pt"]
+    assert list(run_dir.glob(".*.tmp"))  # the half-published second checkpoint
+    resumed = subprocess.run([sys.executable, "-c", script, "resume"], capture_output=True, text=True, timeout=300,
+                             env={k: v for k, v in os.environ.items() if not k.startswith("FAILPOINT")})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [p.name for p in checkpoints(run_dir)] == ["epoch-0001.pt", "epoch-0002.pt", "epoch-0003.pt"]
+    assert not list(run_dir.glob(".*.tmp")) and (run_dir / "done").exists()
+    assert torch.load(run_dir / "epoch-0003.pt", weights_only=True)["epoch"] == 3
