@@ -29,6 +29,7 @@ from cnn.metrics import topk_correct
 from cnn.model import build_model, input_size
 
 SCHEDULES = ("plateau", "step", "cosine", "onecycle")
+STEPS_PER_REPORT = 10
 
 
 @dataclass
@@ -113,7 +114,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    seen = steps = reported = 0
     started = time.perf_counter()
     for images, labels in batches:
         inputs = augment(images, generator)
@@ -128,8 +129,11 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
-        if on_step is not None:
-            on_step({"images": len(labels), "loss": float(loss), "lr": optimizer.param_groups[0]["lr"]})
+        steps += 1
+        # Reading the loss waits for the GPU, so progress is reported every few steps only.
+        if on_step is not None and steps % STEPS_PER_REPORT == 0:
+            on_step({"images": seen - reported, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
+            reported = seen
     seconds = time.perf_counter() - started
     if seen == 0:
         raise ValueError("the training split has no batches: too few images for one batch")
