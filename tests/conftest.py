@@ -42,21 +42,15 @@ def prefect_harness():
 def shapes_dataset(tmp_path_factory) -> Path:
     """The demo's rendered shapes, ingested once for all training tests (800 images, 4 classes)."""
     from cnnpipe.demo import write_demo_images
+    from cnnpipe.settings import Settings
     from cnnpipe.sources import open_source
     from cnnpipe.store import DatasetStore, IngestOptions
 
     home = tmp_path_factory.mktemp("shapes-home")
-    previous = os.environ.get("CNNPIPE_HOME")
-    os.environ["CNNPIPE_HOME"] = str(home)
-    try:
-        folder, archive = write_demo_images(home / "demo")
-        store = DatasetStore("shapes")
-        for source in (folder, archive):
-            with store.lock():
-                store.commit(store.stage(open_source(str(source)), IngestOptions(workers=0)))
-    finally:
-        if previous is not None:
-            os.environ["CNNPIPE_HOME"] = previous
+    store = DatasetStore("shapes", Settings(home=home, mlflow_tracking_uri=""))
+    for source in write_demo_images(home / "demo"):
+        with store.lock():
+            store.commit(store.stage(open_source(str(source)), IngestOptions(workers=0)))
     return home / "datasets" / "shapes"
 
 
