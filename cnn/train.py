@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from cnn.checkpoint import CheckpointError, load_checkpoint, load_latest, restore_rng_state, rng_state, save_checkpoint
 from cnn.data import (Augment, ColourStats, ResidentImages, StoreSplit, StreamingImages, centre_crop, normalise,
@@ -109,7 +111,9 @@ def _autocast(device: torch.device):
 def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], augment: Callable,
                     optimizer: torch.optim.Optimizer, scheduler, generator: torch.Generator,
                     label_smoothing: float = 0.0, per_batch_scheduler: bool = False,
-                    on_step: Callable[[dict], None] | None = None) -> dict:
+                    on_step: Callable[[dict], None] | None = None, shard: tuple[int, int] | None = None) -> dict:
+    """One pass over `batches`. With `shard=(rank, world)` (DDP), every rank draws the same
+    global batch and augmentation and trains on its slice, so the run matches one process."""
     model.train()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -118,6 +122,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     started = time.perf_counter()
     for images, labels in batches:
         inputs = augment(images, generator)
+        if shard is not None:
+            rank, world = shard
+            inputs, labels = inputs.chunk(world)[rank], labels.chunk(world)[rank]
         with _autocast(device):
             logits = model(inputs)
         loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
@@ -135,9 +142,13 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
             on_step({"images": seen - reported, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
             reported = seen
     seconds = time.perf_counter() - started
+    totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device).double()])
+    if shard is not None:
+        dist.all_reduce(totals)
+    loss_total, correct_total, seen = totals.tolist()
     if seen == 0:
         raise ValueError("the training split has no batches: too few images for one batch")
-    return {"train_loss": float(loss_sum) / seen, "train_accuracy": float(correct) / seen,
+    return {"train_loss": loss_total / seen, "train_accuracy": correct_total / seen,
             "lr": optimizer.param_groups[0]["lr"], "images_per_second": seen / seconds}
 
 
@@ -163,6 +174,16 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     if seen == 0:
         return {"loss": math.nan, "top1": math.nan, "top5": math.nan, "images": 0}
     return {"loss": loss_sum / seen, "top1": top1 / seen, "top5": top5 / seen, "images": seen}
+
+
+def _init_distributed(config: TrainConfig) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        gpu = config.device != "cpu" and torch.cuda.is_available()
+        dist.init_process_group("nccl" if gpu else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _git_sha() -> str:
@@ -220,7 +241,14 @@ def _load_split(split: StoreSplit, size: int, device: torch.device, budget_mb: i
 
 def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
         on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+    """Train as `config` says. Under torchrun (WORLD_SIZE > 1) this runs DDP: NCCL on GPUs, gloo on CPUs."""
+    rank, world = _init_distributed(config)
+    shard = (rank, world) if world > 1 else None
+    leader = rank == 0
     device = resolve_device(config.device)
+    if shard and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     seed_everything(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     train_split = StoreSplit.open(config.dataset_dir, "train")
@@ -247,9 +275,21 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
                                 weight_decay=config.weight_decay, nesterov=True)
     steps_per_epoch = max(1, len(train) // config.batch_size)
     scheduler, per_batch = _scheduler(config, optimizer, steps_per_epoch)
-    trainable = torch.compile(model) if config.compile else model
+    trainable = model
+    if shard:
+        if config.batch_size % world:
+            raise ValueError(f"batch size {config.batch_size} must divide evenly over {world} processes")
+        if device.type == "cuda":  # batch statistics over the global batch; SyncBatchNorm needs a GPU
+            trainable = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        trainable = DistributedDataParallel(trainable, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        trainable = torch.compile(trainable)
 
     run_dir, resuming = _run_dir(config)
+    if shard:  # every rank follows the leader's choice of run folder
+        shared = [str(run_dir), resuming]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir, resuming = Path(shared[0]), shared[1]
     history: list[dict] = []
     best, since_best, start_epoch = -1.0, 0, 0
     if resuming:
@@ -262,7 +302,7 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
         scheduler.load_state_dict(state["scheduler"])
         restore_rng_state(state["rng"], generator)
         history, best, since_best, start_epoch = state["history"], state["best"], state["since_best"], state["epoch"]
-    else:
+    elif leader:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
 
@@ -270,7 +310,8 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     latest = None
     for epoch in range(start_epoch, config.epochs):
         metrics = train_one_epoch(trainable, train.batches(config.batch_size, generator, drop_last=True), augment,
-                                  optimizer, scheduler, generator, config.label_smoothing, per_batch, on_step)
+                                  optimizer, scheduler, generator, config.label_smoothing, per_batch,
+                                  on_step if leader else None, shard)
         validation = evaluate(model, val.batches(config.batch_size * 2), stats, crop)
         if not per_batch:
             scheduler.step(validation["top1"]) if config.schedule == "plateau" else scheduler.step()
@@ -281,19 +322,21 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
             best, since_best = validation["top1"], 0
         else:
             since_best += 1
-        latest = save_checkpoint({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch + 1, "rng": rng_state(generator), "config": asdict(config), "classes": classes,
-            "colour_stats": asdict(stats), "dataset_version": train_split.version_id, "git_sha": _git_sha(),
-            "history": history, "best": best, "since_best": since_best,
-        }, run_dir, epoch + 1, config.keep_checkpoints)
+        if leader:
+            latest = save_checkpoint({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": rng_state(generator),
+                "config": asdict(config), "classes": classes, "colour_stats": asdict(stats),
+                "dataset_version": train_split.version_id, "git_sha": _git_sha(),
+                "history": history, "best": best, "since_best": since_best,
+            }, run_dir, epoch + 1, config.keep_checkpoints)
         failpoint("train.after_checkpoint")
-        if on_epoch is not None:
+        if on_epoch is not None and leader:
             on_epoch(record)
         if config.patience is not None and since_best > config.patience:
             stopped_early = True
             break
-    if latest is None:
+    if latest is None and leader:
         loaded = load_latest(run_dir, device)
         latest = loaded[1] if loaded else None
     held_out = evaluate(model, _load_split(held_out_split, stored, device, config.memory_budget_mb)
@@ -302,7 +345,11 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
         ten = evaluate(model, _load_split(held_out_split, stored, device, config.memory_budget_mb)
                        .batches(config.batch_size * 2), stats, crop, ten_crop=True)
         held_out.update({"ten_crop_top1": ten["top1"], "ten_crop_top5": ten["top5"]})
-    (run_dir / "done").write_text(json.dumps(held_out))
+    if leader:
+        (run_dir / "done").write_text(json.dumps(held_out))
+    if shard:
+        dist.barrier()
+        dist.destroy_process_group()
     return FitResult(str(run_dir), str(latest), classes, history, held_out, held_out_split.split, best,
                      len(history), config.seed, str(device), train_split.version_id, stopped_early)
 
@@ -313,3 +360,18 @@ def load_trained_model(checkpoint: str | os.PathLike, device: str | torch.device
     model = _build(state["config"], len(state["classes"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m cnn.train CONFIG.json [RESULT.json]`: the entry point torchrun launches per process."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    config = TrainConfig(**json.loads(Path(args[0]).read_text()))
+    result = fit(config, on_epoch=lambda record: print(json.dumps(record), flush=True))
+    if len(args) > 1 and int(os.environ.get("RANK", "0")) == 0:
+        Path(args[1]).write_text(json.dumps(asdict(result), indent=2))
+
+
+if __name__ == "__main__":
+    main()
