@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export CNNPIPE_HOME ?= $(CURDIR)/.cnnpipe
 
-.PHONY: install demo test test-fast bench-ingest clean
+.PHONY: install demo test test-fast bench-ingest bench-train clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ test-fast: install
 bench-ingest: install
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) bench/ingest.py
+
+bench-train: install
+	$(PY) bench/train.py --device cpu
 
 clean:
 	rm -rf .cnnpipe .pytest_cache

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import queue
 import random
 import threading
@@ -113,6 +114,32 @@ def decode_images(blobs: Sequence[bytes], size: int, device: torch.device | str 
     return batch.to(device) if device.type != "cpu" else batch.contiguous()
 
 
+def decode_labelled(blobs: Sequence[bytes], labels: Sequence[int], size: int,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`decode_images` for training: an image that fails to decode is skipped and counted.
+
+    Ingestion validates every image, so this only guards against a store written by
+    something else; a batch with no decodable image comes back empty, not as an error.
+    """
+    try:
+        return decode_images(blobs, size, device), torch.tensor(labels, dtype=torch.long), 0
+    except Exception:  # noqa: BLE001 - find the bad ones one by one
+        pass
+    good = []
+    for blob, label in zip(blobs, labels):
+        try:
+            good.append((decode_images([blob], size, "cpu"), label))
+        except Exception:  # noqa: BLE001
+            continue
+    skipped = len(blobs) - len(good)
+    warnings.warn(f"skipped {skipped} image(s) that could not be decoded", RuntimeWarning, stacklevel=2)
+    if not good:
+        return (torch.empty((0, 3, size, size), dtype=torch.uint8, device=device),
+                torch.empty(0, dtype=torch.long), skipped)
+    return (torch.cat([image for image, _ in good]).to(device),
+            torch.tensor([label for _, label in good], dtype=torch.long), skipped)
+
+
 def _decode_on_gpu(blobs: Sequence[bytes], size: int, device: torch.device) -> torch.Tensor | None:
     if not all(blob[:3] == b"\xff\xd8\xff" for blob in blobs):
         return None
@@ -161,6 +188,21 @@ class ColourStats:
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
         return cls(pixels.mean(0).tolist(), pixels.std(0).tolist(),
                    eigenvalues.clamp_min(0).tolist(), eigenvectors.tolist())
+
+
+def colour_stats_for(split: StoreSplit, images: torch.Tensor, seed: int = 0) -> ColourStats:
+    """The training split's colour statistics, computed once per dataset version and kept beside it."""
+    dataset_dir = split.files[0].parent.parent if split.files else None
+    cache = dataset_dir / "stats" / f"colour-{split.version_id}.json" if dataset_dir else None
+    if cache is not None and cache.exists():
+        return ColourStats(**json.loads(cache.read_text()))
+    stats = ColourStats.from_images(images, seed=seed)
+    if cache is not None:
+        cache.parent.mkdir(exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stats.__dict__))
+        os.replace(tmp, cache)
+    return stats
 
 
 # ---- augmentation, batched on the device ---------------------------------------------
@@ -238,11 +280,13 @@ class ResidentImages:
     def load(cls, split: StoreSplit, size: int, device: torch.device) -> ResidentImages:
         images, labels = [], []
         for path, group in split.row_groups():
-            blobs, targets = split.read_group(path, group)
-            images.append(decode_images(blobs, size, device))
-            labels.extend(targets)
-        stacked = torch.cat(images) if images else torch.empty((0, 3, size, size), dtype=torch.uint8, device=device)
-        return cls(stacked, torch.tensor(labels, dtype=torch.long, device=device))
+            decoded, targets, _ = decode_labelled(*split.read_group(path, group), size, device)
+            images.append(decoded)
+            labels.append(targets)
+        if not images:
+            return cls(torch.empty((0, 3, size, size), dtype=torch.uint8, device=device),
+                       torch.empty(0, dtype=torch.long, device=device))
+        return cls(torch.cat(images), torch.cat(labels).to(device))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -287,11 +331,10 @@ class StreamingImages:
                 for path, group in groups:
                     if stop.is_set():
                         return
-                    blobs, labels = self.split.read_group(path, group)
-                    images = decode_images(blobs, self.size, "cpu")
+                    images, labels, _ = decode_labelled(*self.split.read_group(path, group), self.size, "cpu")
                     if self.device.type == "cuda":
                         images = images.pin_memory()
-                    decoded.put((images, torch.tensor(labels, dtype=torch.long)))
+                    decoded.put((images, labels))
                 decoded.put(None)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
                 decoded.put(exc)

@@ -24,8 +24,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cnn.checkpoint import CheckpointError, load_checkpoint, load_latest, restore_rng_state, rng_state, save_checkpoint
-from cnn.data import (Augment, ColourStats, ResidentImages, StoreSplit, StreamingImages, centre_crop, normalise,
-                      ten_crops)
+from cnn.data import (Augment, ColourStats, ResidentImages, StoreSplit, StreamingImages, centre_crop,
+                      colour_stats_for, normalise, ten_crops)
 from cnn.failpoints import failpoint
 from cnn.metrics import topk_correct
 from cnn.model import build_model, input_size
@@ -267,7 +267,7 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     if len(train) == 0:
         raise ValueError(f"{config.dataset_dir}: the train split is empty")
     sample = train.images if isinstance(train, ResidentImages) else next(iter(train.batches(4096)))[0]
-    stats = ColourStats.from_images(sample, seed=config.seed)
+    stats = colour_stats_for(train_split, sample)
     augment = Augment(stats, crop, pad=crop // 8 if stored == crop else 0)
     val = _load_split(val_split, stored, device, config.memory_budget_mb)
 
@@ -309,9 +309,14 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     stopped_early = False
     latest = None
     for epoch in range(start_epoch, config.epochs):
-        metrics = train_one_epoch(trainable, train.batches(config.batch_size, generator, drop_last=True), augment,
-                                  optimizer, scheduler, generator, config.label_smoothing, per_batch,
-                                  on_step if leader else None, shard)
+        try:
+            metrics = train_one_epoch(trainable, train.batches(config.batch_size, generator, drop_last=True),
+                                      augment, optimizer, scheduler, generator, config.label_smoothing, per_batch,
+                                      on_step if leader else None, shard)
+        except torch.OutOfMemoryError:
+            raise RuntimeError(f"out of device memory in epoch {epoch + 1} at batch size {config.batch_size}: "
+                               f"try --batch-size {max(1, config.batch_size // 2)}; the checkpoints of finished "
+                               "epochs are intact") from None
         validation = evaluate(model, val.batches(config.batch_size * 2), stats, crop)
         if not per_batch:
             scheduler.step(validation["top1"]) if config.schedule == "plateau" else scheduler.step()

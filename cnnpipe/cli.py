@@ -97,13 +97,15 @@ def ingest(source: str, dataset: str, val_fraction: float, test_fraction: float,
 @click.option("--patience", type=int, default=None, help="Stop after this many epochs without a better val top-1.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--memory-budget-mb", default=2048, show_default=True,
+              help="Decode a split once into device memory when it fits; stream row groups otherwise.")
 @click.option("--ten-crop", is_flag=True, help="Also report the paper's ten-patch test-time averaging.")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[PATH]",
               help="Continue the latest unfinished run of this dataset and model, or the run at PATH.")
 def train(dataset: str, model: str, epochs: int, batch_size: int, lr: float, schedule: str, norm: str | None,
-          dropout: float, label_smoothing: float, patience: int | None, seed: int, device: str, ten_crop: bool,
-          compile_model: bool, resume: str | None) -> None:
+          dropout: float, label_smoothing: float, patience: int | None, seed: int, device: str,
+          memory_budget_mb: int, ten_crop: bool, compile_model: bool, resume: str | None) -> None:
     """Train a CNN on a dataset of the store, with a checkpoint every epoch.
 
     Prints the validation top-1 each epoch and, at the end, the held-out top-1 and
@@ -122,7 +124,7 @@ def train(dataset: str, model: str, epochs: int, batch_size: int, lr: float, sch
 
     result = train_flow(dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
                         label_smoothing=label_smoothing, norm=norm, dropout=dropout, patience=patience, seed=seed,
-                        device=device, ten_crop=ten_crop, compile=compile_model,
+                        device=device, memory_budget_mb=memory_budget_mb, ten_crop=ten_crop, compile=compile_model,
                         resume=True if resume == "latest" else (resume or False))
     _print_training(result)
 

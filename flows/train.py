@@ -23,6 +23,7 @@ def train(
     patience: int | None = None,
     seed: int = 0,
     device: str = "auto",
+    memory_budget_mb: int = 2048,
     ten_crop: bool = False,
     compile: bool = False,
     resume: bool | str = False,
@@ -34,7 +35,7 @@ def train(
     config = TrainConfig(
         dataset_dir=str(settings.dataset_dir(dataset)), model=model, epochs=epochs, batch_size=batch_size, lr=lr,
         schedule=schedule, label_smoothing=label_smoothing, norm=norm, dropout=dropout, patience=patience, seed=seed,
-        device=device, ten_crop=ten_crop, compile=compile, resume=resume,
+        device=device, memory_budget_mb=memory_budget_mb, ten_crop=ten_crop, compile=compile, resume=resume,
         checkpoint_root=str(settings.checkpoints_dir),
     )
     return train_model(config)

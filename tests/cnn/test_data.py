@@ -98,3 +98,26 @@ def test_store_split_reads_only_its_rows(shapes_dataset, split):
     for path, group in opened.row_groups():
         labels += opened.read_group(path, group)[1]
     assert len(labels) == opened.rows > 0
+
+
+def test_undecodable_samples_are_skipped_and_counted():
+    from cnn.data import decode_labelled
+
+    good = encode(Image.new("RGB", (8, 8), (1, 2, 3)), "PNG")
+    with pytest.warns(RuntimeWarning, match="skipped 2"):
+        images, labels, skipped = decode_labelled([good, b"garbage", good, b"\xff\xd8\xffjunk"], [0, 1, 2, 3], 8)
+    assert skipped == 2 and labels.tolist() == [0, 2] and images.shape == (2, 3, 8, 8)
+    with pytest.warns(RuntimeWarning):
+        images, labels, skipped = decode_labelled([b"bad"], [5], 8)
+    assert (len(images), len(labels), skipped) == (0, 0, 1)
+
+
+def test_colour_stats_are_computed_once_per_dataset_version(shapes_dataset):
+    from cnn.data import colour_stats_for
+
+    split = StoreSplit.open(shapes_dataset, "train")
+    images = ResidentImages.load(split, 32, torch.device("cpu")).images
+    first = colour_stats_for(split, images)
+    cache = shapes_dataset / "stats" / f"colour-{split.version_id}.json"
+    assert cache.exists()
+    assert colour_stats_for(split, images[:1]) == first  # read back, not recomputed from one image

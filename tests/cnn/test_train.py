@@ -116,3 +116,31 @@ def test_sigkill_while_checkpointing_then_resume(shapes_dataset, tmp_path):
     assert [p.name for p in checkpoints(run_dir)] == ["epoch-0001.pt", "epoch-0002.pt", "epoch-0003.pt"]
     assert not list(run_dir.glob(".*.tmp")) and (run_dir / "done").exists()
     assert torch.load(run_dir / "epoch-0003.pt", weights_only=True)["epoch"] == 3
+
+
+@pytest.mark.slow
+def test_early_stopping_on_validation_top1(shapes_dataset, tmp_path):
+    result = fit(tiny_config(shapes_dataset, tmp_path, epochs=6, lr=0.0, schedule="step", patience=1))
+    assert result.stopped_early and result.epochs_run == 3
+
+
+def test_out_of_memory_fails_fast_with_advice_and_no_checkpoint(shapes_dataset, tmp_path, monkeypatch):
+    from cnn.model import AlexNet
+
+    def no_memory(self, x):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(AlexNet, "forward", no_memory)
+    with pytest.raises(RuntimeError, match="try --batch-size 16"):
+        fit(tiny_config(shapes_dataset, tmp_path, epochs=2))
+    assert not list(tmp_path.rglob("*.pt"))
+
+
+@pytest.mark.slow
+def test_a_split_over_the_memory_budget_streams_from_parquet(shapes_dataset, tmp_path):
+    resident = fit(tiny_config(shapes_dataset, tmp_path / "resident", epochs=1))
+    streamed = fit(tiny_config(shapes_dataset, tmp_path / "streamed", epochs=1, memory_budget_mb=0))
+    # Same images and labels, in a different order: both learn, and both see every image.
+    assert streamed.held_out["images"] == resident.held_out["images"] == 80
+    assert streamed.history[0]["train_loss"] != resident.history[0]["train_loss"]
+    assert 0.0 < streamed.history[0]["train_accuracy"] <= 1.0
