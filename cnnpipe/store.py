@@ -368,11 +368,9 @@ class DatasetStore:
 
     def recover(self) -> None:
         """Finish what a killed run left: rebuild a lagging manifest, drop half-written files."""
-        if self.root.exists() and self.manifest_path.exists():
-            if json.loads(self.manifest_path.read_text())["version"] != self._latest_version():
-                log.warning("dataset %s: manifest was behind its versions; rebuilt", self.name)
-                atomic_write_json(self.manifest_path, self._derive_manifest())
-        elif any(self._version_dirs()):
+        if self._version_dirs() and (not self.manifest_path.exists() or json.loads(
+                self.manifest_path.read_text())["version"] != self._latest_version()):
+            log.warning("dataset %s: the manifest was behind its versions; rebuilt it", self.name)
             atomic_write_json(self.manifest_path, self._derive_manifest())
         if self.staging.exists():
             base = self.staging / "base.json"
