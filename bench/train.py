@@ -44,26 +44,28 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+             device: torch.device) -> None:
+    with _autocast(device):
+        logits = model(images)
+    loss = nn.functional.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def model_only(model: nn.Module, device: torch.device, batch: int, size: int, steps: int) -> float:
     model = model.to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (batch,), device=device)
 
-    def step() -> None:
-        with _autocast(device):
-            logits = model(images)
-        loss = nn.functional.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
     for _ in range(3):
-        step()
+        sgd_step(model, optimizer, images, labels, device)
     synchronise(device)
     started = time.perf_counter()
     for _ in range(steps):
-        step()
+        sgd_step(model, optimizer, images, labels, device)
     synchronise(device)
     return steps * batch / (time.perf_counter() - started)
 
@@ -133,13 +135,7 @@ def baseline(folder: Path, device: torch.device, batch: int) -> float:
     started = time.perf_counter()
     for images, labels in loader:
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        with _autocast(device):
-            logits = model(images)
-        loss = nn.functional.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        sgd_step(model, optimizer, images, labels.to(device, non_blocking=True), device)
         seen += len(labels)
     synchronise(device)
     return seen / (time.perf_counter() - started)

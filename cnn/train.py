@@ -27,7 +27,7 @@ from cnn.checkpoint import CheckpointError, load_checkpoint, load_latest, restor
 from cnn.data import (Augment, ColourStats, ResidentImages, StoreSplit, StreamingImages, centre_crop,
                       colour_stats_for, normalise, ten_crops)
 from cnn.failpoints import failpoint
-from cnn.metrics import topk_correct
+from cnn.metrics import classification_report, topk_correct
 from cnn.model import build_model, input_size
 
 SCHEDULES = ("plateau", "step", "cosine", "onecycle")
@@ -154,12 +154,17 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], stats: ColourStats,
-             crop: int, ten_crop: bool = False) -> dict:
-    """Loss, top-1 and top-5 accuracy on `batches`, without touching the model's training state."""
+             crop: int, ten_crop: bool = False, keep_predictions: bool = False) -> dict:
+    """Loss, top-1 and top-5 accuracy on `batches`, without touching the model's training state.
+
+    With `keep_predictions`, the probabilities and targets come back too (on the CPU), for
+    `cnn.metrics.classification_report`.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     loss_sum, top1, top5, seen = 0.0, 0, 0, 0
+    kept_probabilities, kept_targets = [], []
     try:
         for images, labels in batches:
             views = ten_crops(images, crop) if ten_crop else [centre_crop(images, crop)]
@@ -169,11 +174,17 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             top1 += topk_correct(probabilities, labels, 1)
             top5 += topk_correct(probabilities, labels, 5)
             seen += len(labels)
+            if keep_predictions:
+                kept_probabilities.append(probabilities.cpu())
+                kept_targets.append(labels.cpu())
     finally:
         model.train(was_training)
     if seen == 0:
         return {"loss": math.nan, "top1": math.nan, "top5": math.nan, "images": 0}
-    return {"loss": loss_sum / seen, "top1": top1 / seen, "top5": top5 / seen, "images": seen}
+    result = {"loss": loss_sum / seen, "top1": top1 / seen, "top5": top5 / seen, "images": seen}
+    if keep_predictions:
+        result.update(probabilities=torch.cat(kept_probabilities), targets=torch.cat(kept_targets))
+    return result
 
 
 def _init_distributed(config: TrainConfig) -> tuple[int, int]:
@@ -345,7 +356,8 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
         loaded = load_latest(run_dir, device)
         latest = loaded[1] if loaded else None
     held_out = evaluate(model, _load_split(held_out_split, stored, device, config.memory_budget_mb)
-                        .batches(config.batch_size * 2), stats, crop, ten_crop=False)
+                        .batches(config.batch_size * 2), stats, crop, keep_predictions=True)
+    report = classification_report(held_out.pop("probabilities"), held_out.pop("targets"), classes)
     if config.ten_crop:
         ten = evaluate(model, _load_split(held_out_split, stored, device, config.memory_budget_mb)
                        .batches(config.batch_size * 2), stats, crop, ten_crop=True)
@@ -356,7 +368,8 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
         dist.barrier()
         dist.destroy_process_group()
     return FitResult(str(run_dir), str(latest), classes, history, held_out, held_out_split.split, best,
-                     len(history), config.seed, str(device), train_split.version_id, stopped_early)
+                     len(history), config.seed, str(device), train_split.version_id, stopped_early,
+                     extra={"report": report})
 
 
 def load_trained_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

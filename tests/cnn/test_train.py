@@ -94,6 +94,9 @@ def test_smoke_training_learns_clearly_above_chance(shapes_dataset, tmp_path):
     assert result.held_out_split == "test"
     assert result.best_val_top1 > 0.5  # four classes: chance is 0.25
     assert result.held_out["top1"] > 0.45 and result.held_out["images"] == 80
+    report = result.extra["report"]
+    assert report["top1"] == pytest.approx(result.held_out["top1"])
+    assert sum(map(sum, report["confusion_matrix"])) == 80 and len(report["per_class"]) == 4
 
 
 @pytest.mark.slow
