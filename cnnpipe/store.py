@@ -71,6 +71,10 @@ ROW_GROUP_BYTES = 32 * 1024 * 1024
 PART_BYTES = 512 * 1024 * 1024
 PART_ROW_GROUPS = 16
 VALIDATION_CHUNK = 256
+# A decoder that hangs must not hang the ingest: a chunk of images gets CHUNK_TIMEOUT
+# seconds, then its images are retried one by one with ITEM_TIMEOUT seconds each.
+CHUNK_TIMEOUT = 300.0
+ITEM_TIMEOUT = 30.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -169,6 +173,13 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def _kill(pool: ProcessPoolExecutor) -> None:
+    # A running call cannot be cancelled, and a hung one would block shutdown: end the workers.
+    for process in list((pool._processes or {}).values()):
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _worker_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_die_with_parent)
 
@@ -216,29 +227,32 @@ class _Validator:
     def _collect(self) -> Iterator[tuple[_Pending, CheckedImage | tuple[str, str]]]:
         chunk, future = self.inflight.popleft()
         try:
-            results = future.result()
-        except BrokenProcessPool:
+            results = future.result(timeout=CHUNK_TIMEOUT)
+        except (BrokenProcessPool, TimeoutError):
             results = self._isolate(chunk)
         yield from zip(chunk, results)
 
     def _isolate(self, chunk: list[_Pending]) -> list[CheckedImage | tuple[str, str]]:
-        """A decoder killed a worker (out of memory, say): find the culprit, keep the rest."""
-        self.pool.shutdown(cancel_futures=True)
+        """A decoder killed or hung a worker: find the culprit, keep the rest."""
+        _kill(self.pool)
         results: list[CheckedImage | tuple[str, str]] = []
         remaining = chunk
         while remaining:
-            # One worker runs them in order, so the first broken future is the culprit.
-            with _worker_pool(1) as single:
-                futures = [single.submit(check_batch, [item.entry.data], self.resize) for item in remaining]
-                for index, future in enumerate(futures):
-                    try:
-                        results.append(future.result()[0])
-                    except BrokenProcessPool:
-                        results.append(("decoder_crashed", "the decoding process died on this file"))
-                        remaining = remaining[index + 1:]
-                        break
-                else:
-                    remaining = []
+            # One worker runs them in order, so the first broken or late future is the culprit.
+            single = _worker_pool(1)
+            futures = [single.submit(check_batch, [item.entry.data], self.resize) for item in remaining]
+            for index, future in enumerate(futures):
+                try:
+                    results.append(future.result(timeout=ITEM_TIMEOUT)[0])
+                except (BrokenProcessPool, TimeoutError) as exc:
+                    results.append(("decoder_crashed", "the decoding process died on this file")
+                                   if isinstance(exc, BrokenProcessPool)
+                                   else ("decode_timeout", f"decoding took over {ITEM_TIMEOUT:.0f} s"))
+                    remaining = remaining[index + 1:]
+                    break
+            else:
+                remaining = []
+            _kill(single)
         self.pool = _worker_pool(self.workers)
         pending, self.inflight = self.inflight, deque()
         for later_chunk, _ in pending:

@@ -152,6 +152,20 @@ def test_an_image_that_kills_its_decoder_is_rejected_and_the_rest_kept(tmp_path,
     assert [(r.path, r.reason) for r in summary.rejected] == [("cat/0300.jpg", "decoder_crashed")]
 
 
+def test_an_image_whose_decoder_hangs_is_rejected_after_a_timeout(tmp_path, monkeypatch):
+    images = write_class_folders(tmp_path / "src", {"cat": 300})
+    monkeypatch.setattr(store_module, "CHUNK_TIMEOUT", 3.0)
+    monkeypatch.setattr(store_module, "ITEM_TIMEOUT", 2.0)
+    monkeypatch.setenv("FAILPOINT", "decode.image")
+    monkeypatch.setenv("FAILPOINT_ACTION", "hang")
+    monkeypatch.setenv("FAILPOINT_KEY", hashlib.sha256(images[10]).hexdigest())
+    store = DatasetStore("hung")
+    with store.lock():
+        summary = store.commit(store.stage(open_source(str(tmp_path / "src")), IngestOptions(workers=2)))
+    assert summary.added == 299
+    assert [(r.path, r.reason) for r in summary.rejected] == [("cat/0010.jpg", "decode_timeout")]
+
+
 def test_exception_mid_write_publishes_nothing_and_a_rerun_completes(tmp_path, monkeypatch):
     write_class_folders(tmp_path / "src", {"cat": 20})
     ingest(tmp_path / "src")
