@@ -83,7 +83,7 @@ class IngestOptions:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     resize: int | None = None
-    # Decoding processes; None picks one per core, 0 decodes in this process.
+    # Decoding processes; None leaves one core to the reader, 0 decodes in this process.
     workers: int | None = None
 
     def __post_init__(self) -> None:
@@ -197,7 +197,8 @@ class _Validator:
 
     def __init__(self, resize: int | None, workers: int | None):
         self.resize = resize
-        self.workers = (os.cpu_count() or 1) if workers is None else workers
+        # The reading, hashing and writing process keeps one core busy; decoders get the rest.
+        self.workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
         self.pool: ProcessPoolExecutor | None = None
         self.inflight: deque[tuple[list[_Pending], Future]] = deque()
 
