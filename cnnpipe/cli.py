@@ -138,6 +138,45 @@ def _print_training(result) -> None:
     click.echo(f"checkpoint: {result.checkpoint}")
 
 
+@cli.command()
+@click.argument("query")
+@click.option("--format", "output_format", type=click.Choice(["table", "csv", "json", "parquet"]), default="table",
+              show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False, writable=True), help="Write here instead of the terminal.")
+@click.option("--max-rows", default=1000, show_default=True, help="Row cap for table output.")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds before the query is interrupted.")
+def sql(query: str, output_format: str, output: str | None, max_rows: int, timeout: float) -> None:
+    """Run one read-only SELECT against the predictions database.
+
+    The connection cannot write, read files, reach the network, load extensions
+    or change its settings; memory, threads and time are capped.
+
+    \b
+    Tables: predictions, classify_runs, rejected_inputs, promotions, champions.
+    Views:
+      latest_predictions  per image, the champion's prediction, else the newest version's
+      class_counts        images per day, model version and label
+      low_confidence      latest predictions with confidence below 0.5
+      disagreements       images that two versions of one model label differently
+
+    \b
+    Examples:
+      cnnpipe sql "SELECT label, sum(images) FROM class_counts WHERE day >= current_date - 7 GROUP BY label"
+      cnnpipe sql "SELECT member_path, label, confidence FROM low_confidence ORDER BY confidence LIMIT 20"
+      cnnpipe sql "SELECT * FROM disagreements" --format csv --output disagreements.csv
+      cnnpipe sql "SELECT * FROM predictions" --format parquet --output predictions.parquet
+    """
+    from cnnpipe.output import write_result
+    from cnnpipe.settings import get_settings
+    from cnnpipe.sql import QueryLimits, run_query
+
+    if output_format == "parquet" and not output:
+        raise CnnpipeError("--format parquet needs --output FILE")
+    limits = QueryLimits(timeout_seconds=timeout, max_rows=max_rows)
+    result = run_query(query, get_settings().predictions_db, limits, cap_rows=output_format == "table")
+    write_result(result, output_format, output)
+
+
 @cli.group(invoke_without_command=True)
 @click.pass_context
 def datasets(ctx: click.Context) -> None:

@@ -12,7 +12,7 @@ from tests.imagefactory import write_class_folders
 HEAVY = ("torch", "prefect", "mlflow", "duckdb", "pyarrow")
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["ingest", "--help"], ["datasets", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["ingest", "--help"], ["datasets", "--help"], ["sql", "--help"]])
 def test_help_imports_nothing_heavy(argv):
     script = (
         "import sys\nfrom cnnpipe.cli import cli\n"
