@@ -139,6 +139,36 @@ def _print_training(result) -> None:
 
 
 @cli.command()
+@click.argument("source")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="A checkpoint from `cnnpipe train` (registry models arrive with the MLflow registry).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", default=256, show_default=True)
+def classify(source: str, checkpoint: str | None, device: str, batch_size: int) -> None:
+    """Classify the images in SOURCE into the predictions database.
+
+    SOURCE takes the same forms as `cnnpipe ingest`; labels in it are ignored.
+    Images this model version already classified are skipped before decoding, so
+    rerunning adds nothing, and a run killed at any point finishes on rerun.
+    Query the results with `cnnpipe sql`.
+
+    \b
+    Examples:
+      cnnpipe classify ./inbox --checkpoint .cnnpipe/checkpoints/cifar10__alexnet-cifar/RUN/epoch-0030.pt
+      cnnpipe classify archive.tar.gz --checkpoint model.pt --device cuda --batch-size 1024
+    """
+    from cnnpipe.reports import classify_markdown
+    from cnnpipe.sources import open_source
+    from flows.classify import classify as classify_flow
+
+    if checkpoint is None:
+        raise CnnpipeError("give --checkpoint PATH: classifying with a registered model needs the MLflow registry")
+    open_source(source)
+    summary = classify_flow(source=source, checkpoint=checkpoint, device=device, batch_size=batch_size)
+    _print_markdown(classify_markdown(summary))
+
+
+@cli.command()
 @click.argument("query")
 @click.option("--format", "output_format", type=click.Choice(["table", "csv", "json", "parquet"]), default="table",
               show_default=True)
@@ -219,12 +249,17 @@ def demo() -> None:
 
     Writes rendered shapes (JPEG and PNG in class folders, two deliberately broken
     files, and a tar archive of more images) under $CNNPIPE_HOME/demo, ingests the
-    folder and the archive into the dataset `shapes`, and trains alexnet-cifar on it
-    for 12 epochs on the CPU (about a minute).
+    folder and the archive into the dataset `shapes`, trains alexnet-cifar on it for
+    12 epochs on the CPU (about a minute), classifies the archive into DuckDB and
+    ends with a SQL query over the predictions.
     """
     from cnnpipe.demo import write_demo_images
     from cnnpipe.reports import ingest_markdown
     from cnnpipe.settings import get_settings
+    from cnnpipe.output import write_result
+    from cnnpipe.reports import classify_markdown
+    from cnnpipe.sql import run_query
+    from flows.classify import classify as classify_flow
     from flows.ingest import ingest as ingest_flow
     from flows.train import train as train_flow
 
@@ -235,6 +270,12 @@ def demo() -> None:
         _print_markdown(ingest_markdown(summary))
     result = train_flow(dataset="shapes", epochs=12, batch_size=32, lr=0.01, dropout=0.2)
     _print_training(result)
+    summary = classify_flow(source=str(archive), checkpoint=result.checkpoint)
+    _print_markdown(classify_markdown(summary))
+    query = ("SELECT label, count(*) AS images, round(avg(confidence), 3) AS mean_confidence "
+             "FROM latest_predictions GROUP BY label ORDER BY label")
+    click.echo(f'\n$ cnnpipe sql "{query}"')
+    write_result(run_query(query, settings.predictions_db), "table", None)
     files = settings.dataset_dir("shapes") / "**" / "*.parquet"
     click.echo("\nThe dataset is plain Parquet; DuckDB reads it with no cnnpipe involved:\n"
                f"  SELECT split, label, count(*) FROM '{files}' GROUP BY ALL ORDER BY ALL;\n"

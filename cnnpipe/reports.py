@@ -72,3 +72,21 @@ def dataset_markdown(store) -> str:
         lines += ["", f"**{len(rejected):,} rejected inputs** (first {min(len(rejected), MAX_REJECT_LINES)}):", ""]
         lines += [f"- `{r['source_uri']}` :: `{r['path']}`: {r['reason']} ({r['detail']})" for r in rejected[:MAX_REJECT_LINES]]
     return "\n".join(lines) + "\n"
+
+
+def classify_markdown(summary) -> str:
+    lines = [
+        f"### Classified `{summary.source_uri}`",
+        f"Model `{summary.model_name}` version `{summary.model_version}`, run `{summary.run_id}`",
+        "",
+        f"**{summary.classified:,} classified**, {summary.skipped:,} skipped (already classified), "
+        f"{len(summary.rejected):,} rejected, in {summary.seconds:.1f} s ({summary.images_per_second:,.0f} images/s; "
+        f"DuckDB commits {summary.commit_seconds:.2f} s).",
+    ]
+    if summary.class_counts:
+        lines += ["", "| label | images |", "|---|---:|",
+                  *(f"| {label} | {count:,} |" for label, count in list(summary.class_counts.items())[:MAX_CLASS_ROWS])]
+    if summary.rejected:
+        lines += ["", "**Rejected**", ""]
+        lines += [f"- `{r.path}`: {r.reason} ({r.detail})" for r in summary.rejected[:MAX_REJECT_LINES]]
+    return "\n".join(lines) + "\n"

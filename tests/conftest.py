@@ -55,3 +55,14 @@ def shapes_dataset(tmp_path_factory) -> Path:
 
 
 needs_cifar = pytest.mark.skipif(not CIFAR_TARBALL.exists(), reason=f"{CIFAR_TARBALL} is absent (fresh clone)")
+
+
+@pytest.fixture(scope="session")
+def shapes_checkpoints(shapes_dataset, tmp_path_factory) -> list[Path]:
+    """Two checkpoints (after epochs 1 and 2) of alexnet-cifar trained on the shapes."""
+    from cnn.train import TrainConfig, fit
+
+    root = tmp_path_factory.mktemp("shapes-checkpoints")
+    result = fit(TrainConfig(dataset_dir=str(shapes_dataset), epochs=2, batch_size=32, lr=0.01, dropout=0.2,
+                             device="cpu", checkpoint_root=str(root)))
+    return sorted(Path(result.run_dir).glob("epoch-*.pt"))

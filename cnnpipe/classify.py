@@ -1,0 +1,207 @@
+"""Bulk classification of a source into the predictions database.
+
+Images are hashed first and those this model version already classified are skipped
+before decoding. The rest are validated and normalised exactly as ingestion does
+(`check_image`), decoded and classified in batches while a background thread prepares
+the next ones. Predictions are staged as Parquet parts (written aside, then renamed) and
+each part is committed in one short transaction with `ON CONFLICT DO NOTHING`, so a
+killed run loses nothing it staged and a rerun adds each image exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cnn.failpoints import failpoint
+from cnnpipe.images import RejectedImage, check_image
+from cnnpipe.predictions import connect_for_writing, is_lock_error, LOCK_RETRIES
+from cnnpipe.sources import Source
+from cnnpipe.store import Reject
+
+PART_ROWS = 4096
+BATCH = 256
+PART_SCHEMA = pa.schema([
+    ("image_sha256", pa.string()), ("source_uri", pa.string()), ("member_path", pa.string()),
+    ("model_name", pa.string()), ("model_version", pa.string()), ("mlflow_run_id", pa.string()),
+    ("label", pa.string()), ("confidence", pa.float64()),
+    ("top5", pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float64())]))),
+    ("width", pa.int32()), ("height", pa.int32()), ("classify_run_id", pa.string()),
+    ("predicted_at", pa.timestamp("us", tz="UTC")),
+])
+
+
+@dataclass
+class ClassifySummary:
+    source_uri: str
+    model_name: str
+    model_version: str
+    run_id: str
+    classified: int = 0
+    skipped: int = 0
+    rejected: list[Reject] = field(default_factory=list)
+    class_counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    commit_seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.classified / self.seconds if self.seconds else 0.0
+
+
+def already_classified(database: Path, model_name: str, model_version: str) -> set[str]:
+    if not database.exists():
+        return set()
+    for attempt in range(LOCK_RETRIES):
+        try:
+            with duckdb.connect(str(database), read_only=True) as connection:
+                rows = connection.execute("SELECT image_sha256 FROM predictions WHERE model_name = ? AND model_version = ?",
+                                          [model_name, model_version]).fetchall()
+            return {sha for (sha,) in rows}
+        except duckdb.IOException as exc:
+            if not is_lock_error(exc) or attempt == LOCK_RETRIES - 1:
+                raise
+            time.sleep(min(0.05 * 2 ** attempt, 1.0))
+    raise AssertionError("unreachable")
+
+
+def commit_parts(database: Path, staging: Path) -> int:
+    """Insert every staged part into DuckDB, one short transaction each, then drop the part."""
+    inserted = 0
+    for part in sorted(staging.glob("*.parquet")) if staging.exists() else []:
+        with connect_for_writing(database) as connection:
+            connection.execute("BEGIN")
+            before = connection.execute("SELECT count(*) FROM predictions").fetchone()[0]
+            connection.execute("INSERT INTO predictions BY NAME SELECT * FROM read_parquet(?) ON CONFLICT DO NOTHING",
+                                [str(part)])
+            inserted += connection.execute("SELECT count(*) FROM predictions").fetchone()[0] - before
+            connection.execute("COMMIT")
+        failpoint("duckdb.after_commit")
+        part.unlink()
+    return inserted
+
+
+def classify_source(source: Source, predictor, database: Path, staging_root: Path, run_id: str,
+                    on_progress: Callable[[int, int | None], None] | None = None) -> ClassifySummary:
+    summary = ClassifySummary(source.uri, predictor.name, predictor.version, run_id)
+    staging = staging_root / "classify"
+    staging.mkdir(parents=True, exist_ok=True)
+    for stale in staging.glob("*.tmp"):
+        stale.unlink()
+    started = time.perf_counter()
+    commit_parts(database, staging)  # what a killed run staged but did not commit
+    done = already_classified(database, predictor.name, predictor.version)
+    batches: queue.Queue = queue.Queue(maxsize=2)
+    counts: Counter[str] = Counter()
+    rows: dict[str, list] = {name: [] for name in PART_SCHEMA.names}
+    part_index = 0
+
+    def produce() -> None:
+        try:
+            for batch in _prepared_batches(source, done, summary, predictor.decode_size, on_progress):
+                batches.put(batch)
+            batches.put(None)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            batches.put(exc)
+
+    def stage_and_commit() -> None:
+        nonlocal part_index, rows
+        tmp = staging / f"{run_id}-{part_index:05d}.parquet.tmp"
+        pq.write_table(pa.table(rows, schema=PART_SCHEMA), tmp)
+        os.replace(tmp, tmp.with_suffix(""))
+        part_index += 1
+        rows = {name: [] for name in PART_SCHEMA.names}
+        commit_started = time.perf_counter()
+        commit_parts(database, staging)
+        summary.commit_seconds += time.perf_counter() - commit_started
+
+    threading.Thread(target=produce, name="cnnpipe-classify-read", daemon=True).start()
+    while (batch := batches.get()) is not None:
+        if isinstance(batch, BaseException):
+            raise batch
+        items, images = batch
+        probabilities = predictor.probabilities(images)
+        top = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
+        now = datetime.now(timezone.utc)
+        for (sha, path, width, height), values, indices in zip(items, top.values.tolist(), top.indices.tolist()):
+            label = predictor.classes[indices[0]]
+            counts[label] += 1
+            for name, value in (("image_sha256", sha), ("source_uri", source.uri), ("member_path", path),
+                                ("model_name", predictor.name), ("model_version", predictor.version),
+                                ("mlflow_run_id", None), ("label", label), ("confidence", values[0]),
+                                ("top5", [{"label": predictor.classes[i], "probability": p}
+                                          for i, p in zip(indices, values)]),
+                                ("width", width), ("height", height), ("classify_run_id", run_id),
+                                ("predicted_at", now)):
+                rows[name].append(value)
+        summary.classified += len(items)
+        if len(rows["image_sha256"]) >= PART_ROWS:
+            stage_and_commit()
+    if rows["image_sha256"]:
+        stage_and_commit()
+    summary.seconds = time.perf_counter() - started
+    summary.class_counts = dict(counts.most_common())
+    _record_run(database, summary)
+    return summary
+
+
+def _prepared_batches(source: Source, done: set[str], summary: ClassifySummary, size: int,
+                      on_progress) -> Iterator[tuple[list[tuple], object]]:
+    from cnn.data import decode_images
+
+    items, blobs, seen = [], [], 0
+    for entry in source.entries():
+        seen += 1
+        if on_progress and seen % 64 == 0:
+            on_progress(seen, source.total)
+        if entry.reject_reason:
+            summary.rejected.append(Reject(entry.path, entry.reject_reason, entry.reject_detail))
+            continue
+        sha = hashlib.sha256(entry.data).hexdigest()
+        if sha in done:
+            summary.skipped += 1
+            continue
+        done.add(sha)
+        try:
+            checked = check_image(entry.data)
+        except RejectedImage as exc:
+            done.discard(sha)
+            summary.rejected.append(Reject(entry.path, exc.reason, exc.detail))
+            continue
+        items.append((sha, entry.path, checked.width, checked.height))
+        blobs.append(entry.data if checked.encoded is None else checked.encoded)
+        if len(items) == BATCH:
+            yield items, decode_images(blobs, size)
+            items, blobs = [], []
+    if items:
+        yield items, decode_images(blobs, size)
+    if on_progress:
+        on_progress(seen, source.total)
+
+
+def _record_run(database: Path, summary: ClassifySummary) -> None:
+    now = datetime.now(timezone.utc)
+    with connect_for_writing(database) as connection:
+        connection.execute("BEGIN")
+        connection.execute(
+            "INSERT OR REPLACE INTO classify_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'completed')",
+            [summary.run_id, summary.source_uri, summary.model_name, summary.model_version,
+             datetime.fromtimestamp(now.timestamp() - summary.seconds, timezone.utc), now, summary.classified,
+             summary.skipped, len(summary.rejected), summary.seconds, summary.images_per_second])
+        if summary.rejected:
+            connection.executemany("INSERT INTO rejected_inputs VALUES (?, ?, ?, ?, ?, ?)",
+                                   [[summary.run_id, summary.source_uri, r.path, r.reason, r.detail, now]
+                                    for r in summary.rejected])
+        connection.execute("COMMIT")
