@@ -1,0 +1,125 @@
+"""Bulk classification: cnnpipe into DuckDB against the model alone and an ImageFolder loop.
+
+    python bench/classify.py [--device cpu|cuda] [--images 10000]
+
+Classifies the 10,000 CIFAR-10 test JPEGs of ../shared/data/cifar10-jpeg.tar.gz with an
+(untrained) alexnet-cifar checkpoint, measured in the same run with the same batch size
+and threads:
+- model-only: random tensors, forward passes alone;
+- cnnpipe: `classify_source` from the tarball into a fresh DuckDB file (hash, validate,
+  decode, classify, stage Parquet parts, commit), and the share of time spent committing;
+- baseline: torchvision ImageFolder + DataLoader (num_workers = cores - 1) over the same
+  files extracted to a folder, the same model, rows written with `executemany`.
+
+Targets: cnnpipe >= 90% of model-only and the DuckDB commit share < 5% on this CPU;
+>= 4x the baseline on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+CIFAR = Path(os.environ.get("CNNPIPE_SHARED", REPO.parent / "shared")) / "data" / "cifar10-jpeg.tar.gz"
+
+from cnn.data import ColourStats, normalise  # noqa: E402
+from cnn.model import build_model  # noqa: E402
+from cnn.predict import Predictor  # noqa: E402
+from cnnpipe.classify import classify_source  # noqa: E402
+from cnnpipe.predictions import connect_for_writing  # noqa: E402
+from cnnpipe.sources import open_source  # noqa: E402
+
+
+def make_checkpoint(path: Path) -> Path:
+    model = build_model("alexnet-cifar", 10, norm="batch")
+    config = {"dataset_dir": "cifar10", "model": "alexnet-cifar", "norm": "batch", "padding": "zeros",
+              "pool": "max", "dropout": 0.5}
+    stats = ColourStats([0.49, 0.48, 0.45], [0.25, 0.24, 0.26], [0.0, 0.0, 0.0], torch.eye(3).tolist())
+    torch.save({"model": model.state_dict(), "config": config, "classes": [f"c{i}" for i in range(10)],
+                "colour_stats": stats.__dict__}, path)
+    return path
+
+
+@torch.no_grad()
+def model_only(predictor: Predictor, images: int) -> float:
+    batch = torch.randint(0, 256, (predictor.batch_size, 3, 32, 32), dtype=torch.uint8)
+    predictor.probabilities(batch)
+    started = time.perf_counter()
+    done = 0
+    while done < images:
+        predictor.probabilities(batch)
+        done += len(batch)
+    return done / (time.perf_counter() - started)
+
+
+@torch.no_grad()
+def baseline(folder: Path, predictor: Predictor, database: Path) -> float:
+    from torchvision import datasets, transforms
+
+    dataset = datasets.ImageFolder(str(folder), transform=transforms.PILToTensor())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=predictor.batch_size,
+                                         num_workers=max(1, (os.cpu_count() or 2) - 1))
+    started = time.perf_counter()
+    index = 0
+    with connect_for_writing(database) as connection:
+        for images, _ in loader:
+            probabilities = predictor.probabilities(images)
+            confidence, label = probabilities.max(dim=1)
+            now = datetime.now(timezone.utc)
+            rows = []
+            for c, l in zip(confidence.tolist(), label.tolist()):
+                path = dataset.samples[index][0]
+                rows.append([path, "file://" + str(folder), path, "baseline", "1", None, predictor.classes[l], c,
+                             [{"label": predictor.classes[l], "probability": c}], 32, 32, "baseline", now])
+                index += 1
+            connection.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    return index / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=None)
+    args = parser.parse_args()
+    if not CIFAR.exists():
+        raise SystemExit(f"{CIFAR} is missing: this benchmark needs ../shared beside the checkout")
+    batch = args.batch_size or (1024 if args.device == "cuda" else 256)
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        predictor = Predictor(make_checkpoint(scratch / "model.pt"), args.device, batch)
+        test_tar = scratch / "test.tar"
+        with tarfile.open(CIFAR) as source, tarfile.open(test_tar, "w") as target:
+            for member in source:
+                if member.name.startswith("test/") and member.isfile():
+                    target.addfile(member, source.extractfile(member))
+        with tarfile.open(test_tar) as tar:
+            tar.extractall(scratch / "folder", filter="data")
+        model_rate = model_only(predictor, 10_000)
+        summary = classify_source(open_source(str(test_tar)), predictor, scratch / "ours.duckdb", scratch / "staging",
+                                  "bench")
+        ours = summary.images_per_second
+        base = baseline(scratch / "folder" / "test", predictor, scratch / "baseline.duckdb")
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
+    print(f"\nClassification benchmark on {name}, batch {batch}, {summary.classified:,} CIFAR-10 test images\n")
+    print(f"| {'figure':<36} | {'images/s':>9} | {'x model-only':>12} | target")
+    print(f"|{'-' * 38}|{'-' * 11}|{'-' * 14}|-------")
+    print(f"| {'model-only alexnet-cifar':<36} | {model_rate:>9,.0f} | {1:>12.2f} |")
+    print(f"| {'cnnpipe classify into DuckDB':<36} | {ours:>9,.0f} | {ours / model_rate:>12.2f} | >= 0.90 (CPU)")
+    print(f"| {'baseline ImageFolder + executemany':<36} | {base:>9,.0f} | {base / model_rate:>12.2f} | "
+          f"cnnpipe {ours / base:.2f}x baseline (GPU >= 4x)")
+    print(f"\nDuckDB commits: {summary.commit_seconds:.2f} s of {summary.seconds:.2f} s "
+          f"({100 * summary.commit_seconds / summary.seconds:.1f}%, target < 5%)")
+
+
+if __name__ == "__main__":
+    main()
