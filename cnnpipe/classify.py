@@ -24,10 +24,12 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
+from cnn.data import decode_images
 from cnn.failpoints import failpoint
 from cnnpipe.images import RejectedImage, check_image
-from cnnpipe.predictions import connect_for_writing, is_lock_error, LOCK_RETRIES
+from cnnpipe.predictions import LOCK_RETRIES, connect_for_writing, is_lock_error
 from cnnpipe.sources import Source
 from cnnpipe.store import Reject
 
@@ -158,10 +160,8 @@ def classify_source(source: Source, predictor, database: Path, staging_root: Pat
 
 
 def _prepared_batches(source: Source, done: set[str], summary: ClassifySummary, size: int,
-                      on_progress) -> Iterator[tuple[list[tuple], object]]:
-    from cnn.data import decode_images
-
-    items, blobs, seen = [], [], 0
+                      on_progress) -> Iterator[tuple[list[tuple], torch.Tensor]]:
+    items, images, seen = [], [], 0
     for entry in source.entries():
         seen += 1
         if on_progress and seen % 64 == 0:
@@ -175,18 +175,21 @@ def _prepared_batches(source: Source, done: set[str], summary: ClassifySummary, 
             continue
         done.add(sha)
         try:
-            checked = check_image(entry.data)
+            checked = check_image(entry.data, keep_pixels=True)
         except RejectedImage as exc:
             done.discard(sha)
             summary.rejected.append(Reject(entry.path, exc.reason, exc.detail))
             continue
         items.append((sha, entry.path, checked.width, checked.height))
-        blobs.append(entry.data if checked.encoded is None else checked.encoded)
+        if checked.pixels is not None and checked.pixels.shape[:2] == (size, size):
+            images.append(torch.from_numpy(checked.pixels).permute(2, 0, 1))  # validated and decoded once
+        else:
+            images.append(decode_images([entry.data if checked.encoded is None else checked.encoded], size)[0])
         if len(items) == BATCH:
-            yield items, decode_images(blobs, size)
-            items, blobs = [], []
+            yield items, torch.stack(images)
+            items, images = [], []
     if items:
-        yield items, decode_images(blobs, size)
+        yield items, torch.stack(images)
     if on_progress:
         on_progress(seen, source.total)
 
