@@ -12,6 +12,7 @@ train, val (valid, validation) or test is its split. Dot-files and `__MACOSX/` a
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 import posixpath
@@ -69,6 +70,12 @@ def label_and_split(path: str) -> tuple[str | None, str | None]:
     return label, split
 
 
+@functools.lru_cache(maxsize=4096)
+def _folder_label_and_split(folder: str) -> tuple[str | None, str | None]:
+    # Every file of a folder has the same label and split: work them out once per folder.
+    return label_and_split(f"{folder}/file")
+
+
 def _skipped(path: str) -> bool:
     parts = path.split("/")
     return parts[-1].startswith(".") or "__MACOSX" in parts
@@ -107,7 +114,8 @@ class Source:
         raise NotImplementedError
 
     def _labelled(self, path: str, data: bytes) -> Entry:
-        label, split = label_and_split(path)
+        folder = path.rpartition("/")[0]
+        label, split = _folder_label_and_split(folder) if folder else (None, None)
         return Entry(path, label, split, data)
 
     def _too_large(self, path: str, size: int) -> Entry:

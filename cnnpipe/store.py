@@ -115,7 +115,11 @@ class StagedRun:
     duplicates: int = 0
     rejected: list[Reject] = field(default_factory=list)
     added_counts: dict[str, dict[str, int]] = field(default_factory=dict)
-    new_sha256: list[str] = field(default_factory=list)
+    # Sum of the new images' hashes mod 2^256: an order-free digest of what this version adds.
+    content_sum: int = 0
+
+    def add_content(self, sha256_hex: str) -> None:
+        self.content_sum = (self.content_sum + int(sha256_hex, 16)) % 2**256
 
 
 @dataclass
@@ -262,6 +266,32 @@ class _Validator:
         return results
 
 
+class _ImageIndex:
+    """SHA-256 -> (label, split) of every stored image, at about 100 bytes an image.
+
+    Keys are 32-byte digests rather than hex strings, and values small integers into a
+    table of (label, split) pairs: a store has few of those and millions of images.
+    """
+
+    def __init__(self) -> None:
+        self._codes: dict[bytes, int] = {}
+        self._pairs: list[tuple[str, str]] = []
+        self._pair_codes: dict[tuple[str, str], int] = {}
+
+    def add(self, sha256_hex: str, label: str, split: str) -> None:
+        code = self._pair_codes.setdefault((label, split), len(self._pairs))
+        if code == len(self._pairs):
+            self._pairs.append((label, split))
+        self._codes[bytes.fromhex(sha256_hex)] = code
+
+    def get(self, sha256_hex: str) -> tuple[str, str] | None:
+        code = self._codes.get(bytes.fromhex(sha256_hex))
+        return None if code is None else self._pairs[code]
+
+    def remove(self, sha256_hex: str) -> None:
+        del self._codes[bytes.fromhex(sha256_hex)]
+
+
 class _PartWriter:
     """Writes numbered Parquet parts, each published only once complete and verified."""
 
@@ -300,13 +330,16 @@ class _PartWriter:
                 compression={name: "none" if name == "image" else "zstd" for name in SCHEMA.names},
                 use_dictionary=["format", "label", "split", "source_uri"],
             )
-        group = {name: values[:rows] for name, values in self.columns.items()}
+        if rows == len(self.columns["sha256"]):
+            group, self.columns = self.columns, {name: [] for name in SCHEMA.names}
+        else:
+            group = {name: values[:rows] for name, values in self.columns.items()}
+            self.columns = {name: values[rows:] for name, values in self.columns.items()}
         self.writer.write_table(pa.table(group, schema=SCHEMA), row_group_size=rows)
         failpoint("parquet.after_rowgroup")
         written_bytes = sum(map(len, group["image"]))
         self.file_rows += rows
         self.file_bytes += written_bytes
-        self.columns = {name: values[rows:] for name, values in self.columns.items()}
         self.group_bytes -= written_bytes
         self.file_groups += 1
         if self.file_bytes >= PART_BYTES or self.file_groups >= PART_ROW_GROUPS:
@@ -417,7 +450,7 @@ class DatasetStore:
             for item, result in results:
                 copies = waiting.pop(item.sha256)
                 if isinstance(result, tuple):
-                    del known[item.sha256]
+                    known.remove(item.sha256)
                     for path in [item.entry.path, *copies]:
                         self._reject(run, path, *result)
                 else:
@@ -440,7 +473,8 @@ class DatasetStore:
             })
             for item, _ in kept:
                 added[item.split][item.label] += 1
-            run.new_sha256.extend(item.sha256 for item, _ in kept)
+            for item, _ in kept:
+                run.add_content(item.sha256)
             run.rows += len(kept)
 
         chunk: list[_Pending] = []
@@ -477,9 +511,7 @@ class DatasetStore:
         if run.rows + run.adopted_rows > 0:
             version = run.base_version + 1
             previous_id = self.manifest()["version_id"] if run.base_version else ""
-            digest = hashlib.sha256(previous_id.encode())
-            for sha in sorted(run.new_sha256):
-                digest.update(bytes.fromhex(sha))
+            digest = hashlib.sha256(previous_id.encode() + run.content_sum.to_bytes(32, "big"))
             parts = sorted(self.staging.glob("part-*.parquet"))
             (self.staging / "base.json").unlink()
             atomic_write_json(self.staging / "version.json", {
@@ -511,7 +543,7 @@ class DatasetStore:
 
     # ---- internals -----------------------------------------------------------------
 
-    def _admit(self, entry: Entry, run: StagedRun, known: dict[str, tuple[str, str]],
+    def _admit(self, entry: Entry, run: StagedRun, known: _ImageIndex,
                waiting: dict[str, list[str]], options: IngestOptions) -> _Pending | None:
         if entry.reject_reason:
             self._reject(run, entry.path, entry.reject_reason, entry.reject_detail)
@@ -527,7 +559,7 @@ class DatasetStore:
         split = entry.split or split_for(sha, options.val_fraction, options.test_fraction)
         stored = known.get(sha)
         if stored is None:
-            known[sha] = (entry.label, split)
+            known.add(sha, entry.label, split)
             waiting[sha] = []
             return _Pending(entry, sha, entry.label, split)
         if stored == (entry.label, split):
@@ -545,17 +577,18 @@ class DatasetStore:
         run.rejected.append(reject)
         log.warning("rejected %s", reject.line(run.source_uri))
 
-    def _known_images(self, run: StagedRun) -> dict[str, tuple[str, str]]:
-        known: dict[str, tuple[str, str]] = {}
+    def _known_images(self, run: StagedRun) -> _ImageIndex:
+        known = _ImageIndex()
         tables = [pq.read_table(p, columns=["sha256", "label", "split"]) for p in self.files()] if self.exists() else []
         adopted = [pq.read_table(p, columns=["sha256", "label", "split"])
                    for p in sorted(self.staging.glob("part-*.parquet"))]
         for table in tables + adopted:
             for sha, label, split in zip(*(table.column(c).to_pylist() for c in ("sha256", "label", "split"))):
-                known[sha] = (label, split)
+                known.add(sha, label, split)
         for table in adopted:
             run.adopted_rows += table.num_rows
-            run.new_sha256.extend(table.column("sha256").to_pylist())
+            for sha in table.column("sha256").to_pylist():
+                run.add_content(sha)
             labels, splits = table.column("label").to_pylist(), table.column("split").to_pylist()
             for label, split in zip(labels, splits):
                 run.added_counts.setdefault(split, {})
