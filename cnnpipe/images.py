@@ -17,6 +17,7 @@ Policy, applied identically to every source:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import warnings
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cnn.failpoints import failpoint
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -186,3 +189,20 @@ def _is_truncation(exc: Exception) -> bool:
 
 def _describe(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def check_batch(datas: list[bytes], resize: int | None) -> list[CheckedImage | tuple[str, str]]:
+    """Worker entry point: check many images, turning rejections into (reason, detail).
+
+    It lives here, beside `check_image`, so decoding processes import only Pillow and NumPy.
+    """
+    results: list[CheckedImage | tuple[str, str]] = []
+    for data in datas:
+        failpoint("decode.image", key=lambda: hashlib.sha256(data).hexdigest())
+        try:
+            results.append(check_image(data, resize))
+        except RejectedImage as exc:
+            results.append((exc.reason, exc.detail))
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not end the batch
+            results.append(("corrupt", f"{type(exc).__name__}: {exc}"))
+    return results

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from cnnpipe.errors import CnnpipeError
 from cnn.failpoints import failpoint
 from cnnpipe.fsutil import atomic_write_json, fsync_dir, fsync_file
-from cnnpipe.images import CheckedImage, RejectedImage, check_image
+from cnnpipe.images import CheckedImage, check_batch
 from cnnpipe.settings import Settings, get_settings
 from cnnpipe.sources import Entry, Source
 
@@ -149,20 +149,6 @@ def split_for(sha256_hex: str, val_fraction: float, test_fraction: float) -> str
     if position < test_fraction + val_fraction:
         return "val"
     return "train"
-
-
-def check_batch(datas: list[bytes], resize: int | None) -> list[CheckedImage | tuple[str, str]]:
-    """Worker entry point: check many images, turning rejections into (reason, detail)."""
-    results: list[CheckedImage | tuple[str, str]] = []
-    for data in datas:
-        failpoint("decode.image", key=lambda: hashlib.sha256(data).hexdigest())
-        try:
-            results.append(check_image(data, resize))
-        except RejectedImage as exc:
-            results.append((exc.reason, exc.detail))
-        except Exception as exc:  # noqa: BLE001 - a decoder bug must not end the batch
-            results.append(("corrupt", f"{type(exc).__name__}: {exc}"))
-    return results
 
 
 def _die_with_parent() -> None:
