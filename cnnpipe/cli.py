@@ -32,18 +32,19 @@ def _print_markdown(text: str) -> None:
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="cnn-pipeline")
 def cli() -> None:
-    """Image classification pipeline: ingest, train, evaluate and classify.
+    """Image classification pipeline: ingest, train, classify, and query in SQL.
 
-    State lives under $CNNPIPE_HOME (default ./.cnnpipe). Each command runs as a
-    Prefect flow: on Prefect's ephemeral API, or on the server at $PREFECT_API_URL.
+    State lives under $CNNPIPE_HOME (default ./.cnnpipe). ingest, train and classify
+    run as Prefect flows: on Prefect's ephemeral API, or on the server at $PREFECT_API_URL.
 
     \b
     Examples:
-      cnnpipe demo                                  # make demo images and run the pipeline
-      cnnpipe ingest ./photos --dataset pets        # class folders
-      cnnpipe ingest cifar10.tar.gz --dataset cifar10
-      cnnpipe ingest s3://bucket/labels.csv --dataset pets
-      cnnpipe datasets show pets
+      cnnpipe demo                                   # the whole chain on rendered shapes
+      cnnpipe ingest cifar10-jpeg.tar.gz --dataset cifar10
+      cnnpipe datasets show cifar10
+      cnnpipe train --dataset cifar10 --epochs 30
+      cnnpipe classify ./inbox --checkpoint .cnnpipe/checkpoints/cifar10__alexnet-cifar/RUN/epoch-0030.pt
+      cnnpipe sql "SELECT label, count(*) FROM latest_predictions GROUP BY label"
     """
 
 
