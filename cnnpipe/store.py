@@ -193,6 +193,10 @@ class _Validator:
         self.inflight: deque[tuple[list[_Pending], Future]] = deque()
 
     def __enter__(self) -> _Validator:
+        if self.workers:
+            # Start the workers now: their start-up then overlaps listing the source.
+            self.pool = _worker_pool(self.workers)
+            self.pool.submit(check_batch, [], None)
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -312,8 +316,9 @@ class _PartWriter:
             self.tmp_path = self.directory / f"part-{self.index:05d}.parquet.tmp"
             self.writer = pq.ParquetWriter(
                 self.tmp_path, SCHEMA,
-                # Images are already compressed; compressing them again only costs time.
-                compression={name: "none" if name == "image" else "zstd" for name in SCHEMA.names},
+                # Images are already compressed and hashes do not compress: zstd only where it pays.
+                compression={name: "zstd" if name in ("member_path", "ingested_at") else "none"
+                             for name in SCHEMA.names},
                 use_dictionary=["format", "label", "split", "source_uri"],
             )
         if rows == len(self.columns["sha256"]):
