@@ -29,7 +29,7 @@ import torch
 from cnn.data import decode_images
 from cnn.failpoints import failpoint
 from cnnpipe.images import RejectedImage, check_image
-from cnnpipe.predictions import LOCK_RETRIES, connect_for_writing, is_lock_error
+from cnnpipe.predictions import connect_for_writing, retry_on_lock
 from cnnpipe.sources import Source
 from cnnpipe.store import Reject
 
@@ -66,17 +66,14 @@ class ClassifySummary:
 def already_classified(database: Path, model_name: str, model_version: str) -> set[str]:
     if not database.exists():
         return set()
-    for attempt in range(LOCK_RETRIES):
-        try:
-            with duckdb.connect(str(database), read_only=True) as connection:
-                rows = connection.execute("SELECT image_sha256 FROM predictions WHERE model_name = ? AND model_version = ?",
-                                          [model_name, model_version]).fetchall()
-            return {sha for (sha,) in rows}
-        except duckdb.IOException as exc:
-            if not is_lock_error(exc) or attempt == LOCK_RETRIES - 1:
-                raise
-            time.sleep(min(0.05 * 2 ** attempt, 1.0))
-    raise AssertionError("unreachable")
+
+    def read() -> set[str]:
+        with duckdb.connect(str(database), read_only=True) as connection:
+            rows = connection.execute("SELECT image_sha256 FROM predictions WHERE model_name = ? AND model_version = ?",
+                                      [model_name, model_version]).fetchall()
+        return {sha for (sha,) in rows}
+
+    return retry_on_lock(read)
 
 
 def commit_parts(database: Path, staging: Path) -> int:

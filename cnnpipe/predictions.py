@@ -7,7 +7,9 @@ so writers open it only for short transactions and retry on the lock error.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 
@@ -69,6 +71,7 @@ FROM predictions a JOIN predictions b
 WHERE a.label <> b.label;
 """
 
+T = TypeVar("T")
 LOCK_RETRIES = 40
 LOCK_BACKOFF_SECONDS = 0.05
 
@@ -77,21 +80,30 @@ def is_lock_error(exc: Exception) -> bool:
     return "Could not set lock" in str(exc) or "Conflicting lock" in str(exc)
 
 
-def connect_for_writing(path: Path, retries: int = LOCK_RETRIES) -> duckdb.DuckDBPyConnection:
-    """A short-lived writing connection, retried with capped backoff while another process holds the file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def retry_on_lock(action: Callable[[], T], retries: int = LOCK_RETRIES) -> T:
+    """Run `action`, retrying with capped backoff while another process holds the file."""
     delay = LOCK_BACKOFF_SECONDS
     for attempt in range(retries):
         try:
-            connection = duckdb.connect(str(path))
-            connection.execute(SCHEMA)
-            return connection
+            return action()
         except duckdb.IOException as exc:
             if not is_lock_error(exc) or attempt == retries - 1:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
     raise AssertionError("unreachable")
+
+
+def connect_for_writing(path: Path, retries: int = LOCK_RETRIES) -> duckdb.DuckDBPyConnection:
+    """A short-lived writing connection with the schema in place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def connect() -> duckdb.DuckDBPyConnection:
+        connection = duckdb.connect(str(path))
+        connection.execute(SCHEMA)
+        return connection
+
+    return retry_on_lock(connect, retries)
 
 
 def ensure_database(path: Path) -> None:
