@@ -18,11 +18,11 @@ from cnnpipe.store import DatasetStore, IngestOptions, list_datasets, split_for
 from tests.imagefactory import jpeg, png, write_class_folders
 
 
-def ingest(source: Path | str, name: str = "pets", **options):
+def ingest(source: Path | str, name: str = "pets", workers: int = 0, **options):
     store = DatasetStore(name)
     with store.lock():
         store.recover()
-        return store.commit(store.stage(open_source(str(source)), IngestOptions(workers=0, **options)))
+        return store.commit(store.stage(open_source(str(source)), IngestOptions(workers=workers, **options)))
 
 
 def committed_rows(name: str = "pets") -> list[dict]:
@@ -132,9 +132,7 @@ def test_resize_stores_the_papers_crops(tmp_path):
 def test_decoding_in_worker_processes_matches_decoding_inline(tmp_path):
     write_class_folders(tmp_path / "src", {"cat": 300, "dog": 300})
     (tmp_path / "src" / "dog" / "bad.jpg").write_bytes(b"nope")
-    store = DatasetStore("pooled")
-    with store.lock():
-        pooled = store.commit(store.stage(open_source(str(tmp_path / "src")), IngestOptions(workers=2)))
+    pooled = ingest(tmp_path / "src", "pooled", workers=2)
     inline = ingest(tmp_path / "src", name="inline")
     assert pooled.added == inline.added == 600
     assert [r.path for r in pooled.rejected] == [r.path for r in inline.rejected] == ["dog/bad.jpg"]
@@ -145,9 +143,7 @@ def test_an_image_that_kills_its_decoder_is_rejected_and_the_rest_kept(tmp_path,
     images = write_class_folders(tmp_path / "src", {"cat": 600})
     monkeypatch.setenv("FAILPOINT", "decode.image")
     monkeypatch.setenv("FAILPOINT_KEY", hashlib.sha256(images[300]).hexdigest())
-    store = DatasetStore("crashy")
-    with store.lock():
-        summary = store.commit(store.stage(open_source(str(tmp_path / "src")), IngestOptions(workers=2)))
+    summary = ingest(tmp_path / "src", "crashy", workers=2)
     assert summary.added == 599
     assert [(r.path, r.reason) for r in summary.rejected] == [("cat/0300.jpg", "decoder_crashed")]
 
@@ -159,9 +155,7 @@ def test_an_image_whose_decoder_hangs_is_rejected_after_a_timeout(tmp_path, monk
     monkeypatch.setenv("FAILPOINT", "decode.image")
     monkeypatch.setenv("FAILPOINT_ACTION", "hang")
     monkeypatch.setenv("FAILPOINT_KEY", hashlib.sha256(images[10]).hexdigest())
-    store = DatasetStore("hung")
-    with store.lock():
-        summary = store.commit(store.stage(open_source(str(tmp_path / "src")), IngestOptions(workers=2)))
+    summary = ingest(tmp_path / "src", "hung", workers=2)
     assert summary.added == 299
     assert [(r.path, r.reason) for r in summary.rejected] == [("cat/0010.jpg", "decode_timeout")]
 
