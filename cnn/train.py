@@ -32,6 +32,7 @@ from cnn.model import build_model, input_size
 
 SCHEDULES = ("plateau", "step", "cosine", "onecycle")
 STEPS_PER_REPORT = 10
+MISTAKES_KEPT = 25
 
 
 @dataclass
@@ -154,17 +155,19 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], stats: ColourStats,
-             crop: int, ten_crop: bool = False, keep_predictions: bool = False) -> dict:
+             crop: int, ten_crop: bool = False, keep_predictions: bool = False, mistakes: int = 0) -> dict:
     """Loss, top-1 and top-5 accuracy on `batches`, without touching the model's training state.
 
     With `keep_predictions`, the probabilities and targets come back too (on the CPU), for
-    `cnn.metrics.classification_report`.
+    `cnn.metrics.classification_report`. With `mistakes=k`, so do the k wrong predictions
+    made with the highest confidence, each with its (centre-cropped, uint8) image.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     loss_sum, top1, top5, seen = 0.0, 0, 0, 0
     kept_probabilities, kept_targets = [], []
+    worst = MistakeCollector(mistakes)
     try:
         for images, labels in batches:
             views = ten_crops(images, crop) if ten_crop else [centre_crop(images, crop)]
@@ -177,6 +180,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             if keep_predictions:
                 kept_probabilities.append(probabilities.cpu())
                 kept_targets.append(labels.cpu())
+            if mistakes:
+                worst.add(centre_crop(images, crop), probabilities, labels)
     finally:
         model.train(was_training)
     if seen == 0:
@@ -184,7 +189,32 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     result = {"loss": loss_sum / seen, "top1": top1 / seen, "top5": top5 / seen, "images": seen}
     if keep_predictions:
         result.update(probabilities=torch.cat(kept_probabilities), targets=torch.cat(kept_targets))
+    if mistakes:
+        result["mistakes"] = worst.ranked()
     return result
+
+
+class MistakeCollector:
+    """The k most confident wrong predictions seen so far, kept with their images."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.kept: list[dict] = []
+
+    def add(self, images: torch.Tensor, probabilities: torch.Tensor, targets: torch.Tensor) -> None:
+        confidence, predicted = probabilities.max(dim=1)
+        wrong = (predicted != targets).nonzero().flatten()
+        if len(wrong) == 0:
+            return
+        # Only the batch's own top k can enter the overall top k.
+        wrong = wrong[confidence[wrong].argsort(descending=True)[:self.k]].cpu()
+        for i in wrong.tolist():
+            self.kept.append({"image": images[i].cpu(), "target": int(targets[i]), "predicted": int(predicted[i]),
+                              "confidence": float(confidence[i])})
+        self.kept = self.ranked()
+
+    def ranked(self) -> list[dict]:
+        return sorted(self.kept, key=lambda m: m["confidence"], reverse=True)[:self.k]
 
 
 def _init_distributed(config: TrainConfig) -> tuple[int, int]:
@@ -264,10 +294,8 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     generator = torch.Generator(device=device).manual_seed(config.seed)
     train_split = StoreSplit.open(config.dataset_dir, "train")
     classes = list(train_split.classes)
-    val_split = StoreSplit.open(config.dataset_dir, "val", classes)
+    val_split = validation_split(config.dataset_dir, classes)
     test_split = StoreSplit.open(config.dataset_dir, "test", classes)
-    if val_split.rows == 0:
-        val_split = test_split
     held_out_split = test_split if test_split.rows else val_split
 
     model = _build(asdict(config), len(classes)).to(device, memory_format=torch.channels_last)
@@ -356,8 +384,10 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
         loaded = load_latest(run_dir, device)
         latest = loaded[1] if loaded else None
     held_out = evaluate(model, _load_split(held_out_split, stored, device, config.memory_budget_mb)
-                        .batches(config.batch_size * 2), stats, crop, keep_predictions=True)
+                        .batches(config.batch_size * 2), stats, crop, keep_predictions=True,
+                        mistakes=MISTAKES_KEPT)
     report = classification_report(held_out.pop("probabilities"), held_out.pop("targets"), classes)
+    report["mistakes"] = held_out.pop("mistakes")
     if config.ten_crop:
         ten = evaluate(model, _load_split(held_out_split, stored, device, config.memory_budget_mb)
                        .batches(config.batch_size * 2), stats, crop, ten_crop=True)
@@ -370,6 +400,33 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     return FitResult(str(run_dir), str(latest), classes, history, held_out, held_out_split.split, best,
                      len(history), config.seed, str(device), train_split.version_id, stopped_early,
                      extra={"report": report})
+
+
+def validation_split(dataset_dir: str | os.PathLike, classes: list[str]) -> StoreSplit:
+    """The split a run validates on: `val`, or `test` for a dataset without one."""
+    val = StoreSplit.open(dataset_dir, "val", classes)
+    return val if val.rows else StoreSplit.open(dataset_dir, "test", classes)
+
+
+def inference_state(checkpoint: dict) -> dict:
+    """What inference needs from a training checkpoint: weights, classes, preprocessing, config."""
+    keep = ("model", "config", "classes", "colour_stats", "dataset_version", "git_sha", "epoch")
+    return {key: checkpoint[key] for key in keep}
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset_dir: str | os.PathLike,
+                        device: str | torch.device = "cpu", batch_size: int = 512) -> dict:
+    """A trained model's validation figures on a dataset's current version, as `fit` computes them."""
+    device = torch.device(device)
+    model, state = load_trained_model(checkpoint, device)
+    split = validation_split(dataset_dir, state["classes"])
+    manifest_classes = json.loads((Path(dataset_dir) / "manifest.json").read_text())["classes"]
+    if sorted(manifest_classes) != sorted(state["classes"]):
+        raise ValueError(f"the model knows classes {state['classes']}, the dataset has {manifest_classes}")
+    crop = input_size(model)
+    images = _load_split(split, 256 if crop == 224 else crop, device, 2048)
+    return evaluate(model.to(memory_format=torch.channels_last), images.batches(batch_size),
+                    ColourStats(**state["colour_stats"]), crop)
 
 
 def load_trained_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -388,6 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     config = TrainConfig(**json.loads(Path(args[0]).read_text()))
     result = fit(config, on_epoch=lambda record: print(json.dumps(record), flush=True))
     if len(args) > 1 and int(os.environ.get("RANK", "0")) == 0:
+        result.extra["report"].pop("mistakes")  # images; the launcher re-evaluates if it wants them
         Path(args[1]).write_text(json.dumps(asdict(result), indent=2))
 
 

@@ -139,7 +139,7 @@ def classify_source(source: Source, predictor, database: Path, staging_root: Pat
             counts[label] += 1
             for name, value in (("image_sha256", sha), ("source_uri", source.uri), ("member_path", path),
                                 ("model_name", predictor.name), ("model_version", predictor.version),
-                                ("mlflow_run_id", None), ("label", label), ("confidence", values[0]),
+                                ("mlflow_run_id", predictor.run_id), ("label", label), ("confidence", values[0]),
                                 ("top5", [{"label": predictor.classes[i], "probability": p}
                                           for i, p in zip(indices, values)]),
                                 ("width", width), ("height", height), ("classify_run_id", run_id),

@@ -12,6 +12,7 @@ import sys
 import click
 
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.settings import REGISTERED_MODEL
 
 
 class _Cli(click.Group):
@@ -20,6 +21,11 @@ class _Cli(click.Group):
             return super().invoke(ctx)
         except (CnnpipeError, FileNotFoundError, PermissionError) as exc:
             raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            # A tracking server that is down or refuses a request: one line, not a traceback.
+            if type(exc).__module__.startswith("mlflow"):
+                raise click.ClickException(f"MLflow: {str(exc).splitlines()[0]}") from None
+            raise
 
 
 def _print_markdown(text: str) -> None:
@@ -43,8 +49,10 @@ def cli() -> None:
       cnnpipe ingest cifar10-jpeg.tar.gz --dataset cifar10
       cnnpipe datasets show cifar10
       cnnpipe train --dataset cifar10 --epochs 30
-      cnnpipe classify ./inbox --checkpoint .cnnpipe/checkpoints/cifar10__alexnet-cifar/RUN/epoch-0030.pt
+      cnnpipe models
+      cnnpipe classify ./inbox                       # with cnn-classifier@champion
       cnnpipe sql "SELECT label, count(*) FROM latest_predictions GROUP BY label"
+      cnnpipe serve --dataset cifar10 --source ./incoming --inbox ./inbox
     """
 
 
@@ -82,37 +90,50 @@ def ingest(source: str, dataset: str, val_fraction: float, test_fraction: float,
     _print_markdown(ingest_markdown(summary))
 
 
+def _training_options(command):
+    """The options `train`, `retrain` and `serve` share."""
+    options = [
+        click.option("--model", default="alexnet-cifar", show_default=True,
+                     help="alexnet (224x224), alexnet-cifar (32x32), or a torchvision model name such as resnet18."),
+        click.option("--epochs", default=30, show_default=True),
+        click.option("--batch-size", default=512, show_default=True),
+        click.option("--lr", default=0.2, show_default=True, help="Peak learning rate (one-cycle) or starting rate."),
+        click.option("--schedule", type=click.Choice(["onecycle", "plateau", "step", "cosine"]), default="onecycle",
+                     show_default=True, help="plateau is the paper's: divide by 10 when validation stops improving."),
+        click.option("--norm", type=click.Choice(["lrn", "batch", "none"]), default=None,
+                     help="Normalisation layers [default: batch for alexnet-cifar, lrn for alexnet]."),
+        click.option("--dropout", default=0.5, show_default=True),
+        click.option("--label-smoothing", default=0.1, show_default=True),
+        click.option("--patience", type=int, default=None, help="Stop after this many epochs without a better val top-1."),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--registered-model", default=REGISTERED_MODEL, show_default=True,
+                     help="Name in the MLflow model registry."),
+        click.option("--min-improvement", default=0.0, show_default=True,
+                     help="Promote to champion only if validation top-1 beats the champion's by at least this."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.option("--dataset", required=True, help="Dataset in the store to train on.")
-@click.option("--model", default="alexnet-cifar", show_default=True,
-              help="alexnet (224x224), alexnet-cifar (32x32), or a torchvision model name such as resnet18.")
-@click.option("--epochs", default=30, show_default=True)
-@click.option("--batch-size", default=512, show_default=True)
-@click.option("--lr", default=0.2, show_default=True, help="Peak learning rate (one-cycle) or starting rate.")
-@click.option("--schedule", type=click.Choice(["onecycle", "plateau", "step", "cosine"]), default="onecycle",
-              show_default=True, help="plateau is the paper's: divide by 10 when validation stops improving.")
-@click.option("--norm", type=click.Choice(["lrn", "batch", "none"]), default=None,
-              help="Normalisation layers [default: batch for alexnet-cifar, lrn for alexnet].")
-@click.option("--dropout", default=0.5, show_default=True)
-@click.option("--label-smoothing", default=0.1, show_default=True)
-@click.option("--patience", type=int, default=None, help="Stop after this many epochs without a better val top-1.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@_training_options
 @click.option("--memory-budget-mb", default=2048, show_default=True,
               help="Decode a split once into device memory when it fits; stream row groups otherwise.")
 @click.option("--ten-crop", is_flag=True, help="Also report the paper's ten-patch test-time averaging.")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[PATH]",
               help="Continue the latest unfinished run of this dataset and model, or the run at PATH.")
-def train(dataset: str, model: str, epochs: int, batch_size: int, lr: float, schedule: str, norm: str | None,
-          dropout: float, label_smoothing: float, patience: int | None, seed: int, device: str,
-          memory_budget_mb: int, ten_crop: bool, compile_model: bool, resume: str | None) -> None:
-    """Train a CNN on a dataset of the store, with a checkpoint every epoch.
+def train(dataset: str, compile_model: bool, resume: str | None, **options) -> None:
+    """Train a CNN on a dataset of the store, log it to MLflow and register it.
 
     Prints the validation top-1 each epoch and, at the end, the held-out top-1 and
-    top-5 (the test split when the dataset has one, else validation). The defaults
-    are the alexnet-cifar recipe: SGD with momentum 0.9, weight decay 5e-4, one-cycle
-    learning rate, label smoothing 0.1, batch norm.
+    top-5 (the test split when the dataset has one, else validation). The new
+    version becomes `challenger`, and `champion` only if its validation top-1 beats
+    the champion's. The defaults are the alexnet-cifar recipe: SGD with momentum 0.9,
+    weight decay 5e-4, one-cycle learning rate, label smoothing 0.1, batch norm.
 
     \b
     Examples:
@@ -123,49 +144,185 @@ def train(dataset: str, model: str, epochs: int, batch_size: int, lr: float, sch
     """
     from flows.train import train as train_flow
 
-    result = train_flow(dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
-                        label_smoothing=label_smoothing, norm=norm, dropout=dropout, patience=patience, seed=seed,
-                        device=device, memory_budget_mb=memory_budget_mb, ten_crop=ten_crop, compile=compile_model,
-                        resume=True if resume == "latest" else (resume or False))
-    _print_training(result)
+    outcome = train_flow(dataset=dataset, compile=compile_model,
+                         resume=True if resume == "latest" else (resume or False), **options)
+    _print_training(outcome)
 
 
-def _print_training(result) -> None:
+def _print_training(outcome) -> None:
+    if outcome.fit is None:
+        click.echo(outcome.skipped)
+        return
+    result = outcome.fit
     held = result.held_out
     click.echo(f"\nheld-out ({result.held_out_split}, {held['images']:,} images): top-1 {100 * held['top1']:.1f}% "
                f"(error {100 * (1 - held['top1']):.1f}%), top-5 {100 * held['top5']:.1f}%")
     if "ten_crop_top1" in held:
         click.echo(f"ten-patch averaging: top-1 {100 * held['ten_crop_top1']:.1f}%, top-5 {100 * held['ten_crop_top5']:.1f}%")
     click.echo(f"checkpoint: {result.checkpoint}")
+    click.echo(f"MLflow run {outcome.run_id}: registered {outcome.model_name}/{outcome.model_version}")
+    if outcome.decision is not None:
+        verdict = "promoted to champion" if outcome.decision.promoted else "not promoted"
+        click.echo(f"gate: {verdict}: {outcome.decision.reason}")
+
+
+@cli.command()
+@click.option("--dataset", required=True, help="Dataset to add new images to and train on.")
+@click.option("--source", help="Where new images arrive (any `cnnpipe ingest` source); omit to train on the store as is.")
+@_training_options
+@click.option("--force", is_flag=True, help="Train even if the dataset has not changed since the champion was trained.")
+def retrain(dataset: str, source: str | None, **options) -> None:
+    """Ingest what is new, train, evaluate, register, and promote only a better model.
+
+    This is the flow `cnnpipe serve` runs every night. With no new data since the
+    champion was trained, it does nothing and says so.
+
+    \b
+    Examples:
+      cnnpipe retrain --source ./incoming --dataset pets
+      cnnpipe retrain --dataset cifar10 --epochs 30 --force
+    """
+    from flows.retrain import retrain as retrain_flow
+
+    _print_training(retrain_flow(dataset=dataset, source=source, **options))
+
+
+@cli.command()
+@click.option("--dataset", required=True, help="Dataset the nightly retraining trains on.")
+@click.option("--source", help="Where new training images arrive, ingested before each retraining.")
+@click.option("--cron", default="0 2 * * *", show_default=True, help="When to retrain.")
+@click.option("--timezone", default="UTC", show_default=True, help="IANA time zone of both schedules.")
+@click.option("--inbox", help="Also classify new images arriving here (any `cnnpipe classify` source).")
+@click.option("--inbox-cron", default="*/15 * * * *", show_default=True, help="When to classify the inbox.")
+@click.option("--model", "model_ref", default=None, help="Registry reference the inbox is classified with "
+              f"[default: {REGISTERED_MODEL}@champion].")
+@click.option("--epochs", default=30, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def serve(dataset: str, source: str | None, cron: str, timezone: str, inbox: str | None, inbox_cron: str,
+          model_ref: str | None, epochs: int, device: str) -> None:
+    """Run the nightly retraining (and an inbox classifier) on a schedule until stopped.
+
+    Serves Prefect deployments from this process: `retrain/nightly` and, with --inbox,
+    `classify/inbox`. With a Prefect server ($PREFECT_API_URL) the schedules show in
+    its UI. Stopping the process (Ctrl-C) leaves the schedules active for next time.
+
+    \b
+    Examples:
+      cnnpipe serve --dataset pets --source ./incoming
+      cnnpipe serve --dataset pets --cron "30 3 * * *" --timezone Europe/Berlin --inbox ./inbox
+    """
+    from prefect import serve as prefect_serve
+
+    from flows.serve import build_deployments
+
+    deployments = build_deployments(dataset, source, cron, timezone, inbox, inbox_cron, model_ref,
+                                    {"epochs": epochs, "device": device})
+    prefect_serve(*deployments, pause_on_shutdown=False)
+
+
+@cli.command()
+@click.argument("name", required=False)
+def models(name: str | None) -> None:
+    """List registered model versions with their figures, aliases and gate decisions.
+
+    \b
+    Examples:
+      cnnpipe models
+      cnnpipe models cnn-classifier
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from cnnpipe.registry import list_versions
+
+    versions = list_versions(name)
+    if not versions:
+        click.echo("No registered models yet. `cnnpipe train --dataset NAME` registers one.")
+        return
+    table = Table("model", "version", "aliases", "created", "dataset", "val top-1", "held-out top-1", "top-5", "gate")
+    for v in versions:
+        tags = v.tags
+        table.add_row(v.name, str(v.version), ", ".join(v.aliases), _timestamp(v.creation_timestamp),
+                      f"{tags.get('dataset', '')} {tags.get('dataset_version_id', '')[:8]}", _percent(tags.get("val_top1")),
+                      _percent(tags.get("test_top1") or tags.get("val_top1")),
+                      _percent(tags.get("test_top5") or tags.get("val_top5")), tags.get("gate.decision", ""))
+    Console().print(table)
+
+
+def _percent(value: str | None) -> str:
+    return f"{100 * float(value):.2f}%" if value else ""
+
+
+def _timestamp(millis: int) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(millis / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("version")
+def promote(name: str, version: str) -> None:
+    """Make VERSION of NAME the champion by hand (recorded with reason `manual`).
+
+    \b
+    Example:
+      cnnpipe promote cnn-classifier 3
+    """
+    from cnnpipe.registry import promote as promote_version
+
+    decision = promote_version(name, version)
+    click.echo(f"{name}: champion is now version {decision.challenger} (was {decision.champion or 'none'})")
+
+
+@cli.command()
+@click.argument("name")
+def rollback(name: str) -> None:
+    """Move NAME's champion back to the version that held it before.
+
+    \b
+    Example:
+      cnnpipe rollback cnn-classifier
+    """
+    from cnnpipe.registry import rollback as rollback_champion
+
+    decision = rollback_champion(name)
+    click.echo(f"{name}: champion rolled back from version {decision.champion} to {decision.challenger}")
 
 
 @cli.command()
 @click.argument("source")
+@click.option("--model", "model_ref", default=f"{REGISTERED_MODEL}@champion", show_default=True,
+              help="Registered model: NAME@ALIAS or NAME/VERSION (models:/ optional).")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
-              help="A checkpoint from `cnnpipe train` (registry models arrive with the MLflow registry).")
+              help="Use a checkpoint file from `cnnpipe train` instead of the registry.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", default=256, show_default=True)
-def classify(source: str, checkpoint: str | None, device: str, batch_size: int) -> None:
+def classify(source: str, model_ref: str, checkpoint: str | None, device: str, batch_size: int) -> None:
     """Classify the images in SOURCE into the predictions database.
 
-    SOURCE takes the same forms as `cnnpipe ingest`; labels in it are ignored.
-    Images this model version already classified are skipped before decoding, so
-    rerunning adds nothing, and a run killed at any point finishes on rerun.
-    Query the results with `cnnpipe sql`.
+    SOURCE takes the same forms as `cnnpipe ingest`; labels in it are ignored. The
+    model is resolved once, and its version is written into every row. Images this
+    version already classified are skipped before decoding, so rerunning adds
+    nothing, and a run killed at any point finishes on rerun. Query the results
+    with `cnnpipe sql`.
 
     \b
     Examples:
+      cnnpipe classify ./inbox
+      cnnpipe classify archive.tar.gz --model cnn-classifier/3 --device cuda --batch-size 1024
+      cnnpipe classify s3://bucket/photos/ --model models:/cnn-classifier@challenger
       cnnpipe classify ./inbox --checkpoint .cnnpipe/checkpoints/cifar10__alexnet-cifar/RUN/epoch-0030.pt
-      cnnpipe classify archive.tar.gz --checkpoint model.pt --device cuda --batch-size 1024
     """
+    from cnnpipe.registry import parse_model_ref
     from cnnpipe.reports import classify_markdown
     from cnnpipe.sources import open_source
     from flows.classify import classify as classify_flow
 
-    if checkpoint is None:
-        raise CnnpipeError("give --checkpoint PATH: classifying with a registered model needs the MLflow registry")
+    if not checkpoint:
+        parse_model_ref(model_ref)  # a malformed reference fails here, in one line
     open_source(source)
-    summary = classify_flow(source=source, checkpoint=checkpoint, device=device, batch_size=batch_size)
+    summary = classify_flow(source=source, model=model_ref, checkpoint=checkpoint, device=device, batch_size=batch_size)
     _print_markdown(classify_markdown(summary))
 
 
@@ -250,37 +407,47 @@ def demo() -> None:
 
     Writes rendered shapes (JPEG and PNG in class folders, two deliberately broken
     files, and a tar archive of more images) under $CNNPIPE_HOME/demo, ingests the
-    folder and the archive into the dataset `shapes`, trains alexnet-cifar on it for
-    12 epochs on the CPU (about a minute), classifies the archive into DuckDB and
-    ends with a SQL query over the predictions.
+    folder into the dataset `shapes`, then runs the nightly retraining flow once: it
+    ingests the archive, trains alexnet-cifar for 12 epochs on the CPU (about a
+    minute), logs the run to MLflow and registers `shapes-classifier`, promoting it
+    to champion if it beats the last one. It then classifies the archive into DuckDB
+    with the champion and ends with a SQL query and where to look next.
     """
     from cnnpipe.demo import write_demo_images
-    from cnnpipe.reports import ingest_markdown
-    from cnnpipe.settings import get_settings
     from cnnpipe.output import write_result
-    from cnnpipe.reports import classify_markdown
+    from cnnpipe.reports import classify_markdown, ingest_markdown
+    from cnnpipe.settings import get_settings
     from cnnpipe.sql import run_query
     from flows.classify import classify as classify_flow
     from flows.ingest import ingest as ingest_flow
-    from flows.train import train as train_flow
+    from flows.retrain import retrain as retrain_flow
 
     settings = get_settings()
     folder, archive = write_demo_images(settings.demo_dir)
-    for source in (folder, archive):
-        summary = ingest_flow(source=str(source), dataset="shapes")
-        _print_markdown(ingest_markdown(summary))
-    result = train_flow(dataset="shapes", epochs=12, batch_size=32, lr=0.01, dropout=0.2)
-    _print_training(result)
-    summary = classify_flow(source=str(archive), checkpoint=result.checkpoint)
+    _print_markdown(ingest_markdown(ingest_flow(source=str(folder), dataset="shapes")))
+    outcome = retrain_flow(dataset="shapes", source=str(archive), epochs=12, batch_size=32, lr=0.01, dropout=0.2,
+                           registered_model=DEMO_MODEL)
+    _print_training(outcome)
+    summary = classify_flow(source=str(archive), model=f"{DEMO_MODEL}@champion")
     _print_markdown(classify_markdown(summary))
     query = ("SELECT label, count(*) AS images, round(avg(confidence), 3) AS mean_confidence "
              "FROM latest_predictions GROUP BY label ORDER BY label")
     click.echo(f'\n$ cnnpipe sql "{query}"')
     write_result(run_query(query, settings.predictions_db), "table", None)
     files = settings.dataset_dir("shapes") / "**" / "*.parquet"
-    click.echo("\nThe dataset is plain Parquet; DuckDB reads it with no cnnpipe involved:\n"
-               f"  SELECT split, label, count(*) FROM '{files}' GROUP BY ALL ORDER BY ALL;\n"
-               "Details: cnnpipe datasets show shapes")
+    click.echo(f"""
+Where to look next:
+  cnnpipe models {DEMO_MODEL}        versions, figures, aliases and gate decisions
+  cnnpipe datasets show shapes
+  .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri}
+      then http://127.0.0.1:5000 for params, curves, plots and the model
+  .venv/bin/prefect server start
+      then http://127.0.0.1:4200 for these flow runs and their training report
+The dataset is plain Parquet; DuckDB reads it with no cnnpipe involved:
+  SELECT split, label, count(*) FROM '{files}' GROUP BY ALL ORDER BY ALL;""")
+
+
+DEMO_MODEL = "shapes-classifier"
 
 
 def main() -> None:
@@ -289,6 +456,8 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Our own progress and warnings go to the same console and run logs as Prefect's.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cnnpipe")
+    # Our own progress bars say what is happening; MLflow's per-download bars only add noise.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cli(prog_name="cnnpipe")
 
 

@@ -90,3 +90,33 @@ def classify_markdown(summary) -> str:
         lines += ["", "**Rejected**", ""]
         lines += [f"- `{r.path}`: {r.reason} ({r.detail})" for r in summary.rejected[:MAX_REJECT_LINES]]
     return "\n".join(lines) + "\n"
+
+
+def training_markdown(outcome) -> str:
+    """The morning-after report: headline figures, where to look, and what the gate decided."""
+    if outcome.fit is None:
+        return f"### Retraining skipped\n\n{outcome.skipped}\n"
+    result = outcome.fit
+    held, split = result.held_out, result.held_out_split
+    report = result.extra["report"]
+    lines = [
+        f"### Training `{outcome.model_name}` version {outcome.model_version}",
+        f"MLflow run [`{outcome.run_id}`]({outcome.run_url}), dataset version `{result.dataset_version}`, "
+        f"{result.epochs_run} epochs on {result.device}" + (" (stopped early)" if result.stopped_early else ""),
+        "",
+        "| metric | value |",
+        "|---|---:|",
+        f"| {split} top-1 | {100 * held['top1']:.2f}% |",
+        f"| {split} top-5 | {100 * held['top5']:.2f}% |",
+        f"| {split} top-1 error | {100 * (1 - held['top1']):.2f}% |",
+        f"| validation top-1 (final epoch) | {100 * result.history[-1]['val_top1']:.2f}% |",
+        f"| macro F1 | {report['macro']['f1']:.3f} |",
+        f"| expected calibration error | {report['ece']:.3f} |",
+    ]
+    if "ten_crop_top1" in held:
+        lines.append(f"| {split} top-1, ten patches | {100 * held['ten_crop_top1']:.2f}% |")
+    decision = outcome.decision
+    if decision is not None:
+        verdict = "**promoted to champion**" if decision.promoted else "**not promoted**"
+        lines += ["", f"Gate: {verdict}: {decision.reason}."]
+    return "\n".join(lines) + "\n"

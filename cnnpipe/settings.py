@@ -1,8 +1,9 @@
 """Every path and URI the pipeline uses, derived from the environment.
 
 `CNNPIPE_HOME` (default `./.cnnpipe`) is the root of all state. MLflow honours
-`MLFLOW_TRACKING_URI`; Prefect keeps its own rule (ephemeral API unless
-`PREFECT_API_URL` is set), so nothing here touches Prefect's settings.
+`MLFLOW_TRACKING_URI` (default: a SQLite file under the home, with artifacts beside it);
+Prefect keeps its own rule (ephemeral API unless `PREFECT_API_URL` is set), so nothing
+here touches Prefect's settings.
 """
 
 from __future__ import annotations
@@ -12,10 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+MLFLOW_EXPERIMENT = "cnn-pipeline"
+REGISTERED_MODEL = "cnn-classifier"
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
     mlflow_tracking_uri: str
+
+    @property
+    def mlflow_artifacts_dir(self) -> Path | None:
+        """Where a local tracking store keeps artifacts; a tracking server decides for itself."""
+        return self.home / "mlartifacts" if self.mlflow_tracking_uri.startswith("sqlite:") else None
 
     @property
     def datasets_dir(self) -> Path:

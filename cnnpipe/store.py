@@ -17,7 +17,6 @@ are adopted by the next run, which then only reads what is still missing.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -42,6 +41,7 @@ import pyarrow.parquet as pq
 from cnnpipe.errors import CnnpipeError
 from cnn.failpoints import failpoint
 from cnnpipe.fsutil import atomic_write_json, fsync_dir, fsync_file
+from cnnpipe.locks import file_lock
 from cnnpipe.images import CheckedImage, check_batch
 from cnnpipe.settings import Settings, get_settings
 from cnnpipe.sources import Entry, Source
@@ -396,13 +396,8 @@ class DatasetStore:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """One writer per dataset; a second ingest waits, then finds nothing left to add."""
-        self.settings.locks_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.settings.locks_dir / f"dataset-{self.name}.lock", "w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another writer of dataset %s", self.name)
-                fcntl.flock(handle, fcntl.LOCK_EX)
+        with file_lock(self.settings.locks_dir / f"dataset-{self.name}.lock",
+                       waiting=f"waiting for another writer of dataset {self.name}"):
             yield
 
     def recover(self) -> None:

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
-from prefect import flow
+from dataclasses import replace
 
-from cnn.train import FitResult, TrainConfig
+from prefect import flow
+from prefect.runtime import flow_run
+
+from cnn.train import TrainConfig, resolve_device
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.settings import get_settings
+from cnnpipe.settings import REGISTERED_MODEL, get_settings
 from cnnpipe.store import DatasetStore
-from tasks.train import train_model
+from tasks.train import TrainingOutcome, gate_champion, prepare_tracking, report_training, train_and_log
 
 
 @flow(name="train")
@@ -27,8 +30,11 @@ def train(
     ten_crop: bool = False,
     compile: bool = False,
     resume: bool | str = False,
-) -> FitResult:
-    """Train a model on a dataset of the store; returns metrics and the checkpoint path."""
+    registered_model: str = REGISTERED_MODEL,
+    min_improvement: float = 0.0,
+) -> TrainingOutcome:
+    """Train on a dataset of the store, log the run to MLflow, register the model, and
+    promote it to `champion` only if it beats the current one on validation top-1."""
     if not DatasetStore(dataset).exists():
         raise CnnpipeError(f"no dataset named {dataset!r}; ingest one with `cnnpipe ingest SOURCE --dataset {dataset}`")
     settings = get_settings()
@@ -38,4 +44,7 @@ def train(
         device=device, memory_budget_mb=memory_budget_mb, ten_crop=ten_crop, compile=compile, resume=resume,
         checkpoint_root=str(settings.checkpoints_dir),
     )
-    return train_model(config)
+    prepare_tracking()
+    outcome = train_and_log(config, registered_model, flow_run.id)
+    decision = gate_champion(outcome, config.dataset_dir, min_improvement, str(resolve_device(device)))
+    return report_training(replace(outcome, decision=decision))

@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from cnn.predict import Predictor
 from cnnpipe.classify import ClassifySummary, classify_source
 from cnnpipe.progress import progress_bar
+from cnnpipe.registry import load_predictor
 from cnnpipe.reports import classify_markdown
 from cnnpipe.settings import get_settings
 from cnnpipe.sources import open_source
@@ -16,9 +17,11 @@ from cnnpipe.sources import open_source
 
 # Each run classifies what is new in its source: nothing here is worth caching.
 @task(name="classify-images", cache_policy=NO_CACHE)
-def classify_images(source: str, checkpoint: str, device: str, batch_size: int, run_id: str) -> ClassifySummary:
+def classify_images(source: str, model: str, checkpoint: str | None, device: str, batch_size: int,
+                    run_id: str) -> ClassifySummary:
     settings = get_settings()
-    predictor = Predictor(checkpoint, device, batch_size)  # resolved once per run
+    # Resolved once per run: an alias that moves mid-run does not mix versions in the rows.
+    predictor = Predictor(checkpoint, device, batch_size) if checkpoint else load_predictor(model, device, batch_size)
     with progress_bar("classify") as update:
         return classify_source(open_source(source), predictor, settings.predictions_db, settings.staging_dir,
                                run_id, on_progress=update)

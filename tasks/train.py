@@ -1,27 +1,102 @@
-"""Thin Prefect task over `cnn.train.fit`."""
+"""Thin Prefect tasks: train and log to MLflow, gate the new version, report."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from cnn.train import FitResult, TrainConfig, fit
+from cnn.train import FitResult, TrainConfig, fit, resolve_device
+from cnnpipe import registry, tracking
 from cnnpipe.progress import TrainingProgress
+from cnnpipe.registry import GateDecision
+from cnnpipe.reports import training_markdown
 
 
-@task(name="train-model")
-def train_model(config: TrainConfig) -> FitResult:
-    manifest = json.loads((Path(config.dataset_dir) / "manifest.json").read_text())
+@dataclass
+class TrainingOutcome:
+    """What a training flow leaves behind: metrics, the MLflow run, the registered version, the decision."""
+
+    fit: FitResult | None = None
+    run_id: str = ""
+    run_url: str = ""
+    model_name: str = ""
+    model_version: str = ""
+    decision: GateDecision | None = None
+    skipped: str = ""
+    details: dict = field(default_factory=dict)
+
+
+# Creating a fresh SQLite store can meet another process's lock; a retry finds it ready.
+@task(name="prepare-tracking", retries=2, retry_delay_seconds=2)
+def prepare_tracking() -> None:
+    tracking.connect()
+
+
+@task(name="train-and-log", cache_policy=NO_CACHE)
+def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str | None) -> TrainingOutcome:
+    """One MLflow run around `fit`: params, per-epoch metrics, evaluation artifacts, the registered model."""
     logger = get_run_logger()
+    manifest = json.loads((Path(config.dataset_dir) / "manifest.json").read_text())
     progress = TrainingProgress(config.epochs, sum(manifest["counts"].get("train", {}).values()), logger)
-    try:
-        result = fit(config, on_step=progress.on_step, on_epoch=progress.on_epoch)
-    finally:
-        progress.close()
+
+    def on_epoch(record: dict) -> None:
+        progress.on_epoch(record)
+        tracking.log_epoch(record)
+
+    with tracking.training_run(f"{manifest['name']} {config.model}", {"registered_model": registered_model}) as run:
+        tracking.log_config(config, manifest, str(resolve_device(config.device)), flow_run_id)
+        try:
+            result = fit(config, on_step=progress.on_step, on_epoch=on_epoch)
+        finally:
+            progress.close()
+        tracking.log_evaluation(result)
+        version = tracking.log_model(result, registered_model)
+        registry.describe_version(registry.client(), version, {
+            "dataset": manifest["name"], "dataset_version_id": result.dataset_version,
+            registry.GATE_METRIC: f"{result.history[-1]['val_top1']:.6f}",
+            f"{result.held_out_split}_top1": f"{result.held_out['top1']:.6f}",
+            f"{result.held_out_split}_top5": f"{result.held_out['top5']:.6f}",
+            "model": config.model, "checkpoint": result.checkpoint,
+        })
+    result.extra["report"].pop("mistakes")  # images: logged as a grid, too heavy to pass on
     held = result.held_out
-    logger.info("held-out %s split: top-1 %.1f%%, top-5 %.1f%% on %d images; checkpoint %s", result.held_out_split,
-                100 * held["top1"], 100 * held["top5"], held["images"], result.checkpoint)
-    return result
+    logger.info("held-out %s split: top-1 %.1f%%, top-5 %.1f%% on %d images; MLflow run %s; registered %s/%s",
+                result.held_out_split, 100 * held["top1"], 100 * held["top5"], held["images"], run.info.run_id,
+                version.name, version.version)
+    return TrainingOutcome(result, run.info.run_id, tracking.run_url(run), version.name, str(version.version))
+
+
+@task(name="gate-champion", cache_policy=NO_CACHE)
+def gate_champion(outcome: TrainingOutcome, dataset_dir: str, min_improvement: float, device: str) -> GateDecision:
+    mlflow_client = registry.client()
+    version = mlflow_client.get_model_version(outcome.model_name, outcome.model_version)
+    return registry.gate(mlflow_client, version, outcome.fit.history[-1]["val_top1"], Path(dataset_dir),
+                         outcome.fit.dataset_version, min_improvement, device)
+
+
+@task(name="unchanged-since-champion", cache_policy=NO_CACHE)
+def unchanged_since_champion(registered_model: str, dataset_dir: str) -> str:
+    """Why retraining would add nothing (the champion saw this dataset version), or ''."""
+    manifest_path = Path(dataset_dir) / "manifest.json"
+    if not manifest_path.exists():
+        return ""  # training then says the dataset is missing
+    manifest = json.loads(manifest_path.read_text())
+    champion = registry.current_champion(registry.client(), registered_model)
+    if champion is None or champion.tags.get("dataset_version_id") != manifest["version_id"]:
+        return ""
+    return (f"dataset {manifest['name']} is still at version {manifest['version']} (`{manifest['version_id']}`), "
+            f"on which champion {registered_model}/{champion.version} was trained; nothing to retrain "
+            "(use --force to train anyway)")
+
+
+@task(name="report-training", cache_policy=NO_CACHE)
+def report_training(outcome: TrainingOutcome) -> TrainingOutcome:
+    create_markdown_artifact(training_markdown(outcome), key="training-report",
+                             description="Training, evaluation and promotion decision")
+    return outcome

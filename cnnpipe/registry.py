@@ -1,0 +1,293 @@
+"""The model registry: references, safe loading, the champion gate and its history.
+
+A registered version carries its figures as tags (`val_top1`, `dataset_version_id`, ...).
+The `champion` alias moves only under a per-model file lock, after checking that it still
+points where the decision assumed (compare-and-set), and every move is recorded in the
+`promotions` table of the predictions database.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from cnn.checkpoint import CheckpointError
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.locks import file_lock
+from cnnpipe.predictions import connect_for_writing, retry_on_lock
+from cnnpipe.settings import REGISTERED_MODEL, Settings, get_settings
+from cnnpipe.tracking import WEIGHTS_ARTIFACT
+
+log = logging.getLogger("cnnpipe.registry")
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+GATE_METRIC = "val_top1"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.alias}" if self.alias else f"{self.name}/{self.version}"
+
+
+def parse_model_ref(text: str) -> ModelRef:
+    """`NAME@ALIAS` or `NAME/VERSION`, with `models:/` optional; a bare NAME means its champion."""
+    body = text.strip().removeprefix("models:/")
+    match = re.fullmatch(r"([^@/\s]+)(?:@([\w-]+)|/(\d+))?", body)
+    if not match:
+        raise CnnpipeError(f"{text!r} is not a model reference: use NAME@ALIAS or NAME/VERSION, "
+                           f"e.g. {REGISTERED_MODEL}@{CHAMPION} or {REGISTERED_MODEL}/3")
+    name, alias, version = match.groups()
+    return ModelRef(name, alias or (None if version else CHAMPION), version)
+
+
+def client(settings: Settings | None = None) -> MlflowClient:
+    settings = settings or get_settings()
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    return MlflowClient(settings.mlflow_tracking_uri)
+
+
+def resolve(mlflow_client: MlflowClient, ref: ModelRef) -> ModelVersion:
+    """The one version a reference means now; callers resolve once per run and keep it."""
+    try:
+        if ref.alias:
+            return mlflow_client.get_model_version_by_alias(ref.name, ref.alias)
+        return mlflow_client.get_model_version(ref.name, ref.version)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise CnnpipeError(f"model {ref}: not in the registry at {mlflow.get_tracking_uri()} "
+                           "(`cnnpipe models` lists what is there; `cnnpipe train` registers one)") from None
+
+
+def current_champion(mlflow_client: MlflowClient, name: str) -> ModelVersion | None:
+    try:
+        return mlflow_client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def download_weights(version: ModelVersion, folder: Path) -> Path:
+    """The version's `weights.pt`: a state_dict and metadata, never a pickled object."""
+    try:
+        return Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{version.name}/{version.version}/{WEIGHTS_ARTIFACT}", dst_path=str(folder)))
+    except (MlflowException, OSError) as exc:
+        raise CnnpipeError(f"model {version.name}/{version.version}: cannot fetch {WEIGHTS_ARTIFACT} "
+                           f"({str(exc).splitlines()[0]})") from None
+
+
+def load_predictor(ref: str | ModelRef, device: str = "cpu", batch_size: int = 256):
+    """A Predictor for a registered version, loaded with `torch.load(weights_only=True)` only."""
+    from cnn.predict import Predictor
+
+    ref = parse_model_ref(ref) if isinstance(ref, str) else ref
+    version = resolve(client(), ref)
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as scratch:
+        path = download_weights(version, Path(scratch))
+        try:
+            return Predictor(path, device, batch_size, name=version.name, version=str(version.version),
+                             run_id=version.run_id)
+        except CheckpointError as exc:
+            raise CnnpipeError(f"model {version.name} version {version.version}: {exc}") from None
+
+
+def describe_version(mlflow_client: MlflowClient, version: ModelVersion, tags: dict[str, object]) -> None:
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(version.name, version.version, key, str(value))
+
+
+# ---- the champion gate ------------------------------------------------------------
+
+@dataclass
+class GateDecision:
+    model_name: str
+    challenger: str
+    champion: str | None
+    challenger_top1: float
+    champion_top1: float | None
+    promoted: bool
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _lock(name: str):
+    return file_lock(get_settings().locks_dir / f"registry-{name}.lock",
+                     waiting=f"waiting for another promotion of {name}")
+
+
+def champion_score(mlflow_client: MlflowClient, champion: ModelVersion, dataset_dir: Path,
+                   dataset_version_id: str, device: str = "cpu") -> tuple[float, str]:
+    """The champion's validation top-1 on the dataset's current version, re-evaluated when it changed."""
+    tags = champion.tags
+    if tags.get("dataset_version_id") == dataset_version_id and GATE_METRIC in tags:
+        return float(tags[GATE_METRIC]), "as recorded"
+    from cnn.train import evaluate_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-champion-") as scratch:
+        weights = download_weights(champion, Path(scratch))
+        figures = evaluate_checkpoint(weights, dataset_dir, device)
+    log.info("re-evaluated champion %s/%s on dataset version %s: val top-1 %.4f", champion.name, champion.version,
+             dataset_version_id, figures["top1"])
+    return figures["top1"], f"re-evaluated on dataset version {dataset_version_id}"
+
+
+def gate(mlflow_client: MlflowClient, challenger: ModelVersion, challenger_top1: float, dataset_dir: Path,
+         dataset_version_id: str, min_improvement: float = 0.0, device: str = "cpu") -> GateDecision:
+    """Make `challenger` the champion only if its validation top-1 beats the champion's by
+    more than nothing and by at least `min_improvement`, both measured on the same split."""
+    name = challenger.name
+    with _lock(name):
+        mlflow_client.set_registered_model_alias(name, CHALLENGER, challenger.version)
+        champion = current_champion(mlflow_client, name)
+        champion_top1 = None
+        if champion is None:
+            promoted, reason = True, "first champion"
+        elif str(champion.version) == str(challenger.version):
+            promoted, reason = False, "already the champion"
+        else:
+            try:
+                champion_top1, how = champion_score(mlflow_client, champion, dataset_dir, dataset_version_id, device)
+            except ValueError as exc:  # the champion was trained on other classes
+                promoted = False
+                reason = (f"not comparable with champion {champion.version}: {exc}; "
+                          f"use `cnnpipe promote {name} {challenger.version}` to switch anyway")
+            else:
+                gain = challenger_top1 - champion_top1
+                promoted = gain > 0 and gain >= min_improvement
+                verdict = "beats" if promoted else "does not beat"
+                required = f" by at least {min_improvement:g}" if min_improvement > 0 else ""
+                reason = (f"val top-1 {challenger_top1:.4f} {verdict} champion {champion.version}'s "
+                          f"{champion_top1:.4f} ({how}){required}")
+        if promoted:
+            _move_champion(mlflow_client, name, champion, challenger.version, challenger_top1, champion_top1,
+                           "better" if champion else "first")
+        describe_version(mlflow_client, challenger, {
+            "gate.decision": "promoted" if promoted else "rejected", "gate.reason": reason,
+            "gate.champion_version": str(champion.version) if champion else "",
+            "gate.champion_val_top1": "" if champion_top1 is None else f"{champion_top1:.6f}",
+        })
+    decision = GateDecision(name, str(challenger.version), str(champion.version) if champion else None, challenger_top1,
+                            champion_top1, promoted, reason)
+    log.info("gate for %s/%s: %s (%s)", name, challenger.version, "promoted" if promoted else "kept champion", reason)
+    return decision
+
+
+def _move_champion(mlflow_client: MlflowClient, name: str, expected: ModelVersion | None, to_version: str,
+                   to_value: float | None, from_value: float | None, reason: str) -> None:
+    """Compare-and-set: move `champion` only if it still points at `expected`; then record it."""
+    now = current_champion(mlflow_client, name)
+    if (str(now.version) if now else None) != (str(expected.version) if expected else None):
+        raise CnnpipeError(f"{name}: the champion changed to {now.version if now else 'none'} during the decision; "
+                           "run the gate again")
+    mlflow_client.set_registered_model_alias(name, CHAMPION, to_version)
+    _record_promotion(name, str(expected.version) if expected else None, str(to_version), from_value, to_value, reason)
+
+
+def _record_promotion(name: str, from_version: str | None, to_version: str, from_value: float | None,
+                      to_value: float | None, reason: str) -> None:
+    def record() -> None:
+        connection = connect_for_writing(get_settings().predictions_db)
+        try:
+            connection.execute("BEGIN")
+            connection.execute("INSERT INTO promotions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               [datetime.now(timezone.utc), name, from_version, to_version, GATE_METRIC,
+                                _finite(from_value), _finite(to_value), reason])
+            connection.execute("INSERT OR REPLACE INTO champions VALUES (?, ?, ?)",
+                               [name, to_version, datetime.now(timezone.utc)])
+            connection.execute("COMMIT")
+        finally:
+            connection.close()
+
+    retry_on_lock(record)
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _tagged_top1(version: ModelVersion | None) -> float | None:
+    if version is None or GATE_METRIC not in version.tags:
+        return None
+    return float(version.tags[GATE_METRIC])
+
+
+def promote(name: str, version: str, reason: str = "manual") -> GateDecision:
+    """Make `version` the champion by hand; recorded in the history with `reason`."""
+    mlflow_client = client()
+    with _lock(name):
+        target = resolve(mlflow_client, ModelRef(name, version=str(version)))
+        champion = current_champion(mlflow_client, name)
+        if champion is not None and str(champion.version) == str(target.version):
+            raise CnnpipeError(f"{name}/{version} is already the champion")
+        _move_champion(mlflow_client, name, champion, target.version, _tagged_top1(target), _tagged_top1(champion),
+                       reason)
+    return GateDecision(name, str(target.version), str(champion.version) if champion else None,
+                        _tagged_top1(target) or math.nan,
+                        _tagged_top1(champion), True, reason)
+
+
+def champion_history(name: str) -> list[str]:
+    """Champions in order, as promotions and rollbacks left them; the last is the current one."""
+    def read() -> list[tuple]:
+        connection = connect_for_writing(get_settings().predictions_db)
+        try:
+            return connection.execute("SELECT to_version, reason FROM promotions WHERE model_name = ? "
+                                      "ORDER BY promoted_at", [name]).fetchall()
+        finally:
+            connection.close()
+
+    stack: list[str] = []
+    for to_version, reason in retry_on_lock(read):
+        if reason == "rollback":
+            stack.pop()
+        else:
+            stack.append(to_version)
+    return stack
+
+
+def rollback(name: str) -> GateDecision:
+    """Move `champion` back to the version that held it before the current one."""
+    mlflow_client = client()
+    with _lock(name):
+        champion = current_champion(mlflow_client, name)
+        if champion is None:
+            raise CnnpipeError(f"{name} has no champion to roll back")
+        history = champion_history(name)
+        if len(history) < 2 or history[-1] != str(champion.version):
+            raise CnnpipeError(f"{name}: no earlier champion in the promotion history (current: {champion.version})")
+        target = resolve(mlflow_client, ModelRef(name, version=history[-2]))
+        _move_champion(mlflow_client, name, champion, target.version, _tagged_top1(target), _tagged_top1(champion),
+                       "rollback")
+    return GateDecision(name, str(target.version), str(champion.version), _tagged_top1(target) or math.nan,
+                        _tagged_top1(champion), True, "rollback")
+
+
+def list_versions(name: str | None = None) -> list[ModelVersion]:
+    mlflow_client = client()
+    names = [name] if name else [m.name for m in mlflow_client.search_registered_models()]
+    versions = []
+    for model_name in names:
+        found = mlflow_client.search_model_versions(f"name = '{model_name}'")
+        versions += sorted(found, key=lambda v: int(v.version), reverse=True)
+    if name and not versions:
+        raise CnnpipeError(f"no registered model named {name!r}")
+    return versions
