@@ -240,9 +240,9 @@ def models(name: str | None) -> None:
         click.echo("No registered models yet. `cnnpipe train --dataset NAME` registers one.")
         return
     table = Table("model", "version", "aliases", "created", "dataset", "val top-1", "held-out top-1", "top-5", "gate")
-    for v in versions:
+    for v, aliases in versions:
         tags = v.tags
-        table.add_row(v.name, str(v.version), ", ".join(v.aliases), _timestamp(v.creation_timestamp),
+        table.add_row(v.name, str(v.version), ", ".join(aliases), _timestamp(v.creation_timestamp),
                       f"{tags.get('dataset', '')} {tags.get('dataset_version_id', '')[:8]}", _percent(tags.get("val_top1")),
                       _percent(tags.get("test_top1") or tags.get("val_top1")),
                       _percent(tags.get("test_top5") or tags.get("val_top5")), tags.get("gate.decision", ""))

@@ -32,6 +32,8 @@ log = logging.getLogger("cnnpipe.registry")
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 GATE_METRIC = "val_top1"
+# What MLflow answers for a missing model, version or alias (an unknown alias is a "bad parameter").
+NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def resolve(mlflow_client: MlflowClient, ref: ModelRef) -> ModelVersion:
             return mlflow_client.get_model_version_by_alias(ref.name, ref.alias)
         return mlflow_client.get_model_version(ref.name, ref.version)
     except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+        if exc.error_code not in NOT_FOUND:
             raise
         raise CnnpipeError(f"model {ref}: not in the registry at {mlflow.get_tracking_uri()} "
                            "(`cnnpipe models` lists what is there; `cnnpipe train` registers one)") from None
@@ -78,7 +80,7 @@ def current_champion(mlflow_client: MlflowClient, name: str) -> ModelVersion | N
     try:
         return mlflow_client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        if exc.error_code in NOT_FOUND:
             return None
         raise
 
@@ -281,13 +283,19 @@ def rollback(name: str) -> GateDecision:
                         _tagged_top1(champion), True, "rollback")
 
 
-def list_versions(name: str | None = None) -> list[ModelVersion]:
+def list_versions(name: str | None = None) -> list[tuple[ModelVersion, list[str]]]:
+    """Every version, newest first, with its aliases (a search does not return them)."""
     mlflow_client = client()
-    names = [name] if name else [m.name for m in mlflow_client.search_registered_models()]
-    versions = []
-    for model_name in names:
-        found = mlflow_client.search_model_versions(f"name = '{model_name}'")
-        versions += sorted(found, key=lambda v: int(v.version), reverse=True)
-    if name and not versions:
-        raise CnnpipeError(f"no registered model named {name!r}")
-    return versions
+    models = mlflow_client.search_registered_models()
+    if name:
+        models = [m for m in models if m.name == name]
+        if not models:
+            raise CnnpipeError(f"no registered model named {name!r}")
+    listed = []
+    for model in models:
+        aliases: dict[str, list[str]] = {}
+        for alias, version in model.aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
+        found = mlflow_client.search_model_versions(f"name = '{model.name}'")
+        listed += [(v, sorted(aliases.get(str(v.version), []))) for v in sorted(found, key=lambda v: -int(v.version))]
+    return listed

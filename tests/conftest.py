@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -66,3 +67,25 @@ def shapes_checkpoints(shapes_dataset, tmp_path_factory) -> list[Path]:
     result = fit(TrainConfig(dataset_dir=str(shapes_dataset), epochs=2, batch_size=32, lr=0.01, dropout=0.2,
                              device="cpu", checkpoint_root=str(root)))
     return sorted(Path(result.run_dir).glob("epoch-*.pt"))
+
+
+@pytest.fixture
+def register_version(shapes_dataset, shapes_checkpoints):
+    """Register a version of an alexnet-cifar trained on the shapes, with the figures a test chooses."""
+    from cnn.train import FitResult
+    from cnnpipe import registry, tracking
+
+    def register(name: str, val_top1: float, dataset_version_id: str | None = None, checkpoint: Path | None = None):
+        checkpoint = checkpoint or shapes_checkpoints[-1]
+        manifest_version = json.loads((shapes_dataset / "manifest.json").read_text())["version_id"]
+        dataset_version_id = dataset_version_id or manifest_version
+        result = FitResult(str(checkpoint.parent), str(checkpoint), ["circle", "cross", "square", "triangle"], [], {},
+                           "test", val_top1, 1, 0, "cpu", dataset_version_id)
+        tracking.connect()
+        with tracking.training_run(f"test {name}", {}):
+            version = tracking.log_model(result, name)
+        registry.describe_version(registry.client(), version, {
+            "dataset": "shapes", "dataset_version_id": dataset_version_id, registry.GATE_METRIC: val_top1})
+        return registry.client().get_model_version(name, str(version.version))
+
+    return register

@@ -64,3 +64,17 @@ def test_expected_calibration_error_by_hand():
 def test_confusion_matrix_counts_every_prediction():
     matrix = confusion_matrix(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 1]), 3)
     assert matrix.tolist() == [[1, 0, 0], [1, 1, 1], [0, 0, 0]]
+
+
+def test_mistake_collector_keeps_the_most_confident_wrong_predictions_across_batches():
+    from cnn.train import MistakeCollector
+
+    collector = MistakeCollector(2)
+    images = torch.arange(4, dtype=torch.uint8).reshape(4, 1, 1, 1)
+    # Rows 0 and 2 are wrong (0.9 and 0.6), row 1 is right with 0.99, row 3 wrong with 0.7.
+    probabilities = torch.tensor([[0.1, 0.9], [0.99, 0.01], [0.4, 0.6], [0.3, 0.7]])
+    collector.add(images[:2], probabilities[:2], torch.tensor([0, 0]))
+    collector.add(images[2:], probabilities[2:], torch.tensor([0, 0]))
+    kept = collector.ranked()
+    assert [m["confidence"] for m in kept] == pytest.approx([0.9, 0.7])
+    assert [int(m["image"]) for m in kept] == [0, 3] and all(m["predicted"] == 1 for m in kept)

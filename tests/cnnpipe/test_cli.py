@@ -51,3 +51,23 @@ def test_ingest_then_list_and_show(tmp_path):
     shown = runner.invoke(cli, ["datasets", "show", "pets"])
     assert shown.exit_code == 0
     assert "Version 1" in shown.output and "unidentified" in shown.output and "cat" in shown.output
+
+
+@pytest.mark.slow
+def test_models_promote_and_rollback_commands(register_version, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    runner = CliRunner()
+    assert "No registered models yet" in runner.invoke(cli, ["models"]).output
+    register_version("pets", 0.5)
+    register_version("pets", 0.75)
+    assert runner.invoke(cli, ["promote", "pets", "1"]).output.strip() == "pets: champion is now version 1 (was none)"
+    assert runner.invoke(cli, ["promote", "pets", "2"]).exit_code == 0
+    listing = runner.invoke(cli, ["models", "pets"])
+    assert listing.exit_code == 0, listing.output
+    rows = [line for line in listing.output.splitlines() if "pets" in line]
+    assert "champion" in rows[0] and "75.00%" in rows[0] and "50.00%" in rows[1]
+    rolled = runner.invoke(cli, ["rollback", "pets"])
+    assert rolled.output.strip() == "pets: champion rolled back from version 2 to 1"
+    missing = runner.invoke(cli, ["promote", "pets", "9"])
+    assert missing.exit_code == 1 and "model pets/9: not in the registry" in missing.output
+    assert runner.invoke(cli, ["models", "ghost"]).output.strip().endswith("no registered model named 'ghost'")

@@ -2,12 +2,18 @@ from __future__ import annotations
 
 import shutil
 
+import mlflow
 import pytest
+import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from cnn.checkpoint import load_checkpoint
+from cnn.predict import Predictor
+from cnnpipe import registry
 from cnnpipe.cli import cli
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.settings import get_settings
 from flows.train import train
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
@@ -19,11 +25,44 @@ def shapes_in_home(shapes_dataset, cnnpipe_home):
     return cnnpipe_home
 
 
-def test_train_flow_returns_metrics_and_a_checkpoint_under_home(shapes_in_home):
-    result = train("shapes", epochs=1, batch_size=64, lr=0.01, device="cpu")
+def test_train_flow_logs_a_complete_mlflow_run_and_registers_a_loadable_model(shapes_in_home, tmp_path):
+    outcome = train("shapes", epochs=2, batch_size=64, lr=0.01, device="cpu", registered_model="flowtest")
+    result = outcome.fit
     assert result.checkpoint.startswith(str(shapes_in_home / "checkpoints" / "shapes__alexnet-cifar"))
-    assert len(result.history) == 1 and 0 <= result.held_out["top1"] <= 1
-    assert load_checkpoint(result.checkpoint)["epoch"] == 1
+    assert load_checkpoint(result.checkpoint)["epoch"] == 2
+
+    client = mlflow.MlflowClient(get_settings().mlflow_tracking_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["config.epochs"] == "2" and params["config.lr"] == "0.01" and params["config.momentum"] == "0.9"
+    assert params["dataset"] == "shapes" and params["dataset_version_id"] == result.dataset_version
+    assert params["classes"] == "circle,cross,square,triangle" and params["device"] == "cpu"
+    assert params["torch"] == torch.__version__ and "torchvision" in params and "cnn_pipeline" in params
+    assert run.data.tags["prefect.flow_run_id"] and run.data.tags["dataset_version_id"] == result.dataset_version
+    for key in ("train_loss", "train_accuracy", "val_top1", "val_top5", "lr", "images_per_second"):
+        history = client.get_metric_history(outcome.run_id, key)
+        assert [m.step for m in history] == [1, 2], key
+    assert [m.value for m in client.get_metric_history(outcome.run_id, "val_top1")] == \
+        pytest.approx([r["val_top1"] for r in result.history])
+    assert run.data.metrics["test_top1"] == pytest.approx(result.held_out["top1"])
+    assert "test_top5_error" in run.data.metrics and "test_ece" in run.data.metrics
+
+    artifacts = mlflow.artifacts.download_artifacts(run_id=outcome.run_id, dst_path=str(tmp_path / "artifacts"))
+    for name in ("confusion_matrix", "training_curves", "reliability_diagram", "confident_mistakes"):
+        with Image.open(f"{artifacts}/plots/{name}.png") as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 300
+    per_class = (tmp_path / "artifacts" / "evaluation" / "per_class_metrics.csv").read_text().splitlines()
+    assert per_class[0] == "class,precision,recall,f1,support" and len(per_class) == 5
+
+    assert (outcome.model_name, outcome.model_version) == ("flowtest", "1")
+    assert outcome.decision.promoted and outcome.decision.reason == "first champion"
+    version = client.get_model_version("flowtest", "1")
+    assert version.run_id == outcome.run_id and version.tags["dataset_version_id"] == result.dataset_version
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(registry.load_predictor("flowtest@champion").probabilities(images),
+                               Predictor(result.checkpoint).probabilities(images))
 
 
 def test_train_flow_names_a_missing_dataset():
@@ -31,8 +70,9 @@ def test_train_flow_names_a_missing_dataset():
         train("ghost", epochs=1)
 
 
-def test_cli_train_prints_the_held_out_figures(shapes_in_home):
+def test_cli_train_prints_the_held_out_figures_and_the_gate(shapes_in_home):
     result = CliRunner().invoke(cli, ["train", "--dataset", "shapes", "--epochs", "1", "--batch-size", "64",
                                       "--lr", "0.01", "--device", "cpu", "--ten-crop"])
     assert result.exit_code == 0, result.output
     assert "held-out (test, 80 images): top-1" in result.output and "ten-patch averaging" in result.output
+    assert "registered cnn-classifier/1" in result.output and "gate: promoted to champion" in result.output

@@ -1,0 +1,212 @@
+"""The model registry on a real MLflow SQLite store: references, safe loading, the gate, history."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import pickle
+from pathlib import Path
+
+import duckdb
+import pytest
+import torch
+
+from cnn.predict import Predictor
+from cnn.train import evaluate_checkpoint
+from cnnpipe import registry
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.registry import ModelRef, parse_model_ref
+from cnnpipe.settings import get_settings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("cnn-classifier@champion", ModelRef("cnn-classifier", alias="champion")),
+    ("models:/cnn-classifier@challenger", ModelRef("cnn-classifier", alias="challenger")),
+    ("cnn-classifier/12", ModelRef("cnn-classifier", version="12")),
+    ("models:/pets/3", ModelRef("pets", version="3")),
+    ("pets", ModelRef("pets", alias="champion")),
+])
+def test_model_references_in_mlflow_forms(text, expected):
+    assert parse_model_ref(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "pets/latest", "pets@", "a b@champion", "pets/3/4"])
+def test_malformed_references_are_refused_with_the_accepted_forms(text):
+    with pytest.raises(CnnpipeError, match="NAME@ALIAS or NAME/VERSION"):
+        parse_model_ref(text)
+
+
+def _promotions() -> list[tuple]:
+    with duckdb.connect(str(get_settings().predictions_db), read_only=True) as connection:
+        return connection.execute("SELECT from_version, to_version, from_value, to_value, reason FROM promotions "
+                                  "ORDER BY promoted_at").fetchall()
+
+
+def _gate(version, shapes_dataset, min_improvement=0.0):
+    return registry.gate(registry.client(), version, float(version.tags["val_top1"]), shapes_dataset,
+                         version.tags["dataset_version_id"], min_improvement)
+
+
+def _champion(name: str) -> str:
+    return str(registry.current_champion(registry.client(), name).version)
+
+
+def test_gate_promotes_only_a_better_model(register_version, shapes_dataset):
+    first = register_version("gated", 0.50)
+    assert _gate(first, shapes_dataset).promoted and _champion("gated") == "1"
+
+    worse = register_version("gated", 0.40)
+    decision = _gate(worse, shapes_dataset)
+    assert not decision.promoted and decision.champion_top1 == pytest.approx(0.50)
+    assert _champion("gated") == "1"
+    assert registry.client().get_model_version("gated", "2").tags["gate.decision"] == "rejected"
+    assert str(registry.client().get_model_version_by_alias("gated", "challenger").version) == "2"
+
+    equal = register_version("gated", 0.50)
+    assert not _gate(equal, shapes_dataset).promoted  # a tie does not beat the champion
+
+    better = register_version("gated", 0.60)
+    assert _gate(better, shapes_dataset).promoted and _champion("gated") == "4"
+
+    slightly = register_version("gated", 0.62)
+    assert not _gate(slightly, shapes_dataset, min_improvement=0.05).promoted and _champion("gated") == "4"
+
+    assert _promotions() == [(None, "1", None, pytest.approx(0.5), "first"),
+                             ("1", "4", pytest.approx(0.5), pytest.approx(0.6), "better")]
+
+
+def test_champion_is_re_evaluated_when_the_dataset_changed(register_version, shapes_dataset, shapes_checkpoints):
+    # The champion claims 99% on an older dataset version; the gate measures it on the current one.
+    champion = register_version("fair", 0.99, dataset_version_id="older-version", checkpoint=shapes_checkpoints[0])
+    assert _gate(champion, shapes_dataset).promoted
+    challenger = register_version("fair", 0.98)
+    decision = _gate(challenger, shapes_dataset)
+    measured = evaluate_checkpoint(shapes_checkpoints[0], shapes_dataset)["top1"]
+    assert decision.champion_top1 == pytest.approx(measured) and measured < 0.98
+    assert decision.promoted and "re-evaluated" in decision.reason
+
+
+def test_manual_promotion_and_rollback_walk_the_history(register_version):
+    for top1 in (0.5, 0.6, 0.7):
+        register_version("manual", top1)
+    for version in ("1", "3", "2"):
+        registry.promote("manual", version)
+    with pytest.raises(CnnpipeError, match="already the champion"):
+        registry.promote("manual", "2")
+    assert registry.rollback("manual").challenger == "3" and _champion("manual") == "3"
+    assert registry.rollback("manual").challenger == "1" and _champion("manual") == "1"
+    with pytest.raises(CnnpipeError, match="no earlier champion"):
+        registry.rollback("manual")
+    assert [row[4] for row in _promotions()] == ["manual", "manual", "manual", "rollback", "rollback"]
+    with duckdb.connect(str(get_settings().predictions_db), read_only=True) as connection:
+        assert connection.execute("SELECT model_version FROM champions WHERE model_name = 'manual'").fetchone() == ("1",)
+
+
+def test_registered_model_predicts_like_its_checkpoint(register_version, shapes_checkpoints):
+    import mlflow
+
+    register_version("same", 0.5)
+    registry.promote("same", "1")
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    from_registry = registry.load_predictor("same@champion")
+    from_checkpoint = Predictor(shapes_checkpoints[-1])
+    assert (from_registry.name, from_registry.version) == ("same", "1") and from_registry.run_id
+    torch.testing.assert_close(from_registry.probabilities(images), from_checkpoint.probabilities(images))
+    # The MLflow model itself (a pt2 export, no pickle) gives the same probabilities from normalised input.
+    served = mlflow.pyfunc.load_model("models:/same/1")
+    metadata = served.metadata.metadata
+    assert metadata["classes"] == ["circle", "cross", "square", "triangle"]
+    mean = torch.tensor(metadata["preprocessing"]["mean"])[:, None, None]
+    std = torch.tensor(metadata["preprocessing"]["std"])[:, None, None]
+    normalised = ((images.float() / 255 - mean) / std).numpy()
+    torch.testing.assert_close(torch.from_numpy(served.predict(normalised)), from_checkpoint.probabilities(images),
+                               atol=1e-5, rtol=1e-4)
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _weights_in_store(name: str, version: str) -> Path:
+    mlflow_client = registry.client()
+    model_id = mlflow_client.get_model_version(name, version).source.removeprefix("models:/")
+    location = mlflow_client.get_logged_model(model_id).artifact_location
+    return Path(location.removeprefix("file://")) / "extra_files" / "weights.pt"
+
+
+def test_a_tampered_weights_artifact_is_refused_and_runs_no_code(register_version, tmp_path):
+    register_version("tampered", 0.5)
+    marker = tmp_path / "payload-ran"
+    weights = _weights_in_store("tampered", "1")
+    weights.write_bytes(pickle.dumps({"model": _Payload(marker)}))
+    with pytest.raises(CnnpipeError, match=r"model tampered version 1: .*refused"):
+        registry.load_predictor("tampered/1")
+    assert not marker.exists()
+
+
+def test_a_pickled_module_in_place_of_the_weights_is_refused(register_version, shapes_checkpoints):
+    from cnn.train import load_trained_model
+
+    register_version("pickled", 0.5)
+    model, _ = load_trained_model(shapes_checkpoints[-1])
+    torch.save(model, _weights_in_store("pickled", "1"))  # a whole pickled object, as pickle-format models are
+    with pytest.raises(CnnpipeError, match="model pickled version 1: .*refused"):
+        registry.load_predictor("pickled/1")
+
+
+def test_unknown_models_and_aliases_are_one_line_errors(register_version):
+    register_version("known", 0.5)
+    with pytest.raises(CnnpipeError, match="model known@champion: not in the registry"):
+        registry.load_predictor("known@champion")  # registered, but never promoted
+    with pytest.raises(CnnpipeError, match="model ghost/1: not in the registry"):
+        registry.load_predictor("ghost/1")
+
+
+def _register_and_gate(home: str, tracking_uri: str, checkpoint: str, dataset: str, val_top1: float,
+                       barrier, results) -> None:
+    import os
+
+    os.environ["CNNPIPE_HOME"], os.environ["MLFLOW_TRACKING_URI"] = home, tracking_uri
+    from cnn.train import FitResult
+    from cnnpipe import registry, tracking
+
+    version_id = json.loads((Path(dataset) / "manifest.json").read_text())["version_id"]
+    tracking.connect()
+    result = FitResult("", checkpoint, ["circle", "cross", "square", "triangle"], [], {}, "test", val_top1, 1, 0,
+                       "cpu", version_id)
+    with tracking.training_run("race", {}):
+        version = tracking.log_model(result, "raced")
+    registry.describe_version(registry.client(), version, {"dataset_version_id": version_id, "val_top1": val_top1})
+    barrier.wait(timeout=60)  # both versions exist; now both try to take the champion alias
+    decision = registry.gate(registry.client(), version, val_top1, Path(dataset), version_id)
+    results.put((str(version.version), val_top1, decision.promoted))
+
+
+def test_concurrent_gates_leave_one_champion_on_the_better_model(cnnpipe_home, shapes_dataset, shapes_checkpoints):
+    from cnnpipe import tracking
+
+    tracking.connect()  # the store exists before the racers start, as a flow's first task makes sure
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    racers = [context.Process(target=_register_and_gate, args=(
+        str(cnnpipe_home), get_settings().mlflow_tracking_uri, str(shapes_checkpoints[-1]), str(shapes_dataset),
+        top1, barrier, results)) for top1 in (0.6, 0.7)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(180)
+        assert racer.exitcode == 0
+    outcomes = {version: (top1, promoted) for version, top1, promoted in (results.get() for _ in racers)}
+    assert set(outcomes) == {"1", "2"}  # each used its own returned version
+    better = next(version for version, (top1, _) in outcomes.items() if top1 == 0.7)
+    assert _champion("raced") == better
+    history = _promotions()
+    # Either the better one came first and the other was rejected, or it replaced the first champion.
+    assert history[-1][1] == better and len(history) in (1, 2)
+    assert history[0][0] is None and all(row[0] == prev[1] for prev, row in zip(history, history[1:]))

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+from prefect.artifacts import Artifact
+
+from cnnpipe.settings import get_settings
+from flows.retrain import retrain
+from flows.serve import build_deployments
+from tests.imagefactory import write_class_folders
+
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
+
+TINY = {"epochs": 1, "batch_size": 64, "lr": 0.01, "device": "cpu"}
+
+
+def _runs() -> int:
+    client = mlflow.MlflowClient(get_settings().mlflow_tracking_uri)
+    return sum(len(client.search_runs([e.experiment_id])) for e in client.search_experiments())
+
+
+def test_retrain_trains_gates_and_skips_when_nothing_changed(shapes_dataset, cnnpipe_home, tmp_path):
+    shutil.copytree(shapes_dataset, cnnpipe_home / "datasets" / "shapes")
+    first = retrain("shapes", **TINY)
+    assert first.decision.promoted and first.model_version == "1"
+    report = Artifact.get("training-report")
+    assert report is not None and first.run_id in report.data and "promoted to champion" in report.data
+
+    again = retrain("shapes", **TINY)
+    assert again.fit is None and "nothing to retrain" in again.skipped and "champion cnn-classifier/1" in again.skipped
+    assert _runs() == 1
+    assert "Retraining skipped" in Artifact.get("training-report").data
+
+    write_class_folders(tmp_path / "new", {"circle": 6, "square": 6}, seed=7)
+    with_new_data = retrain("shapes", source=str(tmp_path / "new"), **TINY)
+    assert with_new_data.model_version == "2" and with_new_data.fit.dataset_version != first.fit.dataset_version
+    assert with_new_data.decision.champion == "1"  # compared against the champion, on the new split
+
+    forced = retrain("shapes", force=True, **TINY)
+    assert forced.model_version == "3" and _runs() == 3
+
+
+def test_serve_builds_a_nightly_retrain_and_an_inbox_classifier():
+    nightly, inbox = build_deployments("pets", "./incoming", cron="30 3 * * *", timezone="Europe/Berlin",
+                                       inbox="./inbox", inbox_cron="*/5 * * * *", model="pets@champion",
+                                       training={"epochs": 5})
+    assert nightly.name == "nightly" and nightly.parameters == {"dataset": "pets", "source": "./incoming", "epochs": 5}
+    assert nightly.schedules[0].schedule.cron == "30 3 * * *"
+    assert nightly.schedules[0].schedule.timezone == "Europe/Berlin"
+    assert inbox.parameters == {"source": "./inbox", "model": "pets@champion"}
+    assert inbox.schedules[0].schedule.cron == "*/5 * * * *"
+
+
+def test_cnnpipe_serve_registers_its_schedules_with_the_prefect_api(prefect_harness, cnnpipe_home):
+    from prefect.client.orchestration import get_client
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_harness, "CNNPIPE_HOME": str(cnnpipe_home)}
+    server = subprocess.Popen([sys.executable, "-m", "cnnpipe.cli", "serve", "--dataset", "pets", "--timezone",
+                               "America/New_York", "--inbox", str(cnnpipe_home / "inbox")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        found = {}
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline and len(found) < 2:
+                for name in ("retrain/nightly", "classify/inbox"):
+                    try:
+                        found[name] = client.read_deployment_by_name(name)
+                    except Exception:  # noqa: BLE001 - not served yet
+                        pass
+                time.sleep(1)
+        assert set(found) == {"retrain/nightly", "classify/inbox"}, server.stdout.read() if server.poll() else ""
+        schedule = found["retrain/nightly"].schedules[0]
+        assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "America/New_York"
+        assert schedule.active and found["classify/inbox"].schedules[0].schedule.cron == "*/15 * * * *"
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(60)
+    with get_client(sync_client=True) as client:
+        # pause_on_shutdown=False: stopping the server leaves the schedule on for its next start.
+        assert client.read_deployment_by_name("retrain/nightly").schedules[0].active
