@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cnnpipe.predictions import connect_for_writing  # noqa: E402
+from cnnpipe.predictions import connect_for_writing, set_champion  # noqa: E402
 from cnnpipe.sql import run_query  # noqa: E402
 
 QUERIES = {
@@ -51,7 +51,7 @@ def build(database: Path, rows: int) -> None:
                    TIMESTAMPTZ '2026-10-01 00:00:00+00' + to_seconds(CAST(i % 2592000 AS BIGINT)) AS predicted_at
             FROM range({images}) AS images(i), (VALUES (1), (2)) AS versions(v)
         """)
-        connection.execute("INSERT OR REPLACE INTO champions VALUES ('cnn-classifier', '2', now())")
+        set_champion(connection, "cnn-classifier", "2")
         connection.execute("CHECKPOINT")
 
 

@@ -29,7 +29,7 @@ import torch
 from cnn.data import decode_images
 from cnn.failpoints import failpoint
 from cnnpipe.images import RejectedImage, check_image
-from cnnpipe.predictions import connect_for_writing, retry_on_lock
+from cnnpipe.predictions import add_predictions, connect_for_writing, retry_on_lock
 from cnnpipe.sources import Source
 from cnnpipe.store import Reject
 
@@ -82,10 +82,7 @@ def commit_parts(database: Path, staging: Path) -> int:
     for part in sorted(staging.glob("*.parquet")) if staging.exists() else []:
         with connect_for_writing(database) as connection:
             connection.execute("BEGIN")
-            before = connection.execute("SELECT count(*) FROM predictions").fetchone()[0]
-            connection.execute("INSERT INTO predictions BY NAME SELECT * FROM read_parquet(?) ON CONFLICT DO NOTHING",
-                                [str(part)])
-            inserted += connection.execute("SELECT count(*) FROM predictions").fetchone()[0] - before
+            inserted += add_predictions(connection, "SELECT * FROM read_parquet(?)", [str(part)])
             connection.execute("COMMIT")
         failpoint("duckdb.after_commit")
         part.unlink()

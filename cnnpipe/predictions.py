@@ -1,7 +1,9 @@
 """The predictions database: its tables and the views users query with `cnnpipe sql`.
 
 DuckDB allows one writing process, and a reader holding the file also blocks a writer,
-so writers open it only for short transactions and retry on the lock error.
+so writers open it only for short transactions and retry on the lock error. Rows go in
+through `add_predictions` and champions change through `set_champion`, which keep
+`latest_by_image` (behind the `latest_predictions` view) consistent in the same transaction.
 """
 
 from __future__ import annotations
@@ -47,15 +49,26 @@ CREATE TABLE IF NOT EXISTS champions (
     model_name VARCHAR PRIMARY KEY, model_version VARCHAR NOT NULL, updated_at TIMESTAMPTZ
 );
 CREATE OR REPLACE MACRO version_number(v) AS TRY_CAST(v AS BIGINT);
-CREATE OR REPLACE VIEW latest_predictions AS
-SELECT * EXCLUDE (preference) FROM (
-    SELECT p.*, row_number() OVER (
-        PARTITION BY p.image_sha256
-        ORDER BY c.model_version IS NOT NULL DESC, version_number(p.model_version) DESC NULLS LAST,
-                 p.predicted_at DESC) AS preference
-    FROM predictions p
-    LEFT JOIN champions c ON c.model_name = p.model_name AND c.model_version = p.model_version
-) WHERE preference = 1;
+-- One row per image: the champion's prediction, else the newest version's. Kept up to date
+-- by every insert and rebuilt when the champion changes, so that queries over it stay fast
+-- at tens of millions of predictions (bench/views.py).
+CREATE TABLE IF NOT EXISTS latest_by_image (
+    image_sha256 VARCHAR PRIMARY KEY,
+    source_uri VARCHAR NOT NULL,
+    member_path VARCHAR NOT NULL,
+    model_name VARCHAR NOT NULL,
+    model_version VARCHAR NOT NULL,
+    mlflow_run_id VARCHAR,
+    label VARCHAR NOT NULL,
+    confidence DOUBLE NOT NULL,
+    top5 STRUCT(label VARCHAR, probability DOUBLE)[] NOT NULL,
+    width INTEGER,
+    height INTEGER,
+    classify_run_id VARCHAR,
+    predicted_at TIMESTAMPTZ NOT NULL,
+    champion BOOLEAN NOT NULL
+);
+CREATE OR REPLACE VIEW latest_predictions AS SELECT * EXCLUDE (champion) FROM latest_by_image;
 CREATE OR REPLACE VIEW class_counts AS
 SELECT CAST(predicted_at AS DATE) AS day, model_name, model_version, label, count(*) AS images
 FROM predictions GROUP BY ALL;
@@ -101,9 +114,68 @@ def connect_for_writing(path: Path, retries: int = LOCK_RETRIES) -> duckdb.DuckD
     def connect() -> duckdb.DuckDBPyConnection:
         connection = duckdb.connect(str(path))
         connection.execute(SCHEMA)
+        counts = connection.execute("SELECT (SELECT count(*) FROM predictions), "
+                                    "(SELECT count(*) FROM latest_by_image)").fetchone()
+        if counts[0] and not counts[1]:  # a database from before latest_by_image existed
+            connection.execute("BEGIN")
+            rebuild_latest(connection)
+            connection.execute("COMMIT")
         return connection
 
     return retry_on_lock(connect, retries)
+
+
+_COLUMNS = ("image_sha256", "source_uri", "member_path", "model_name", "model_version", "mlflow_run_id", "label",
+            "confidence", "top5", "width", "height", "classify_run_id", "predicted_at")
+# Versions that are not numbers (checkpoint hashes) rank below numbered ones.
+_PREFERRED = """(new.champion > old.champion OR (new.champion = old.champion AND (
+    coalesce(version_number(new.model_version), -1) > coalesce(version_number(old.model_version), -1) OR (
+    coalesce(version_number(new.model_version), -1) = coalesce(version_number(old.model_version), -1)
+    AND new.predicted_at > old.predicted_at))))"""
+_FOLD_INTO_LATEST = f"""
+INSERT INTO latest_by_image BY NAME
+SELECT i.*, c.model_name IS NOT NULL AS champion FROM incoming i
+LEFT JOIN champions c ON c.model_name = i.model_name AND c.model_version = i.model_version
+ON CONFLICT (image_sha256) DO UPDATE SET {", ".join(f"{c} = EXCLUDED.{c}" for c in (*_COLUMNS[1:], "champion"))}
+WHERE {_PREFERRED.replace("new.", "EXCLUDED.").replace("old.", "latest_by_image.")}
+"""
+_REBUILD_LATEST = """
+DELETE FROM latest_by_image;
+INSERT INTO latest_by_image BY NAME
+SELECT * EXCLUDE (preference) FROM (
+    SELECT p.*, c.model_name IS NOT NULL AS champion, row_number() OVER (
+        PARTITION BY p.image_sha256
+        ORDER BY c.model_name IS NOT NULL DESC, coalesce(version_number(p.model_version), -1) DESC,
+                 p.predicted_at DESC) AS preference
+    FROM predictions p
+    LEFT JOIN champions c ON c.model_name = p.model_name AND c.model_version = p.model_version
+) WHERE preference = 1;
+"""
+
+
+def add_predictions(connection: duckdb.DuckDBPyConnection, select: str, parameters: list | None = None) -> int:
+    """Insert the rows of `select` (the predictions columns, by name), skipping ones already
+    there, and fold them into `latest_by_image`. Returns how many were new. Run it inside
+    the caller's transaction, so both tables change together or not at all."""
+    connection.execute(f"CREATE OR REPLACE TEMP TABLE incoming AS {select}", parameters or [])
+    before = connection.execute("SELECT count(*) FROM predictions").fetchone()[0]
+    connection.execute("INSERT INTO predictions BY NAME SELECT * FROM incoming ON CONFLICT DO NOTHING")
+    inserted = connection.execute("SELECT count(*) FROM predictions").fetchone()[0] - before
+    connection.execute(_FOLD_INTO_LATEST)
+    connection.execute("DROP TABLE incoming")
+    return inserted
+
+
+def set_champion(connection: duckdb.DuckDBPyConnection, model_name: str, model_version: str | None) -> None:
+    """Record the champion (None: no champion) and recompute which prediction is latest per image."""
+    connection.execute("DELETE FROM champions WHERE model_name = ?", [model_name])
+    if model_version is not None:
+        connection.execute("INSERT INTO champions VALUES (?, ?, now())", [model_name, model_version])
+    connection.execute(_REBUILD_LATEST)
+
+
+def rebuild_latest(connection: duckdb.DuckDBPyConnection) -> None:
+    connection.execute(_REBUILD_LATEST)
 
 
 def ensure_database(path: Path) -> None:

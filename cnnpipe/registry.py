@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from cnn.checkpoint import CheckpointError
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.locks import file_lock
-from cnnpipe.predictions import connect_for_writing, retry_on_lock
+from cnnpipe.predictions import connect_for_writing, retry_on_lock, set_champion
 from cnnpipe.settings import REGISTERED_MODEL, Settings, get_settings
 from cnnpipe.tracking import WEIGHTS_ARTIFACT
 
@@ -213,8 +213,7 @@ def _record_promotion(name: str, from_version: str | None, to_version: str, from
             connection.execute("INSERT INTO promotions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                [datetime.now(timezone.utc), name, from_version, to_version, GATE_METRIC,
                                 _finite(from_value), _finite(to_value), reason])
-            connection.execute("INSERT OR REPLACE INTO champions VALUES (?, ?, ?)",
-                               [name, to_version, datetime.now(timezone.utc)])
+            set_champion(connection, name, to_version)
             connection.execute("COMMIT")
         finally:
             connection.close()

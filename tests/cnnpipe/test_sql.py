@@ -11,16 +11,18 @@ import pytest
 from click.testing import CliRunner
 
 from cnnpipe.cli import cli
-from cnnpipe.predictions import connect_for_writing
+from cnnpipe.predictions import add_predictions, connect_for_writing, set_champion
 from cnnpipe.settings import get_settings
 from cnnpipe.sql import QueryLimits, run_query
 
 
 def add_prediction(connection, sha, version, label, confidence, day="2026-11-20", name="cnn-classifier"):
-    connection.execute(
-        "INSERT INTO predictions VALUES (?, 'file:///inbox', ?, ?, ?, NULL, ?, ?, ?, 32, 32, 'run', ?)",
-        [sha, f"{sha}.jpg", name, version, label, confidence,
-         [{"label": label, "probability": confidence}], datetime.fromisoformat(f"{day}T12:00:00+00:00")])
+    add_predictions(connection, "SELECT ?::VARCHAR AS image_sha256, 'file:///inbox' AS source_uri, ? AS member_path, "
+                    "? AS model_name, ? AS model_version, NULL AS mlflow_run_id, ? AS label, ? AS confidence, "
+                    "?::STRUCT(label VARCHAR, probability DOUBLE)[] AS top5, 32 AS width, 32 AS height, "
+                    "'run' AS classify_run_id, ?::TIMESTAMPTZ AS predicted_at",
+                    [sha, f"{sha}.jpg", name, version, label, confidence,
+                     [{"label": label, "probability": confidence}], datetime.fromisoformat(f"{day}T12:00:00+00:00")])
 
 
 @pytest.fixture
@@ -32,7 +34,7 @@ def database():
         add_prediction(connection, "b", "1", "cat", 0.3)
         add_prediction(connection, "b", "2", "cat", 0.8, day="2026-11-21")
         add_prediction(connection, "c", "1", "eel", 0.95)
-        connection.execute("INSERT INTO champions VALUES ('cnn-classifier', '1', now())")
+        set_champion(connection, "cnn-classifier", "1")
     return path
 
 
@@ -48,7 +50,7 @@ def test_views_return_what_they_claim(database):
     rows = run_query("SELECT image_sha256, model_version, label FROM latest_predictions ORDER BY 1", database).rows
     assert rows == [("a", "1", "cat"), ("b", "1", "cat"), ("c", "1", "eel")]  # the champion, version 1
     with connect_for_writing(database) as connection:
-        connection.execute("DELETE FROM champions")
+        set_champion(connection, "cnn-classifier", None)
     rows = run_query("SELECT image_sha256, model_version FROM latest_predictions ORDER BY 1", database).rows
     assert rows == [("a", "2"), ("b", "2"), ("c", "1")]  # no champion: the newest version
     counts = run_query("SELECT day::VARCHAR, model_version, label, images FROM class_counts ORDER BY ALL", database).rows
@@ -126,3 +128,23 @@ def test_eight_threads_query_at_once(database):
 def test_an_empty_database_answers():
     result = run_query("SELECT count(*) FROM latest_predictions", get_settings().predictions_db)
     assert result.rows == [(0,)]
+
+
+def test_latest_by_image_stays_equal_to_a_full_recomputation(cnnpipe_home):
+    import random
+
+    from cnnpipe.predictions import rebuild_latest
+
+    rng = random.Random(5)
+    path = get_settings().predictions_db
+    with connect_for_writing(path) as connection:
+        for step in range(60):
+            if rng.random() < 0.15:
+                set_champion(connection, "cnn-classifier", rng.choice([None, "1", "2", "3", "abc123"]))
+                continue
+            add_prediction(connection, rng.choice("abcdefgh"), rng.choice(["1", "2", "3", "abc123"]),
+                           rng.choice(["cat", "dog"]), rng.random(), day=f"2026-11-{10 + step % 20:02d}")
+        incremental = connection.execute("SELECT * FROM latest_by_image ORDER BY image_sha256").fetchall()
+        rebuild_latest(connection)
+        assert connection.execute("SELECT * FROM latest_by_image ORDER BY image_sha256").fetchall() == incremental
+    assert len(incremental) == len({row[0] for row in incremental}) > 3
