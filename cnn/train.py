@@ -445,7 +445,8 @@ def main(argv: list[str] | None = None) -> None:
     config = TrainConfig(**json.loads(Path(args[0]).read_text()))
     result = fit(config, on_epoch=lambda record: print(json.dumps(record), flush=True))
     if len(args) > 1 and int(os.environ.get("RANK", "0")) == 0:
-        result.extra["report"].pop("mistakes")  # images; the launcher re-evaluates if it wants them
+        # Images go beside the JSON, as tensors that load with weights_only=True.
+        torch.save(result.extra["report"].pop("mistakes"), Path(args[1]).with_suffix(".mistakes.pt"))
         Path(args[1]).write_text(json.dumps(asdict(result), indent=2))
 
 

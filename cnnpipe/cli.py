@@ -111,6 +111,8 @@ def _training_options(command):
                      help="Name in the MLflow model registry."),
         click.option("--min-improvement", default=0.0, show_default=True,
                      help="Promote to champion only if validation top-1 beats the champion's by at least this."),
+        click.option("--nproc", default=1, show_default=True,
+                     help="Train as DDP over N processes on this machine (torchrun): one per GPU, or gloo on CPUs."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -141,6 +143,7 @@ def train(dataset: str, compile_model: bool, resume: str | None, **options) -> N
       cnnpipe train --dataset cifar10 --model alexnet-cifar --norm lrn --schedule plateau
       cnnpipe train --dataset imagenet --model alexnet --device cuda --ten-crop
       cnnpipe train --dataset cifar10 --resume          # after a crash or kill -9
+      cnnpipe train --dataset imagenet --model alexnet --nproc 8   # DDP on 8 GPUs
     """
     from flows.train import train as train_flow
 

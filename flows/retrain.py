@@ -26,6 +26,7 @@ def retrain(
     registered_model: str = REGISTERED_MODEL,
     min_improvement: float = 0.0,
     force: bool = False,
+    nproc: int = 1,
 ) -> TrainingOutcome:
     """Nightly retraining: ingest what is new in `source`, then train, evaluate, register and
     gate, unless the dataset has not changed since the champion was trained (or `force`)."""
@@ -36,4 +37,4 @@ def retrain(
         return report_training(TrainingOutcome(skipped=unchanged))
     return train(dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
                  label_smoothing=label_smoothing, norm=norm, dropout=dropout, patience=patience, seed=seed,
-                 device=device, registered_model=registered_model, min_improvement=min_improvement)
+                 device=device, registered_model=registered_model, min_improvement=min_improvement, nproc=nproc)

@@ -32,9 +32,11 @@ def train(
     resume: bool | str = False,
     registered_model: str = REGISTERED_MODEL,
     min_improvement: float = 0.0,
+    nproc: int = 1,
 ) -> TrainingOutcome:
     """Train on a dataset of the store, log the run to MLflow, register the model, and
-    promote it to `champion` only if it beats the current one on validation top-1."""
+    promote it to `champion` only if it beats the current one on validation top-1. With
+    `nproc` > 1, training runs as DDP over that many processes on this machine."""
     if not DatasetStore(dataset).exists():
         raise CnnpipeError(f"no dataset named {dataset!r}; ingest one with `cnnpipe ingest SOURCE --dataset {dataset}`")
     settings = get_settings()
@@ -45,6 +47,6 @@ def train(
         checkpoint_root=str(settings.checkpoints_dir),
     )
     prepare_tracking()
-    outcome = train_and_log(config, registered_model, flow_run.id)
+    outcome = train_and_log(config, registered_model, flow_run.id, nproc)
     decision = gate_champion(outcome, config.dataset_dir, min_improvement, str(resolve_device(device)))
     return report_training(replace(outcome, decision=decision))

@@ -11,6 +11,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+import mlflow
+
+from cnn.launch import fit_distributed
 from cnn.train import FitResult, TrainConfig, fit, resolve_device
 from cnnpipe import registry, tracking
 from cnnpipe.progress import TrainingProgress
@@ -39,8 +42,10 @@ def prepare_tracking() -> None:
 
 
 @task(name="train-and-log", cache_policy=NO_CACHE)
-def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str | None) -> TrainingOutcome:
-    """One MLflow run around `fit`: params, per-epoch metrics, evaluation artifacts, the registered model."""
+def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str | None,
+                  nproc: int = 1) -> TrainingOutcome:
+    """One MLflow run around `fit` (DDP over `nproc` processes through torchrun when > 1):
+    params, per-epoch metrics, evaluation artifacts, the registered model."""
     logger = get_run_logger()
     manifest = json.loads((Path(config.dataset_dir) / "manifest.json").read_text())
     progress = TrainingProgress(config.epochs, sum(manifest["counts"].get("train", {}).values()), logger)
@@ -52,7 +57,11 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
     with tracking.training_run(f"{manifest['name']} {config.model}", {"registered_model": registered_model}) as run:
         tracking.log_config(config, manifest, str(resolve_device(config.device)), flow_run_id)
         try:
-            result = fit(config, on_step=progress.on_step, on_epoch=on_epoch)
+            if nproc > 1:
+                mlflow.log_param("nproc", nproc)
+                result = fit_distributed(config, nproc, on_epoch=on_epoch)
+            else:
+                result = fit(config, on_step=progress.on_step, on_epoch=on_epoch)
         finally:
             progress.close()
         tracking.log_evaluation(result)

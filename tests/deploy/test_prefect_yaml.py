@@ -15,7 +15,7 @@ PREFECT_YAML = Path(__file__).resolve().parents[2] / "deploy" / "prefect.yaml"
 def test_every_deployment_points_at_a_flow_that_takes_its_parameters():
     spec = yaml.safe_load(PREFECT_YAML.read_text())
     names = [deployment["name"] for deployment in spec["deployments"]]
-    assert names == ["ingest", "train", "classify"]
+    assert names == ["nightly", "inbox", "ingest", "train"]
     for deployment in spec["deployments"]:
         path, function = deployment["entrypoint"].split(":")
         flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), function)
@@ -23,3 +23,12 @@ def test_every_deployment_points_at_a_flow_that_takes_its_parameters():
         accepted = inspect.signature(flow.fn).parameters
         assert set(deployment.get("parameters", {})) <= set(accepted), deployment["name"]
         assert deployment["work_pool"]["name"] == "cnnpipe"
+
+
+def test_the_nightly_retraining_and_the_inbox_are_scheduled_with_a_timezone_and_a_slug():
+    deployments = {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
+    assert deployments["nightly"]["entrypoint"] == "flows/retrain.py:retrain"
+    assert deployments["nightly"]["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "slug": "nightly"}]
+    assert deployments["inbox"]["entrypoint"] == "flows/classify.py:classify"
+    assert deployments["inbox"]["schedules"][0]["cron"] == "*/15 * * * *"
+    assert {d["schedules"][0]["slug"] for d in deployments.values() if "schedules" in d} == {"nightly", "every-15-minutes"}

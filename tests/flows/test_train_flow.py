@@ -76,3 +76,15 @@ def test_cli_train_prints_the_held_out_figures_and_the_gate(shapes_in_home):
     assert result.exit_code == 0, result.output
     assert "held-out (test, 80 images): top-1" in result.output and "ten-patch averaging" in result.output
     assert "registered cnn-classifier/1" in result.output and "gate: promoted to champion" in result.output
+
+
+def test_train_flow_runs_ddp_through_torchrun_and_logs_like_one_process(shapes_in_home):
+    outcome = train("shapes", epochs=1, batch_size=64, lr=0.01, norm="lrn", dropout=0.0, device="cpu",
+                    registered_model="ddp", nproc=2)
+    client = mlflow.MlflowClient(get_settings().mlflow_tracking_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["nproc"] == "2"
+    assert [m.step for m in client.get_metric_history(outcome.run_id, "val_top1")] == [1]
+    assert outcome.fit.epochs_run == 1 and load_checkpoint(outcome.fit.checkpoint)["epoch"] == 1
+    plots = {a.path for a in client.list_artifacts(outcome.run_id, "plots")}
+    assert "plots/confident_mistakes.png" in plots and outcome.decision.promoted
