@@ -1,6 +1,6 @@
 """Bulk classification: cnnpipe into DuckDB against the model alone and an ImageFolder loop.
 
-    python bench/classify.py [--device cpu|cuda] [--images 10000]
+    python bench/classify.py [--device cpu|cuda] [--images N]   # N: a subset, 0 for all
 
 Classifies the 10,000 CIFAR-10 test JPEGs of ../shared/data/cifar10-jpeg.tar.gz with an
 (untrained) alexnet-cifar checkpoint, measured in the same run with the same batch size
@@ -90,6 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--images", type=int, default=0, help="Classify only the first N test images (0: all).")
     args = parser.parse_args()
     if not CIFAR.exists():
         raise SystemExit(f"{CIFAR} is missing: this benchmark needs ../shared beside the checkout")
@@ -98,13 +99,17 @@ def main() -> None:
         scratch = Path(scratch)
         predictor = Predictor(make_checkpoint(scratch / "model.pt"), args.device, batch)
         test_tar = scratch / "test.tar"
+        copied = 0
         with tarfile.open(CIFAR) as source, tarfile.open(test_tar, "w") as target:
             for member in source:
                 if member.name.startswith("test/") and member.isfile():
                     target.addfile(member, source.extractfile(member))
+                    copied += 1
+                    if copied == args.images:
+                        break
         with tarfile.open(test_tar) as tar:
             tar.extractall(scratch / "folder", filter="data")
-        model_rate = model_only(predictor, 10_000)
+        model_rate = model_only(predictor, max(copied, 2_000))
         summary = classify_source(open_source(str(test_tar)), predictor, scratch / "ours.duckdb", scratch / "staging",
                                   "bench")
         ours = summary.images_per_second

@@ -5,7 +5,7 @@
 # needs. Fetch them here first, into .whl/ (ignored by git), and carry it:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl simplejpeg fsspec
+#     -d .whl simplejpeg fsspec duckdb
 # Also copy ../shared/data/cifar10-jpeg.tar.gz to .whl/ (it does not travel otherwise).
 # On the CPU, check the script itself with: DEVICE=cpu SUBSET=100 bash bench/gpu.sh
 set -euo pipefail
@@ -24,3 +24,4 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
 "$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 "$PY" bench/train.py --device "${DEVICE:-cuda}" --subset "${SUBSET:-0}" 2>&1 | tee "${OUT:-/tmp}/train-bench.txt"
+"$PY" bench/classify.py --device "${DEVICE:-cuda}" --images "${SUBSET:-0}" 2>&1 | tee "${OUT:-/tmp}/classify-bench.txt"

@@ -30,8 +30,8 @@ from cnn.data import decode_images
 from cnn.failpoints import failpoint
 from cnnpipe.images import RejectedImage, check_image
 from cnnpipe.predictions import add_predictions, connect_for_writing, retry_on_lock
-from cnnpipe.sources import Source
-from cnnpipe.store import Reject
+from cnnpipe.sources import Source, open_source
+from cnnpipe.store import Reject, open_dataset_source
 
 PART_ROWS = 4096
 BATCH = 256
@@ -61,6 +61,13 @@ class ClassifySummary:
     @property
     def images_per_second(self) -> float:
         return self.classified / self.seconds if self.seconds else 0.0
+
+
+def open_classify_source(uri: str) -> Source:
+    """What `cnnpipe classify` reads: any ingest source, or a dataset of the store (`dataset:NAME[/SPLIT]`)."""
+    if uri.startswith("dataset:"):
+        return open_dataset_source(uri)
+    return open_source(uri)
 
 
 def already_classified(database: Path, model_name: str, model_version: str) -> set[str]:
@@ -163,7 +170,7 @@ def _prepared_batches(source: Source, done: set[str], summary: ClassifySummary, 
         if entry.reject_reason:
             summary.rejected.append(Reject(entry.path, entry.reject_reason, entry.reject_detail))
             continue
-        sha = hashlib.sha256(entry.data).hexdigest()
+        sha = entry.content_sha256 or hashlib.sha256(entry.data).hexdigest()
         if sha in done:
             summary.skipped += 1
             continue

@@ -113,6 +113,12 @@ def _training_options(command):
                      help="Promote to champion only if validation top-1 beats the champion's by at least this."),
         click.option("--nproc", default=1, show_default=True,
                      help="Train as DDP over N processes on this machine (torchrun): one per GPU, or gloo on CPUs."),
+        click.option("--memory-budget-mb", default=2048, show_default=True,
+                     help="Decode a split once into device memory when it fits; stream row groups otherwise."),
+        click.option("--ten-crop", is_flag=True, help="Also report the paper's ten-patch test-time averaging."),
+        click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model."),
+        click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[PATH]",
+                     help="Continue the latest unfinished run of this dataset and model, or the run at PATH."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -122,12 +128,6 @@ def _training_options(command):
 @cli.command()
 @click.option("--dataset", required=True, help="Dataset in the store to train on.")
 @_training_options
-@click.option("--memory-budget-mb", default=2048, show_default=True,
-              help="Decode a split once into device memory when it fits; stream row groups otherwise.")
-@click.option("--ten-crop", is_flag=True, help="Also report the paper's ten-patch test-time averaging.")
-@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
-@click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[PATH]",
-              help="Continue the latest unfinished run of this dataset and model, or the run at PATH.")
 def train(dataset: str, compile_model: bool, resume: str | None, **options) -> None:
     """Train a CNN on a dataset of the store, log it to MLflow and register it.
 
@@ -174,7 +174,7 @@ def _print_training(outcome) -> None:
 @click.option("--source", help="Where new images arrive (any `cnnpipe ingest` source); omit to train on the store as is.")
 @_training_options
 @click.option("--force", is_flag=True, help="Train even if the dataset has not changed since the champion was trained.")
-def retrain(dataset: str, source: str | None, **options) -> None:
+def retrain(dataset: str, source: str | None, compile_model: bool, resume: str | None, **options) -> None:
     """Ingest what is new, train, evaluate, register, and promote only a better model.
 
     This is the flow `cnnpipe serve` runs every night. With no new data since the
@@ -187,7 +187,8 @@ def retrain(dataset: str, source: str | None, **options) -> None:
     """
     from flows.retrain import retrain as retrain_flow
 
-    _print_training(retrain_flow(dataset=dataset, source=source, **options))
+    _print_training(retrain_flow(dataset=dataset, source=source, compile=compile_model,
+                                 resume=True if resume == "latest" else (resume or False), **options))
 
 
 @cli.command()
@@ -304,7 +305,8 @@ def rollback(name: str) -> None:
 def classify(source: str, model_ref: str, checkpoint: str | None, device: str, batch_size: int) -> None:
     """Classify the images in SOURCE into the predictions database.
 
-    SOURCE takes the same forms as `cnnpipe ingest`; labels in it are ignored. The
+    SOURCE takes the same forms as `cnnpipe ingest`, or `dataset:NAME[/SPLIT]` for a
+    dataset of the store; labels in it are ignored. The
     model is resolved once, and its version is written into every row. Images this
     version already classified are skipped before decoding, so rerunning adds
     nothing, and a run killed at any point finishes on rerun. Query the results
@@ -315,16 +317,17 @@ def classify(source: str, model_ref: str, checkpoint: str | None, device: str, b
       cnnpipe classify ./inbox
       cnnpipe classify archive.tar.gz --model cnn-classifier/3 --device cuda --batch-size 1024
       cnnpipe classify s3://bucket/photos/ --model models:/cnn-classifier@challenger
+      cnnpipe classify dataset:cifar10/test --model cnn-classifier/3
       cnnpipe classify ./inbox --checkpoint .cnnpipe/checkpoints/cifar10__alexnet-cifar/RUN/epoch-0030.pt
     """
+    from cnnpipe.classify import open_classify_source
     from cnnpipe.registry import parse_model_ref
     from cnnpipe.reports import classify_markdown
-    from cnnpipe.sources import open_source
     from flows.classify import classify as classify_flow
 
     if not checkpoint:
         parse_model_ref(model_ref)  # a malformed reference fails here, in one line
-    open_source(source)
+    open_classify_source(source)
     summary = classify_flow(source=source, model=model_ref, checkpoint=checkpoint, device=device, batch_size=batch_size)
     _print_markdown(classify_markdown(summary))
 

@@ -44,6 +44,8 @@ class Entry:
     reject_reason: str | None = None
     reject_detail: str = ""
     expected_sha256: str | None = None
+    # The content id when the source already knows it (a dataset in the store).
+    content_sha256: str | None = None
 
 
 class UnsafePath(ValueError):

@@ -23,6 +23,10 @@ def retrain(
     patience: int | None = None,
     seed: int = 0,
     device: str = "auto",
+    memory_budget_mb: int = 2048,
+    ten_crop: bool = False,
+    compile: bool = False,
+    resume: bool | str = False,
     registered_model: str = REGISTERED_MODEL,
     min_improvement: float = 0.0,
     force: bool = False,
@@ -37,4 +41,5 @@ def retrain(
         return report_training(TrainingOutcome(skipped=unchanged))
     return train(dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
                  label_smoothing=label_smoothing, norm=norm, dropout=dropout, patience=patience, seed=seed,
-                 device=device, registered_model=registered_model, min_improvement=min_improvement, nproc=nproc)
+                 device=device, memory_budget_mb=memory_budget_mb, ten_crop=ten_crop, compile=compile, resume=resume,
+                 registered_model=registered_model, min_improvement=min_improvement, nproc=nproc)

@@ -7,12 +7,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from cnn.predict import Predictor
-from cnnpipe.classify import ClassifySummary, classify_source
+from cnnpipe.classify import ClassifySummary, classify_source, open_classify_source
 from cnnpipe.progress import progress_bar
 from cnnpipe.registry import load_predictor
 from cnnpipe.reports import classify_markdown
 from cnnpipe.settings import get_settings
-from cnnpipe.sources import open_source
 
 
 # Each run classifies what is new in its source: nothing here is worth caching.
@@ -23,7 +22,7 @@ def classify_images(source: str, model: str, checkpoint: str | None, device: str
     # Resolved once per run: an alias that moves mid-run does not mix versions in the rows.
     predictor = Predictor(checkpoint, device, batch_size) if checkpoint else load_predictor(model, device, batch_size)
     with progress_bar("classify") as update:
-        return classify_source(open_source(source), predictor, settings.predictions_db, settings.staging_dir,
+        return classify_source(open_classify_source(source), predictor, settings.predictions_db, settings.staging_dir,
                                run_id, on_progress=update)
 
 

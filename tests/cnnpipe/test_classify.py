@@ -11,7 +11,8 @@ import duckdb
 import pytest
 
 from cnn.predict import Predictor
-from cnnpipe.classify import classify_source
+from cnnpipe.classify import classify_source, open_classify_source
+from cnnpipe.errors import CnnpipeError
 from cnnpipe.settings import get_settings
 from cnnpipe.sources import open_source
 from tests.imagefactory import write_class_folders
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def run(source, checkpoint, run_id="run"):
     settings = get_settings()
-    return classify_source(open_source(str(source)), Predictor(checkpoint), settings.predictions_db,
+    return classify_source(open_classify_source(str(source)), Predictor(checkpoint), settings.predictions_db,
                            settings.staging_dir, run_id)
 
 
@@ -107,3 +108,23 @@ def test_sigkill_after_a_commit_then_rerun_gives_exactly_one_row_per_image(inbox
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert query("SELECT count(*), count(DISTINCT image_sha256) FROM predictions") == [(50, 50)]
     assert not list((get_settings().staging_dir / "classify").iterdir())
+
+
+def test_a_dataset_of_the_store_is_a_source_keyed_by_its_stored_hashes(shapes_dataset, cnnpipe_home,
+                                                                       shapes_checkpoints):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    shutil.copytree(shapes_dataset, cnnpipe_home / "datasets" / "shapes")
+    stored = pq.read_table(sorted((cnnpipe_home / "datasets" / "shapes").glob("v*/*.parquet")),
+                           columns=["sha256", "split"]).to_pylist()
+    test_split = {row["sha256"] for row in stored if row["split"] == "test"}
+    summary = run("dataset:shapes/test", shapes_checkpoints[-1])
+    assert summary.classified == len(test_split) and summary.source_uri == "dataset:shapes/test"
+    assert {sha for (sha,) in query("SELECT image_sha256 FROM predictions")} == test_split
+    whole = run("dataset:shapes", shapes_checkpoints[-1])
+    assert (whole.skipped, whole.classified) == (len(test_split), len(stored) - len(test_split))
+    for bad, reason in [("dataset:ghost", "no dataset named 'ghost'"), ("dataset:shapes/holdout", "no split")]:
+        with pytest.raises(CnnpipeError, match=reason):
+            open_classify_source(bad)

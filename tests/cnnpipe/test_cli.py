@@ -71,3 +71,11 @@ def test_models_promote_and_rollback_commands(register_version, monkeypatch):
     missing = runner.invoke(cli, ["promote", "pets", "9"])
     assert missing.exit_code == 1 and "model pets/9: not in the registry" in missing.output
     assert runner.invoke(cli, ["models", "ghost"]).output.strip().endswith("no registered model named 'ghost'")
+
+
+def test_retrain_takes_every_training_option_of_train():
+    from cnnpipe.cli import retrain, train
+
+    train_options = {p.name for p in train.params} - {"dataset"}
+    retrain_options = {p.name for p in retrain.params} - {"dataset", "source", "force"}
+    assert train_options == retrain_options and {"epochs", "model", "device", "nproc", "resume"} <= train_options

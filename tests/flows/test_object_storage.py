@@ -1,0 +1,68 @@
+"""Sources on S3: ingest and classify from a local S3-compatible server (moto's server mode).
+
+Credentials and the endpoint come from the standard AWS variables, as on a real bucket.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from cnnpipe.demo import write_demo_images
+from cnnpipe.settings import get_settings
+from cnnpipe.store import DatasetStore
+from flows.classify import classify
+from flows.ingest import ingest
+from tests.e2e.servers import free_port, process
+
+s3fs = pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed")
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    moto = Path(sys.executable).parent / "moto_server"
+    if not moto.exists():
+        pytest.skip("moto[server] is not installed")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    ready = lambda: urllib.request.urlopen(url, timeout=2).status == 200  # noqa: E731
+    with process([str(moto), "-H", "127.0.0.1", "-p", str(port)], dict(os.environ), log, ready, "moto server"):
+        yield url
+
+
+@pytest.fixture
+def bucket(s3_endpoint, monkeypatch, tmp_path):
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(name, value)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    name = f"images-{os.getpid()}-{tmp_path.name[-8:].lower().replace('_', '-')}"
+    fs.mkdir(name)
+    folder, archive = write_demo_images(tmp_path / "demo")
+    fs.put(str(folder), f"{name}/shapes", recursive=True)
+    fs.put(str(archive), f"{name}/more-shapes.tar")
+    s3fs.S3FileSystem.clear_instance_cache()
+    return name
+
+
+def test_ingest_and_classify_from_s3(bucket, shapes_checkpoints):
+    summary = ingest(source=f"s3://{bucket}/shapes", dataset="from-s3")
+    assert summary.added == 600 and {r.reason for r in summary.rejected} == {"truncated", "unidentified"}
+    assert summary.source_uri == f"s3://{bucket}/shapes"
+    assert DatasetStore("from-s3").manifest()["num_rows"] == 600
+    assert ingest(source=f"s3://{bucket}/shapes", dataset="from-s3").added == 0  # incremental
+
+    first = classify(f"s3://{bucket}/more-shapes.tar", checkpoint=str(shapes_checkpoints[-1]), device="cpu")
+    again = classify(f"s3://{bucket}/more-shapes.tar", checkpoint=str(shapes_checkpoints[-1]), device="cpu")
+    assert (first.classified, again.classified, again.skipped) == (200, 0, 200)
+    with duckdb.connect(str(get_settings().predictions_db), read_only=True) as connection:
+        assert connection.execute("SELECT count(*), any_value(source_uri) FROM predictions").fetchone() == \
+            (200, f"s3://{bucket}/more-shapes.tar")
