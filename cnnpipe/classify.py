@@ -70,6 +70,23 @@ def open_classify_source(uri: str) -> Source:
     return open_source(uri)
 
 
+def commit_shards(database: Path, staging_root: Path, shards: list[ClassifySummary], seconds: float) -> ClassifySummary:
+    """The one committer of a distributed run: commit every staged part, then record one run."""
+    first = shards[0]
+    summary = ClassifySummary(first.source_uri, first.model_name, first.model_version, first.run_id, seconds=seconds)
+    commit_started = time.perf_counter()
+    summary.classified = commit_parts(database, staging_root / "classify")
+    summary.commit_seconds = time.perf_counter() - commit_started
+    counts: Counter[str] = Counter()
+    for shard in shards:
+        summary.skipped += shard.skipped
+        summary.rejected += shard.rejected
+        counts.update(shard.class_counts)
+    summary.class_counts = dict(counts.most_common())
+    record_run(database, summary)
+    return summary
+
+
 def already_classified(database: Path, model_name: str, model_version: str) -> set[str]:
     if not database.exists():
         return set()
@@ -97,14 +114,23 @@ def commit_parts(database: Path, staging: Path) -> int:
 
 
 def classify_source(source: Source, predictor, database: Path, staging_root: Path, run_id: str,
-                    on_progress: Callable[[int, int | None], None] | None = None) -> ClassifySummary:
+                    on_progress: Callable[[int, int | None], None] | None = None,
+                    commit: bool = True) -> ClassifySummary:
+    """Classify what is new in `source` into `database`, a staged Parquet part at a time.
+
+    With `commit=False` (one shard of a distributed run) parts are only staged, under names
+    of their own; the run's single committer then calls `commit_parts` and `record_run`.
+    """
     summary = ClassifySummary(source.uri, predictor.name, predictor.version, run_id)
     staging = staging_root / "classify"
     staging.mkdir(parents=True, exist_ok=True)
-    for stale in staging.glob("*.tmp"):
+    prefix = f"{run_id}-s{source.shard[0]:03d}" if source.shard else run_id
+    # Other shards may be writing beside us: only our own leftovers are stale.
+    for stale in staging.glob("*.tmp" if commit else f"{prefix}-*.tmp"):
         stale.unlink()
     started = time.perf_counter()
-    commit_parts(database, staging)  # what a killed run staged but did not commit
+    if commit:
+        commit_parts(database, staging)  # what a killed run staged but did not commit
     done = already_classified(database, predictor.name, predictor.version)
     batches: queue.Queue = queue.Queue(maxsize=2)
     counts: Counter[str] = Counter()
@@ -121,11 +147,13 @@ def classify_source(source: Source, predictor, database: Path, staging_root: Pat
 
     def stage_and_commit() -> None:
         nonlocal part_index, rows
-        tmp = staging / f"{run_id}-{part_index:05d}.parquet.tmp"
+        tmp = staging / f"{prefix}-{part_index:05d}.parquet.tmp"
         pq.write_table(pa.table(rows, schema=PART_SCHEMA), tmp)
         os.replace(tmp, tmp.with_suffix(""))
         part_index += 1
         rows = {name: [] for name in PART_SCHEMA.names}
+        if not commit:
+            return
         commit_started = time.perf_counter()
         commit_parts(database, staging)
         summary.commit_seconds += time.perf_counter() - commit_started
@@ -156,7 +184,8 @@ def classify_source(source: Source, predictor, database: Path, staging_root: Pat
         stage_and_commit()
     summary.seconds = time.perf_counter() - started
     summary.class_counts = dict(counts.most_common())
-    _record_run(database, summary)
+    if commit:
+        record_run(database, summary)
     return summary
 
 
@@ -195,7 +224,7 @@ def _prepared_batches(source: Source, done: set[str], summary: ClassifySummary, 
         on_progress(seen, source.total)
 
 
-def _record_run(database: Path, summary: ClassifySummary) -> None:
+def record_run(database: Path, summary: ClassifySummary) -> None:
     now = datetime.now(timezone.utc)
     with connect_for_writing(database) as connection:
         connection.execute("BEGIN")

@@ -302,7 +302,11 @@ def rollback(name: str) -> None:
               help="Use a checkpoint file from `cnnpipe train` instead of the registry.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", default=256, show_default=True)
-def classify(source: str, model_ref: str, checkpoint: str | None, device: str, batch_size: int) -> None:
+@click.option("--ray-address", envvar="CNNPIPE_RAY_ADDRESS", default=None,
+              help="Shard the source over this Ray cluster (HOST:PORT, or ray://HOST:PORT) [env: CNNPIPE_RAY_ADDRESS].")
+@click.option("--shards", type=int, default=None, help="Shards on Ray [default: one per GPU, else per CPU].")
+def classify(source: str, model_ref: str, checkpoint: str | None, device: str, batch_size: int,
+             ray_address: str | None, shards: int | None) -> None:
     """Classify the images in SOURCE into the predictions database.
 
     SOURCE takes the same forms as `cnnpipe ingest`, or `dataset:NAME[/SPLIT]` for a
@@ -318,6 +322,7 @@ def classify(source: str, model_ref: str, checkpoint: str | None, device: str, b
       cnnpipe classify archive.tar.gz --model cnn-classifier/3 --device cuda --batch-size 1024
       cnnpipe classify s3://bucket/photos/ --model models:/cnn-classifier@challenger
       cnnpipe classify dataset:cifar10/test --model cnn-classifier/3
+      cnnpipe classify archive.tar --ray-address 10.0.0.1:6379    # shards on a Ray cluster
       cnnpipe classify ./inbox --checkpoint .cnnpipe/checkpoints/cifar10__alexnet-cifar/RUN/epoch-0030.pt
     """
     from cnnpipe.classify import open_classify_source
@@ -328,7 +333,8 @@ def classify(source: str, model_ref: str, checkpoint: str | None, device: str, b
     if not checkpoint:
         parse_model_ref(model_ref)  # a malformed reference fails here, in one line
     open_classify_source(source)
-    summary = classify_flow(source=source, model=model_ref, checkpoint=checkpoint, device=device, batch_size=batch_size)
+    summary = classify_flow(source=source, model=model_ref, checkpoint=checkpoint, device=device, batch_size=batch_size,
+                            ray_address=ray_address, shards=shards)
     _print_markdown(classify_markdown(summary))
 
 

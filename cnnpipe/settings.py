@@ -21,6 +21,8 @@ REGISTERED_MODEL = "cnn-classifier"
 class Settings:
     home: Path
     mlflow_tracking_uri: str
+    # A Ray cluster to shard ingestion and classification over; None runs them here.
+    ray_address: str | None = None
 
     @property
     def mlflow_artifacts_dir(self) -> Path | None:
@@ -55,9 +57,18 @@ class Settings:
     def dataset_dir(self, name: str) -> Path:
         return self.datasets_dir / name
 
+    def environment(self) -> dict[str, str]:
+        """Variables that make another process (a Ray worker) see the same state and servers."""
+        env = {"CNNPIPE_HOME": str(self.home), "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+               "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false")}
+        for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "AWS_ENDPOINT_URL"):
+            if os.environ.get(name):
+                env[name] = os.environ[name]
+        return env
+
 
 def get_settings() -> Settings:
     """Read the environment now, so tests and long-lived servers see changes."""
     home = Path(os.environ.get("CNNPIPE_HOME") or ".cnnpipe").expanduser().absolute()
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
-    return Settings(home=home, mlflow_tracking_uri=tracking)
+    return Settings(home=home, mlflow_tracking_uri=tracking, ray_address=os.environ.get("CNNPIPE_RAY_ADDRESS") or None)

@@ -21,6 +21,7 @@ import stat
 import tarfile
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -111,9 +112,22 @@ class Source:
         self.max_image_bytes = max_image_bytes
         # Known up front for folders, zips and manifests; tar streams cannot tell.
         self.total: int | None = None
+        # (index, count): read only this shard's members, so that shards can run in parallel.
+        self.shard: tuple[int, int] | None = None
 
     def entries(self) -> Iterator[Entry]:
         raise NotImplementedError
+
+    def sharded(self, index: int, count: int) -> Source:
+        """This source, restricted to one of `count` disjoint shards that together cover it."""
+        self.shard = (index, count)
+        return self
+
+    def _mine(self, key: str) -> bool:
+        if self.shard is None:
+            return True
+        index, count = self.shard
+        return zlib.crc32(key.encode("utf-8", "surrogateescape")) % count == index
 
     def _labelled(self, path: str, data: bytes) -> Entry:
         folder = path.rpartition("/")[0]
@@ -130,7 +144,7 @@ class FolderSource(Source):
 
     def entries(self) -> Iterator[Entry]:
         root = self.path.rstrip("/")
-        files = [(rel, size) for rel, size in self._listing(root) if not _skipped(rel)]
+        files = [(rel, size) for rel, size in self._listing(root) if not _skipped(rel) and self._mine(rel)]
         self.total = len(files)
         for rel, size in files:
             if size is not None and size > self.max_image_bytes:
@@ -185,7 +199,7 @@ class TarSource(Source):
             for member in tar:
                 # Stream mode remembers every member; forget them so millions stay cheap.
                 tar.members.clear()
-                if member.isdir():
+                if member.isdir() or not self._mine(member.name):
                     continue
                 try:
                     path = safe_relative_path(member.name)
@@ -214,7 +228,7 @@ class ZipSource(Source):
 
     def entries(self) -> Iterator[Entry]:
         with self.fs.open(self.path, "rb") as raw, zipfile.ZipFile(raw) as archive:
-            members = [info for info in archive.infolist() if not info.is_dir()]
+            members = [info for info in archive.infolist() if not info.is_dir() and self._mine(info.filename)]
             self.total = len(members)
             for info in members:
                 try:
@@ -260,8 +274,9 @@ class ManifestSource(Source):
         rows = list(csv.DictReader(io.StringIO(text)))
         if rows and "path" not in rows[0]:
             raise CnnpipeError(f"{self.uri}: a manifest needs a 'path' column, found {list(rows[0])}")
-        self.total = len(rows)
-        for line, row in enumerate(rows, start=2):
+        numbered = [(line, row) for line, row in enumerate(rows, start=2) if self._mine(f"{line}")]
+        self.total = len(numbered)
+        for line, row in numbered:
             name = (row.get("path") or "").strip()
             try:
                 rel = safe_relative_path(name)

@@ -653,6 +653,8 @@ class DatasetSource(Source):
         for path in self.store.files():
             parquet = pq.ParquetFile(path)
             for group in range(parquet.num_row_groups):
+                if not self._mine(f"{path.name}:{group}"):
+                    continue
                 table = parquet.read_row_group(group, columns=["sha256", "image", "split", "member_path"])
                 for sha, image, split, member in zip(*(table.column(c).to_pylist() for c in table.column_names)):
                     if self.split is None or split == self.split:

@@ -1,4 +1,4 @@
-"""Thin Prefect tasks over bulk classification."""
+"""Thin Prefect tasks over bulk classification, in one process or sharded over Ray."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from cnn.predict import Predictor
-from cnnpipe.classify import ClassifySummary, classify_source, open_classify_source
+from cnn.train import resolve_device
+from cnnpipe import registry
+from cnnpipe.classify import ClassifySummary, classify_source, commit_shards, open_classify_source
 from cnnpipe.progress import progress_bar
-from cnnpipe.registry import load_predictor
 from cnnpipe.reports import classify_markdown
 from cnnpipe.settings import get_settings
+
+
+def _predictor(model: str, checkpoint: str | None, device: str, batch_size: int) -> Predictor:
+    return Predictor(checkpoint, device, batch_size) if checkpoint else registry.load_predictor(model, device, batch_size)
 
 
 # Each run classifies what is new in its source: nothing here is worth caching.
@@ -20,10 +25,33 @@ def classify_images(source: str, model: str, checkpoint: str | None, device: str
                     run_id: str) -> ClassifySummary:
     settings = get_settings()
     # Resolved once per run: an alias that moves mid-run does not mix versions in the rows.
-    predictor = Predictor(checkpoint, device, batch_size) if checkpoint else load_predictor(model, device, batch_size)
+    predictor = _predictor(model, checkpoint, device, batch_size)
     with progress_bar("classify") as update:
         return classify_source(open_classify_source(source), predictor, settings.predictions_db, settings.staging_dir,
                                run_id, on_progress=update)
+
+
+@task(name="pin-model", retries=2, retry_delay_seconds=5)
+def pin_model(model: str) -> str:
+    """`NAME/VERSION` for a reference, so that every shard loads the same version."""
+    version = registry.resolve(registry.client(), registry.parse_model_ref(model))
+    return f"{version.name}/{version.version}"
+
+
+@task(name="classify-shard", cache_policy=NO_CACHE)
+def classify_shard(source: str, model: str, checkpoint: str | None, device: str, batch_size: int, run_id: str,
+                   index: int, count: int) -> ClassifySummary:
+    """One shard of a distributed run: classify, stage Parquet parts, commit nothing."""
+    settings = get_settings()
+    return classify_source(open_classify_source(source).sharded(index, count),
+                           _predictor(model, checkpoint, str(resolve_device(device)), batch_size), settings.predictions_db,
+                           settings.staging_dir, run_id, commit=False)
+
+
+@task(name="commit-shards", cache_policy=NO_CACHE)
+def commit_classified(shards: list[ClassifySummary], seconds: float) -> ClassifySummary:
+    settings = get_settings()
+    return commit_shards(settings.predictions_db, settings.staging_dir, shards, seconds)
 
 
 @task(name="report-classify", cache_policy=NO_CACHE)

@@ -81,6 +81,12 @@ def test_every_source_kind_yields_the_same_entries(tmp_path):
     from_manifest = good(entries_of(str(manifest)))
     assert {path.removeprefix("images/"): value for path, value in from_manifest.items()} == expected
 
+    # Shards are disjoint and together yield exactly the whole source, for every kind.
+    for uri in (str(folder), str(tmp_path / "images.tar.gz"), str(tmp_path / "images.zip"), str(manifest)):
+        whole = [e.path for e in open_source(uri).entries()]
+        shards = [[e.path for e in open_source(uri).sharded(i, 3).entries()] for i in range(3)]
+        assert sorted(sum(shards, [])) == sorted(whole) and sum(1 for s in shards if s) >= 2, uri
+
 
 def test_manifest_rows_that_cannot_be_read_are_rejected(tmp_path):
     (tmp_path / "a.jpg").write_bytes(jpeg(1))

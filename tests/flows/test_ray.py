@@ -1,0 +1,101 @@
+"""Classification sharded over a real local Ray cluster (`ray start --head`, 2 CPUs)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import psutil
+import pytest
+
+from cnnpipe.settings import get_settings
+from flows.classify import classify
+from tests.e2e.servers import free_port
+from tests.imagefactory import write_class_folders
+
+pytest.importorskip("prefect_ray", reason="the ray extra is not installed")
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture(scope="module")
+def ray_address(tmp_path_factory):
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([RAY, "start", "--head", "--num-cpus", "2", "--port", str(port), "--include-dashboard=false",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, check=False, capture_output=True, timeout=120)
+
+
+def _rows() -> list[tuple]:
+    with duckdb.connect(str(get_settings().predictions_db), read_only=True) as connection:
+        return connection.execute("SELECT image_sha256, member_path, label, round(confidence, 4) FROM predictions "
+                                  "ORDER BY image_sha256").fetchall()
+
+
+def test_sharded_classification_writes_the_rows_of_a_local_run(ray_address, tmp_path, shapes_checkpoints,
+                                                               monkeypatch):
+    write_class_folders(tmp_path / "inbox", {"a": 40, "b": 40})
+    (tmp_path / "inbox" / "a" / "broken.jpg").write_bytes(b"not an image")
+    checkpoint = str(shapes_checkpoints[-1])
+    local = classify(str(tmp_path / "inbox"), checkpoint=checkpoint, device="cpu")
+    expected = _rows()
+
+    monkeypatch.setenv("CNNPIPE_HOME", str(tmp_path / "sharded-home"))
+    sharded = classify(str(tmp_path / "inbox"), checkpoint=checkpoint, device="cpu", ray_address=ray_address,
+                       shards=3)
+    assert _rows() == expected and len(expected) == 80
+    assert (sharded.classified, [r.path for r in sharded.rejected]) == (80, ["a/broken.jpg"])
+    assert sharded.class_counts == local.class_counts
+    again = classify(str(tmp_path / "inbox"), checkpoint=checkpoint, device="cpu", ray_address=ray_address)
+    assert (again.classified, again.skipped) == (0, 80)
+    with duckdb.connect(str(get_settings().predictions_db), read_only=True) as connection:
+        assert connection.execute("SELECT count(*) FROM classify_runs").fetchone() == (2,)
+
+
+def _shard_workers() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if "classify-shard" in " ".join(process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+def test_a_killed_ray_worker_loses_and_duplicates_nothing(ray_address, tmp_path, shapes_checkpoints):
+    write_class_folders(tmp_path / "inbox", {"a": 1000, "b": 1000, "c": 1000})  # seeds stay distinct
+    checkpoint = str(shapes_checkpoints[-1])
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["summary"] = classify(str(tmp_path / "inbox"), checkpoint=checkpoint, device="cpu",
+                                          ray_address=ray_address, shards=2)
+        except Exception as exc:  # noqa: BLE001 - a clear failure is allowed; the rerun must finish
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    deadline = time.monotonic() + 120
+    while not _shard_workers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = _shard_workers()
+    assert workers, "no shard ever started"
+    time.sleep(2)  # let it stage some parts first
+    os.kill(workers[0].pid, signal.SIGKILL)
+    runner.join(300)
+    assert not runner.is_alive()
+    if "error" in outcome:
+        classify(str(tmp_path / "inbox"), checkpoint=checkpoint, device="cpu", ray_address=ray_address, shards=2)
+    with duckdb.connect(str(get_settings().predictions_db), read_only=True) as connection:
+        total, distinct = connection.execute("SELECT count(*), count(DISTINCT image_sha256) FROM predictions").fetchone()
+    assert total == distinct == 3000
