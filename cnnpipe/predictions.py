@@ -15,8 +15,7 @@ from typing import TypeVar
 
 import duckdb
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS predictions (
+_PREDICTION_COLUMNS = """
     image_sha256 VARCHAR NOT NULL,
     source_uri VARCHAR NOT NULL,
     member_path VARCHAR NOT NULL,
@@ -30,7 +29,10 @@ CREATE TABLE IF NOT EXISTS predictions (
     height INTEGER,
     classify_run_id VARCHAR,
     predicted_at TIMESTAMPTZ NOT NULL,
-    PRIMARY KEY (image_sha256, model_name, model_version)
+"""
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS predictions (
+{_PREDICTION_COLUMNS}    PRIMARY KEY (image_sha256, model_name, model_version)
 );
 CREATE TABLE IF NOT EXISTS classify_runs (
     classify_run_id VARCHAR PRIMARY KEY, source_uri VARCHAR, model_name VARCHAR, model_version VARCHAR,
@@ -53,20 +55,8 @@ CREATE OR REPLACE MACRO version_number(v) AS TRY_CAST(v AS BIGINT);
 -- by every insert and rebuilt when the champion changes, so that queries over it stay fast
 -- at tens of millions of predictions (bench/views.py).
 CREATE TABLE IF NOT EXISTS latest_by_image (
-    image_sha256 VARCHAR PRIMARY KEY,
-    source_uri VARCHAR NOT NULL,
-    member_path VARCHAR NOT NULL,
-    model_name VARCHAR NOT NULL,
-    model_version VARCHAR NOT NULL,
-    mlflow_run_id VARCHAR,
-    label VARCHAR NOT NULL,
-    confidence DOUBLE NOT NULL,
-    top5 STRUCT(label VARCHAR, probability DOUBLE)[] NOT NULL,
-    width INTEGER,
-    height INTEGER,
-    classify_run_id VARCHAR,
-    predicted_at TIMESTAMPTZ NOT NULL,
-    champion BOOLEAN NOT NULL
+{_PREDICTION_COLUMNS}    champion BOOLEAN NOT NULL,
+    PRIMARY KEY (image_sha256)
 );
 CREATE OR REPLACE VIEW latest_predictions AS SELECT * EXCLUDE (champion) FROM latest_by_image;
 CREATE OR REPLACE VIEW class_counts AS
