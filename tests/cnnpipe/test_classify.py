@@ -14,7 +14,6 @@ from cnn.predict import Predictor
 from cnnpipe.classify import classify_source, open_classify_source
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.settings import get_settings
-from cnnpipe.sources import open_source
 from tests.imagefactory import write_class_folders
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,6 @@ Credentials and the endpoint come from the standard AWS variables, as on a real 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
