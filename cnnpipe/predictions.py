@@ -115,8 +115,7 @@ def connect_for_writing(path: Path, retries: int = LOCK_RETRIES) -> duckdb.DuckD
     return retry_on_lock(connect, retries)
 
 
-_COLUMNS = ("image_sha256", "source_uri", "member_path", "model_name", "model_version", "mlflow_run_id", "label",
-            "confidence", "top5", "width", "height", "classify_run_id", "predicted_at")
+_COLUMNS = tuple(line.split()[0] for line in _PREDICTION_COLUMNS.strip().splitlines())
 # Versions that are not numbers (checkpoint hashes) rank below numbered ones.
 _PREFERRED = """(new.champion > old.champion OR (new.champion = old.champion AND (
     coalesce(version_number(new.model_version), -1) > coalesce(version_number(old.model_version), -1) OR (
@@ -161,7 +160,7 @@ def set_champion(connection: duckdb.DuckDBPyConnection, model_name: str, model_v
     connection.execute("DELETE FROM champions WHERE model_name = ?", [model_name])
     if model_version is not None:
         connection.execute("INSERT INTO champions VALUES (?, ?, now())", [model_name, model_version])
-    connection.execute(_REBUILD_LATEST)
+    rebuild_latest(connection)
 
 
 def rebuild_latest(connection: duckdb.DuckDBPyConnection) -> None:

@@ -12,7 +12,7 @@ import logging
 import math
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -76,6 +76,11 @@ def resolve(mlflow_client: MlflowClient, ref: ModelRef) -> ModelVersion:
                            "(`cnnpipe models` lists what is there; `cnnpipe train` registers one)") from None
 
 
+def version_id(version: ModelVersion | None) -> str | None:
+    """A version number as text; MLflow hands out ints from some calls and strings from others."""
+    return None if version is None else str(version.version)
+
+
 def current_champion(mlflow_client: MlflowClient, name: str) -> ModelVersion | None:
     try:
         return mlflow_client.get_model_version_by_alias(name, CHAMPION)
@@ -104,7 +109,7 @@ def load_predictor(ref: str | ModelRef, device: str = "cpu", batch_size: int = 2
     with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as scratch:
         path = download_weights(version, Path(scratch))
         try:
-            return Predictor(path, device, batch_size, name=version.name, version=str(version.version),
+            return Predictor(path, device, batch_size, name=version.name, version=version_id(version),
                              run_id=version.run_id)
         except CheckpointError as exc:
             raise CnnpipeError(f"model {version.name} version {version.version}: {exc}") from None
@@ -126,9 +131,6 @@ class GateDecision:
     champion_top1: float | None
     promoted: bool
     reason: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _lock(name: str):
@@ -163,7 +165,7 @@ def gate(mlflow_client: MlflowClient, challenger: ModelVersion, challenger_top1:
         champion_top1 = None
         if champion is None:
             promoted, reason = True, "first champion"
-        elif str(champion.version) == str(challenger.version):
+        elif version_id(champion) == version_id(challenger):
             promoted, reason = False, "already the champion"
         else:
             try:
@@ -184,11 +186,11 @@ def gate(mlflow_client: MlflowClient, challenger: ModelVersion, challenger_top1:
                            "better" if champion else "first")
         describe_version(mlflow_client, challenger, {
             "gate.decision": "promoted" if promoted else "rejected", "gate.reason": reason,
-            "gate.champion_version": str(champion.version) if champion else "",
+            "gate.champion_version": version_id(champion) or "",
             "gate.champion_val_top1": "" if champion_top1 is None else f"{champion_top1:.6f}",
         })
-    decision = GateDecision(name, str(challenger.version), str(champion.version) if champion else None, challenger_top1,
-                            champion_top1, promoted, reason)
+    decision = GateDecision(name, version_id(challenger), version_id(champion), challenger_top1, champion_top1,
+                            promoted, reason)
     log.info("gate for %s/%s: %s (%s)", name, challenger.version, "promoted" if promoted else "kept champion", reason)
     return decision
 
@@ -197,26 +199,23 @@ def _move_champion(mlflow_client: MlflowClient, name: str, expected: ModelVersio
                    to_value: float | None, from_value: float | None, reason: str) -> None:
     """Compare-and-set: move `champion` only if it still points at `expected`; then record it."""
     now = current_champion(mlflow_client, name)
-    if (str(now.version) if now else None) != (str(expected.version) if expected else None):
-        raise CnnpipeError(f"{name}: the champion changed to {now.version if now else 'none'} during the decision; "
+    if version_id(now) != version_id(expected):
+        raise CnnpipeError(f"{name}: the champion changed to {version_id(now) or 'none'} during the decision; "
                            "run the gate again")
     mlflow_client.set_registered_model_alias(name, CHAMPION, to_version)
-    _record_promotion(name, str(expected.version) if expected else None, str(to_version), from_value, to_value, reason)
+    _record_promotion(name, version_id(expected), str(to_version), from_value, to_value, reason)
 
 
 def _record_promotion(name: str, from_version: str | None, to_version: str, from_value: float | None,
                       to_value: float | None, reason: str) -> None:
     def record() -> None:
-        connection = connect_for_writing(get_settings().predictions_db)
-        try:
+        with connect_for_writing(get_settings().predictions_db) as connection:
             connection.execute("BEGIN")
             connection.execute("INSERT INTO promotions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                [datetime.now(timezone.utc), name, from_version, to_version, GATE_METRIC,
                                 _finite(from_value), _finite(to_value), reason])
             set_champion(connection, name, to_version)
             connection.execute("COMMIT")
-        finally:
-            connection.close()
 
     retry_on_lock(record)
 
@@ -231,30 +230,30 @@ def _tagged_top1(version: ModelVersion | None) -> float | None:
     return float(version.tags[GATE_METRIC])
 
 
+def _move_by_hand(mlflow_client: MlflowClient, name: str, champion: ModelVersion | None, target: ModelVersion,
+                  reason: str) -> GateDecision:
+    _move_champion(mlflow_client, name, champion, target.version, _tagged_top1(target), _tagged_top1(champion), reason)
+    return GateDecision(name, version_id(target), version_id(champion), _tagged_top1(target) or math.nan,
+                        _tagged_top1(champion), True, reason)
+
+
 def promote(name: str, version: str, reason: str = "manual") -> GateDecision:
     """Make `version` the champion by hand; recorded in the history with `reason`."""
     mlflow_client = client()
     with _lock(name):
         target = resolve(mlflow_client, ModelRef(name, version=str(version)))
         champion = current_champion(mlflow_client, name)
-        if champion is not None and str(champion.version) == str(target.version):
+        if version_id(champion) == version_id(target):
             raise CnnpipeError(f"{name}/{version} is already the champion")
-        _move_champion(mlflow_client, name, champion, target.version, _tagged_top1(target), _tagged_top1(champion),
-                       reason)
-    return GateDecision(name, str(target.version), str(champion.version) if champion else None,
-                        _tagged_top1(target) or math.nan,
-                        _tagged_top1(champion), True, reason)
+        return _move_by_hand(mlflow_client, name, champion, target, reason)
 
 
 def champion_history(name: str) -> list[str]:
     """Champions in order, as promotions and rollbacks left them; the last is the current one."""
     def read() -> list[tuple]:
-        connection = connect_for_writing(get_settings().predictions_db)
-        try:
+        with connect_for_writing(get_settings().predictions_db) as connection:
             return connection.execute("SELECT to_version, reason FROM promotions WHERE model_name = ? "
                                       "ORDER BY promoted_at", [name]).fetchall()
-        finally:
-            connection.close()
 
     stack: list[str] = []
     for to_version, reason in retry_on_lock(read):
@@ -273,13 +272,10 @@ def rollback(name: str) -> GateDecision:
         if champion is None:
             raise CnnpipeError(f"{name} has no champion to roll back")
         history = champion_history(name)
-        if len(history) < 2 or history[-1] != str(champion.version):
-            raise CnnpipeError(f"{name}: no earlier champion in the promotion history (current: {champion.version})")
+        if len(history) < 2 or history[-1] != version_id(champion):
+            raise CnnpipeError(f"{name}: no earlier champion in the promotion history (current: {version_id(champion)})")
         target = resolve(mlflow_client, ModelRef(name, version=history[-2]))
-        _move_champion(mlflow_client, name, champion, target.version, _tagged_top1(target), _tagged_top1(champion),
-                       "rollback")
-    return GateDecision(name, str(target.version), str(champion.version), _tagged_top1(target) or math.nan,
-                        _tagged_top1(champion), True, "rollback")
+        return _move_by_hand(mlflow_client, name, champion, target, "rollback")
 
 
 def list_versions(name: str | None = None) -> list[tuple[ModelVersion, list[str]]]:
@@ -296,5 +292,5 @@ def list_versions(name: str | None = None) -> list[tuple[ModelVersion, list[str]
         for alias, version in model.aliases.items():
             aliases.setdefault(str(version), []).append(alias)
         found = mlflow_client.search_model_versions(f"name = '{model.name}'")
-        listed += [(v, sorted(aliases.get(str(v.version), []))) for v in sorted(found, key=lambda v: -int(v.version))]
+        listed += [(v, sorted(aliases.get(version_id(v), []))) for v in sorted(found, key=lambda v: -int(v.version))]
     return listed

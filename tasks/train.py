@@ -78,7 +78,8 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
     logger.info("held-out %s split: top-1 %.1f%%, top-5 %.1f%% on %d images; MLflow run %s; registered %s/%s",
                 result.held_out_split, 100 * held["top1"], 100 * held["top5"], held["images"], run.info.run_id,
                 version.name, version.version)
-    return TrainingOutcome(result, run.info.run_id, tracking.run_url(run), version.name, str(version.version))
+    return TrainingOutcome(result, run.info.run_id, tracking.run_url(run), version.name,
+                           registry.version_id(version))
 
 
 @task(name="gate-champion", cache_policy=NO_CACHE)
