@@ -66,19 +66,24 @@ def cli() -> None:
 @click.option("--workers", type=int, default=None, help="Decoding processes (default: one per core; 0: none).")
 @click.option("--max-reject-fraction", default=0.5, show_default=True,
               help="Fail the run when more than this share of files is rejected.")
+@click.option("--ray-address", envvar="CNNPIPE_RAY_ADDRESS", default=None,
+              help="Shard the source over this Ray cluster (HOST:PORT, or ray://HOST:PORT) [env: CNNPIPE_RAY_ADDRESS].")
+@click.option("--shards", type=int, default=None, help="Shards on Ray [default: one per CPU of the cluster].")
 def ingest(source: str, dataset: str, val_fraction: float, test_fraction: float, resize: int | None,
-           workers: int | None, max_reject_fraction: float) -> None:
+           workers: int | None, max_reject_fraction: float, ray_address: str | None, shards: int | None) -> None:
     """Add the images in SOURCE to a versioned, deduplicated Parquet dataset.
 
     SOURCE is a folder of <class>/<file> or <split>/<class>/<file>, a .tar, .tar.gz or
     .zip of the same, or a CSV manifest with path,label[,split] columns; local or any
-    fsspec URL (file://, memory://, s3://). Rerunning adds only new images.
+    fsspec URL (file://, memory://, s3://). Rerunning adds only new images. The store
+    itself lives under $CNNPIPE_HOME, or at $CNNPIPE_DATASETS_URL (e.g. s3://bucket/datasets).
 
     \b
     Examples:
       cnnpipe ingest ./photos --dataset pets
       cnnpipe ingest train.tar.gz --dataset pets --resize 256
       cnnpipe ingest labels.csv --dataset pets --val-fraction 0.2 --test-fraction 0
+      cnnpipe ingest s3://bucket/photos.tar --dataset pets --ray-address 10.0.0.1:6379
     """
     from cnnpipe.reports import ingest_markdown
     from cnnpipe.sources import open_source
@@ -86,7 +91,8 @@ def ingest(source: str, dataset: str, val_fraction: float, test_fraction: float,
 
     open_source(source)  # a missing or unknown source fails here, in one line
     summary = ingest_flow(source=source, dataset=dataset, val_fraction=val_fraction, test_fraction=test_fraction,
-                          resize=resize, workers=workers, max_reject_fraction=max_reject_fraction)
+                          resize=resize, workers=workers, max_reject_fraction=max_reject_fraction,
+                          ray_address=ray_address, shards=shards)
     _print_markdown(ingest_markdown(summary))
 
 
@@ -391,7 +397,7 @@ def datasets(ctx: click.Context) -> None:
 
     manifests = list_datasets()
     if not manifests:
-        click.echo(f"No datasets under {get_settings().datasets_dir} yet. Try: cnnpipe ingest SOURCE --dataset NAME")
+        click.echo(f"No datasets under {get_settings().datasets_url} yet. Try: cnnpipe ingest SOURCE --dataset NAME")
         return
     table = Table("dataset", "version", "id", "images", "classes", "train", "val", "test")
     for m in manifests:
@@ -430,6 +436,7 @@ def demo() -> None:
     from cnnpipe.reports import classify_markdown, ingest_markdown
     from cnnpipe.settings import get_settings
     from cnnpipe.sql import run_query
+    from cnnpipe.store import DatasetStore
     from flows.classify import classify as classify_flow
     from flows.ingest import ingest as ingest_flow
     from flows.retrain import retrain as retrain_flow
@@ -446,7 +453,7 @@ def demo() -> None:
              "FROM latest_predictions GROUP BY label ORDER BY label")
     click.echo(f'\n$ cnnpipe sql "{query}"')
     write_result(run_query(query, settings.predictions_db), "table", None)
-    files = settings.dataset_dir("shapes") / "**" / "*.parquet"
+    files = f"{DatasetStore('shapes').root}/**/*.parquet"
     click.echo(f"""
 Where to look next:
   cnnpipe models {DEMO_MODEL}        versions, figures, aliases and gate decisions

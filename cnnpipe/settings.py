@@ -1,6 +1,8 @@
 """Every path and URI the pipeline uses, derived from the environment.
 
-`CNNPIPE_HOME` (default `./.cnnpipe`) is the root of all state. MLflow honours
+`CNNPIPE_HOME` (default `./.cnnpipe`) is the root of all state. Datasets live under it
+unless `CNNPIPE_DATASETS_URL` puts them elsewhere, on any fsspec URL (`s3://bucket/datasets`).
+MLflow honours
 `MLFLOW_TRACKING_URI` (default: a SQLite file under the home, with artifacts beside it);
 Prefect keeps its own rule (ephemeral API unless `PREFECT_API_URL` is set), so nothing
 here touches Prefect's settings.
@@ -23,6 +25,8 @@ class Settings:
     mlflow_tracking_uri: str
     # A Ray cluster to shard ingestion and classification over; None runs them here.
     ray_address: str | None = None
+    # Where the dataset store lives when not under the home: any fsspec URL.
+    datasets_location: str | None = None
 
     @property
     def mlflow_artifacts_dir(self) -> Path | None:
@@ -32,6 +36,15 @@ class Settings:
     @property
     def datasets_dir(self) -> Path:
         return self.home / "datasets"
+
+    @property
+    def datasets_url(self) -> str:
+        return self.datasets_location or str(self.datasets_dir)
+
+    @property
+    def dataset_cache_dir(self) -> Path:
+        """Local copies of datasets kept on object storage, for training to read."""
+        return self.home / "cache" / "datasets"
 
     @property
     def staging_dir(self) -> Path:
@@ -54,14 +67,14 @@ class Settings:
     def demo_dir(self) -> Path:
         return self.home / "demo"
 
-    def dataset_dir(self, name: str) -> Path:
-        return self.datasets_dir / name
-
     def environment(self) -> dict[str, str]:
         """Variables that make another process (a Ray worker) see the same state and servers."""
         env = {"CNNPIPE_HOME": str(self.home), "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
                "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false")}
-        for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "AWS_ENDPOINT_URL"):
+        if self.datasets_location:
+            env["CNNPIPE_DATASETS_URL"] = self.datasets_location
+        for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                     "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
             if os.environ.get(name):
                 env[name] = os.environ[name]
         return env
@@ -71,4 +84,5 @@ def get_settings() -> Settings:
     """Read the environment now, so tests and long-lived servers see changes."""
     home = Path(os.environ.get("CNNPIPE_HOME") or ".cnnpipe").expanduser().absolute()
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
-    return Settings(home=home, mlflow_tracking_uri=tracking, ray_address=os.environ.get("CNNPIPE_RAY_ADDRESS") or None)
+    return Settings(home=home, mlflow_tracking_uri=tracking, ray_address=os.environ.get("CNNPIPE_RAY_ADDRESS") or None,
+                    datasets_location=os.environ.get("CNNPIPE_DATASETS_URL") or None)

@@ -13,6 +13,15 @@ that whole folder to `vNNNNNN`: one atomic step, so `datasets/NAME/**/*.parquet`
 exactly the committed rows. `manifest.json` is derived from the `version.json` files
 and rebuilt if a crash left it behind. Staged parts that were complete when a run died
 are adopted by the next run, which then only reads what is still missing.
+
+The store can also live on object storage (`CNNPIPE_DATASETS_URL=s3://bucket/datasets`,
+or any fsspec URL). Nothing renames a folder there, so a version's parts are uploaded
+first and its `version.json` last: that upload commits it, and a version folder without
+one is the debris of a crashed upload, removed by the next writer. Staging stays local.
+
+On a Ray cluster, each shard of a source stages its own parts under
+`staging/NAME/shards/KEY/shard-NNNNN/`; one committer then merges them into `next/`,
+dropping images that two shards both found, and commits as above.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import re
 import shutil
 import signal
@@ -35,6 +45,7 @@ from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -70,12 +81,18 @@ ROW_GROUP_BYTES = 32 * 1024 * 1024
 # Parts are the unit a killed run resumes from, so they close every 16 row groups too.
 PART_BYTES = 512 * 1024 * 1024
 PART_ROW_GROUPS = 16
+PARQUET_OPTIONS = {
+    # Images are already compressed and hashes do not compress: zstd only where it pays.
+    "compression": {name: "zstd" if name in ("member_path", "ingested_at") else "none" for name in SCHEMA.names},
+    "use_dictionary": ["format", "label", "split", "source_uri"],
+}
 VALIDATION_CHUNK = 256
 # A decoder that hangs must not hang the ingest: a chunk of images gets CHUNK_TIMEOUT
 # seconds, then its images are retried one by one with ITEM_TIMEOUT seconds each.
 CHUNK_TIMEOUT = 300.0
 ITEM_TIMEOUT = 30.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VERSION = re.compile(r"v\d{6}")
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,18 @@ class StagedRun:
 
     def add_content(self, sha256_hex: str) -> None:
         self.content_sum = (self.content_sum + int(sha256_hex, 16)) % 2**256
+
+    def add_count(self, split: str, label: str, count: int = 1) -> None:
+        labels = self.added_counts.setdefault(split, {})
+        labels[label] = labels.get(label, 0) + count
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "content_sum": f"{self.content_sum:064x}"}
+
+    @classmethod
+    def from_json(cls, value: dict) -> StagedRun:
+        return cls(**{**value, "content_sum": int(value["content_sum"], 16),
+                      "rejected": [Reject(**reject) for reject in value["rejected"]]})
 
 
 @dataclass
@@ -314,13 +343,7 @@ class _PartWriter:
             return
         if self.writer is None:
             self.tmp_path = self.directory / f"part-{self.index:05d}.parquet.tmp"
-            self.writer = pq.ParquetWriter(
-                self.tmp_path, SCHEMA,
-                # Images are already compressed and hashes do not compress: zstd only where it pays.
-                compression={name: "zstd" if name in ("member_path", "ingested_at") else "none"
-                             for name in SCHEMA.names},
-                use_dictionary=["format", "label", "split", "source_uri"],
-            )
+            self.writer = pq.ParquetWriter(self.tmp_path, SCHEMA, **PARQUET_OPTIONS)
         if rows == len(self.columns["sha256"]):
             group, self.columns = self.columns, {name: [] for name in SCHEMA.names}
         else:
@@ -352,44 +375,170 @@ class _PartWriter:
         self.index += 1
 
 
+class _Folder:
+    """A store in a local folder: a version is published by one directory rename."""
+
+    remote = False
+    filesystem = None  # pyarrow's own local filesystem
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def file(self, relative: str) -> Path:
+        return self.path / relative
+
+    def read_json(self, relative: str):
+        path = self.path / relative
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def write_json(self, relative: str, value: object) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path / relative, value)
+
+    def children(self) -> list[str]:
+        return sorted(p.name for p in self.path.iterdir() if p.is_dir()) if self.path.is_dir() else []
+
+    def versions(self) -> list[str]:
+        return [name for name in self.children() if _VERSION.fullmatch(name)]
+
+    def publish(self, staged: Path, version: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        failpoint("store.before_commit")
+        os.rename(staged, self.path / version)
+        fsync_dir(self.path)
+
+    def discard_debris(self) -> None:
+        """A rename leaves none."""
+
+
+class _ObjectStore:
+    """A store on any fsspec filesystem (S3, GCS, memory://). Each object appears whole or
+    not at all, so uploading a version's `version.json` last is what commits it."""
+
+    remote = True
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.filesystem, self.path = fsspec.core.url_to_fs(self.url)
+
+    def __str__(self) -> str:
+        return self.url
+
+    def file(self, relative: str) -> str:
+        return f"{self.path}/{relative}"
+
+    def read_json(self, relative: str):
+        try:
+            return json.loads(self.filesystem.cat_file(self.file(relative)))
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, relative: str, value: object) -> None:
+        self.filesystem.pipe_file(self.file(relative), json.dumps(value, indent=2, sort_keys=True).encode() + b"\n")
+
+    def children(self) -> list[str]:
+        # Listings are cached per process; another host may have committed since.
+        self.filesystem.invalidate_cache(self.path)
+        if not self.filesystem.isdir(self.path):
+            return []
+        return sorted(posixpath.basename(entry["name"].rstrip("/"))
+                      for entry in self.filesystem.ls(self.path, detail=True) if entry["type"] == "directory")
+
+    def versions(self) -> list[str]:
+        self.filesystem.invalidate_cache(self.path)
+        committed = self.filesystem.glob(f"{self.path}/v[0-9][0-9][0-9][0-9][0-9][0-9]/version.json")
+        return sorted(posixpath.basename(posixpath.dirname(path)) for path in committed)
+
+    def publish(self, staged: Path, version: str) -> None:
+        target = self.file(version)
+        if self.filesystem.exists(target):
+            self.filesystem.rm(target, recursive=True)
+        for part in sorted(staged.glob("part-*.parquet")):
+            self.filesystem.put_file(str(part), f"{target}/{part.name}")
+        failpoint("store.before_commit")
+        self.filesystem.put_file(str(staged / "version.json"), f"{target}/version.json")
+        shutil.rmtree(staged)
+
+    def discard_debris(self) -> None:
+        """Remove version folders whose upload died before their `version.json`."""
+        committed = set(self.versions())
+        for name in self.children():
+            if _VERSION.fullmatch(name) and name not in committed:
+                log.warning("%s/%s: removing the parts of an upload that never committed", self.url, name)
+                self.filesystem.rm(self.file(name), recursive=True)
+
+
+def _location(url: str) -> _Folder | _ObjectStore:
+    if "://" in url and not url.startswith("file://"):
+        return _ObjectStore(url)
+    return _Folder(Path(url.removeprefix("file://")))
+
+
 class DatasetStore:
     def __init__(self, name: str, settings: Settings | None = None):
         if not _NAME.match(name):
             raise CnnpipeError(f"dataset name {name!r}: use letters, digits, '.', '_' and '-'")
         self.name = name
         self.settings = settings or get_settings()
-        self.root = self.settings.dataset_dir(name)
+        self.location = _location(f"{self.settings.datasets_url.rstrip('/')}/{name}")
         self.staging = self.settings.staging_dir / name / "next"
+        self.shards_staging = self.settings.staging_dir / name / "shards"
 
     # ---- reading -------------------------------------------------------------------
 
     @property
-    def manifest_path(self) -> Path:
-        return self.root / "manifest.json"
+    def root(self) -> Path | str:
+        """The dataset's folder, or its URL on object storage."""
+        return self.location.path if isinstance(self.location, _Folder) else self.location.url
+
+    @property
+    def filesystem(self):
+        """What pyarrow needs, beside a path of `files()`, to open it."""
+        return self.location.filesystem
 
     def exists(self) -> bool:
-        return self.manifest_path.exists() or any(self._version_dirs())
+        return bool(self.location.versions())
 
     def manifest(self) -> dict:
         """The current manifest; derived afresh if a crash left it behind the versions."""
-        if self.manifest_path.exists():
-            manifest = json.loads(self.manifest_path.read_text())
-            if manifest["version"] == self._latest_version():
-                return manifest
+        manifest = self.location.read_json("manifest.json")
+        if manifest is not None and manifest["version"] == self._latest_version():
+            return manifest
         return self._derive_manifest()
 
-    def files(self) -> list[Path]:
-        return [self.root / entry["path"] for entry in self.manifest()["files"]]
+    def files(self) -> list[Path | str]:
+        return [self.location.file(entry["path"]) for entry in self.manifest()["files"]]
 
     def read_table(self, columns: list[str] | None = None) -> pa.Table:
         files = self.files()
         if not files:
             return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
-        return pa.concat_tables(pq.read_table(path, columns=columns) for path in files)
+        return pa.concat_tables(pq.read_table(path, columns=columns, filesystem=self.filesystem) for path in files)
 
     def rejected(self) -> list[dict]:
-        path = self.root / "rejected.json"
-        return json.loads(path.read_text()) if path.exists() else []
+        return self.location.read_json("rejected.json") or []
+
+    def local_copy(self) -> Path:
+        """A local folder with this dataset's manifest and parts, for training to read: the
+        store itself when local, else a cache under the home that fetches only the parts it
+        lacks (a committed part never changes)."""
+        if isinstance(self.location, _Folder):
+            return self.location.path
+        target = self.settings.dataset_cache_dir / self.name
+        manifest = self.manifest()
+        for entry in manifest["files"]:
+            local = target / entry["path"]
+            if local.exists() and pq.read_metadata(local).num_rows == entry["rows"]:
+                continue
+            local.parent.mkdir(parents=True, exist_ok=True)
+            partial = local.with_name(local.name + ".tmp")
+            self.filesystem.get_file(self.location.file(entry["path"]), str(partial))
+            os.replace(partial, local)
+        atomic_write_json(target / "manifest.json", manifest)
+        return target
 
     # ---- writing -------------------------------------------------------------------
 
@@ -402,33 +551,42 @@ class DatasetStore:
 
     def recover(self) -> None:
         """Finish what a killed run left: rebuild a lagging manifest, drop half-written files."""
-        if self._version_dirs() and (not self.manifest_path.exists() or json.loads(
-                self.manifest_path.read_text())["version"] != self._latest_version()):
+        self.location.discard_debris()
+        manifest = self.location.read_json("manifest.json")
+        if self.location.versions() and (manifest is None or manifest["version"] != self._latest_version()):
             log.warning("dataset %s: the manifest was behind its versions; rebuilt it", self.name)
-            atomic_write_json(self.manifest_path, self._derive_manifest())
-        if self.staging.exists():
-            base = self.staging / "base.json"
-            if not base.exists() or json.loads(base.read_text())["base_version"] != self._latest_version():
-                shutil.rmtree(self.staging)
-            else:
-                for tmp in self.staging.glob("*.tmp"):
-                    tmp.unlink()
+            self.location.write_json("manifest.json", self._derive_manifest())
+        for directory in [self.staging, *self.shards_staging.glob("*/shard-*")]:
+            self._keep_if_current(directory)
+
+    def _keep_if_current(self, staging: Path) -> None:
+        """Staged parts survive only while the version they were staged on is still the latest."""
+        if not staging.exists():
+            return
+        base = staging / "base.json"
+        if not base.exists() or json.loads(base.read_text())["base_version"] != self._latest_version():
+            shutil.rmtree(staging)
+        else:
+            for tmp in staging.glob("*.tmp"):
+                tmp.unlink()
 
     def stage(self, source: Source, options: IngestOptions,
-              on_progress: Callable[[int, int | None], None] | None = None) -> StagedRun:
+              on_progress: Callable[[int, int | None], None] | None = None,
+              staging: Path | None = None) -> StagedRun:
         """Read, hash, deduplicate and validate `source` into staged parts. Call under `lock()`."""
+        staging = staging or self.staging
         base_version = self._latest_version()
         run = StagedRun(self.name, source.uri, base_version, time.time())
-        self.staging.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.staging / "base.json", {"base_version": base_version})
-        known = self._known_images(run)
+        staging.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(staging / "base.json", {"base_version": base_version})
+        known = self._known_images(run, staging)
         # Images still being validated, with the paths of identical copies seen meanwhile:
         # those copies share the verdict, a duplicate if kept or the same reason if not.
         waiting: dict[str, list[str]] = {}
         added: defaultdict[str, Counter] = defaultdict(Counter)
         ingested_at = datetime.now(timezone.utc)
-        next_index = 1 + max((int(p.name[5:10]) for p in self.staging.glob("part-*.parquet")), default=-1)
-        writer = _PartWriter(self.staging, next_index)
+        next_index = 1 + max((int(p.name[5:10]) for p in staging.glob("part-*.parquet")), default=-1)
+        writer = _PartWriter(staging, next_index)
         done = 0
 
         def accept(results: Iterator[tuple[_Pending, CheckedImage | tuple[str, str]]]) -> None:
@@ -481,15 +639,79 @@ class DatasetStore:
             writer.close()
         except OSError as exc:
             if exc.errno in (28, 27):  # ENOSPC, EFBIG
-                raise CnnpipeError(f"disk full while writing {writer.tmp_path or self.staging}: {exc.strerror}") from exc
+                raise CnnpipeError(f"disk full while writing {writer.tmp_path or staging}: {exc.strerror}") from exc
             raise
         if on_progress:
             on_progress(done, source.total)
         for split, labels in added.items():
             for label, count in labels.items():
-                run.added_counts.setdefault(split, {})
-                run.added_counts[split][label] = run.added_counts[split].get(label, 0) + count
+                run.add_count(split, label, count)
         return run
+
+    # ---- sharded ingestion (one writer, many stagers) ------------------------------
+
+    def shard_staging(self, source_uri: str, count: int) -> Path:
+        # The same source and shard count find the same folders again after a crash.
+        key = hashlib.sha256(f"{source_uri}\0{count}".encode()).hexdigest()[:16]
+        return self.shards_staging / key
+
+    def stage_shard(self, source: Source, options: IngestOptions, index: int, count: int) -> StagedRun:
+        """Stage shard `index` of `count` of `source`, committing nothing. A shard that
+        finished before a crash is not read again; one that died midway adopts its parts."""
+        directory = self.shard_staging(source.uri, count) / f"shard-{index:05d}"
+        self._keep_if_current(directory)
+        finished = directory / "staged.json"
+        if finished.exists():
+            return StagedRun.from_json(json.loads(finished.read_text()))
+        run = self.stage(source.sharded(index, count), options, staging=directory)
+        atomic_write_json(finished, run.to_json())
+        return run
+
+    def merge_shards(self, shards: list[StagedRun], count: int) -> StagedRun:
+        """Join the shards' staged parts into `next/`, as one run would have staged them.
+        Shards split a source by path, so identical images can reach two of them: the
+        first shard keeps it and later copies count as duplicates, or conflicts when their
+        label or split differ, as in one run. Call under `lock()`."""
+        source_uri = shards[0].source_uri
+        base_version = self._latest_version()
+        if any(shard.base_version != base_version for shard in shards):
+            raise CnnpipeError(f"dataset {self.name} gained a version while {source_uri} was staging; rerun")
+        merged = StagedRun(self.name, source_uri, base_version, min(shard.started_at for shard in shards),
+                           duplicates=sum(shard.duplicates for shard in shards),
+                           rejected=[reject for shard in shards for reject in shard.rejected])
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+        self.staging.mkdir(parents=True)
+        atomic_write_json(self.staging / "base.json", {"base_version": base_version})
+        seen = _ImageIndex()
+        parts = sorted(self.shard_staging(source_uri, count).glob("shard-*/part-*.parquet"))
+        for index, part in enumerate(parts):
+            keys = pq.read_table(part, columns=["sha256", "label", "split", "member_path"])
+            keep = []
+            for row, (sha, label, split, path) in enumerate(zip(*(column.to_pylist() for column in keys.columns))):
+                stored = seen.get(sha)
+                if stored is None:
+                    seen.add(sha, label, split)
+                    keep.append(row)
+                    merged.add_content(sha)
+                    merged.add_count(split, label)
+                elif stored == (label, split):
+                    merged.duplicates += 1
+                else:
+                    self._reject(merged, path, "conflict",
+                                 f"identical image already stored as label {stored[0]!r} in split {stored[1]!r}")
+            merged.rows += len(keep)
+            target = self.staging / f"part-{index:05d}.parquet"
+            if len(keep) == keys.num_rows:
+                os.link(part, target)  # the same file, not a copy: staging is one filesystem
+            elif keep:
+                partial = target.with_name(target.name + ".tmp")
+                pq.write_table(pq.read_table(part).take(keep), partial, row_group_size=ROW_GROUP_ROWS,
+                               **PARQUET_OPTIONS)
+                fsync_file(partial)
+                os.replace(partial, target)
+        fsync_dir(self.staging)
+        return merged
 
     def commit(self, run: StagedRun) -> IngestSummary:
         """Publish the staged parts as the next version, in one rename. Call under `lock()`."""
@@ -509,14 +731,13 @@ class DatasetStore:
                 "counts": run.added_counts,
                 "files": [{"path": p.name, "rows": pq.read_metadata(p).num_rows} for p in parts],
             })
-            self.root.mkdir(parents=True, exist_ok=True)
-            failpoint("store.before_commit")
-            os.rename(self.staging, self.root / f"v{version:06d}")
-            fsync_dir(self.root)
+            self.location.publish(self.staging, f"v{version:06d}")
             failpoint("store.before_manifest")
-            atomic_write_json(self.manifest_path, self._derive_manifest())
+            self.location.write_json("manifest.json", self._derive_manifest())
         elif self.staging.exists():
             shutil.rmtree(self.staging)
+        # Shards staged on the version just replaced; they are committed or stale now.
+        shutil.rmtree(self.shards_staging, ignore_errors=True)
         self._record_rejects(run)
         manifest = self.manifest() if self.exists() else _empty_manifest(self.name)
         return IngestSummary(
@@ -563,12 +784,12 @@ class DatasetStore:
         run.rejected.append(reject)
         log.warning("rejected %s", reject.line(run.source_uri))
 
-    def _known_images(self, run: StagedRun) -> _ImageIndex:
+    def _known_images(self, run: StagedRun, staging: Path) -> _ImageIndex:
         known = _ImageIndex()
-        tables = [pq.read_table(p, columns=["sha256", "label", "split"]) for p in self.files()] if self.exists() else []
+        stored = self.read_table(["sha256", "label", "split"]) if self.exists() else None
         adopted = [pq.read_table(p, columns=["sha256", "label", "split"])
-                   for p in sorted(self.staging.glob("part-*.parquet"))]
-        for table in tables + adopted:
+                   for p in sorted(staging.glob("part-*.parquet"))]
+        for table in ([stored] if stored is not None else []) + adopted:
             for sha, label, split in zip(*(table.column(c).to_pylist() for c in ("sha256", "label", "split"))):
                 known.add(sha, label, split)
         for table in adopted:
@@ -577,8 +798,7 @@ class DatasetStore:
                 run.add_content(sha)
             labels, splits = table.column("label").to_pylist(), table.column("split").to_pylist()
             for label, split in zip(labels, splits):
-                run.added_counts.setdefault(split, {})
-                run.added_counts[split][label] = run.added_counts[split].get(label, 0) + 1
+                run.add_count(split, label)
         if run.adopted_rows:
             log.info("resuming: %d images were already staged by an interrupted run", run.adopted_rows)
         return known
@@ -586,28 +806,22 @@ class DatasetStore:
     def _record_rejects(self, run: StagedRun) -> None:
         if not run.rejected:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
         now = _iso(time.time())
         merged = {(r["source_uri"], r["path"]): r for r in self.rejected()}
         for reject in run.rejected:
             merged[(run.source_uri, reject.path)] = {"source_uri": run.source_uri, **asdict(reject), "at": now}
-        atomic_write_json(self.root / "rejected.json", sorted(merged.values(), key=lambda r: (r["source_uri"], r["path"])))
-
-    def _version_dirs(self) -> list[Path]:
-        if not self.root.exists():
-            return []
-        return sorted(p for p in self.root.iterdir() if p.is_dir() and re.fullmatch(r"v\d{6}", p.name))
+        self.location.write_json("rejected.json", sorted(merged.values(), key=lambda r: (r["source_uri"], r["path"])))
 
     def _latest_version(self) -> int:
-        dirs = self._version_dirs()
-        return int(dirs[-1].name[1:]) if dirs else 0
+        versions = self.location.versions()
+        return int(versions[-1][1:]) if versions else 0
 
     def _derive_manifest(self) -> dict:
         manifest = _empty_manifest(self.name)
         counts: defaultdict[str, Counter] = defaultdict(Counter)
-        for directory in self._version_dirs():
-            info = json.loads((directory / "version.json").read_text())
-            manifest["files"] += [{"path": f"{directory.name}/{f['path']}", "rows": f["rows"], "version": info["version"]}
+        for directory in self.location.versions():
+            info = self.location.read_json(f"{directory}/version.json")
+            manifest["files"] += [{"path": f"{directory}/{f['path']}", "rows": f["rows"], "version": info["version"]}
                                   for f in info["files"]]
             manifest["versions"].append({k: info[k] for k in ("version", "version_id", "created_at", "source_uri", "rows")})
             for split, labels in info["counts"].items():
@@ -626,9 +840,7 @@ def _empty_manifest(name: str) -> dict:
 
 def list_datasets(settings: Settings | None = None) -> list[dict]:
     settings = settings or get_settings()
-    if not settings.datasets_dir.exists():
-        return []
-    names = sorted(p.name for p in settings.datasets_dir.iterdir() if p.is_dir())
+    names = _location(settings.datasets_url).children()
     stores = [DatasetStore(name, settings) for name in names if _NAME.match(name)]
     return [store.manifest() for store in stores if store.exists()]
 
@@ -644,16 +856,16 @@ class DatasetSource(Source):
     kind = "dataset"
 
     def __init__(self, store: DatasetStore, split: str | None = None):
-        super().__init__(f"dataset:{store.name}" + (f"/{split}" if split else ""), None, str(store.root))
+        super().__init__(f"dataset:{store.name}" + (f"/{split}" if split else ""), None, str(store.location))
         self.store, self.split = store, split
         counts = store.manifest()["counts"]
         self.total = sum(sum(labels.values()) for name, labels in counts.items() if split in (None, name))
 
     def entries(self) -> Iterator[Entry]:
         for path in self.store.files():
-            parquet = pq.ParquetFile(path)
+            parquet = pq.ParquetFile(path, filesystem=self.store.filesystem)
             for group in range(parquet.num_row_groups):
-                if not self._mine(f"{path.name}:{group}"):
+                if not self._mine(f"{path}:{group}"):
                     continue
                 table = parquet.read_row_group(group, columns=["sha256", "image", "split", "member_path"])
                 for sha, image, split, member in zip(*(table.column(c).to_pylist() for c in table.column_names)):

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from cnnpipe.store import DatasetStore, IngestOptions, IngestSummary
-from tasks.ingest import commit_version, recover_dataset, report_ingest, stage_images
+from cnnpipe.settings import get_settings
+from cnnpipe.store import DatasetStore, IngestOptions, IngestSummary, StagedRun
+from flows.sharding import default_shard_count, ray_task_runner, run_shards
+from tasks.ingest import commit_version, merge_shards, recover_dataset, report_ingest, stage_images, stage_shard
 
 
 @flow(name="ingest")
@@ -15,12 +17,31 @@ def ingest(
     resize: int | None = None,
     workers: int | None = None,
     max_reject_fraction: float = 0.5,
+    ray_address: str | None = None,
+    shards: int | None = None,
 ) -> IngestSummary:
-    """Add the new images of `source` to `dataset` as one new version."""
+    """Add the new images of `source` to `dataset` as one new version.
+
+    With a Ray cluster (`ray_address`, or $CNNPIPE_RAY_ADDRESS) the source is split into
+    `shards` (default: one per CPU of the cluster) that read, hash and validate in parallel
+    and stage Parquet parts; this process then merges them and commits, as the only writer.
+    """
     options = IngestOptions(val_fraction, test_fraction, resize, workers)
+    address = ray_address or get_settings().ray_address
     # One writer per dataset, held from recovery to commit.
     with DatasetStore(dataset).lock():
         recover_dataset(dataset)
-        staged = stage_images(source, dataset, options)
+        if address:
+            staged = merge_shards(dataset, ingest_shards.with_options(task_runner=ray_task_runner(address))(
+                source, dataset, options, shards))
+        else:
+            staged = stage_images(source, dataset, options)
         summary = commit_version(staged)
     return report_ingest(summary, max_reject_fraction)
+
+
+@flow(name="ingest-shards")
+def ingest_shards(source: str, dataset: str, options: IngestOptions, shards: int | None) -> list[StagedRun]:
+    # Decoding is CPU work: unlike classification, an ingest shard holds no GPU.
+    count = shards or default_shard_count(per_gpu=False)
+    return run_shards(lambda index: stage_shard.submit(source, dataset, options, index, count), count)

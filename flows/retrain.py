@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from cnnpipe.settings import REGISTERED_MODEL, get_settings
+from cnnpipe.settings import REGISTERED_MODEL
 from flows.ingest import ingest
 from flows.train import train
 from tasks.train import TrainingOutcome, report_training, unchanged_since_champion
@@ -36,7 +36,7 @@ def retrain(
     gate, unless the dataset has not changed since the champion was trained (or `force`)."""
     if source:
         ingest(source=source, dataset=dataset)
-    unchanged = unchanged_since_champion(registered_model, str(get_settings().dataset_dir(dataset)))
+    unchanged = unchanged_since_champion(registered_model, dataset)
     if unchanged and not force:
         return report_training(TrainingOutcome(skipped=unchanged))
     return train(dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,

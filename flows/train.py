@@ -6,10 +6,9 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from cnn.train import TrainConfig, resolve_device
-from cnnpipe.errors import CnnpipeError
 from cnnpipe.settings import REGISTERED_MODEL, get_settings
-from cnnpipe.store import DatasetStore
-from tasks.train import TrainingOutcome, gate_champion, prepare_tracking, report_training, train_and_log
+from tasks.train import (TrainingOutcome, gate_champion, local_dataset, prepare_tracking, report_training,
+                         train_and_log)
 
 
 @flow(name="train")
@@ -37,11 +36,9 @@ def train(
     """Train on a dataset of the store, log the run to MLflow, register the model, and
     promote it to `champion` only if it beats the current one on validation top-1. With
     `nproc` > 1, training runs as DDP over that many processes on this machine."""
-    if not DatasetStore(dataset).exists():
-        raise CnnpipeError(f"no dataset named {dataset!r}; ingest one with `cnnpipe ingest SOURCE --dataset {dataset}`")
     settings = get_settings()
     config = TrainConfig(
-        dataset_dir=str(settings.dataset_dir(dataset)), model=model, epochs=epochs, batch_size=batch_size, lr=lr,
+        dataset_dir=local_dataset(dataset), model=model, epochs=epochs, batch_size=batch_size, lr=lr,
         schedule=schedule, label_smoothing=label_smoothing, norm=norm, dropout=dropout, patience=patience, seed=seed,
         device=device, memory_budget_mb=memory_budget_mb, ten_crop=ten_crop, compile=compile, resume=resume,
         checkpoint_root=str(settings.checkpoints_dir),

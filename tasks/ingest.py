@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
@@ -24,6 +26,20 @@ def stage_images(source: str, dataset: str, options: IngestOptions) -> StagedRun
     opened = open_source(source)
     with progress_bar(f"ingest {dataset}") as update:
         return DatasetStore(dataset).stage(opened, options, on_progress=update)
+
+
+# On a cluster, Ray's parallelism replaces the local pool: one decoding process per shard
+# still isolates decoder crashes and hangs from the shard.
+@task(name="stage-shard", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=is_transient_io_error)
+def stage_shard(source: str, dataset: str, options: IngestOptions, index: int, count: int) -> StagedRun:
+    if options.workers is None:
+        options = replace(options, workers=1)
+    return DatasetStore(dataset).stage_shard(open_source(source), options, index, count)
+
+
+@task(name="merge-shards")
+def merge_shards(dataset: str, shards: list[StagedRun]) -> StagedRun:
+    return DatasetStore(dataset).merge_shards(shards, len(shards))
 
 
 @task(name="commit-version")

@@ -16,9 +16,11 @@ import mlflow
 from cnn.launch import fit_distributed
 from cnn.train import FitResult, TrainConfig, fit, resolve_device
 from cnnpipe import registry, tracking
+from cnnpipe.errors import CnnpipeError
 from cnnpipe.progress import TrainingProgress
 from cnnpipe.registry import GateDecision
 from cnnpipe.reports import training_markdown
+from cnnpipe.store import DatasetStore
 
 
 @dataclass
@@ -90,13 +92,23 @@ def gate_champion(outcome: TrainingOutcome, dataset_dir: str, min_improvement: f
                          outcome.fit.dataset_version, min_improvement, device)
 
 
+# Fetching a dataset from object storage can meet a flaky network; what arrived is kept.
+@task(name="local-dataset", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def local_dataset(dataset: str) -> str:
+    """The folder training reads: the store's own, or a local copy of one on object storage."""
+    store = DatasetStore(dataset)
+    if not store.exists():
+        raise CnnpipeError(f"no dataset named {dataset!r}; ingest one with `cnnpipe ingest SOURCE --dataset {dataset}`")
+    return str(store.local_copy())
+
+
 @task(name="unchanged-since-champion", cache_policy=NO_CACHE)
-def unchanged_since_champion(registered_model: str, dataset_dir: str) -> str:
+def unchanged_since_champion(registered_model: str, dataset: str) -> str:
     """Why retraining would add nothing (the champion saw this dataset version), or ''."""
-    manifest_path = Path(dataset_dir) / "manifest.json"
-    if not manifest_path.exists():
+    store = DatasetStore(dataset)
+    if not store.exists():
         return ""  # training then says the dataset is missing
-    manifest = json.loads(manifest_path.read_text())
+    manifest = store.manifest()
     champion = registry.current_champion(registry.client(), registered_model)
     if champion is None or champion.tags.get("dataset_version_id") != manifest["version_id"]:
         return ""

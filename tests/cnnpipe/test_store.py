@@ -234,13 +234,13 @@ def test_a_manifest_left_behind_by_a_crash_is_rebuilt(tmp_path):
     write_class_folders(tmp_path / "src", {"cat": 3})
     ingest(tmp_path / "src")
     store = DatasetStore("pets")
-    old_manifest = store.manifest_path.read_text()
+    old_manifest = (store.root / "manifest.json").read_text()
     write_class_folders(tmp_path / "src", {"dog": 2}, seed=2)
     ingest(tmp_path / "src")
-    store.manifest_path.write_text(old_manifest)  # as if killed between the rename and the manifest
+    (store.root / "manifest.json").write_text(old_manifest)  # as if killed between the rename and the manifest
     assert store.manifest()["version"] == 2 and store.manifest()["num_rows"] == 5
     store.recover()
-    assert json.loads(store.manifest_path.read_text())["version"] == 2
+    assert json.loads((store.root / "manifest.json").read_text())["version"] == 2
     assert ingest(tmp_path / "src").added == 0
 
 
