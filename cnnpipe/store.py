@@ -454,13 +454,25 @@ class _ObjectStore:
 
     def publish(self, staged: Path, version: str) -> None:
         target = self.file(version)
+        if self.filesystem.exists(f"{target}/version.json"):
+            raise self._lost_race(version)
         if self.filesystem.exists(target):
             self.filesystem.rm(target, recursive=True)
         for part in sorted(staged.glob("part-*.parquet")):
             self.filesystem.put_file(str(part), f"{target}/{part.name}")
         failpoint("store.before_commit")
-        self.filesystem.put_file(str(staged / "version.json"), f"{target}/version.json")
+        try:
+            # Exclusive: of two writers on different hosts, one commits and the other fails.
+            self.filesystem.pipe_file(f"{target}/version.json", (staged / "version.json").read_bytes(), mode="create")
+        except OSError:  # FileExistsError, or S3's 412 Precondition Failed
+            if self.filesystem.exists(f"{target}/version.json"):
+                raise self._lost_race(version) from None
+            raise
         shutil.rmtree(staged)
+
+    def _lost_race(self, version: str) -> CnnpipeError:
+        return CnnpipeError(f"{self.url}/{version} was committed by another writer meanwhile; rerun to add "
+                            "what is still new (one writer per dataset at a time: see deploy/README.md)")
 
     def discard_debris(self) -> None:
         """Remove version folders whose upload died before their `version.json`."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 
 import fsspec
 import pytest
 
 from cnn.data import StoreSplit
+from cnnpipe.errors import CnnpipeError
 from cnnpipe.sources import open_source
 from cnnpipe.store import DatasetSource, DatasetStore, IngestOptions, list_datasets
 from tests.imagefactory import png, write_class_folders
@@ -94,3 +96,20 @@ def test_an_upload_that_died_before_its_version_json_is_invisible_and_redone(tmp
     assert memory.ls(f"{remote_store}/pets/v000002", detail=False) == sorted(
         f"/{remote_store.removeprefix('memory://')}/pets/v000002/{name}"
         for name in ("part-00000.parquet", "version.json"))
+
+
+def test_a_writer_on_another_host_that_commits_first_makes_this_one_fail_without_overwriting(
+        tmp_path, monkeypatch, remote_store):
+    write_class_folders(tmp_path / "src", {"cat": 6})
+    ingest(tmp_path / "src")
+    write_class_folders(tmp_path / "mine", {"dog": 4}, seed=1)
+    here = DatasetStore("pets")
+    staged = here.stage(open_source(str(tmp_path / "mine")), IngestOptions(workers=0))
+
+    monkeypatch.setenv("CNNPIPE_HOME", str(tmp_path / "other-host"))  # its own staging and locks
+    write_class_folders(tmp_path / "theirs", {"bird": 3}, seed=2)
+    assert ingest(tmp_path / "theirs").version == 2
+
+    with pytest.raises(CnnpipeError, match="v000002 was committed by another writer meanwhile"):
+        here.commit(staged)
+    assert Counter(label for _, label, _, _ in rows(here)) == {"cat": 6, "bird": 3}

@@ -1,10 +1,11 @@
-"""Sources on S3: ingest and classify from a local S3-compatible server (moto's server mode).
+"""S3 as a source and as the dataset store, on a local S3-compatible server (moto's server mode).
 
 Credentials and the endpoint come from the standard AWS variables, as on a real bucket.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import urllib.request
@@ -18,6 +19,7 @@ from cnnpipe.settings import get_settings
 from cnnpipe.store import DatasetStore
 from flows.classify import classify
 from flows.ingest import ingest
+from flows.train import train
 from tests.e2e.servers import free_port, process
 
 s3fs = pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed")
@@ -65,3 +67,25 @@ def test_ingest_and_classify_from_s3(bucket, shapes_checkpoints):
     with duckdb.connect(str(get_settings().predictions_db), read_only=True) as connection:
         assert connection.execute("SELECT count(*), any_value(source_uri) FROM predictions").fetchone() == \
             (200, f"s3://{bucket}/more-shapes.tar")
+
+
+def test_the_dataset_store_on_s3_ingests_trains_and_serves_as_a_source(bucket, monkeypatch, s3_endpoint,
+                                                                       shapes_checkpoints):
+    monkeypatch.setenv("CNNPIPE_DATASETS_URL", f"s3://{bucket}/datasets")
+    summary = ingest(source=f"s3://{bucket}/shapes", dataset="shapes")
+    store = DatasetStore("shapes")
+    assert (summary.added, store.root) == (600, f"s3://{bucket}/datasets/shapes")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    assert fs.exists(f"{bucket}/datasets/shapes/v000001/version.json")
+    assert not (get_settings().home / "datasets").exists()
+    assert ingest(source=f"s3://{bucket}/more-shapes.tar", dataset="shapes").version == 2
+
+    outcome = train(dataset="shapes", epochs=1, batch_size=32, lr=0.01, dropout=0.2, device="cpu",
+                    registered_model="s3-shapes")
+    assert outcome.fit.dataset_version == store.manifest()["version_id"]
+    cached = get_settings().dataset_cache_dir / "shapes"
+    assert json.loads((cached / "manifest.json").read_text())["version_id"] == outcome.fit.dataset_version
+
+    test_images = sum(store.manifest()["counts"]["test"].values())
+    classified = classify("dataset:shapes/test", checkpoint=str(shapes_checkpoints[-1]), device="cpu")
+    assert classified.classified == test_images > 0

@@ -1,4 +1,4 @@
-"""Classification sharded over a real local Ray cluster (`ray start --head`, 2 CPUs)."""
+"""Ingestion and classification sharded over a real local Ray cluster (`ray start --head`, 2 CPUs)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import psutil
 import pytest
 
 from cnnpipe.settings import get_settings
+from cnnpipe.store import DatasetStore
 from flows.classify import classify
+from flows.ingest import ingest
 from tests.e2e.servers import free_port
-from tests.imagefactory import write_class_folders
+from tests.imagefactory import jpeg, write_class_folders
 
 pytest.importorskip("prefect_ray", reason="the ray extra is not installed")
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
@@ -63,10 +65,10 @@ def test_sharded_classification_writes_the_rows_of_a_local_run(ray_address, tmp_
         assert connection.execute("SELECT count(*) FROM classify_runs").fetchone() == (2,)
 
 
-def _shard_workers() -> list[psutil.Process]:
+def _shard_workers(task: str = "classify-shard") -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
-        if "classify-shard" in " ".join(process.info["cmdline"] or []):
+        if task in " ".join(process.info["cmdline"] or []):
             found.append(process)
     return found
 
@@ -99,3 +101,56 @@ def test_a_killed_ray_worker_loses_and_duplicates_nothing(ray_address, tmp_path,
     with duckdb.connect(str(get_settings().predictions_db), read_only=True) as connection:
         total, distinct = connection.execute("SELECT count(*), count(DISTINCT image_sha256) FROM predictions").fetchone()
     assert total == distinct == 3000
+
+
+def _stored(dataset: str = "pets") -> list[tuple]:
+    table = DatasetStore(dataset).read_table(["sha256", "label", "split", "image"])
+    return sorted(zip(*(table.column(name).to_pylist() for name in table.column_names)))
+
+
+def test_sharded_ingest_stores_the_rows_of_a_local_run(ray_address, tmp_path, monkeypatch):
+    write_class_folders(tmp_path / "src", {"a": 40, "b": 40})
+    for copy in range(4):
+        (tmp_path / "src" / "a" / f"copy-{copy}.jpg").write_bytes(jpeg(0))
+    (tmp_path / "src" / "b" / "broken.jpg").write_bytes(b"not an image")
+    local = ingest(source=str(tmp_path / "src"), dataset="pets")
+    expected = _stored()
+
+    monkeypatch.setenv("CNNPIPE_HOME", str(tmp_path / "sharded-home"))
+    sharded = ingest(source=str(tmp_path / "src"), dataset="pets", ray_address=ray_address, shards=3)
+    assert _stored() == expected and len(expected) == 80
+    assert (sharded.added, sharded.duplicates, sharded.counts) == (local.added, local.duplicates, local.counts)
+    assert [reject.path for reject in sharded.rejected] == ["b/broken.jpg"]
+    again = ingest(source=str(tmp_path / "src"), dataset="pets", ray_address=ray_address)
+    assert (again.added, again.version) == (0, 1)
+
+
+def test_a_killed_ray_worker_during_ingest_loses_and_duplicates_nothing(ray_address, tmp_path):
+    for seed in (0, 1):
+        write_class_folders(tmp_path / "src", {f"{seed}-{label}": 1000 for label in "abc"}, seed=seed)
+    shards = DatasetStore("pets").shards_staging
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["summary"] = ingest(source=str(tmp_path / "src"), dataset="pets", ray_address=ray_address,
+                                        shards=2)
+        except Exception as exc:  # noqa: BLE001 - a clear failure is allowed; the rerun must finish
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    deadline = time.monotonic() + 120
+    # Mid-run: a shard has written row groups into a part it has not yet published.
+    while not list(shards.glob("*/shard-*/*.parquet.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = _shard_workers("stage-shard")
+    assert workers, "no shard was caught mid-run"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    runner.join(300)
+    assert not runner.is_alive()
+    if "error" in outcome:
+        ingest(source=str(tmp_path / "src"), dataset="pets", ray_address=ray_address, shards=2)
+    stored = _stored()
+    assert len(stored) == len({sha for sha, *_ in stored}) == 6000
+    assert DatasetStore("pets").manifest()["version"] == 1
