@@ -378,7 +378,6 @@ class _PartWriter:
 class _Folder:
     """A store in a local folder: a version is published by one directory rename."""
 
-    remote = False
     filesystem = None  # pyarrow's own local filesystem
 
     def __init__(self, path: Path):
@@ -417,8 +416,6 @@ class _Folder:
 class _ObjectStore:
     """A store on any fsspec filesystem (S3, GCS, memory://). Each object appears whole or
     not at all, so uploading a version's `version.json` last is what commits it."""
-
-    remote = True
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")
