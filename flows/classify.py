@@ -9,7 +9,7 @@ from prefect.runtime import flow_run
 from cnn.train import resolve_device
 from cnnpipe.classify import ClassifySummary
 from cnnpipe.settings import REGISTERED_MODEL, get_settings
-from flows.sharding import cluster_gpus, default_shard_count, ray_task_runner, run_shards
+from flows.sharding import cluster_cpus, cluster_gpus, ray_task_runner, run_shards
 from tasks.classify import classify_images, classify_shard, commit_classified, pin_model, report_classify
 
 
@@ -40,7 +40,7 @@ def classify(source: str, model: str = f"{REGISTERED_MODEL}@champion", checkpoin
 def classify_shards(source: str, model: str, checkpoint: str | None, device: str, batch_size: int, run_id: str,
                     shards: int | None) -> list[ClassifySummary]:
     gpus = cluster_gpus()
-    count = shards or default_shard_count(per_gpu=True)
+    count = shards or gpus or cluster_cpus()
     return run_shards(lambda index: classify_shard.submit(source, model, checkpoint, "cuda" if gpus else device,
                                                           batch_size, run_id, index, count),
                       count, num_gpus=1 if gpus else 0)

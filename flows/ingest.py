@@ -4,7 +4,7 @@ from prefect import flow
 
 from cnnpipe.settings import get_settings
 from cnnpipe.store import DatasetStore, IngestOptions, IngestSummary, StagedRun
-from flows.sharding import default_shard_count, ray_task_runner, run_shards
+from flows.sharding import cluster_cpus, ray_task_runner, run_shards
 from tasks.ingest import commit_version, merge_shards, recover_dataset, report_ingest, stage_images, stage_shard
 
 
@@ -43,5 +43,5 @@ def ingest(
 @flow(name="ingest-shards")
 def ingest_shards(source: str, dataset: str, options: IngestOptions, shards: int | None) -> list[StagedRun]:
     # Decoding is CPU work: unlike classification, an ingest shard holds no GPU.
-    count = shards or default_shard_count(per_gpu=False)
+    count = shards or cluster_cpus()
     return run_shards(lambda index: stage_shard.submit(source, dataset, options, index, count), count)

@@ -30,12 +30,10 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def default_shard_count(per_gpu: bool) -> int:
+def cluster_cpus() -> int:
     import ray
 
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0)) if per_gpu else 0
-    return max(1, gpus or int(resources.get("CPU", 1)))
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def run_shards(submit: Callable[[int], PrefectFuture[T]], count: int, num_gpus: int = 0) -> list[T]:

@@ -21,6 +21,7 @@ from cnnpipe.progress import TrainingProgress
 from cnnpipe.registry import GateDecision
 from cnnpipe.reports import training_markdown
 from cnnpipe.store import DatasetStore
+from tasks.retry import is_transient_io_error
 
 
 @dataclass
@@ -93,7 +94,8 @@ def gate_champion(outcome: TrainingOutcome, dataset_dir: str, min_improvement: f
 
 
 # Fetching a dataset from object storage can meet a flaky network; what arrived is kept.
-@task(name="local-dataset", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+@task(name="local-dataset", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=is_transient_io_error,
+      cache_policy=NO_CACHE)
 def local_dataset(dataset: str) -> str:
     """The folder training reads: the store's own, or a local copy of one on object storage."""
     store = DatasetStore(dataset)

@@ -11,6 +11,7 @@ import mlflow
 import pytest
 from prefect.artifacts import Artifact
 
+from cnnpipe.cli import cli
 from cnnpipe.settings import get_settings
 from flows.retrain import retrain
 from flows.serve import build_deployments
@@ -58,12 +59,19 @@ def test_serve_builds_a_nightly_retrain_and_an_inbox_classifier():
     assert inbox.schedules[0].schedule.cron == "*/5 * * * *"
 
 
+def test_cnnpipe_serve_defaults_to_02_00_nightly_and_the_inbox_every_15_minutes():
+    defaults = {param.name: param.default for param in cli.commands["serve"].params}
+    assert (defaults["cron"], defaults["inbox_cron"], defaults["timezone"]) == ("0 2 * * *", "*/15 * * * *", "UTC")
+
+
 def test_cnnpipe_serve_registers_its_schedules_with_the_prefect_api(prefect_harness, cnnpipe_home):
     from prefect.client.orchestration import get_client
 
     env = {**os.environ, "PREFECT_API_URL": prefect_harness, "CNNPIPE_HOME": str(cnnpipe_home)}
+    # Schedules that cannot come due while the test runs: a due run would keep the server busy.
     server = subprocess.Popen([sys.executable, "-m", "cnnpipe.cli", "serve", "--dataset", "pets", "--timezone",
-                               "America/New_York", "--inbox", str(cnnpipe_home / "inbox")],
+                               "America/New_York", "--cron", "0 2 29 2 *", "--inbox", str(cnnpipe_home / "inbox"),
+                               "--inbox-cron", "0 3 29 2 *"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90
@@ -78,8 +86,8 @@ def test_cnnpipe_serve_registers_its_schedules_with_the_prefect_api(prefect_harn
                 time.sleep(1)
         assert set(found) == {"retrain/nightly", "classify/inbox"}, server.stdout.read() if server.poll() else ""
         schedule = found["retrain/nightly"].schedules[0]
-        assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "America/New_York"
-        assert schedule.active and found["classify/inbox"].schedules[0].schedule.cron == "*/15 * * * *"
+        assert schedule.schedule.cron == "0 2 29 2 *" and schedule.schedule.timezone == "America/New_York"
+        assert schedule.active and found["classify/inbox"].schedules[0].schedule.cron == "0 3 29 2 *"
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(60)
