@@ -67,12 +67,15 @@ def test_cnnpipe_serve_defaults_to_02_00_nightly_and_the_inbox_every_15_minutes(
 def test_cnnpipe_serve_registers_its_schedules_with_the_prefect_api(prefect_harness, cnnpipe_home):
     from prefect.client.orchestration import get_client
 
-    env = {**os.environ, "PREFECT_API_URL": prefect_harness, "CNNPIPE_HOME": str(cnnpipe_home)}
+    env = {**os.environ, "PREFECT_API_URL": prefect_harness, "CNNPIPE_HOME": str(cnnpipe_home),
+           "PYTHONFAULTHANDLER": "1"}
+    log = cnnpipe_home.parent / "serve.log"
     # Schedules that cannot come due while the test runs: a due run would keep the server busy.
-    server = subprocess.Popen([sys.executable, "-m", "cnnpipe.cli", "serve", "--dataset", "pets", "--timezone",
-                               "America/New_York", "--cron", "0 2 29 2 *", "--inbox", str(cnnpipe_home / "inbox"),
-                               "--inbox-cron", "0 3 29 2 *"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log, "w") as output:
+        server = subprocess.Popen([sys.executable, "-m", "cnnpipe.cli", "serve", "--dataset", "pets", "--timezone",
+                                   "America/New_York", "--cron", "0 2 29 2 *", "--inbox",
+                                   str(cnnpipe_home / "inbox"), "--inbox-cron", "0 3 29 2 *"],
+                                  env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90
         found = {}
@@ -84,13 +87,21 @@ def test_cnnpipe_serve_registers_its_schedules_with_the_prefect_api(prefect_harn
                     except Exception:  # noqa: BLE001 - not served yet
                         pass
                 time.sleep(1)
-        assert set(found) == {"retrain/nightly", "classify/inbox"}, server.stdout.read() if server.poll() else ""
+            # Ctrl-C before the runner is up can be lost in Prefect's start-up; wait until it polls.
+            while time.monotonic() < deadline and "polling for scheduled runs" not in log.read_text():
+                time.sleep(0.5)
+        assert set(found) == {"retrain/nightly", "classify/inbox"}, log.read_text()
         schedule = found["retrain/nightly"].schedules[0]
         assert schedule.schedule.cron == "0 2 29 2 *" and schedule.schedule.timezone == "America/New_York"
         assert schedule.active and found["classify/inbox"].schedules[0].schedule.cron == "0 3 29 2 *"
     finally:
         server.send_signal(signal.SIGINT)
-        server.wait(60)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.send_signal(signal.SIGABRT)  # faulthandler: every thread's stack into the log
+            server.wait(30)
+            raise AssertionError(f"cnnpipe serve ignored Ctrl-C for 60 s:\n{log.read_text()[-20000:]}") from None
     with get_client(sync_client=True) as client:
         # pause_on_shutdown=False: stopping the server leaves the schedule on for its next start.
         assert client.read_deployment_by_name("retrain/nightly").schedules[0].active
