@@ -15,9 +15,8 @@ and rebuilt if a crash left it behind. Staged parts that were complete when a ru
 are adopted by the next run, which then only reads what is still missing.
 
 The store can also live on object storage (`CNNPIPE_DATASETS_URL=s3://bucket/datasets`,
-or any fsspec URL). Nothing renames a folder there, so a version's parts are uploaded
-first and its `version.json` last: that upload commits it, and a version folder without
-one is the debris of a crashed upload, removed by the next writer. Staging stays local.
+or any fsspec URL), where `cnnpipe.locations` commits a version by its `version.json`
+instead of a rename. Staging stays local.
 
 On a Ray cluster, each shard of a source stages its own parts under
 `staging/NAME/shards/KEY/shard-NNNNN/`; one committer then merges them into `next/`,
@@ -30,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import posixpath
 import re
 import shutil
 import signal
@@ -45,13 +43,13 @@ from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cnnpipe.errors import CnnpipeError
 from cnn.failpoints import failpoint
 from cnnpipe.fsutil import atomic_write_json, fsync_dir, fsync_file
+from cnnpipe.locations import Folder, location
 from cnnpipe.locks import file_lock
 from cnnpipe.images import CheckedImage, check_batch
 from cnnpipe.settings import Settings, get_settings
@@ -92,7 +90,6 @@ VALIDATION_CHUNK = 256
 CHUNK_TIMEOUT = 300.0
 ITEM_TIMEOUT = 30.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_VERSION = re.compile(r"v\d{6}")
 
 
 @dataclass(frozen=True)
@@ -375,124 +372,13 @@ class _PartWriter:
         self.index += 1
 
 
-class _Folder:
-    """A store in a local folder: a version is published by one directory rename."""
-
-    filesystem = None  # pyarrow's own local filesystem
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-    def file(self, relative: str) -> Path:
-        return self.path / relative
-
-    def read_json(self, relative: str):
-        path = self.path / relative
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def write_json(self, relative: str, value: object) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path / relative, value)
-
-    def children(self) -> list[str]:
-        return sorted(p.name for p in self.path.iterdir() if p.is_dir()) if self.path.is_dir() else []
-
-    def versions(self) -> list[str]:
-        return [name for name in self.children() if _VERSION.fullmatch(name)]
-
-    def publish(self, staged: Path, version: str) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        failpoint("store.before_commit")
-        os.rename(staged, self.path / version)
-        fsync_dir(self.path)
-
-    def discard_debris(self) -> None:
-        """A rename leaves none."""
-
-
-class _ObjectStore:
-    """A store on any fsspec filesystem (S3, GCS, memory://). Each object appears whole or
-    not at all, so uploading a version's `version.json` last is what commits it."""
-
-    def __init__(self, url: str):
-        self.url = url.rstrip("/")
-        self.filesystem, self.path = fsspec.core.url_to_fs(self.url)
-
-    def __str__(self) -> str:
-        return self.url
-
-    def file(self, relative: str) -> str:
-        return f"{self.path}/{relative}"
-
-    def read_json(self, relative: str):
-        try:
-            return json.loads(self.filesystem.cat_file(self.file(relative)))
-        except FileNotFoundError:
-            return None
-
-    def write_json(self, relative: str, value: object) -> None:
-        self.filesystem.pipe_file(self.file(relative), json.dumps(value, indent=2, sort_keys=True).encode() + b"\n")
-
-    def children(self) -> list[str]:
-        # Listings are cached per process; another host may have committed since.
-        self.filesystem.invalidate_cache(self.path)
-        if not self.filesystem.isdir(self.path):
-            return []
-        return sorted(posixpath.basename(entry["name"].rstrip("/"))
-                      for entry in self.filesystem.ls(self.path, detail=True) if entry["type"] == "directory")
-
-    def versions(self) -> list[str]:
-        self.filesystem.invalidate_cache(self.path)
-        committed = self.filesystem.glob(f"{self.path}/v[0-9][0-9][0-9][0-9][0-9][0-9]/version.json")
-        return sorted(posixpath.basename(posixpath.dirname(path)) for path in committed)
-
-    def publish(self, staged: Path, version: str) -> None:
-        target = self.file(version)
-        if self.filesystem.exists(f"{target}/version.json"):
-            raise self._lost_race(version)
-        if self.filesystem.exists(target):
-            self.filesystem.rm(target, recursive=True)
-        for part in sorted(staged.glob("part-*.parquet")):
-            self.filesystem.put_file(str(part), f"{target}/{part.name}")
-        failpoint("store.before_commit")
-        try:
-            # Exclusive: of two writers on different hosts, one commits and the other fails.
-            self.filesystem.pipe_file(f"{target}/version.json", (staged / "version.json").read_bytes(), mode="create")
-        except OSError:  # FileExistsError, or S3's 412 Precondition Failed
-            if self.filesystem.exists(f"{target}/version.json"):
-                raise self._lost_race(version) from None
-            raise
-        shutil.rmtree(staged)
-
-    def _lost_race(self, version: str) -> CnnpipeError:
-        return CnnpipeError(f"{self.url}/{version} was committed by another writer meanwhile; rerun to add "
-                            "what is still new (one writer per dataset at a time: see deploy/README.md)")
-
-    def discard_debris(self) -> None:
-        """Remove version folders whose upload died before their `version.json`."""
-        committed = set(self.versions())
-        for name in self.children():
-            if _VERSION.fullmatch(name) and name not in committed:
-                log.warning("%s/%s: removing the parts of an upload that never committed", self.url, name)
-                self.filesystem.rm(self.file(name), recursive=True)
-
-
-def _location(url: str) -> _Folder | _ObjectStore:
-    if "://" in url and not url.startswith("file://"):
-        return _ObjectStore(url)
-    return _Folder(Path(url.removeprefix("file://")))
-
-
 class DatasetStore:
     def __init__(self, name: str, settings: Settings | None = None):
         if not _NAME.match(name):
             raise CnnpipeError(f"dataset name {name!r}: use letters, digits, '.', '_' and '-'")
         self.name = name
         self.settings = settings or get_settings()
-        self.location = _location(f"{self.settings.datasets_url.rstrip('/')}/{name}")
+        self.location = location(f"{self.settings.datasets_url.rstrip('/')}/{name}")
         self.staging = self.settings.staging_dir / name / "next"
         self.shards_staging = self.settings.staging_dir / name / "shards"
 
@@ -501,7 +387,7 @@ class DatasetStore:
     @property
     def root(self) -> Path | str:
         """The dataset's folder, or its URL on object storage."""
-        return self.location.path if isinstance(self.location, _Folder) else self.location.url
+        return self.location.path if isinstance(self.location, Folder) else self.location.url
 
     @property
     def filesystem(self):
@@ -534,7 +420,7 @@ class DatasetStore:
         """A local folder with this dataset's manifest and parts, for training to read: the
         store itself when local, else a cache under the home that fetches only the parts it
         lacks (a committed part never changes)."""
-        if isinstance(self.location, _Folder):
+        if isinstance(self.location, Folder):
             return self.location.path
         target = self.settings.dataset_cache_dir / self.name
         manifest = self.manifest()
@@ -849,7 +735,7 @@ def _empty_manifest(name: str) -> dict:
 
 def list_datasets(settings: Settings | None = None) -> list[dict]:
     settings = settings or get_settings()
-    names = _location(settings.datasets_url).children()
+    names = location(settings.datasets_url).children()
     stores = [DatasetStore(name, settings) for name in names if _NAME.match(name)]
     return [store.manifest() for store in stores if store.exists()]
 
