@@ -75,7 +75,9 @@ def test_cnnpipe_serve_registers_its_schedules_with_the_prefect_api(prefect_harn
         server = subprocess.Popen([sys.executable, "-m", "cnnpipe.cli", "serve", "--dataset", "pets", "--timezone",
                                    "America/New_York", "--cron", "0 2 29 2 *", "--inbox",
                                    str(cnnpipe_home / "inbox"), "--inbox-cron", "0 3 29 2 *"],
-                                  env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+                                  env=env, stdout=output, stderr=subprocess.STDOUT, text=True,
+                                  # As from a terminal: a suite run in the background inherits SIGINT ignored.
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 90
         found = {}
