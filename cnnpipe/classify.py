@@ -17,19 +17,20 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from cnn.data import decode_images
-from cnn.failpoints import failpoint
+from cnnpipe.errors import CnnpipeError
 from cnnpipe.images import RejectedImage, check_image
-from cnnpipe.predictions import add_predictions, connect_for_writing, retry_on_lock
+from cnnpipe.locks import file_lock
+from cnnpipe.predictions import add_predictions, connect, retry_on_lock, transaction
 from cnnpipe.sources import Source, open_source
 from cnnpipe.store import Reject, open_dataset_source
 
@@ -70,12 +71,19 @@ def open_classify_source(uri: str) -> Source:
     return open_source(uri)
 
 
+def committing(staging_root: Path, database: Path):
+    """Runs that commit into `database` take turns: a scheduled run that starts while the
+    last one is still going waits for it, then finds its images already classified."""
+    return file_lock(staging_root / "classify.lock", waiting=f"another run is classifying into {database}; waiting")
+
+
 def commit_shards(database: Path, staging_root: Path, shards: list[ClassifySummary], seconds: float) -> ClassifySummary:
     """The one committer of a distributed run: commit every staged part, then record one run."""
     first = shards[0]
     summary = ClassifySummary(first.source_uri, first.model_name, first.model_version, first.run_id, seconds=seconds)
     commit_started = time.perf_counter()
-    summary.classified = commit_parts(database, staging_root / "classify")
+    with committing(staging_root, database):
+        summary.classified = commit_parts(database, staging_root / "classify")
     summary.commit_seconds = time.perf_counter() - commit_started
     counts: Counter[str] = Counter()
     for shard in shards:
@@ -92,23 +100,23 @@ def already_classified(database: Path, model_name: str, model_version: str) -> s
         return set()
 
     def read() -> set[str]:
-        with duckdb.connect(str(database), read_only=True) as connection:
+        with connect(database, read_only=True) as connection:
             rows = connection.execute("SELECT image_sha256 FROM predictions WHERE model_name = ? AND model_version = ?",
                                       [model_name, model_version]).fetchall()
         return {sha for (sha,) in rows}
 
-    return retry_on_lock(read)
+    return retry_on_lock(read, database)
 
 
 def commit_parts(database: Path, staging: Path) -> int:
     """Insert every staged part into DuckDB, one short transaction each, then drop the part."""
     inserted = 0
     for part in sorted(staging.glob("*.parquet")) if staging.exists() else []:
-        with connect_for_writing(database) as connection:
-            connection.execute("BEGIN")
-            inserted += add_predictions(connection, "SELECT * FROM read_parquet(?)", [str(part)])
-            connection.execute("COMMIT")
-        failpoint("duckdb.after_commit")
+        try:
+            with transaction(database) as connection:
+                inserted += add_predictions(connection, "SELECT * FROM read_parquet(?)", [str(part)])
+        except CnnpipeError as exc:
+            raise CnnpipeError(f"{exc}; {part} stays staged and the next run commits it") from exc
         part.unlink()
     return inserted
 
@@ -119,8 +127,14 @@ def classify_source(source: Source, predictor, database: Path, staging_root: Pat
     """Classify what is new in `source` into `database`, a staged Parquet part at a time.
 
     With `commit=False` (one shard of a distributed run) parts are only staged, under names
-    of their own; the run's single committer then calls `commit_parts` and `record_run`.
+    of their own; the run's single committer then calls `commit_shards`.
     """
+    with committing(staging_root, database) if commit else nullcontext():
+        return _classify(source, predictor, database, staging_root, run_id, on_progress, commit)
+
+
+def _classify(source: Source, predictor, database: Path, staging_root: Path, run_id: str,
+              on_progress: Callable[[int, int | None], None] | None, commit: bool) -> ClassifySummary:
     summary = ClassifySummary(source.uri, predictor.name, predictor.version, run_id)
     staging = staging_root / "classify"
     staging.mkdir(parents=True, exist_ok=True)
@@ -226,8 +240,7 @@ def _prepared_batches(source: Source, done: set[str], summary: ClassifySummary, 
 
 def record_run(database: Path, summary: ClassifySummary) -> None:
     now = datetime.now(timezone.utc)
-    with connect_for_writing(database) as connection:
-        connection.execute("BEGIN")
+    with transaction(database) as connection:
         connection.execute(
             "INSERT OR REPLACE INTO classify_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'completed')",
             [summary.run_id, summary.source_uri, summary.model_name, summary.model_version,
@@ -237,4 +250,3 @@ def record_run(database: Path, summary: ClassifySummary) -> None:
             connection.executemany("INSERT INTO rejected_inputs VALUES (?, ?, ?, ?, ?, ?)",
                                    [[summary.run_id, summary.source_uri, r.path, r.reason, r.detail, now]
                                     for r in summary.rejected])
-        connection.execute("COMMIT")

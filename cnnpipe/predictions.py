@@ -4,16 +4,29 @@ DuckDB allows one writing process, and a reader holding the file also blocks a w
 so writers open it only for short transactions and retry on the lock error. Rows go in
 through `add_predictions` and champions change through `set_champion`, which keep
 `latest_by_image` (behind the `latest_predictions` view) consistent in the same transaction.
+
+Every row of `predictions` can be computed again, so a write-ahead log that DuckDB
+cannot replay is set aside rather than left to fail every scheduled run: the database
+opens at its last checkpoint, and the next classify run predicts what was lost.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
 import duckdb
+
+from cnn.failpoints import failpoint
+from cnnpipe.errors import CnnpipeError
+
+log = logging.getLogger("cnnpipe.predictions")
 
 _PREDICTION_COLUMNS = """
     image_sha256 VARCHAR NOT NULL,
@@ -77,42 +90,96 @@ WHERE a.label <> b.label;
 T = TypeVar("T")
 LOCK_RETRIES = 40
 LOCK_BACKOFF_SECONDS = 0.05
+# What DuckDB 2 says of a log that is damaged or belongs to another database file; other
+# replay failures (out of memory, say) leave the log where it is.
+_UNREPLAYABLE_WAL = ("Corrupt WAL file", "WAL does not match database file")
 
 
 def is_lock_error(exc: Exception) -> bool:
     return "Could not set lock" in str(exc) or "Conflicting lock" in str(exc)
 
 
-def retry_on_lock(action: Callable[[], T], retries: int = LOCK_RETRIES) -> T:
-    """Run `action`, retrying with capped backoff while another process holds the file."""
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0]
+
+
+def retry_on_lock(action: Callable[[], T], database: Path, retries: int = LOCK_RETRIES) -> T:
+    """Run `action`, retrying with capped backoff while another process holds `database`.
+    Any other DuckDB failure (a full disk, a damaged file) is reported against the file."""
     delay = LOCK_BACKOFF_SECONDS
     for attempt in range(retries):
         try:
             return action()
-        except duckdb.IOException as exc:
-            if not is_lock_error(exc) or attempt == retries - 1:
-                raise
+        except duckdb.Error as exc:
+            if not is_lock_error(exc):
+                raise CnnpipeError(f"{database}: {_first_line(exc)}") from exc
+            if attempt == retries - 1:
+                raise CnnpipeError(f"{database}: another process still holds it after {retries} tries "
+                                   f"({_first_line(exc)}); rerun once it lets go") from None
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
     raise AssertionError("unreachable")
+
+
+def connect(path: Path, read_only: bool = False, config: dict | None = None) -> duckdb.DuckDBPyConnection:
+    """Open the database, setting aside a write-ahead log that DuckDB cannot replay."""
+    try:
+        return duckdb.connect(str(path), read_only=read_only, config=config or {})
+    except duckdb.Error as exc:
+        if not any(reason in str(exc) for reason in _UNREPLAYABLE_WAL):
+            raise
+        _quarantine_wal(path, exc)
+    return duckdb.connect(str(path), read_only=read_only, config=config or {})
+
+
+def _quarantine_wal(path: Path, exc: duckdb.Error) -> None:
+    wal = path.with_name(path.name + ".wal")
+    aside = wal.with_name(f"{wal.name}.corrupt-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}")
+    try:
+        os.rename(wal, aside)
+    except FileNotFoundError:
+        return  # another process set it aside first
+    log.warning("%s: DuckDB cannot replay its write-ahead log (%s). Moved the log to %s and opened the "
+                "last checkpoint: what was committed after it is gone from the database, and the next "
+                "classify run predicts those images again.", path, _first_line(exc), aside.name)
 
 
 def connect_for_writing(path: Path, retries: int = LOCK_RETRIES) -> duckdb.DuckDBPyConnection:
     """A short-lived writing connection with the schema in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    def connect() -> duckdb.DuckDBPyConnection:
-        connection = duckdb.connect(str(path))
-        connection.execute(SCHEMA)
-        counts = connection.execute("SELECT (SELECT count(*) FROM predictions), "
-                                    "(SELECT count(*) FROM latest_by_image)").fetchone()
-        if counts[0] and not counts[1]:  # a database from before latest_by_image existed
-            connection.execute("BEGIN")
-            rebuild_latest(connection)
-            connection.execute("COMMIT")
+    def open_with_schema() -> duckdb.DuckDBPyConnection:
+        connection = connect(path)
+        try:
+            connection.execute(SCHEMA)
+            counts = connection.execute("SELECT (SELECT count(*) FROM predictions), "
+                                        "(SELECT count(*) FROM latest_by_image)").fetchone()
+            if counts[0] and not counts[1]:  # a database from before latest_by_image existed
+                connection.execute("BEGIN")
+                rebuild_latest(connection)
+                connection.execute("COMMIT")
+        except BaseException:
+            connection.close()
+            raise
         return connection
 
-    return retry_on_lock(connect, retries)
+    return retry_on_lock(open_with_schema, path, retries)
+
+
+@contextmanager
+def transaction(path: Path, retries: int = LOCK_RETRIES) -> Iterator[duckdb.DuckDBPyConnection]:
+    """One short writing transaction. If it cannot commit (a full disk, say), none of it is
+    written, the database keeps what it held, and the error names the file."""
+    with connect_for_writing(path, retries) as connection:
+        connection.execute("BEGIN")
+        try:
+            yield connection
+            connection.execute("COMMIT")
+        except duckdb.Error as exc:
+            raise CnnpipeError(f"{path}: could not commit ({_first_line(exc)}); "
+                               "the database keeps what it held before") from exc
+        # Committed to the log, not yet checkpointed into the file: where a crash tests recovery.
+        failpoint("duckdb.after_commit")
 
 
 _COLUMNS = tuple(line.split()[0] for line in _PREDICTION_COLUMNS.strip().splitlines())

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from cnn.checkpoint import CheckpointError
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.locks import file_lock
-from cnnpipe.predictions import connect_for_writing, retry_on_lock, set_champion
+from cnnpipe.predictions import connect_for_writing, set_champion, transaction
 from cnnpipe.settings import REGISTERED_MODEL, Settings, get_settings
 from cnnpipe.tracking import WEIGHTS_ARTIFACT
 
@@ -208,16 +208,11 @@ def _move_champion(mlflow_client: MlflowClient, name: str, expected: ModelVersio
 
 def _record_promotion(name: str, from_version: str | None, to_version: str, from_value: float | None,
                       to_value: float | None, reason: str) -> None:
-    def record() -> None:
-        with connect_for_writing(get_settings().predictions_db) as connection:
-            connection.execute("BEGIN")
-            connection.execute("INSERT INTO promotions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                               [datetime.now(timezone.utc), name, from_version, to_version, GATE_METRIC,
-                                _finite(from_value), _finite(to_value), reason])
-            set_champion(connection, name, to_version)
-            connection.execute("COMMIT")
-
-    retry_on_lock(record)
+    with transaction(get_settings().predictions_db) as connection:
+        connection.execute("INSERT INTO promotions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           [datetime.now(timezone.utc), name, from_version, to_version, GATE_METRIC,
+                            _finite(from_value), _finite(to_value), reason])
+        set_champion(connection, name, to_version)
 
 
 def _finite(value: float | None) -> float | None:
@@ -250,13 +245,11 @@ def promote(name: str, version: str, reason: str = "manual") -> GateDecision:
 
 def champion_history(name: str) -> list[str]:
     """Champions in order, as promotions and rollbacks left them; the last is the current one."""
-    def read() -> list[tuple]:
-        with connect_for_writing(get_settings().predictions_db) as connection:
-            return connection.execute("SELECT to_version, reason FROM promotions WHERE model_name = ? "
-                                      "ORDER BY promoted_at", [name]).fetchall()
-
+    with connect_for_writing(get_settings().predictions_db) as connection:
+        promotions = connection.execute("SELECT to_version, reason FROM promotions WHERE model_name = ? "
+                                        "ORDER BY promoted_at", [name]).fetchall()
     stack: list[str] = []
-    for to_version, reason in retry_on_lock(read):
+    for to_version, reason in promotions:
         if reason == "rollback":
             stack.pop()
         else:

@@ -16,7 +16,7 @@ from pathlib import Path
 import duckdb
 
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.predictions import ensure_database
+from cnnpipe.predictions import connect, ensure_database
 
 HARDENED = {
     "enable_external_access": False,
@@ -59,8 +59,8 @@ def run_query(sql: str, database: Path, limits: QueryLimits = QueryLimits(), cap
     ensure_database(database)
     config = {**HARDENED, "memory_limit": limits.memory_limit, "threads": limits.threads}
     try:
-        connection = duckdb.connect(str(database), read_only=True, config=config)
-    except duckdb.IOException as exc:
+        connection = connect(database, read_only=True, config=config)
+    except duckdb.Error as exc:
         raise CnnpipeError(f"{database}: cannot open for reading ({str(exc).splitlines()[0]})") from None
     timer = threading.Timer(limits.timeout_seconds, connection.interrupt)
     timer.start()

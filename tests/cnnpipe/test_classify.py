@@ -13,7 +13,9 @@ import pytest
 from cnn.predict import Predictor
 from cnnpipe.classify import classify_source, open_classify_source
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.predictions import connect_for_writing
 from cnnpipe.settings import get_settings
+from cnnpipe.sql import run_query
 from tests.imagefactory import write_class_folders
 
 pytestmark = pytest.mark.slow
@@ -87,23 +89,57 @@ def test_a_reader_holding_the_database_delays_but_never_breaks_a_run(inbox, shap
     assert summary.classified == 50 and query("SELECT count(*) FROM predictions") == [(100,)]
 
 
+_CLASSIFY_IN_PARTS_OF_16 = """
+import sys
+import cnnpipe.classify as c
+from cnn.predict import Predictor
+from cnnpipe.settings import get_settings
+from cnnpipe.sources import open_source
+c.PART_ROWS, c.BATCH = 16, 16
+s = get_settings()
+c.classify_source(open_source(sys.argv[1]), Predictor(sys.argv[2]), s.predictions_db, s.staging_dir, sys.argv[3])
+"""
+
+
+_CLASSIFY_ON_A_SIGNAL = """
+import sys, time
+from pathlib import Path
+import cnnpipe.classify as c
+from cnn.predict import Predictor
+from cnnpipe.settings import get_settings
+from cnnpipe.sources import open_source
+c.PART_ROWS, c.BATCH = 16, 16
+s, predictor, go = get_settings(), Predictor(sys.argv[2]), Path(sys.argv[4])
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.01)
+c.classify_source(open_source(sys.argv[1]), predictor, s.predictions_db, s.staging_dir, sys.argv[3])
+"""
+
+
+def test_two_runs_started_together_classify_each_image_once(inbox, shapes_checkpoints, tmp_path):
+    """A scheduled run that starts while the previous one still runs: no image twice, no work twice."""
+    go = tmp_path / "go"
+    runs = [subprocess.Popen([sys.executable, "-c", _CLASSIFY_ON_A_SIGNAL, str(inbox), str(shapes_checkpoints[0]),
+                              f"run-{n}", str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for n in range(2)]
+    assert [run.stdout.readline().strip() for run in runs] == ["ready", "ready"]
+    go.touch()
+    for run in runs:
+        assert run.wait(300) == 0, run.stderr.read()[-2000:]
+    assert query("SELECT count(*), count(DISTINCT image_sha256) FROM predictions") == [(50, 50)]
+    assert query("SELECT count(*), sum(classified), sum(skipped) FROM classify_runs") == [(2, 50, 50)]
+
+
 @pytest.mark.crash
 def test_sigkill_after_a_commit_then_rerun_gives_exactly_one_row_per_image(inbox, shapes_checkpoints):
-    script = (
-        "import sys\nimport cnnpipe.classify as c\nfrom cnn.predict import Predictor\n"
-        "from cnnpipe.settings import get_settings\nfrom cnnpipe.sources import open_source\n"
-        "c.PART_ROWS, c.BATCH = 16, 16\ns = get_settings()\n"
-        f"c.classify_source(open_source({str(inbox)!r}), Predictor({str(shapes_checkpoints[0])!r}),"
-        " s.predictions_db, s.staging_dir, sys.argv[1])\n"
-    )
+    arguments = [sys.executable, "-c", _CLASSIFY_IN_PARTS_OF_16, str(inbox), str(shapes_checkpoints[0])]
     env = {**os.environ, "FAILPOINT": "duckdb.after_commit", "FAILPOINT_AFTER": "2", "FAILPOINT_ACTION": "kill"}
-    killed = subprocess.run([sys.executable, "-c", script, "killed"], env=env, capture_output=True, text=True,
-                            timeout=300)
+    killed = subprocess.run([*arguments, "killed"], env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert query("SELECT count(*) FROM predictions") == [(32,)]  # two committed parts of 16
     clean_env = {k: v for k, v in os.environ.items() if not k.startswith("FAILPOINT")}
-    rerun = subprocess.run([sys.executable, "-c", script, "rerun"], env=clean_env, capture_output=True, text=True,
-                           timeout=300)
+    rerun = subprocess.run([*arguments, "rerun"], env=clean_env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert query("SELECT count(*), count(DISTINCT image_sha256) FROM predictions") == [(50, 50)]
     assert not list((get_settings().staging_dir / "classify").iterdir())
@@ -127,3 +163,103 @@ def test_a_dataset_of_the_store_is_a_source_keyed_by_its_stored_hashes(shapes_da
     for bad, reason in [("dataset:ghost", "no dataset named 'ghost'"), ("dataset:shapes/holdout", "no split")]:
         with pytest.raises(CnnpipeError, match=reason):
             open_classify_source(bad)
+
+
+_STAGE_THEN_COMMIT_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+import cnnpipe.classify as c
+from cnn.predict import Predictor
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.settings import get_settings
+from cnnpipe.sources import open_source
+source, checkpoint, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = get_settings()
+c.classify_source(open_source(source), Predictor(checkpoint), s.predictions_db, s.staging_dir, "full", commit=False)
+# From here on, no file may grow past `limit` bytes: DuckDB's log and checkpoints hit it.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    c.commit_parts(s.predictions_db, s.staging_dir / "classify")
+except CnnpipeError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.crash
+@pytest.mark.parametrize("limit", [0, 65536], ids=["full-when-opening", "full-when-committing"])
+def test_a_full_disk_is_one_clear_line_and_the_rerun_commits_the_staged_part(tmp_path, shapes_checkpoints, limit):
+    write_class_folders(tmp_path / "many", {"a": 300, "b": 300})
+    run(tmp_path / "many", shapes_checkpoints[0])
+    database, staging = get_settings().predictions_db, get_settings().staging_dir / "classify"
+    full = subprocess.run([sys.executable, "-c", _STAGE_THEN_COMMIT_UNDER_A_FILE_SIZE_LIMIT, str(tmp_path / "many"),
+                           str(shapes_checkpoints[1]), str(limit)], capture_output=True, text=True, timeout=300)
+    assert full.returncode == 3, full.stderr[-2000:]
+    message = full.stdout.strip()
+    assert "\n" not in message and message.startswith(f"{database}: ") and "File too large" in message
+    assert "full-00000.parquet stays staged" in message
+    assert query("SELECT count(*) FROM predictions") == [(600,)]  # what the first run wrote, and nothing more
+    assert [part.name for part in staging.iterdir()] == ["full-00000.parquet"]
+
+    rerun = run(tmp_path / "many", shapes_checkpoints[1])
+    assert (rerun.classified, rerun.skipped) == (0, 600)  # the staged predictions were committed, not recomputed
+    assert query("SELECT count(*), count(DISTINCT (image_sha256, model_version)) FROM predictions") == [(1200, 1200)]
+    assert not list(staging.iterdir())
+
+
+def test_a_writer_gives_up_on_a_held_lock_with_one_clear_line(inbox, shapes_checkpoints):
+    run(inbox, shapes_checkpoints[0])
+    database = get_settings().predictions_db
+    reader = subprocess.Popen([sys.executable, "-c",
+                               "import duckdb, time\n"
+                               f"c = duckdb.connect({str(database)!r}, read_only=True)\n"
+                               "print('holding', flush=True)\n"
+                               "time.sleep(60)\n"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "holding"
+        with pytest.raises(CnnpipeError, match=f"^{database}: another process still holds it after 3 tries"):
+            connect_for_writing(database, retries=3)
+    finally:
+        reader.kill()
+        reader.wait()
+    assert query("SELECT count(*) FROM predictions") == [(50,)]
+
+
+_KILLED_WHILE_ITS_LOG_HOLDS_A_COMMIT = """
+import duckdb, os, signal, sys
+connection = duckdb.connect(sys.argv[1])
+connection.execute("CREATE TABLE t AS SELECT range AS i FROM range(1000)")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.crash
+@pytest.mark.parametrize("damage", ["flipped-bytes", "another-databases-log"])
+def test_a_write_ahead_log_duckdb_cannot_replay_is_set_aside_and_the_run_completes(inbox, shapes_checkpoints,
+                                                                                    tmp_path, caplog, damage):
+    env = {**os.environ, "FAILPOINT": "duckdb.after_commit", "FAILPOINT_AFTER": "2", "FAILPOINT_ACTION": "kill"}
+    killed = subprocess.run([sys.executable, "-c", _CLASSIFY_IN_PARTS_OF_16, str(inbox), str(shapes_checkpoints[0]),
+                             "killed"], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    database = get_settings().predictions_db
+    wal = database.with_name(database.name + ".wal")
+    assert wal.stat().st_size > 0  # the second part's commit, never checkpointed
+    if damage == "flipped-bytes":
+        with wal.open("r+b") as log:
+            log.seek(wal.stat().st_size // 2)
+            log.write(b"\xff" * 8)
+    else:
+        other = tmp_path / "other.duckdb"
+        subprocess.run([sys.executable, "-c", _KILLED_WHILE_ITS_LOG_HOLDS_A_COMMIT, str(other)], timeout=60)
+        wal.write_bytes(other.with_name("other.duckdb.wal").read_bytes())
+    damaged = wal.read_bytes()
+
+    summary = run(inbox, shapes_checkpoints[0], run_id="rerun")
+    assert summary.classified + summary.skipped == 50
+    assert query("SELECT count(*), count(DISTINCT image_sha256) FROM predictions") == [(50, 50)]
+    [aside] = database.parent.glob("predictions.duckdb.wal.corrupt-*")
+    assert aside.read_bytes() == damaged  # set aside, never deleted
+    [warning] = [r.getMessage() for r in caplog.records if "write-ahead log" in r.getMessage()]
+    assert str(database) in warning and aside.name in warning
+    assert run_query("SELECT count(*) FROM predictions", database).rows == [(50,)]

@@ -97,9 +97,9 @@ def test_the_deployed_pipeline_on_postgres_prefect_and_mlflow_servers(tmp_path):
                 assert [(s["schedule"]["cron"], s["schedule"]["timezone"]) for s in nightly["schedules"]] == \
                     [("0 2 * * *", "UTC")]
                 assert [s["schedule"]["cron"] for s in inbox["schedules"]] == ["*/15 * * * *"]
-                # Dataset writers take turns, whichever worker runs them.
-                writers = (nightly, _deployment(api, "ingest/ingest"))
-                assert [deployment["global_concurrency_limit"]["limit"] for deployment in writers] == [1, 1]
+                # Writers of datasets and of the predictions take turns, whichever worker runs them.
+                writers = (nightly, _deployment(api, "ingest/ingest"), inbox)
+                assert [deployment["global_concurrency_limit"]["limit"] for deployment in writers] == [1, 1, 1]
 
                 worker_log = tmp_path / "worker.log"
                 ready = lambda: "started" in worker_log.read_text().lower()  # noqa: E731
