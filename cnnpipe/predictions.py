@@ -25,6 +25,7 @@ import duckdb
 
 from cnn.failpoints import failpoint
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.locks import file_lock
 
 log = logging.getLogger("cnnpipe.predictions")
 
@@ -123,22 +124,34 @@ def retry_on_lock(action: Callable[[], T], database: Path, retries: int = LOCK_R
 
 def connect(path: Path, read_only: bool = False, config: dict | None = None) -> duckdb.DuckDBPyConnection:
     """Open the database, setting aside a write-ahead log that DuckDB cannot replay."""
-    try:
+    def open_database() -> duckdb.DuckDBPyConnection:
         return duckdb.connect(str(path), read_only=read_only, config=config or {})
+
+    try:
+        return open_database()
     except duckdb.Error as exc:
-        if not any(reason in str(exc) for reason in _UNREPLAYABLE_WAL):
+        if not _unreplayable(exc):
             raise
-        _quarantine_wal(path, exc)
-    return duckdb.connect(str(path), read_only=read_only, config=config or {})
+    # Under a lock, and only after failing again there: a process that set the log aside
+    # a moment ago may already be writing a new one, which must stay.
+    with file_lock(path.with_name(path.name + ".wal.lock")):
+        try:
+            return open_database()
+        except duckdb.Error as exc:
+            if not _unreplayable(exc):
+                raise
+            _quarantine_wal(path, exc)
+        return open_database()
+
+
+def _unreplayable(exc: duckdb.Error) -> bool:
+    return any(reason in str(exc) for reason in _UNREPLAYABLE_WAL)
 
 
 def _quarantine_wal(path: Path, exc: duckdb.Error) -> None:
     wal = path.with_name(path.name + ".wal")
     aside = wal.with_name(f"{wal.name}.corrupt-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}")
-    try:
-        os.rename(wal, aside)
-    except FileNotFoundError:
-        return  # another process set it aside first
+    os.rename(wal, aside)
     log.warning("%s: DuckDB cannot replay its write-ahead log (%s). Moved the log to %s and opened the "
                 "last checkpoint: what was committed after it is gone from the database, and the next "
                 "classify run predicts those images again.", path, _first_line(exc), aside.name)
