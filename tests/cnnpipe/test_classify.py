@@ -90,18 +90,6 @@ def test_a_reader_holding_the_database_delays_but_never_breaks_a_run(inbox, shap
 
 
 _CLASSIFY_IN_PARTS_OF_16 = """
-import sys
-import cnnpipe.classify as c
-from cnn.predict import Predictor
-from cnnpipe.settings import get_settings
-from cnnpipe.sources import open_source
-c.PART_ROWS, c.BATCH = 16, 16
-s = get_settings()
-c.classify_source(open_source(sys.argv[1]), Predictor(sys.argv[2]), s.predictions_db, s.staging_dir, sys.argv[3])
-"""
-
-
-_CLASSIFY_ON_A_SIGNAL = """
 import sys, time
 from pathlib import Path
 import cnnpipe.classify as c
@@ -109,10 +97,11 @@ from cnn.predict import Predictor
 from cnnpipe.settings import get_settings
 from cnnpipe.sources import open_source
 c.PART_ROWS, c.BATCH = 16, 16
-s, predictor, go = get_settings(), Predictor(sys.argv[2]), Path(sys.argv[4])
-print("ready", flush=True)
-while not go.exists():
-    time.sleep(0.01)
+s, predictor = get_settings(), Predictor(sys.argv[2])
+if len(sys.argv) > 4:  # wait for a go file, so that two runs start together
+    print("ready", flush=True)
+    while not Path(sys.argv[4]).exists():
+        time.sleep(0.01)
 c.classify_source(open_source(sys.argv[1]), predictor, s.predictions_db, s.staging_dir, sys.argv[3])
 """
 
@@ -120,7 +109,7 @@ c.classify_source(open_source(sys.argv[1]), predictor, s.predictions_db, s.stagi
 def test_two_runs_started_together_classify_each_image_once(inbox, shapes_checkpoints, tmp_path):
     """A scheduled run that starts while the previous one still runs: no image twice, no work twice."""
     go = tmp_path / "go"
-    runs = [subprocess.Popen([sys.executable, "-c", _CLASSIFY_ON_A_SIGNAL, str(inbox), str(shapes_checkpoints[0]),
+    runs = [subprocess.Popen([sys.executable, "-c", _CLASSIFY_IN_PARTS_OF_16, str(inbox), str(shapes_checkpoints[0]),
                               f"run-{n}", str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for n in range(2)]
     assert [run.stdout.readline().strip() for run in runs] == ["ready", "ready"]
