@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export CNNPIPE_HOME ?= $(CURDIR)/.cnnpipe
 
-.PHONY: install demo test test-fast bench-ingest bench-train bench-classify bench-views clean
+.PHONY: install demo test test-fast bench-ingest bench-train bench-recipe bench-classify bench-views clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,9 @@ bench-ingest: install
 
 bench-train: install
 	$(PY) bench/train.py --device cpu
+
+bench-recipe: install
+	$(PY) bench/recipe.py --device cpu
 
 bench-classify: install
 	$(PY) bench/classify.py --device cpu

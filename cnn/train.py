@@ -1,7 +1,8 @@
 """Training: `train_one_epoch`, a pure `evaluate`, and `fit(config)`, as in torchvision's reference.
 
     from cnn.train import TrainConfig, fit
-    result = fit(TrainConfig(dataset_dir=".cnnpipe/datasets/cifar10", epochs=30))
+    result = fit(TrainConfig(dataset_dir=".cnnpipe/datasets/cifar10"))   # the automatic recipe
+    result = fit(TrainConfig(dataset_dir=".cnnpipe/datasets/cifar10", batch_size=128, lr=0.05, epochs=10))
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cnn.checkpoint import CheckpointError, load_checkpoint, load_latest, restore_rng_state, rng_state, save_checkpoint
+from cnn import recipe as auto_recipe
+from cnn.checkpoint import (CheckpointError, checkpoints, load_checkpoint, load_latest, restore_rng_state, rng_state,
+                            save_checkpoint)
 from cnn.data import (Augment, ColourStats, ResidentImages, StoreSplit, StreamingImages, centre_crop,
                       colour_stats_for, normalise, ten_crops)
 from cnn.failpoints import failpoint
@@ -37,22 +40,22 @@ MISTAKES_KEPT = 25
 
 @dataclass
 class TrainConfig:
-    """One training run. The defaults are the recipe for `alexnet-cifar` on CIFAR-10."""
+    """One training run. A knob left None is chosen for the training split by `cnn.recipe`."""
 
     dataset_dir: str
     model: str = "alexnet-cifar"
-    epochs: int = 30
-    batch_size: int = 512
-    lr: float = 0.2
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float | None = None
     schedule: str = "onecycle"
-    label_smoothing: float = 0.1
+    label_smoothing: float | None = None
     # AlexNet options; None keeps the model's own default (batch norm for alexnet-cifar, LRN for alexnet).
     norm: str | None = None
     padding: str = "zeros"
     pool: str = "max"
-    dropout: float = 0.5
+    dropout: float | None = None
     patience: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -64,10 +67,24 @@ class TrainConfig:
     keep_checkpoints: int = 3
 
     def __post_init__(self) -> None:
+        """Refuse an impossible setting before anything starts, naming its flag."""
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch size must be at least 1")
+            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        checks = [
+            ("epochs", "--epochs", lambda v: v >= 1, "at least 1"),
+            ("batch_size", "--batch-size", lambda v: v >= 1, "at least 1"),
+            ("lr", "--lr", lambda v: 0 < v < math.inf, "a positive number"),
+            ("momentum", "--momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("weight_decay", "--weight-decay", lambda v: 0 <= v < math.inf, "zero or more"),
+            ("label_smoothing", "--label-smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("dropout", "--dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("patience", "--patience", lambda v: v >= 0, "zero or more"),
+            ("memory_budget_mb", "--memory-budget-mb", lambda v: v >= 0, "zero or more"),
+        ]
+        for field_name, flag, valid, wanted in checks:
+            value = getattr(self, field_name)
+            if value is not None and not valid(value):
+                raise ValueError(f"{flag} must be {wanted}, not {value}")
 
     @property
     def dataset_name(self) -> str:
@@ -241,22 +258,38 @@ def _run_dir(config: TrainConfig) -> tuple[Path, bool]:
     family = root / f"{config.dataset_name}__{config.model}"
     if isinstance(config.resume, str) and config.resume:
         path = Path(config.resume)
-        return (path.parent if path.is_file() else path), True
+        run_dir = path.parent if path.is_file() else path
+        if not checkpoints(run_dir):
+            raise CheckpointError(f"nothing to resume: {run_dir} holds no checkpoint")
+        return run_dir, True
     if config.resume:
         unfinished = sorted(p for p in family.glob("*") if p.is_dir() and not (p / "done").exists()
-                            and any(p.glob("epoch-*.pt")))
-        if unfinished:
-            return unfinished[-1], True
+                            and checkpoints(p))
+        if not unfinished:
+            raise CheckpointError(f"nothing to resume: no unfinished run of {config.dataset_name} with "
+                                  f"{config.model} under {family}; run without --resume to start one")
+        return unfinished[-1], True
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     return family / stamp, False
+
+
+def resume_point(config: TrainConfig) -> tuple[Path, int] | None:
+    """The run folder a `resume` config continues and the last epoch it has finished;
+    None when the config starts afresh. Raises CheckpointError when there is nothing to resume."""
+    if not config.resume:
+        return None
+    run_dir, _ = _run_dir(config)
+    return run_dir, int(checkpoints(run_dir)[-1].stem.removeprefix("epoch-"))
 
 
 def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     # One step more than the run takes: OneCycleLR extrapolates past its last step.
     total = config.epochs * steps_per_epoch + 1
     if config.schedule == "onecycle":
+        # The warm-up is a quarter of the run, but at least a step and a half: OneCycleLR
+        # divides by the length of each phase, so a short run must not leave one empty.
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total,
-                                                   pct_start=0.25, anneal_strategy="linear"), True
+                                                   pct_start=max(0.25, 1.5 / total), anneal_strategy="linear"), True
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total), True
     if config.schedule == "step":
@@ -293,6 +326,7 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     seed_everything(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     train_split = StoreSplit.open(config.dataset_dir, "train")
+    config, _ = auto_recipe.apply(config, train_split.rows)
     classes = list(train_split.classes)
     val_split = validation_split(config.dataset_dir, classes)
     test_split = StoreSplit.open(config.dataset_dir, "test", classes)
@@ -402,10 +436,47 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
                      extra={"report": report})
 
 
+@dataclass
+class TrainingPlan:
+    """What a run will do, known before it starts: the config with every knob chosen, the
+    recipe that says which were automatic, the run it resumes, and why it may not learn."""
+
+    config: TrainConfig
+    recipe: auto_recipe.Recipe
+    resuming: tuple[Path, int] | None
+    warnings: list[str]
+
+    def lines(self) -> list[str]:
+        lines = [self.recipe.line()]
+        if self.resuming:
+            lines.append(f"resuming {self.resuming[0]} after epoch {self.resuming[1]} of {self.config.epochs}")
+        return lines
+
+
+def plan(config: TrainConfig) -> TrainingPlan:
+    """Choose the unset knobs for the dataset's train split and check the run can start.
+    Raises ValueError (naming the flag) or CheckpointError (nothing to resume) in one line."""
+    config, recipe = auto_recipe.apply(config, StoreSplit.open(config.dataset_dir, "train").rows)
+    warnings = [text for text in (auto_recipe.few_steps_warning(recipe), validation_warning(config.dataset_dir))
+                if text]
+    return TrainingPlan(config, recipe, resume_point(config), warnings)
+
+
 def validation_split(dataset_dir: str | os.PathLike, classes: list[str]) -> StoreSplit:
     """The split a run validates on: `val`, or `test` for a dataset without one."""
     val = StoreSplit.open(dataset_dir, "val", classes)
     return val if val.rows else StoreSplit.open(dataset_dir, "test", classes)
+
+
+def validation_warning(dataset_dir: str | os.PathLike) -> str | None:
+    """What it costs when a dataset has no validation split: model selection sees the test images."""
+    split = validation_split(dataset_dir, [])
+    if split.split == "val":
+        return None
+    return (f"{Path(dataset_dir).name} has no validation split, so training validates on its {split.split} split: "
+            "early stopping, plateau schedules and the champion gate choose on the very images the held-out "
+            "figure is reported on, which flatters it; ingest the source again into a new dataset to carve "
+            "a validation split out of train (--val-fraction)")
 
 
 def inference_state(checkpoint: dict) -> dict:

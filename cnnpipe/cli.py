@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 
 import click
 
@@ -59,7 +60,8 @@ def cli() -> None:
 @cli.command()
 @click.argument("source")
 @click.option("--dataset", required=True, help="Dataset to add the images to (created if new).")
-@click.option("--val-fraction", default=0.1, show_default=True, help="Share of unsplit images for validation.")
+@click.option("--val-fraction", default=0.1, show_default=True,
+              help="Share of unsplit images for validation; also of train/ images when the source has no val/.")
 @click.option("--test-fraction", default=0.1, show_default=True, help="Share of unsplit images for test.")
 @click.option("--resize", type=int, default=None,
               help="Shorter side to N, then centre N x N crop, stored as JPEG (the paper uses 256). Default: keep originals.")
@@ -101,15 +103,19 @@ def _training_options(command):
     options = [
         click.option("--model", default="alexnet-cifar", show_default=True,
                      help="alexnet (224x224), alexnet-cifar (32x32), or a torchvision model name such as resnet18."),
-        click.option("--epochs", default=30, show_default=True),
-        click.option("--batch-size", default=512, show_default=True),
-        click.option("--lr", default=0.2, show_default=True, help="Peak learning rate (one-cycle) or starting rate."),
+        click.option("--epochs", type=int, default=None, help="[default: auto, 30 or more for small datasets]"),
+        click.option("--batch-size", type=int, default=None,
+                     help="[default: auto, 512 from 20,480 train images, less below, at least 32]"),
+        click.option("--lr", type=float, default=None,
+                     help="Peak learning rate (one-cycle) or starting rate [default: auto, 0.2 x batch / 512]."),
         click.option("--schedule", type=click.Choice(["onecycle", "plateau", "step", "cosine"]), default="onecycle",
                      show_default=True, help="plateau is the paper's: divide by 10 when validation stops improving."),
         click.option("--norm", type=click.Choice(["lrn", "batch", "none"]), default=None,
                      help="Normalisation layers [default: batch for alexnet-cifar, lrn for alexnet]."),
-        click.option("--dropout", default=0.5, show_default=True),
-        click.option("--label-smoothing", default=0.1, show_default=True),
+        click.option("--dropout", type=float, default=None,
+                     help="[default: auto, 0.5 from 5,000 train images, 0.25 below]"),
+        click.option("--weight-decay", type=float, default=None, help="[default: auto, 5e-4]"),
+        click.option("--label-smoothing", type=float, default=None, help="[default: auto, 0.1]"),
         click.option("--patience", type=int, default=None, help="Stop after this many epochs without a better val top-1."),
         click.option("--seed", default=0, show_default=True),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
@@ -137,15 +143,18 @@ def _training_options(command):
 def train(dataset: str, compile_model: bool, resume: str | None, **options) -> None:
     """Train a CNN on a dataset of the store, log it to MLflow and register it.
 
-    Prints the validation top-1 each epoch and, at the end, the held-out top-1 and
-    top-5 (the test split when the dataset has one, else validation). The new
-    version becomes `challenger`, and `champion` only if its validation top-1 beats
-    the champion's. The defaults are the alexnet-cifar recipe: SGD with momentum 0.9,
-    weight decay 5e-4, one-cycle learning rate, label smoothing 0.1, batch norm.
+    Prints the recipe first, the validation top-1 each epoch and, at the end, the
+    held-out top-1 and top-5 (the test split when the dataset has one, else
+    validation). The new version becomes `challenger`, and `champion` only if its
+    validation top-1 clearly beats the champion's and the majority class. SGD with
+    momentum 0.9 and a one-cycle learning rate; batch size, learning rate, epochs and
+    regularisation are chosen for the size of the train split unless given (at
+    50,000 images: batch 512, lr 0.2, 30 epochs, dropout 0.5, as for CIFAR-10).
 
     \b
     Examples:
-      cnnpipe train --dataset cifar10 --epochs 30
+      cnnpipe train --dataset pets                      # the automatic recipe
+      cnnpipe train --dataset cifar10 --epochs 30 --batch-size 256 --lr 0.1
       cnnpipe train --dataset cifar10 --model alexnet-cifar --norm lrn --schedule plateau
       cnnpipe train --dataset imagenet --model alexnet --device cuda --ten-crop
       cnnpipe train --dataset cifar10 --resume          # after a crash or kill -9
@@ -153,15 +162,42 @@ def train(dataset: str, compile_model: bool, resume: str | None, **options) -> N
     """
     from flows.train import train as train_flow
 
-    outcome = train_flow(dataset=dataset, compile=compile_model,
-                         resume=True if resume == "latest" else (resume or False), **options)
-    _print_training(outcome)
+    resume = True if resume == "latest" else (resume or False)
+    _check_training(dataset, resume, options)
+    _print_training(train_flow(dataset=dataset, compile=compile_model, resume=resume, **options))
+
+
+def _check_training(dataset: str, resume: bool | str, options: dict) -> None:
+    """Refuse an impossible setting, or a --resume with nothing to resume, in one line
+    before any flow starts (inside a flow it would fail with tracebacks)."""
+    from dataclasses import fields
+
+    from cnn.checkpoint import CheckpointError
+    from cnn.train import TrainConfig, plan
+    from cnnpipe.settings import get_settings
+    from cnnpipe.store import DatasetStore
+
+    knobs = {f.name for f in fields(TrainConfig)}
+    try:
+        config = TrainConfig(dataset_dir="", resume=resume, checkpoint_root=str(get_settings().checkpoints_dir),
+                             **{key: value for key, value in options.items() if key in knobs})
+        store = DatasetStore(dataset)
+        if store.exists():
+            plan(replace(config, dataset_dir=str(store.local_copy())))
+    except (ValueError, CheckpointError) as exc:
+        raise click.ClickException(f"{dataset}: {exc}") from None
 
 
 def _print_training(outcome) -> None:
+    if outcome.ingested is not None:
+        from cnnpipe.reports import ingest_markdown
+
+        _print_markdown(ingest_markdown(outcome.ingested))
     if outcome.fit is None:
         click.echo(outcome.skipped)
         return
+    if outcome.why:
+        click.echo(outcome.why)
     result = outcome.fit
     held = result.held_out
     click.echo(f"\nheld-out ({result.held_out_split}, {held['images']:,} images): top-1 {100 * held['top1']:.1f}% "
@@ -173,18 +209,22 @@ def _print_training(outcome) -> None:
     if outcome.decision is not None:
         verdict = "promoted to champion" if outcome.decision.promoted else "not promoted"
         click.echo(f"gate: {verdict}: {outcome.decision.reason}")
+    for warning in outcome.warnings:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @cli.command()
 @click.option("--dataset", required=True, help="Dataset to add new images to and train on.")
 @click.option("--source", help="Where new images arrive (any `cnnpipe ingest` source); omit to train on the store as is.")
 @_training_options
-@click.option("--force", is_flag=True, help="Train even if the dataset has not changed since the champion was trained.")
+@click.option("--force", is_flag=True,
+              help="Train even if the latest registered version was trained on this dataset version.")
 def retrain(dataset: str, source: str | None, compile_model: bool, resume: str | None, **options) -> None:
     """Ingest what is new, train, evaluate, register, and promote only a better model.
 
-    This is the flow `cnnpipe serve` runs every night. With no new data since the
-    champion was trained, it does nothing and says so.
+    This is the flow `cnnpipe serve` runs every night. It trains only when the dataset
+    version differs from the one the latest registered version was trained on (champion
+    or not), and says why it trains or does not. Training options are those of `train`.
 
     \b
     Examples:
@@ -193,8 +233,9 @@ def retrain(dataset: str, source: str | None, compile_model: bool, resume: str |
     """
     from flows.retrain import retrain as retrain_flow
 
-    _print_training(retrain_flow(dataset=dataset, source=source, compile=compile_model,
-                                 resume=True if resume == "latest" else (resume or False), **options))
+    resume = True if resume == "latest" else (resume or False)
+    _check_training(dataset, resume, options)
+    _print_training(retrain_flow(dataset=dataset, source=source, compile=compile_model, resume=resume, **options))
 
 
 @cli.command()
@@ -206,10 +247,10 @@ def retrain(dataset: str, source: str | None, compile_model: bool, resume: str |
 @click.option("--inbox-cron", default="*/15 * * * *", show_default=True, help="When to classify the inbox.")
 @click.option("--model", "model_ref", default=None, help="Registry reference the inbox is classified with "
               f"[default: {REGISTERED_MODEL}@champion].")
-@click.option("--epochs", default=30, show_default=True)
+@click.option("--epochs", type=int, default=None, help="[default: auto, as for `train`]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def serve(dataset: str, source: str | None, cron: str, timezone: str, inbox: str | None, inbox_cron: str,
-          model_ref: str | None, epochs: int, device: str) -> None:
+          model_ref: str | None, epochs: int | None, device: str) -> None:
     """Run the nightly retraining (and an inbox classifier) on a schedule until stopped.
 
     Serves Prefect deployments from this process: `retrain/nightly` and, with --inbox,
@@ -226,7 +267,7 @@ def serve(dataset: str, source: str | None, cron: str, timezone: str, inbox: str
     from flows.serve import build_deployments
 
     deployments = build_deployments(dataset, source, cron, timezone, inbox, inbox_cron, model_ref,
-                                    {"epochs": epochs, "device": device})
+                                    {"device": device} | ({"epochs": epochs} if epochs else {}))
     prefect_serve(*deployments, pause_on_shutdown=False)
 
 
@@ -249,14 +290,35 @@ def models(name: str | None) -> None:
     if not versions:
         click.echo("No registered models yet. `cnnpipe train --dataset NAME` registers one.")
         return
-    table = Table("model", "version", "aliases", "created", "dataset", "val top-1", "held-out top-1", "top-5", "gate")
+    table = Table("model", "version", "aliases", "created", "dataset", "val top-1", "held-out top-1", "top-5",
+                  "vs majority", "gate")
     for v, aliases in versions:
         tags = v.tags
         table.add_row(v.name, str(v.version), ", ".join(aliases), _timestamp(v.creation_timestamp),
                       f"{tags.get('dataset', '')} {tags.get('dataset_version_id', '')[:8]}", _percent(tags.get("val_top1")),
                       _percent(tags.get("test_top1") or tags.get("val_top1")),
-                      _percent(tags.get("test_top5") or tags.get("val_top5")), tags.get("gate.decision", ""))
+                      _percent(tags.get("test_top5") or tags.get("val_top5")), _versus_majority(tags),
+                      tags.get("gate.decision", ""))
     Console().print(table)
+    gated = [(v, v.tags["gate.reason"]) for v, _ in versions if v.tags.get("gate.reason")]
+    if gated:
+        click.echo("\nGate decisions:")
+        for v, reason in gated:
+            click.echo(f"  {v.name}/{v.version} {v.tags.get('gate.decision', '')}: {reason}")
+
+
+def _versus_majority(tags: dict[str, str]) -> str:
+    """`25.00% of 400, p=0.26`: the validation split's majority-class rate, its size, the binomial p-value."""
+    rate, images, p_value = tags.get("gate.majority_rate"), tags.get("gate.val_images"), tags.get("gate.p_value")
+    if not rate or not images:
+        return ""  # gated before the majority-class test, or never gated
+    try:
+        rate_value, p = float(rate), float(p_value)
+    except (TypeError, ValueError):
+        return f"{rate} of {images}"
+    if images == "0" or rate_value != rate_value or p != p:  # NaN: the split could not be measured
+        return "not measured"
+    return f"{100 * rate_value:.2f}% of {images}, p={p:.2g}"
 
 
 def _percent(value: str | None) -> str:
@@ -426,9 +488,10 @@ def demo() -> None:
     Writes rendered shapes (JPEG and PNG in class folders, two deliberately broken
     files, and a tar archive of more images) under $CNNPIPE_HOME/demo, ingests the
     folder into the dataset `shapes`, then runs the nightly retraining flow once: it
-    ingests the archive, trains alexnet-cifar for 12 epochs on the CPU (about a
-    minute), logs the run to MLflow and registers `shapes-classifier`, promoting it
-    to champion if it beats the last one. It then classifies the archive into DuckDB
+    ingests the archive, trains alexnet-cifar on the CPU with the automatic recipe
+    (no training flags: 30 epochs of batch 32, a few minutes on 2 cores), logs the run
+    to MLflow and registers `shapes-classifier`, promoting it to champion if it beats
+    the last one and the majority class. It then classifies the archive into DuckDB
     with the champion and ends with a SQL query and where to look next.
     """
     from cnnpipe.demo import write_demo_images
@@ -444,8 +507,8 @@ def demo() -> None:
     settings = get_settings()
     folder, archive = write_demo_images(settings.demo_dir)
     _print_markdown(ingest_markdown(ingest_flow(source=str(folder), dataset="shapes")))
-    outcome = retrain_flow(dataset="shapes", source=str(archive), epochs=12, batch_size=32, lr=0.01, dropout=0.2,
-                           registered_model=DEMO_MODEL)
+    # No training flags: the automatic recipe chooses for the demo's 640 training images.
+    outcome = retrain_flow(dataset="shapes", source=str(archive), registered_model=DEMO_MODEL)
     _print_training(outcome)
     summary = classify_flow(source=str(archive), model=f"{DEMO_MODEL}@champion")
     _print_markdown(classify_markdown(summary))

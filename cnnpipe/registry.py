@@ -8,6 +8,7 @@ points where the decision assumed (compare-and-set), and every move is recorded 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -32,6 +33,9 @@ log = logging.getLogger("cnnpipe.registry")
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 GATE_METRIC = "val_top1"
+# A challenger must beat always answering the validation split's largest class, by a one-sided
+# exact binomial test at this level, before it can become champion.
+MAJORITY_ALPHA = 0.01
 # What MLflow answers for a missing model, version or alias (an unknown alias is a "bad parameter").
 NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
@@ -90,6 +94,12 @@ def current_champion(mlflow_client: MlflowClient, name: str) -> ModelVersion | N
         raise
 
 
+def latest_version(mlflow_client: MlflowClient, name: str) -> ModelVersion | None:
+    """The most recently registered version of `name`, champion or not; None if it has none."""
+    found = mlflow_client.search_model_versions(f"name = '{name}'")
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
 def download_weights(version: ModelVersion, folder: Path) -> Path:
     """The version's `weights.pt`: a state_dict and metadata, never a pickled object."""
     try:
@@ -131,6 +141,108 @@ class GateDecision:
     champion_top1: float | None
     promoted: bool
     reason: str
+    majority_rate: float | None = None
+    val_images: int | None = None
+    p_value: float | None = None
+    beats_majority: bool | None = None
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), exactly, without scipy.
+
+    Terms are computed in log space (`math.lgamma`) and summed from the largest one in the
+    wanted direction outwards, stopping once they no longer change the sum, so n in the
+    millions costs a few thousand terms. Below the mode the upper tail is one minus the
+    lower tail, summed the same way.
+    """
+    if n < 0 or not 0.0 <= p <= 1.0 or math.isnan(p):
+        raise ValueError(f"binomial_tail needs n >= 0 and 0 <= p <= 1, got n={n}, p={p}")
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    if p == 0.0:
+        return 0.0
+    if p == 1.0:
+        return 1.0
+    log_p, log_q, log_n = math.log(p), math.log1p(-p), math.lgamma(n + 1)
+
+    def log_term(j: int) -> float:
+        return log_n - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * log_p + (n - j) * log_q
+
+    def summed(start: int, stop: int, step: int) -> float:
+        # Terms shrink monotonically away from the mode, so the first one is the largest.
+        first, total = log_term(start), 0.0
+        for j in range(start, stop, step):
+            ratio = math.exp(log_term(j) - first)
+            total += ratio
+            if ratio < 1e-17 * total:
+                break
+        return math.exp(first) * total if first > -745.0 else 0.0
+
+    mode = math.floor((n + 1) * p)
+    if k > mode:
+        return min(1.0, summed(k, n + 1, 1))
+    return min(1.0, max(0.0, 1.0 - summed(k - 1, -1, -1)))
+
+
+def majority_baseline(dataset_dir: Path) -> tuple[int, float, str]:
+    """(n, majority-class share, split name) of the split the gate's val top-1 was measured on.
+
+    The split is the one `cnn.train.validation_split` picks (`val`, or `test` without one);
+    the counts come from the dataset's manifest.
+    """
+    from cnn.train import validation_split
+
+    manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text())
+    split = validation_split(dataset_dir, list(manifest["classes"])).split
+    counts = manifest["counts"].get(split, {})
+    n = int(sum(counts.values()))
+    return n, (max(counts.values()) / n if n else 0.0), split
+
+
+@dataclass(frozen=True)
+class MajorityTest:
+    """Whether a val top-1 clearly beats always answering the split's largest class."""
+
+    top1: float
+    n: int
+    majority_rate: float
+    split: str
+    correct: int
+    p_value: float
+    passed: bool
+    clause: str  # "clearly beats the majority-class rate ..." or "does not clearly beat ..."
+
+    def tags(self) -> dict[str, str]:
+        return {"gate.val_top1": f"{self.top1:.6f}", "gate.majority_rate": f"{self.majority_rate:.6f}",
+                "gate.val_images": str(self.n), "gate.val_split": self.split, "gate.val_correct": str(self.correct),
+                "gate.p_value": f"{self.p_value:.6g}", "gate.beats_majority": str(self.passed).lower()}
+
+
+def majority_test(top1: float, dataset_dir: Path, alpha: float = MAJORITY_ALPHA) -> MajorityTest:
+    """One-sided exact binomial test: with k = round(top1 * n) correct out of n, pass only if
+    P(X >= k | X ~ Binomial(n, majority rate)) < alpha."""
+    try:
+        n, rate, split = majority_baseline(dataset_dir)
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        return MajorityTest(top1, 0, math.nan, "", 0, math.nan, False,
+                            f"cannot be compared with the majority class: the validation split's class counts "
+                            f"in {Path(dataset_dir) / 'manifest.json'} are unreadable ({exc})")
+    images = f"{n} validation images" + ("" if split == "val" else f" (the {split} split)")
+    if n == 0:
+        return MajorityTest(top1, 0, rate, split, 0, math.nan, False,
+                            f"cannot be compared with the majority class: the {split} split has no images")
+    if not math.isfinite(top1):
+        return MajorityTest(top1, n, rate, split, 0, math.nan, False,
+                            f"is not a number, so does not beat the majority-class rate {rate:.4f} of {images}")
+    correct = min(n, max(0, round(top1 * n)))
+    p_value = binomial_tail(correct, n, rate)
+    passed = p_value < alpha
+    verdict = "clearly beats" if passed else "does not clearly beat"
+    clause = (f"{verdict} the majority-class rate {rate:.4f} of {images} "
+              f"(binomial p={p_value:.2g} {'<' if passed else '>='} {alpha:g})")
+    return MajorityTest(top1, n, rate, split, correct, p_value, passed, clause)
 
 
 def _lock(name: str):
@@ -155,16 +267,22 @@ def champion_score(mlflow_client: MlflowClient, champion: ModelVersion, dataset_
 
 
 def gate(mlflow_client: MlflowClient, challenger: ModelVersion, challenger_top1: float, dataset_dir: Path,
-         dataset_version_id: str, min_improvement: float = 0.0, device: str = "cpu") -> GateDecision:
-    """Make `challenger` the champion only if its validation top-1 beats the champion's by
-    more than nothing and by at least `min_improvement`, both measured on the same split."""
+         dataset_version_id: str, min_improvement: float = 0.0, device: str = "cpu", *,
+         alpha: float = MAJORITY_ALPHA) -> GateDecision:
+    """Make `challenger` the champion only if its validation top-1 clearly beats the majority-class
+    rate of the validation split (one-sided exact binomial test at `alpha`) and beats the champion's
+    by more than nothing and by at least `min_improvement`, both measured on the same split."""
     name = challenger.name
+    majority = majority_test(challenger_top1, dataset_dir, alpha)
     with _lock(name):
         mlflow_client.set_registered_model_alias(name, CHALLENGER, challenger.version)
         champion = current_champion(mlflow_client, name)
         champion_top1 = None
         if champion is None:
-            promoted, reason = True, "first champion"
+            promoted = majority.passed
+            reason = f"val top-1 {challenger_top1:.4f} {majority.clause}"
+            if promoted:
+                reason = f"first champion: {reason}"
         elif version_id(champion) == version_id(challenger):
             promoted, reason = False, "already the champion"
         else:
@@ -176,11 +294,13 @@ def gate(mlflow_client: MlflowClient, challenger: ModelVersion, challenger_top1:
                           f"use `cnnpipe promote {name} {challenger.version}` to switch anyway")
             else:
                 gain = challenger_top1 - champion_top1
-                promoted = gain > 0 and gain >= min_improvement
-                verdict = "beats" if promoted else "does not beat"
+                better = gain > 0 and gain >= min_improvement
+                promoted = better and majority.passed
+                verdict = "beats" if better else "does not beat"
                 required = f" by at least {min_improvement:g}" if min_improvement > 0 else ""
+                joint = " and" if better == majority.passed else ", but"
                 reason = (f"val top-1 {challenger_top1:.4f} {verdict} champion {champion.version}'s "
-                          f"{champion_top1:.4f} ({how}){required}")
+                          f"{champion_top1:.4f} ({how}){required}{joint} {majority.clause}")
         if promoted:
             _move_champion(mlflow_client, name, champion, challenger.version, challenger_top1, champion_top1,
                            "better" if champion else "first")
@@ -188,9 +308,10 @@ def gate(mlflow_client: MlflowClient, challenger: ModelVersion, challenger_top1:
             "gate.decision": "promoted" if promoted else "rejected", "gate.reason": reason,
             "gate.champion_version": version_id(champion) or "",
             "gate.champion_val_top1": "" if champion_top1 is None else f"{champion_top1:.6f}",
+            **majority.tags(),
         })
     decision = GateDecision(name, version_id(challenger), version_id(champion), challenger_top1, champion_top1,
-                            promoted, reason)
+                            promoted, reason, majority.majority_rate, majority.n, majority.p_value, majority.passed)
     log.info("gate for %s/%s: %s (%s)", name, challenger.version, "promoted" if promoted else "kept champion", reason)
     return decision
 

@@ -20,6 +20,9 @@ def ingest_markdown(summary: IngestSummary) -> str:
         f"Dataset is at version {summary.version} (`{summary.version_id or '-'}`) with {summary.total_rows:,} images.",
         "",
     ]
+    if summary.val_from_train:
+        lines += [f"No `val/` folder in the source: {summary.val_from_train:.0%} of its `train/` images "
+                  "(by hash) are the validation split (`--val-fraction`).", ""]
     lines += counts_table(summary.counts, summary.added_counts)
     if summary.rejected:
         reasons = ", ".join(f"{reason}: {count}" for reason, count in summary.rejected_by_reason.items())
@@ -115,6 +118,10 @@ def training_markdown(outcome) -> str:
     ]
     if "ten_crop_top1" in held:
         lines.append(f"| {split} top-1, ten patches | {100 * held['ten_crop_top1']:.2f}% |")
+    if outcome.recipe is not None:
+        lines += ["", f"Recipe: {outcome.recipe.line().removeprefix('recipe: ')}."]
+    if outcome.warnings:
+        lines += ["", "**Warnings**", "", *(f"- {warning}" for warning in outcome.warnings)]
     decision = outcome.decision
     if decision is not None:
         verdict = "**promoted to champion**" if decision.promoted else "**not promoted**"

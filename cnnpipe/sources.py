@@ -7,6 +7,9 @@ Ingestion and classification share this module, so both refuse exactly the same 
 
 Labels come from the layout: a file's parent folder is its class, and a grandparent named
 train, val (valid, validation) or test is its split. Dot-files and `__MACOSX/` are skipped.
+`Source.explicit_splits()` says which of those splits a whole source names, before (and
+without) reading its images: ingestion decides from it whether to carve a validation
+split out of `train`.
 """
 
 from __future__ import annotations
@@ -118,6 +121,11 @@ class Source:
     def entries(self) -> Iterator[Entry]:
         raise NotImplementedError
 
+    def explicit_splits(self) -> set[str]:
+        """The splits ("train", "val", "test") that the whole source names by folder or column,
+        shard or not, read from listings and headers only. A source that cannot tell names none."""
+        return set()
+
     def sharded(self, index: int, count: int) -> Source:
         """This source, restricted to one of `count` disjoint shards that together cover it."""
         self.shard = (index, count)
@@ -134,6 +142,11 @@ class Source:
         label, split = _folder_label_and_split(folder) if folder else (None, None)
         return Entry(path, label, split, data)
 
+    @staticmethod
+    def _split_of(path: str) -> str | None:
+        folder = path.rpartition("/")[0]
+        return _folder_label_and_split(folder)[1] if folder and not _skipped(path) else None
+
     def _too_large(self, path: str, size: int) -> Entry:
         return Entry(path, None, None, reject_reason="too_large",
                      reject_detail=f"{size} bytes is over the {self.max_image_bytes} byte limit")
@@ -142,9 +155,20 @@ class Source:
 class FolderSource(Source):
     kind = "folder"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The listing taken by explicit_splits(), which the next entries() reuses.
+        self._listed: list[tuple[str, int | None]] | None = None
+
+    def explicit_splits(self) -> set[str]:
+        self._listed = self._listing(self.path.rstrip("/"))
+        return {split for rel, _ in self._listed if (split := self._split_of(rel))}
+
     def entries(self) -> Iterator[Entry]:
         root = self.path.rstrip("/")
-        files = [(rel, size) for rel, size in self._listing(root) if not _skipped(rel) and self._mine(rel)]
+        listed, self._listed = self._listed, None
+        files = [(rel, size) for rel, size in (listed if listed is not None else self._listing(root))
+                 if not _skipped(rel) and self._mine(rel)]
         self.total = len(files)
         for rel, size in files:
             if size is not None and size > self.max_image_bytes:
@@ -194,6 +218,24 @@ class FolderSource(Source):
 class TarSource(Source):
     kind = "tar"
 
+    def explicit_splits(self) -> set[str]:
+        # Headers only: the stream skips member data (one decompression pass for a .tar.gz).
+        found: set[str] = set()
+        with self.fs.open(self.path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            for member in tar:
+                tar.members.clear()
+                if not member.isfile():
+                    continue
+                try:
+                    split = self._split_of(safe_relative_path(member.name))
+                except UnsafePath:
+                    continue
+                if split:
+                    found.add(split)
+                    if len(found) == len(set(SPLIT_NAMES.values())):
+                        break
+        return found
+
     def entries(self) -> Iterator[Entry]:
         with self.fs.open(self.path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
             for member in tar:
@@ -225,6 +267,18 @@ class TarSource(Source):
 
 class ZipSource(Source):
     kind = "zip"
+
+    def explicit_splits(self) -> set[str]:
+        found: set[str] = set()
+        with self.fs.open(self.path, "rb") as raw, zipfile.ZipFile(raw) as archive:
+            for info in archive.infolist():
+                try:
+                    split = None if info.is_dir() else self._split_of(safe_relative_path(info.filename))
+                except UnsafePath:
+                    continue
+                if split:
+                    found.add(split)
+        return found
 
     def entries(self) -> Iterator[Entry]:
         with self.fs.open(self.path, "rb") as raw, zipfile.ZipFile(raw) as archive:
@@ -268,12 +322,19 @@ class ManifestSource(Source):
 
     kind = "manifest"
 
-    def entries(self) -> Iterator[Entry]:
-        base = posixpath.dirname(self.path)
+    def explicit_splits(self) -> set[str]:
+        return {split for row in self._rows() if (split := SPLIT_NAMES.get((row.get("split") or "").strip().lower()))}
+
+    def _rows(self) -> list[dict]:
         text = with_retries(lambda: self.fs.cat_file(self.path)).decode("utf-8-sig")
         rows = list(csv.DictReader(io.StringIO(text)))
         if rows and "path" not in rows[0]:
             raise CnnpipeError(f"{self.uri}: a manifest needs a 'path' column, found {list(rows[0])}")
+        return rows
+
+    def entries(self) -> Iterator[Entry]:
+        base = posixpath.dirname(self.path)
+        rows = self._rows()
         numbered = [(line, row) for line, row in enumerate(rows, start=2) if self._mine(f"{line}")]
         self.total = len(numbered)
         for line, row in numbered:

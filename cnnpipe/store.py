@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
@@ -99,6 +99,10 @@ class IngestOptions:
     resize: int | None = None
     # Decoding processes; None leaves one core to the reader, 0 decodes in this process.
     workers: int | None = None
+    # Whether `val_fraction` of a source's train/ images become its validation split, for a
+    # source with train/ but no val/ folder (see `split_for_train`). None: decide from the
+    # source when staging (`resolve_options`); shards get the decision taken once on the whole.
+    carve_val_from_train: bool | None = None
 
     def __post_init__(self) -> None:
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
@@ -131,6 +135,8 @@ class StagedRun:
     added_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     # Sum of the new images' hashes mod 2^256: an order-free digest of what this version adds.
     content_sum: int = 0
+    # The share of train/ images carved into val (0: none were), for the report.
+    val_from_train: float = 0.0
 
     def add_content(self, sha256_hex: str) -> None:
         self.content_sum = (self.content_sum + int(sha256_hex, 16)) % 2**256
@@ -161,6 +167,7 @@ class IngestSummary:
     counts: dict[str, dict[str, int]]
     total_rows: int
     seconds: float
+    val_from_train: float = 0.0
 
     @property
     def rejected_by_reason(self) -> dict[str, int]:
@@ -175,6 +182,27 @@ def split_for(sha256_hex: str, val_fraction: float, test_fraction: float) -> str
     if position < test_fraction + val_fraction:
         return "val"
     return "train"
+
+
+def split_for_train(sha256_hex: str, val_fraction: float, test_fraction: float) -> str:
+    """The split of an image from a train/ folder of a source that has no val/ folder: "val"
+    for the same hash band as an unsplit image's val (a share `val_fraction` of them), else
+    "train". So an image is val both ways, and never moves out of train into test."""
+    return "val" if split_for(sha256_hex, val_fraction, test_fraction) == "val" else "train"
+
+
+def resolve_options(source: Source, options: IngestOptions) -> IngestOptions:
+    """Options with `carve_val_from_train` decided, from the whole source when still None:
+    carve when it names train but not val and `val_fraction` is above 0. Take it once per
+    source (the parent of its shards), since an archive's member headers are read for it."""
+    if options.carve_val_from_train is not None:
+        return options
+    splits = source.explicit_splits()
+    carve = options.val_fraction > 0 and "train" in splits and "val" not in splits
+    if carve:
+        log.info("no val/ folder in %s: %.0f%% of train/ images (by hash) become the validation split "
+                 "(--val-fraction)", source.uri, 100 * options.val_fraction)
+    return replace(options, carve_val_from_train=carve)
 
 
 def _die_with_parent() -> None:
@@ -470,8 +498,10 @@ class DatasetStore:
               staging: Path | None = None) -> StagedRun:
         """Read, hash, deduplicate and validate `source` into staged parts. Call under `lock()`."""
         staging = staging or self.staging
+        options = resolve_options(source, options)
         base_version = self._latest_version()
-        run = StagedRun(self.name, source.uri, base_version, time.time())
+        run = StagedRun(self.name, source.uri, base_version, time.time(),
+                        val_from_train=options.val_fraction if options.carve_val_from_train else 0.0)
         staging.mkdir(parents=True, exist_ok=True)
         atomic_write_json(staging / "base.json", {"base_version": base_version})
         known = self._known_images(run, staging)
@@ -558,6 +588,8 @@ class DatasetStore:
         finished = directory / "staged.json"
         if finished.exists():
             return StagedRun.from_json(json.loads(finished.read_text()))
+        # Every shard must take the whole source's decision: callers should pass it resolved.
+        options = resolve_options(source, options)
         run = self.stage(source.sharded(index, count), options, staging=directory)
         atomic_write_json(finished, run.to_json())
         return run
@@ -573,7 +605,8 @@ class DatasetStore:
             raise CnnpipeError(f"dataset {self.name} gained a version while {source_uri} was staging; rerun")
         merged = StagedRun(self.name, source_uri, base_version, min(shard.started_at for shard in shards),
                            duplicates=sum(shard.duplicates for shard in shards),
-                           rejected=[reject for shard in shards for reject in shard.rejected])
+                           rejected=[reject for shard in shards for reject in shard.rejected],
+                           val_from_train=max(shard.val_from_train for shard in shards))
         if self.staging.exists():
             shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True)
@@ -640,7 +673,7 @@ class DatasetStore:
             version_id=manifest["version_id"], added=run.rows + run.adopted_rows,
             duplicates=run.duplicates, rejected=run.rejected, added_counts=run.added_counts,
             counts=manifest["counts"], total_rows=manifest["num_rows"],
-            seconds=time.time() - run.started_at,
+            seconds=time.time() - run.started_at, val_from_train=run.val_from_train,
         )
 
     # ---- internals -----------------------------------------------------------------
@@ -658,13 +691,19 @@ class DatasetStore:
             self._reject(run, entry.path, "checksum_mismatch",
                          f"manifest says sha256 {entry.expected_sha256[:12]}…, bytes hash to {sha[:12]}…")
             return None
-        split = entry.split or split_for(sha, options.val_fraction, options.test_fraction)
+        carved = entry.split == "train" and options.carve_val_from_train
+        if carved:
+            split = split_for_train(sha, options.val_fraction, options.test_fraction)
+        else:
+            split = entry.split or split_for(sha, options.val_fraction, options.test_fraction)
         stored = known.get(sha)
         if stored is None:
             known.add(sha, entry.label, split)
             waiting[sha] = []
             return _Pending(entry, sha, entry.label, split)
-        if stored == (entry.label, split):
+        # A carved train/ image already stored in train or val (say, before carving existed,
+        # or with another --val-fraction) stays where it is: a duplicate, not a conflict.
+        if stored == (entry.label, split) or (carved and stored in ((entry.label, "train"), (entry.label, "val"))):
             if sha in waiting:
                 waiting[sha].append(entry.path)
             else:

@@ -35,6 +35,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from cnn.model import input_size
+from cnn.recipe import Recipe
 from cnn.train import FitResult, TrainConfig, inference_state, load_trained_model
 from cnnpipe import plots
 from cnnpipe.locks import file_lock
@@ -126,9 +127,13 @@ def training_run(run_name: str, tags: dict[str, str]) -> Iterator[Run]:
         mlflow.end_run(status=status)
 
 
-def log_config(config: TrainConfig, manifest: dict, device: str, flow_run_id: str | None) -> None:
+def log_config(config: TrainConfig, manifest: dict, device: str, flow_run_id: str | None,
+               recipe: Recipe | None = None) -> None:
     params = {f"config.{key}": value for key, value in asdict(config).items()
               if key not in ("dataset_dir", "checkpoint_root", "resume")}
+    if recipe is not None:
+        params.update(recipe.params())
+        mlflow.set_tag("recipe", recipe.line())
     classes = manifest["classes"]
     params.update({
         "dataset": manifest["name"], "dataset_version": manifest["version"], "dataset_version_id": manifest["version_id"],

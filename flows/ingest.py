@@ -3,7 +3,8 @@ from __future__ import annotations
 from prefect import flow
 
 from cnnpipe.settings import get_settings
-from cnnpipe.store import DatasetStore, IngestOptions, IngestSummary, StagedRun
+from cnnpipe.sources import open_source
+from cnnpipe.store import DatasetStore, IngestOptions, IngestSummary, StagedRun, resolve_options
 from flows.sharding import cluster_cpus, ray_task_runner, run_shards
 from tasks.ingest import commit_version, merge_shards, recover_dataset, report_ingest, stage_images, stage_shard
 
@@ -44,4 +45,6 @@ def ingest(
 def ingest_shards(source: str, dataset: str, options: IngestOptions, shards: int | None) -> list[StagedRun]:
     # Decoding is CPU work: unlike classification, an ingest shard holds no GPU.
     count = shards or cluster_cpus()
+    # Whether train/ images are carved into val is the whole source's decision: take it once here.
+    options = resolve_options(open_source(source), options)
     return run_shards(lambda index: stage_shard.submit(source, dataset, options, index, count), count)

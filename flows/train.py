@@ -15,13 +15,14 @@ from tasks.train import (TrainingOutcome, gate_champion, local_dataset, prepare_
 def train(
     dataset: str,
     model: str = "alexnet-cifar",
-    epochs: int = 30,
-    batch_size: int = 512,
-    lr: float = 0.2,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
     schedule: str = "onecycle",
-    label_smoothing: float = 0.1,
+    label_smoothing: float | None = None,
+    weight_decay: float | None = None,
     norm: str | None = None,
-    dropout: float = 0.5,
+    dropout: float | None = None,
     patience: int | None = None,
     seed: int = 0,
     device: str = "auto",
@@ -34,14 +35,16 @@ def train(
     nproc: int = 1,
 ) -> TrainingOutcome:
     """Train on a dataset of the store, log the run to MLflow, register the model, and
-    promote it to `champion` only if it beats the current one on validation top-1. With
-    `nproc` > 1, training runs as DDP over that many processes on this machine."""
+    promote it to `champion` only if it beats the current one on validation top-1. Knobs
+    left None (epochs, batch size, learning rate, regularisation) are chosen for the
+    training split by `cnn.recipe`. With `nproc` > 1, training runs as DDP over that many
+    processes on this machine."""
     settings = get_settings()
     config = TrainConfig(
         dataset_dir=local_dataset(dataset), model=model, epochs=epochs, batch_size=batch_size, lr=lr,
-        schedule=schedule, label_smoothing=label_smoothing, norm=norm, dropout=dropout, patience=patience, seed=seed,
-        device=device, memory_budget_mb=memory_budget_mb, ten_crop=ten_crop, compile=compile, resume=resume,
-        checkpoint_root=str(settings.checkpoints_dir),
+        schedule=schedule, label_smoothing=label_smoothing, weight_decay=weight_decay, norm=norm, dropout=dropout,
+        patience=patience, seed=seed, device=device, memory_budget_mb=memory_budget_mb, ten_crop=ten_crop,
+        compile=compile, resume=resume, checkpoint_root=str(settings.checkpoints_dir),
     )
     prepare_tracking()
     outcome = train_and_log(config, registered_model, flow_run.id, nproc)

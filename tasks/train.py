@@ -13,14 +13,17 @@ from prefect.logging import get_run_logger
 
 import mlflow
 
+from cnn import recipe as auto_recipe
+from cnn.checkpoint import CheckpointError
 from cnn.launch import fit_distributed
-from cnn.train import FitResult, TrainConfig, fit, resolve_device
+from cnn.recipe import Recipe
+from cnn.train import FitResult, TrainConfig, fit, plan, resolve_device
 from cnnpipe import registry, tracking
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.progress import TrainingProgress
 from cnnpipe.registry import GateDecision
 from cnnpipe.reports import training_markdown
-from cnnpipe.store import DatasetStore
+from cnnpipe.store import DatasetStore, IngestSummary
 from tasks.retry import is_transient_io_error
 
 
@@ -35,6 +38,12 @@ class TrainingOutcome:
     model_version: str = ""
     decision: GateDecision | None = None
     skipped: str = ""
+    # What the nightly run ingested first, and why it trained or did not.
+    ingested: IngestSummary | None = None
+    why: str = ""
+    recipe: Recipe | None = None
+    # Why the run may not have learnt, said before or during training.
+    warnings: list[str] = field(default_factory=list)
     details: dict = field(default_factory=dict)
 
 
@@ -51,14 +60,29 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
     params, per-epoch metrics, evaluation artifacts, the registered model."""
     logger = get_run_logger()
     manifest = json.loads((Path(config.dataset_dir) / "manifest.json").read_text())
-    progress = TrainingProgress(config.epochs, sum(manifest["counts"].get("train", {}).values()), logger)
+    try:
+        planned = plan(config)
+    except (ValueError, CheckpointError) as exc:
+        raise CnnpipeError(f"dataset {manifest['name']}: {exc}") from None
+    config, chosen, warnings = planned.config, planned.recipe, planned.warnings
+    for line in planned.lines():
+        logger.info(line)
+    for text in warnings:
+        logger.warning(text)
+    progress = TrainingProgress(config.epochs, chosen.train_images, logger)
+    checked_epoch = min(2, config.epochs)
 
     def on_epoch(record: dict) -> None:
         progress.on_epoch(record)
         tracking.log_epoch(record)
+        stalled = record["epoch"] == checked_epoch and auto_recipe.stalled_warning(
+            record, len(manifest["classes"]), chosen)
+        if stalled:
+            logger.warning(stalled)
+            warnings.append(stalled)
 
     with tracking.training_run(f"{manifest['name']} {config.model}", {"registered_model": registered_model}) as run:
-        tracking.log_config(config, manifest, str(resolve_device(config.device)), flow_run_id)
+        tracking.log_config(config, manifest, str(resolve_device(config.device)), flow_run_id, chosen)
         try:
             if nproc > 1:
                 mlflow.log_param("nproc", nproc)
@@ -82,7 +106,7 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
                 result.held_out_split, 100 * held["top1"], 100 * held["top5"], held["images"], run.info.run_id,
                 version.name, version.version)
     return TrainingOutcome(result, run.info.run_id, tracking.run_url(run), version.name,
-                           registry.version_id(version))
+                           registry.version_id(version), recipe=chosen, warnings=warnings)
 
 
 @task(name="gate-champion", cache_policy=NO_CACHE)
@@ -104,19 +128,31 @@ def local_dataset(dataset: str) -> str:
     return str(store.local_copy())
 
 
-@task(name="unchanged-since-champion", cache_policy=NO_CACHE)
-def unchanged_since_champion(registered_model: str, dataset: str) -> str:
-    """Why retraining would add nothing (the champion saw this dataset version), or ''."""
+@task(name="retraining-decision", cache_policy=NO_CACHE)
+def retraining_decision(registered_model: str, dataset: str) -> tuple[bool, str]:
+    """Whether the nightly run should train, and why: only when the dataset version differs from
+    the one the latest registered version was trained on, champion or not. Comparing with the
+    champion alone would retrain on the same data every night once a challenger has lost."""
+    why = _retraining_reason(registered_model, dataset)
+    get_run_logger().info(why)
+    return not why.startswith("not training"), why
+
+
+def _retraining_reason(registered_model: str, dataset: str) -> str:
     store = DatasetStore(dataset)
     if not store.exists():
-        return ""  # training then says the dataset is missing
+        return f"training: dataset {dataset} is new"  # training then says the dataset is missing
     manifest = store.manifest()
-    champion = registry.current_champion(registry.client(), registered_model)
-    if champion is None or champion.tags.get("dataset_version_id") != manifest["version_id"]:
-        return ""
-    return (f"dataset {manifest['name']} is still at version {manifest['version']} (`{manifest['version_id']}`), "
-            f"on which champion {registered_model}/{champion.version} was trained; nothing to retrain "
-            "(use --force to train anyway)")
+    at = f"dataset {manifest['name']} is at version {manifest['version']} (`{manifest['version_id']}`)"
+    latest = registry.latest_version(registry.client(), registered_model)
+    if latest is None:
+        return f"training: {at} and {registered_model} has no registered version yet"
+    trained_on = latest.tags.get("dataset_version_id", "")
+    if latest.tags.get("dataset") == manifest["name"] and trained_on == manifest["version_id"]:
+        return (f"not training: {at}, on which the latest version {registered_model}/{latest.version} "
+                "was trained; nothing to retrain (use --force to train anyway)")
+    return (f"training: {at}; the latest version {registered_model}/{latest.version} was trained on "
+            f"{latest.tags.get('dataset', 'another dataset')} `{trained_on or 'unknown'}`")
 
 
 @task(name="report-training", cache_policy=NO_CACHE)

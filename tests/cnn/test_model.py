@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -64,6 +65,16 @@ def test_paper_initialisation():
     assert [float(c.bias.mean()) for c in convs] == [0.0, 1.0, 0.0, 1.0, 1.0]
     assert all(float(layer.bias.mean()) == 1.0 for layer in linears)
     assert abs(float(linears[0].weight.std()) - 0.01) < 1e-3
+
+
+@torch.no_grad()
+def test_the_batch_norm_variant_starts_near_the_loss_of_chance():
+    # Large initial logits made the first epochs of small datasets climb above ln(classes).
+    torch.manual_seed(0)
+    model = build_model("alexnet-cifar", 4, norm="batch", dropout=0.0).train()
+    logits = model(torch.randn(64, 3, 32, 32))
+    loss = nn.functional.cross_entropy(logits, torch.randint(0, 4, (64,)))
+    assert abs(float(loss) - math.log(4)) < 0.1 and float(logits.std()) < 0.3
 
 
 def test_any_torchvision_model_by_name_and_clear_errors():

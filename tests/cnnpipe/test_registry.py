@@ -77,6 +77,90 @@ def test_gate_promotes_only_a_better_model(register_version, shapes_dataset):
                              ("1", "4", pytest.approx(0.5), pytest.approx(0.6), "better")]
 
 
+def _balanced_split(root: Path, per_class: int = 100) -> Path:
+    """A dataset folder holding only the manifest the gate reads: 4 classes, `per_class` validation images each."""
+    root.mkdir(parents=True, exist_ok=True)
+    classes = ["circle", "cross", "square", "triangle"]
+    (root / "manifest.json").write_text(json.dumps({
+        "name": "balanced", "version_id": "v-balanced", "classes": classes, "files": [],
+        "counts": {"train": {c: 5 * per_class for c in classes}, "val": {c: per_class for c in classes}}}))
+    return root
+
+
+def test_a_first_version_at_chance_is_not_crowned(register_version, tmp_path):
+    dataset = _balanced_split(tmp_path / "balanced")
+    at_chance = register_version("chance", 0.25)
+    decision = _gate(at_chance, dataset)
+    assert not decision.promoted and registry.current_champion(registry.client(), "chance") is None
+    assert str(registry.client().get_model_version_by_alias("chance", "challenger").version) == "1"
+    assert decision.reason == ("val top-1 0.2500 does not clearly beat the majority-class rate 0.2500 "
+                               f"of 400 validation images (binomial p={decision.p_value:.2g} >= 0.01)")
+    assert (decision.majority_rate, decision.val_images, decision.beats_majority) == (0.25, 400, False)
+    assert decision.p_value > 0.4
+    tags = registry.client().get_model_version("chance", "1").tags
+    assert tags["gate.decision"] == "rejected" and tags["gate.reason"] == decision.reason
+    assert float(tags["gate.majority_rate"]) == 0.25 and tags["gate.val_images"] == "400"
+    assert tags["gate.val_split"] == "val" and tags["gate.val_correct"] == "100"
+    assert float(tags["gate.p_value"]) == pytest.approx(decision.p_value, rel=1e-5)
+    assert float(tags["gate.val_top1"]) == 0.25 and tags["gate.beats_majority"] == "false"
+
+    slightly = register_version("chance", 0.2650)  # 106 of 400 right: could be luck
+    decision = _gate(slightly, dataset)
+    assert not decision.promoted and registry.current_champion(registry.client(), "chance") is None
+    assert "does not clearly beat the majority-class rate 0.2500 of 400 validation images (binomial p=0.26" \
+        in decision.reason
+
+
+def test_a_clearly_better_first_version_is_crowned(register_version, tmp_path):
+    dataset = _balanced_split(tmp_path / "balanced")
+    decision = _gate(register_version("clear", 0.40), dataset)
+    assert decision.promoted and _champion("clear") == "1" and decision.p_value < 1e-6
+    assert decision.reason.startswith("first champion: val top-1 0.4000 clearly beats the majority-class rate 0.2500 "
+                                      "of 400 validation images (binomial p=")
+    tags = registry.client().get_model_version("clear", "1").tags
+    assert tags["gate.decision"] == "promoted" and tags["gate.beats_majority"] == "true"
+    assert _promotions() == [(None, "1", None, pytest.approx(0.40), "first")]
+
+
+def test_beating_a_weak_champion_is_not_enough(register_version, tmp_path):
+    dataset = _balanced_split(tmp_path / "balanced")
+    register_version("weak", 0.20)
+    registry.promote("weak", "1")  # by hand: the majority test applies only to the gate
+    challenger = register_version("weak", 0.26)
+    decision = _gate(challenger, dataset)
+    assert not decision.promoted and _champion("weak") == "1" and decision.champion_top1 == pytest.approx(0.20)
+    assert decision.reason.startswith("val top-1 0.2600 beats champion 1's 0.2000 (as recorded), but does not "
+                                      "clearly beat the majority-class rate 0.2500 of 400 validation images")
+    assert registry.client().get_model_version("weak", "2").tags["gate.decision"] == "rejected"
+    assert str(registry.client().get_model_version_by_alias("weak", "challenger").version) == "2"
+
+    strong = register_version("weak", 0.45)
+    decision = _gate(strong, dataset)
+    assert decision.promoted and _champion("weak") == "3"
+    assert "and clearly beats the majority-class rate" in decision.reason
+    assert [row[4] for row in _promotions()] == ["manual", "better"]
+
+
+def test_models_command_shows_the_majority_figures(register_version, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from cnnpipe.cli import cli
+
+    monkeypatch.setenv("COLUMNS", "200")
+    dataset = _balanced_split(tmp_path / "balanced")
+    _gate(register_version("shown", 0.25), dataset)
+    _gate(register_version("shown", 0.40), dataset)
+    listing = CliRunner().invoke(cli, ["models", "shown"])
+    assert listing.exit_code == 0, listing.output
+    assert "vs majority" in listing.output
+    rows = {line.split("│")[2].strip(): line for line in listing.output.splitlines() if "│ shown" in line}
+    assert "25.00% of 400, p=0.52" in rows["1"] and "rejected" in rows["1"]
+    assert "25.00% of 400, p=" in rows["2"] and "promoted" in rows["2"] and "champion" in rows["2"]
+    assert ("shown/1 rejected: val top-1 0.2500 does not clearly beat the majority-class rate 0.2500 of 400 "
+            "validation images") in listing.output
+    assert "shown/2 promoted: first champion: val top-1 0.4000 clearly beats" in listing.output
+
+
 def test_champion_is_re_evaluated_when_the_dataset_changed(register_version, shapes_dataset, shapes_checkpoints):
     # The champion claims 99% on an older dataset version; the gate measures it on the current one.
     champion = register_version("fair", 0.99, dataset_version_id="older-version", checkpoint=shapes_checkpoints[0])

@@ -248,3 +248,47 @@ def test_oversized_files_are_rejected_before_reading(tmp_path):
     (tmp_path / "src" / "cat" / "huge.jpg").write_bytes(os.urandom(5000))
     entries = entries_of(str(tmp_path / "src"), max_image_bytes=4000)
     assert rejected(entries) == {"cat/huge.jpg": "too_large"}
+
+
+def test_every_source_kind_names_its_explicit_splits_without_reading_images(tmp_path, monkeypatch):
+    # train/ listed before val/, as a tar may: the whole source is what counts, in any order.
+    files = {"train/cat/1.jpg": jpeg(1), "train/dog/2.jpg": jpeg(2), "loose/cat/3.jpg": jpeg(3),
+             "test/cat/4.jpg": jpeg(4), "validation/dog/5.jpg": jpeg(5)}
+    tar_of(files, tmp_path / "all.tar")
+    tar_of(files, tmp_path / "all.tar.gz", "w:gz")
+    tar_of({name: data for name, data in files.items() if not name.startswith("validation/")},
+           tmp_path / "noval.tar.gz", "w:gz")
+    with zipfile.ZipFile(tmp_path / "all.zip", "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    for name, data in files.items():
+        if name.startswith("validation/"):
+            continue
+        (tmp_path / "folder" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "folder" / name).write_bytes(data)
+    (tmp_path / "folder" / "val" / "cat").mkdir(parents=True)
+    (tmp_path / "folder" / "val" / "cat" / ".DS_Store").write_bytes(b"junk")  # skipped: not a val image
+    (tmp_path / "list.csv").write_text("path,label,split\nfolder/loose/cat/3.jpg,cat,TRAIN\n"
+                                       "folder/test/cat/4.jpg,cat,test\nfolder/loose/cat/3.jpg,cat,holdout\n")
+    all_three = {"train", "val", "test"}
+    expected = {str(tmp_path / "all.tar"): all_three, str(tmp_path / "all.tar.gz"): all_three,
+                str(tmp_path / "all.zip"): all_three, str(tmp_path / "noval.tar.gz"): {"train", "test"},
+                str(tmp_path / "folder"): {"train", "test"}, str(tmp_path / "list.csv"): {"train", "test"}}
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda *args: pytest.fail("read member data"))
+    for uri, splits in expected.items():
+        assert open_source(uri).explicit_splits() == splits, uri
+        # A shard names what the whole source names.
+        assert open_source(uri).sharded(2, 3).explicit_splits() == splits, uri
+    write_class_folders(tmp_path / "plain", {"cat": 2})
+    assert open_source(str(tmp_path / "plain")).explicit_splits() == set()
+
+
+def test_a_folder_lists_once_for_its_splits_and_its_entries(tmp_path, monkeypatch):
+    write_class_folders(tmp_path / "src", {"cat": 3}, split="train")
+    listings = []
+    original = FolderSource._listing
+    monkeypatch.setattr(FolderSource, "_listing", lambda self, root: listings.append(root) or original(self, root))
+    source = open_source(str(tmp_path / "src"))
+    assert source.explicit_splits() == {"train"}
+    assert len(list(source.entries())) == 3 and len(listings) == 1
+    assert len(list(source.entries())) == 3 and len(listings) == 2  # a second read lists afresh

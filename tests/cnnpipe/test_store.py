@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import multiprocessing
 import os
 import shutil
+import tarfile
+import zipfile
 from pathlib import Path
 
 import duckdb
@@ -14,7 +18,8 @@ import pytest
 from cnnpipe import store as store_module
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.sources import open_source
-from cnnpipe.store import DatasetStore, IngestOptions, list_datasets, split_for
+from cnnpipe.reports import ingest_markdown
+from cnnpipe.store import DatasetStore, IngestOptions, list_datasets, split_for, split_for_train
 from tests.imagefactory import jpeg, png, write_class_folders
 
 
@@ -312,3 +317,132 @@ def test_two_archive_symlink_attack_writes_nothing_through_the_link(tmp_path):
     summary = ingest(second)
     assert summary.added == 1 and not target.exists()
     assert committed_rows()[0][1] == "x"
+
+
+# ---- a validation split carved out of train/ when a source has none -------------------------
+
+CARVE = {"val_fraction": 0.25, "test_fraction": 0.1}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def split_layout(train: int = 40, test: int = 6, val: int = 0) -> dict[str, bytes]:
+    """`train/`, then `test/`, then `val/` members, in that order, with distinct images."""
+    files = {f"train/{'cat' if i % 2 else 'dog'}/{i:03d}.jpg": jpeg(20_000 + i) for i in range(train)}
+    files |= {f"test/cat/{i:03d}.jpg": jpeg(30_000 + i) for i in range(test)}
+    return files | {f"val/dog/{i:03d}.jpg": jpeg(40_000 + i) for i in range(val)}
+
+
+def write_source(files: dict[str, bytes], path: Path, kind: str = "folder") -> Path:
+    if kind == "folder":
+        for name, data in files.items():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            (path / name).write_bytes(data)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "manifest":
+        write_source(files, path.parent / "images")
+        path.write_text("path,label,split\n" + "".join(
+            f"images/{name},{name.split('/')[1]},{name.split('/')[0]}\n" for name in files))
+        return path
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, data in files.items():
+                archive.writestr(name, data)
+        return path
+    with tarfile.open(path, {"tar": "w", "tar.gz": "w:gz"}[kind]) as tar:
+        for name, data in files.items():  # in insertion order: train/ members come first
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def stored_splits(name: str = "pets") -> dict[str, str]:
+    return {sha: split for sha, _, split in committed_rows(name)}
+
+
+def test_a_source_without_val_carves_it_out_of_train_by_hash_and_keeps_test(tmp_path, caplog):
+    files = split_layout()
+    source = write_source(files, tmp_path / "src")
+    with caplog.at_level(logging.INFO, logger="cnnpipe.store"):
+        summary = ingest(source, **CARVE)
+    splits = stored_splits()
+    train = [sha(data) for name, data in files.items() if name.startswith("train/")]
+    assert all(splits[sha(data)] == "test" for name, data in files.items() if name.startswith("test/"))
+    assert [splits[image] for image in train] == [split_for_train(image, **CARVE) for image in train]
+    carved = [image for image in train if splits[image] == "val"]
+    assert 4 <= len(carved) <= 16  # about a quarter of 40
+    # The band an unsplit image would get val from: an image is val both ways.
+    assert all(split_for(image, **CARVE) == "val" for image in carved)
+    assert all(split_for(image, **CARVE) != "val" for image in train if image not in carved)
+    assert summary.val_from_train == 0.25 and sum(summary.counts["val"].values()) == len(carved)
+    said = [record.getMessage() for record in caplog.records if "no val/ folder" in record.getMessage()]
+    assert said == [f"no val/ folder in {open_source(str(source)).uri}: 25% of train/ images (by hash) "
+                    "become the validation split (--val-fraction)"]
+    assert "25% of its `train/` images" in ingest_markdown(summary)
+
+    again = ingest(source, **CARVE)
+    assert (again.added, again.duplicates, again.rejected, again.version) == (0, 46, [], 1)
+
+
+@pytest.mark.parametrize("kind, name", [("folder", "src"), ("tar", "src.tar"), ("tar.gz", "src.tar.gz"),
+                                        ("zip", "src.zip"), ("manifest", "labels.csv")])
+def test_a_source_with_val_anywhere_keeps_train_whole(tmp_path, kind, name):
+    train = [sha(data) for path, data in split_layout().items() if path.startswith("train/")]
+    assert any(split_for_train(image, **CARVE) == "val" for image in train)  # carving would move some
+
+    without = ingest(write_source(split_layout(), tmp_path / "without" / name, kind), "without", **CARVE)
+    assert without.val_from_train == 0.25 and "val" in without.counts
+
+    # val/ comes after train/ in the archive and the manifest, and holds 2 of 48 images.
+    summary = ingest(write_source(split_layout(val=2), tmp_path / "with" / name, kind), **CARVE)
+    splits = stored_splits()
+    assert summary.val_from_train == 0 and "no val/ folder" not in ingest_markdown(summary)
+    assert [splits[image] for image in train] == ["train"] * 40
+    assert {split: sum(labels.values()) for split, labels in summary.counts.items()} == \
+        {"train": 40, "test": 6, "val": 2}
+
+
+def test_val_fraction_zero_keeps_train_whole(tmp_path):
+    files = split_layout()
+    summary = ingest(write_source(files, tmp_path / "src"), val_fraction=0, test_fraction=0.25)
+    assert summary.val_from_train == 0
+    assert {split: sum(labels.values()) for split, labels in summary.counts.items()} == {"train": 40, "test": 6}
+
+
+def test_train_images_stored_before_carving_stay_in_train_without_conflicts(tmp_path):
+    source = write_source(split_layout(), tmp_path / "src")
+    first = ingest(source, carve_val_from_train=False, **CARVE)  # as ingested before this rule existed
+    assert {split: sum(labels.values()) for split, labels in first.counts.items()} == {"train": 40, "test": 6}
+    again = ingest(source, **CARVE)
+    assert (again.added, again.duplicates, again.rejected, again.version) == (0, 46, [], 1)
+    # New train/ images are carved; the stored ones keep their split.
+    (source / "train" / "cat" / "new.jpg").write_bytes(jpeg(50_000))
+    third = ingest(source, **CARVE)
+    assert (third.added, third.rejected, third.version) == (1, [], 2)
+    assert stored_splits()[sha(jpeg(50_000))] == split_for_train(sha(jpeg(50_000)), **CARVE)
+    assert sum(first.counts["train"].values()) == 40 == sum(
+        1 for path, data in split_layout().items() if path.startswith("train/") and stored_splits()[sha(data)] == "train")
+
+
+@pytest.mark.parametrize("val", [0, 1])
+def test_sharded_staging_takes_the_whole_sources_decision(tmp_path, val):
+    archive = write_source(split_layout(val=val), tmp_path / "src.tar.gz", "tar.gz")
+    count = 3
+    shard_paths = [[entry.path for entry in open_source(str(archive)).sharded(index, count).entries()]
+                   for index in range(count)]
+    assert sum(1 for paths in shard_paths if not any(path.startswith("val/") for path in paths)) >= 2 * val
+    local = ingest(archive, "local", **CARVE)
+    store = DatasetStore("pets")
+    with store.lock():
+        store.recover()
+        options = IngestOptions(workers=0, **CARVE)
+        shards = [store.stage_shard(open_source(str(archive)), options, index, count) for index in range(count)]
+        sharded = store.commit(store.merge_shards(shards, count))
+    assert committed_rows("pets") == committed_rows("local")
+    assert (sharded.added, sharded.counts, sharded.val_from_train) == (local.added, local.counts,
+                                                                        0.0 if val else 0.25)
+    assert sum(sharded.counts["val"].values()) > 1 if not val else sharded.counts["val"] == {"dog": 1}

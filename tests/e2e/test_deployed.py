@@ -110,7 +110,17 @@ def test_the_deployed_pipeline_on_postgres_prefect_and_mlflow_servers(tmp_path):
                         "dataset": "e2e", "source": str(shapes), "epochs": 2, "batch_size": 32, "lr": 0.01,
                         "device": "cpu"})
 
-                    # 3. Through MLflow's REST API: the run, its metrics, and the champion alias.
+                    # 3. Through MLflow's REST API: the gate's decision, the run, its metrics, and the
+                    # champion alias. Two epochs rarely beat the majority class clearly; then an
+                    # operator promotes by hand, as `cnnpipe promote` does against this server.
+                    query = urllib.parse.urlencode({"name": "cnn-classifier", "version": "1"})
+                    first = _get_json(f"{tracking}/api/2.0/mlflow/model-versions/get?{query}")["model_version"]
+                    gate = {tag["key"]: tag["value"] for tag in first["tags"]}
+                    assert gate["gate.decision"] in ("promoted", "rejected") and "gate.p_value" in gate
+                    if gate["gate.decision"] == "rejected":
+                        promoted = subprocess.run([str(BIN / "cnnpipe"), "promote", "cnn-classifier", "1"], env=env,
+                                                  capture_output=True, text=True, timeout=120)
+                        assert promoted.returncode == 0, promoted.stdout + promoted.stderr
                     query = urllib.parse.urlencode({"name": "cnn-classifier", "alias": "champion"})
                     champion = _get_json(f"{tracking}/api/2.0/mlflow/registered-models/alias?{query}")
                     version = champion["model_version"]

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import tarfile
+
 import pytest
 
 from cnnpipe import store as store_module
@@ -52,3 +54,36 @@ def test_a_retried_stage_task_adopts_its_staged_parts_exactly_once(tmp_path, mon
     assert (summary.added, summary.version) == (30, 1)
     table = DatasetStore("retried").read_table(["sha256"])
     assert table.num_rows == 30 == len(set(table.column("sha256").to_pylist()))
+
+
+def test_a_source_without_val_is_carved_once_alike_locally_and_in_shards(tmp_path, monkeypatch):
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    import flows.ingest as ingest_module
+    from cnnpipe.sources import TarSource
+
+    write_class_folders(tmp_path / "src", {"cat": 12, "dog": 12}, split="train")
+    write_class_folders(tmp_path / "src", {"cat": 3}, seed=1, split="test")
+    with tarfile.open(tmp_path / "src.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "src", arcname=".")
+    decisions = []
+    original = TarSource.explicit_splits
+    monkeypatch.setattr(TarSource, "explicit_splits", lambda self: decisions.append(self.shard) or original(self))
+    # The Ray path, with threads for Ray: shards are tasks that get the options the flow resolved.
+    monkeypatch.setattr(ingest_module, "ray_task_runner", lambda address: ThreadPoolTaskRunner(max_workers=3))
+    monkeypatch.setattr(ingest_module, "run_shards",
+                        lambda submit, count: [submit(index).result() for index in range(count)])
+
+    local = ingest(str(tmp_path / "src.tar.gz"), "carvelocal", workers=0, val_fraction=0.3)
+    assert decisions == [None]
+    sharded = ingest(str(tmp_path / "src.tar.gz"), "carvesharded", workers=0, val_fraction=0.3,
+                     ray_address="threads", shards=3)
+    assert decisions == [None, None]  # once, by the parent, on the whole archive
+    assert (sharded.added, sharded.counts, sharded.val_from_train) == (local.added, local.counts, 0.3) == \
+        (27, local.counts, 0.3)
+    assert sum(local.counts["val"].values()) > 0 and local.counts["test"] == {"cat": 3}
+    artifacts = read_artifact("ingest-carvesharded")
+    assert any("30% of its `train/` images" in artifact.data for artifact in artifacts)
+    again = ingest(str(tmp_path / "src.tar.gz"), "carvesharded", workers=0, val_fraction=0.3,
+                   ray_address="threads", shards=3)
+    assert (again.added, again.duplicates, again.rejected, again.version) == (0, 27, [], 1)

@@ -27,25 +27,28 @@ def _runs() -> int:
     return sum(len(client.search_runs([e.experiment_id])) for e in client.search_experiments())
 
 
-def test_retrain_trains_gates_and_skips_when_nothing_changed(shapes_dataset, cnnpipe_home, tmp_path):
+def test_retrain_trains_only_when_the_data_changed_since_the_latest_version(shapes_dataset, cnnpipe_home, tmp_path):
     shutil.copytree(shapes_dataset, cnnpipe_home / "datasets" / "shapes")
     first = retrain("shapes", **TINY)
-    assert first.decision.promoted and first.model_version == "1"
+    assert first.model_version == "1" and "cnn-classifier has no registered version yet" in first.why
+    # One epoch learns nothing: the challenger is not crowned, and the report says why.
+    assert not first.decision.promoted and "majority-class rate" in first.decision.reason
     report = Artifact.get("training-report")
-    assert report is not None and first.run_id in report.data and "promoted to champion" in report.data
+    assert report is not None and first.run_id in report.data and "not promoted" in report.data
 
+    # The loser was trained on this very dataset version: nothing to retrain, champion or not.
     again = retrain("shapes", **TINY)
-    assert again.fit is None and "nothing to retrain" in again.skipped and "champion cnn-classifier/1" in again.skipped
+    assert again.fit is None and "not training" in again.skipped and "latest version cnn-classifier/1" in again.skipped
     assert _runs() == 1
     assert "Retraining skipped" in Artifact.get("training-report").data
 
     write_class_folders(tmp_path / "new", {"circle": 6, "square": 6}, seed=7)
     with_new_data = retrain("shapes", source=str(tmp_path / "new"), **TINY)
+    assert with_new_data.ingested.added == 12 and "was trained on shapes" in with_new_data.why
     assert with_new_data.model_version == "2" and with_new_data.fit.dataset_version != first.fit.dataset_version
-    assert with_new_data.decision.champion == "1"  # compared against the champion, on the new split
 
     forced = retrain("shapes", force=True, **TINY)
-    assert forced.model_version == "3" and _runs() == 3
+    assert forced.model_version == "3" and _runs() == 3 and forced.why.startswith("training because of --force")
 
 
 def test_serve_builds_a_nightly_retrain_and_an_inbox_classifier():

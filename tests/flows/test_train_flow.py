@@ -26,7 +26,7 @@ def shapes_in_home(shapes_dataset, cnnpipe_home):
 
 
 def test_train_flow_logs_a_complete_mlflow_run_and_registers_a_loadable_model(shapes_in_home, tmp_path):
-    outcome = train("shapes", epochs=2, batch_size=64, lr=0.01, device="cpu", registered_model="flowtest")
+    outcome = train("shapes", epochs=2, lr=0.01, device="cpu", registered_model="flowtest")
     result = outcome.fit
     assert result.checkpoint.startswith(str(shapes_in_home / "checkpoints" / "shapes__alexnet-cifar"))
     assert load_checkpoint(result.checkpoint)["epoch"] == 2
@@ -36,6 +36,11 @@ def test_train_flow_logs_a_complete_mlflow_run_and_registers_a_loadable_model(sh
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["config.epochs"] == "2" and params["config.lr"] == "0.01" and params["config.momentum"] == "0.9"
+    # The batch size was left to the recipe: chosen for 640 train images, and marked as such.
+    assert params["config.batch_size"] == params["recipe.batch_size"] == str(outcome.recipe.batch_size)
+    assert (params["recipe.batch_size.source"], params["recipe.lr.source"], params["recipe.epochs.source"]) == \
+        ("auto", "set", "set")
+    assert params["recipe.train_images"] == "640" and run.data.tags["recipe"] == outcome.recipe.line()
     assert params["dataset"] == "shapes" and params["dataset_version_id"] == result.dataset_version
     assert params["classes"] == "circle,cross,square,triangle" and params["device"] == "cpu"
     assert params["torch"] == torch.__version__ and "torchvision" in params and "cnn_pipeline" in params
@@ -57,11 +62,13 @@ def test_train_flow_logs_a_complete_mlflow_run_and_registers_a_loadable_model(sh
     assert per_class[0] == "class,precision,recall,f1,support" and len(per_class) == 5
 
     assert (outcome.model_name, outcome.model_version) == ("flowtest", "1")
-    assert outcome.decision.promoted and outcome.decision.reason == "first champion"
+    # Crowned only if it clearly beats the majority class of the validation split, as the tags record.
     version = client.get_model_version("flowtest", "1")
+    assert outcome.decision.promoted == (version.tags["gate.beats_majority"] == "true")
     assert version.run_id == outcome.run_id and version.tags["dataset_version_id"] == result.dataset_version
+    assert float(version.tags["gate.majority_rate"]) == pytest.approx(0.3)  # shapes' 80 validation images
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
-    torch.testing.assert_close(registry.load_predictor("flowtest@champion").probabilities(images),
+    torch.testing.assert_close(registry.load_predictor("flowtest/1").probabilities(images),
                                Predictor(result.checkpoint).probabilities(images))
 
 
@@ -75,7 +82,19 @@ def test_cli_train_prints_the_held_out_figures_and_the_gate(shapes_in_home):
                                       "--lr", "0.01", "--device", "cpu", "--ten-crop"])
     assert result.exit_code == 0, result.output
     assert "held-out (test, 80 images): top-1" in result.output and "ten-patch averaging" in result.output
-    assert "registered cnn-classifier/1" in result.output and "gate: promoted to champion" in result.output
+    assert "registered cnn-classifier/1" in result.output and "gate: " in result.output
+    # Ten steps at batch 64 cannot learn: said before training and again at the end.
+    assert "warning: only 10 optimizer steps in all" in result.output
+
+
+def test_cli_train_refuses_an_impossible_setting_and_an_empty_resume_in_one_line(shapes_in_home):
+    for arguments, expected in [(["--lr", "-1"], "--lr must be a positive number, not -1.0"),
+                                (["--batch-size", "1000"], "--batch-size 1000 is larger than the 640 train images"),
+                                (["--resume"], "nothing to resume: no unfinished run of shapes with alexnet-cifar")]:
+        result = CliRunner().invoke(cli, ["train", "--dataset", "shapes", "--device", "cpu", *arguments])
+        assert result.exit_code == 1 and expected in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (shapes_in_home / "mlflow.db").exists()  # refused before any run started
 
 
 def test_train_flow_runs_ddp_through_torchrun_and_logs_like_one_process(shapes_in_home):
@@ -87,4 +106,4 @@ def test_train_flow_runs_ddp_through_torchrun_and_logs_like_one_process(shapes_i
     assert [m.step for m in client.get_metric_history(outcome.run_id, "val_top1")] == [1]
     assert outcome.fit.epochs_run == 1 and load_checkpoint(outcome.fit.checkpoint)["epoch"] == 1
     plots = {a.path for a in client.list_artifacts(outcome.run_id, "plots")}
-    assert "plots/confident_mistakes.png" in plots and outcome.decision.promoted
+    assert "plots/confident_mistakes.png" in plots and outcome.decision is not None

@@ -2,8 +2,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.store import DatasetStore, IngestOptions
+from cnnpipe.sources import FolderSource, open_source
+from cnnpipe.store import DatasetStore, IngestOptions, resolve_options
 from tasks.ingest import commit_version, merge_shards, recover_dataset, stage_images, stage_shard
 from tasks.retry import is_transient_io_error
 from tests.imagefactory import write_class_folders
@@ -38,3 +41,21 @@ def test_shards_staged_and_merged_through_the_task_functions(tmp_path):
     assert sum(shard.rows for shard in shards) == 16 and not DatasetStore("taskpets").exists()
     summary = commit_version.fn(merge_shards.fn("taskpets", shards))
     assert (summary.added, summary.version, summary.total_rows) == (16, 1, 16)
+
+
+def test_shards_take_the_carve_out_decided_once_by_their_parent(tmp_path, monkeypatch):
+    write_class_folders(tmp_path / "src", {"cat": 12, "dog": 12}, split="train")
+    write_class_folders(tmp_path / "src", {"cat": 3}, seed=1, split="test")
+    recover_dataset.fn("taskpets")
+    options = resolve_options(open_source(str(tmp_path / "src")), IngestOptions(workers=0, val_fraction=0.3))
+    assert options.carve_val_from_train is True
+
+    monkeypatch.setattr(FolderSource, "explicit_splits", lambda self: pytest.fail("a shard decided again"))
+    shards = [stage_shard.fn(str(tmp_path / "src"), "taskpets", options, index, 3) for index in range(3)]
+    sharded = commit_version.fn(merge_shards.fn("taskpets", shards))
+    monkeypatch.undo()
+    local_options = IngestOptions(workers=0, val_fraction=0.3)
+    local = commit_version.fn(stage_images.fn(str(tmp_path / "src"), "tasklocal", local_options))
+    assert sharded.val_from_train == local.val_from_train == 0.3
+    assert sharded.counts == local.counts and sum(local.counts["val"].values()) > 0
+    assert sum(local.counts["test"].values()) == 3

@@ -1,0 +1,378 @@
+"""The automatic recipe against a small grid of batch size x learning rate, on several datasets.
+
+    python bench/recipe.py                          # the default run, 15 to 18 minutes on 2 cores
+    python bench/recipe.py --quick                  # a smoke check: tiny sets, 1 epoch, a 1x2 grid
+    python bench/recipe.py --datasets cifar-1k,shapes --epochs 5 --grid-lr 0.01,0.05,0.2
+    python bench/recipe.py --large --device cuda    # cifar-10k as well
+
+What is measured: for each dataset, test top-1 of alexnet-cifar trained by
+`cnn.train.fit` with the automatic recipe (only epochs, device, seed and checkpoint_root
+set: batch size, learning rate, dropout, weight decay and label smoothing all chosen by
+`cnn.recipe`), and test top-1 of every cell of a grid of batch size x learning rate
+(those two set, everything else still automatic), all at the same number of epochs and
+the same seed. The baseline is the grid's best cell, measured in the same run.
+
+Datasets, built once per run into a temporary CNNPIPE home from
+../shared/data/cifar10-jpeg.tar.gz (read as a stream, never extracted; the first N files
+per class in sorted member order), each ingested as train/<class>/ (ingest carves the
+validation split out of train) plus a fixed test/<class>/ of 50 per class from CIFAR's test/:
+- cifar-1k: 100 per class;  cifar-3k: 300 per class;  cifar-10k: 1,000 per class (--large);
+- gray-1k: cifar-1k as grayscale ("L") JPEGs, test set too (decoding makes them 3-channel);
+- px64-1k, px96-1k: cifar-1k upscaled (bicubic) to 64 and 96 px, test set too; alexnet-cifar
+  decodes them back to 32 px, so these measure the recipe on resampled pixels, not larger inputs;
+- shapes: the demo's rendered shapes (cnnpipe.demo.write_demo_images, 800 images, 4 classes,
+  train/val/test from hashes).
+
+Defaults and the time they take. This 2-core CPU trains alexnet-cifar at about 80 images/s
+at 32 px, so ~15 minutes is ~70,000 training image-passes in all (evaluation, decoding,
+checkpoints and ingestion take the rest of the time). About 900 training images per 1k set
+(10% go to validation), ~2,700 for cifar-3k, ~640 for shapes: 6,940 in all over the six
+default datasets. The 2 x 3 grid (batch {32, 128} x lr {0.01, 0.05, 0.2}) plus the auto run
+is 7 runs a dataset: 6,940 x 7 = 48,600 image-passes an epoch, so only 1.4 epochs would fit.
+The default grid is therefore 2 x 2, batch {32, 128} x lr {0.01, 0.05}, chosen to bracket
+the automatic choice (batch 32, lr 0.0125 for a 1k set; batch 64, lr 0.025 for cifar-3k):
+lr/batch from 5x below the auto ratio (128, 0.01) through about equal (32, 0.01; 128, 0.05)
+to 4x above (32, 0.05). With 5 runs a dataset and per-dataset epochs that give each CIFAR
+run the same ~2,700 image-passes (shapes, the easy set, ~1,300):
+    1k sets (4):  900 x 5 runs x 3 epochs x 4 = 54,000
+    cifar-3k:    2700 x 5 runs x 1 epoch      = 13,500
+    shapes:       640 x 5 runs x 2 epochs     =  6,400
+    total                                      73,900 image-passes = ~925 s at 80 images/s
+plus ~2 s a run (30 runs) to evaluate 500 test images, decode and checkpoint, and ~10 s of
+reading and ingesting: 15 to 18 minutes in all.
+--epochs N sets the same N for every dataset. cifar-10k (--large) trains 1 epoch:
+9,000 x 5 = 45,000 more image-passes, about 10 minutes more on this CPU. At these epochs
+the auto runs of the 1k sets (3 x 28 = 84 steps) and of shapes (2 x 20 = 40) stay below the
+recipe's own few-steps warning (100 steps), which the run prints.
+--quick: a tenth of the CIFAR images (10 a class, 30 for cifar-3k), 100 shapes, 10 test
+images a class, 1 epoch, batch {32} x lr {0.01, 0.05}: a smoke check of every path in
+about 1.5 minutes, not a measurement (everything is near chance).
+
+Targets: on every dataset the auto run is within 3 points of the grid's best
+(auto >= best - 3 points) and not at chance (auto >= 1.5 x 1/classes); the verdict column
+says "ok" or "MISS". A MISS is a finding, not a failure: the exit status is 0 either way.
+Note that the recipe's learning rate is chosen for its own epoch budget (at least 30 epochs
+or 600 steps), not for the few epochs run here, which favours higher learning rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+CIFAR = Path(os.environ.get("CNNPIPE_SHARED", REPO.parent / "shared")) / "data" / "cifar10-jpeg.tar.gz"
+
+from cnn.train import TrainConfig, fit, plan  # noqa: E402
+
+DATASETS = ("cifar-1k", "cifar-3k", "cifar-10k", "gray-1k", "px64-1k", "px96-1k", "shapes")
+DEFAULT_DATASETS = tuple(name for name in DATASETS if name != "cifar-10k")
+# Training images per class taken from CIFAR's train/ (before the validation carve).
+PER_CLASS = {"cifar-1k": 100, "cifar-3k": 300, "cifar-10k": 1000, "gray-1k": 100, "px64-1k": 100, "px96-1k": 100}
+TEST_PER_CLASS = 50
+# About 2,700 training image-passes per run (see the docstring's arithmetic).
+DEFAULT_EPOCHS = {"cifar-1k": 3, "gray-1k": 3, "px64-1k": 3, "px96-1k": 3, "cifar-3k": 1, "cifar-10k": 1, "shapes": 2}
+DEFAULT_GRID_BATCH = (32, 128)
+DEFAULT_GRID_LR = (0.01, 0.05)
+# --quick: a tenth of the training images, 10 test images per class, 1 epoch, a 1 x 2 grid.
+QUICK_DIVISOR = 10
+QUICK_TEST_PER_CLASS = 10
+QUICK_GRID_BATCH = (32,)
+QUICK_GRID_LR = (0.01, 0.05)
+TOLERANCE_POINTS = 3.0
+CHANCE_FACTOR = 1.5
+
+
+@dataclass
+class Run:
+    label: str
+    batch_size: int
+    lr: float
+    top1: float | None
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class Outcome:
+    dataset: str
+    train_images: int
+    classes: int
+    epochs: int
+    ingest_seconds: float
+    recipe_line: str = ""
+    auto: Run | None = None
+    grid: list[Run] = field(default_factory=list)
+
+    @property
+    def best(self) -> Run | None:
+        finished = [run for run in self.grid if run.top1 is not None]
+        return max(finished, key=lambda run: run.top1) if finished else None
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / self.classes
+
+    def verdict(self) -> str:
+        best = self.best
+        if self.auto is None or self.auto.top1 is None or best is None:
+            return "n/a"
+        near = self.auto.top1 >= best.top1 - TOLERANCE_POINTS / 100
+        return "ok" if near and self.auto.top1 >= CHANCE_FACTOR * self.chance else "MISS"
+
+
+# ---- datasets -------------------------------------------------------------------------
+
+
+def read_cifar(train_per_class: int, test_per_class: int) -> dict[str, dict[str, list[tuple[str, bytes]]]]:
+    """{split: {class: [(file name, bytes)]}}: the first files per class in sorted member
+    order, read from the tarball as a stream and holding at most twice that many at a time."""
+    wanted = {"train": train_per_class, "test": test_per_class}
+    kept: dict[str, dict[str, list[tuple[str, bytes]]]] = {"train": {}, "test": {}}
+    with tarfile.open(CIFAR, "r|*") as tar:
+        for member in tar:
+            tar.members.clear()
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) != 3 or parts[0] not in wanted or not wanted[parts[0]]:
+                continue
+            split, label, name = parts
+            files = kept[split].setdefault(label, [])
+            files.append((name, tar.extractfile(member).read()))
+            if len(files) >= 2 * wanted[split]:
+                files.sort()
+                del files[wanted[split]:]
+    for split, classes in kept.items():
+        for label, files in classes.items():
+            files.sort()
+            del files[wanted[split]:]
+    return kept
+
+
+def reencode(data: bytes, mode: str | None = None, size: int | None = None) -> bytes:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert(mode or "RGB")
+        if size:
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def write_cifar_folder(folder: Path, cifar: dict, per_class: int, name: str) -> None:
+    """train/<class>/ and test/<class>/ for one CIFAR-derived dataset."""
+    transform = {"gray-1k": {"mode": "L"}, "px64-1k": {"size": 64}, "px96-1k": {"size": 96}}.get(name)
+    for split, classes in cifar.items():
+        for label, files in classes.items():
+            target = folder / split / label
+            target.mkdir(parents=True)
+            for file_name, data in files[:per_class] if split == "train" else files:
+                (target / file_name).write_bytes(reencode(data, **transform) if transform else data)
+
+
+def ingest(name: str, sources: list[Path], home: Path) -> Path:
+    from cnnpipe.settings import Settings
+    from cnnpipe.sources import open_source
+    from cnnpipe.store import DatasetStore, IngestOptions
+
+    store = DatasetStore(name, Settings(home=home, mlflow_tracking_uri=""))
+    for source in sources:
+        with store.lock():
+            store.commit(store.stage(open_source(str(source)), IngestOptions(workers=0)))
+    return Path(store.root)
+
+
+def build_dataset(name: str, cifar: dict, scratch: Path, home: Path, quick: bool) -> Path:
+    if name == "shapes":
+        from cnnpipe.demo import write_demo_images
+
+        sizes = {"per_class": 20, "archive_per_class": 5} if quick else {}
+        return ingest(name, list(write_demo_images(scratch / "sources" / name, **sizes)), home)
+    per_class = PER_CLASS[name] // (QUICK_DIVISOR if quick else 1)
+    folder = scratch / "sources" / name
+    write_cifar_folder(folder, cifar, per_class, name)
+    dataset = ingest(name, [folder], home)
+    shutil.rmtree(folder)
+    return dataset
+
+
+# ---- training -------------------------------------------------------------------------
+
+
+def train(dataset: Path, checkpoints: Path, epochs: int, device: str, seed: int,
+          batch_size: int | None = None, lr: float | None = None) -> tuple[float, str]:
+    """Test top-1 of one run, and the held-out split it was measured on."""
+    config = TrainConfig(dataset_dir=str(dataset), epochs=epochs, batch_size=batch_size, lr=lr, device=device,
+                         seed=seed, checkpoint_root=str(checkpoints), keep_checkpoints=1)
+    result = fit(config)
+    shutil.rmtree(result.run_dir, ignore_errors=True)
+    return result.held_out["top1"], result.held_out_split
+
+
+def bench_dataset(name: str, dataset: Path, ingest_seconds: float, args, started: float,
+                  checkpoints: Path) -> Outcome:
+    from cnn.data import StoreSplit
+
+    train_split = StoreSplit.open(dataset, "train")
+    epochs = args.epochs or (1 if args.quick else DEFAULT_EPOCHS[name])
+    outcome = Outcome(name, train_split.rows, len(train_split.classes), epochs, ingest_seconds)
+    planned = plan(TrainConfig(dataset_dir=str(dataset), epochs=epochs, device=args.device, seed=args.seed))
+    chosen = planned.recipe
+    outcome.recipe_line = chosen.line()
+    print(f"[{time.perf_counter() - started:6.0f} s] {name}: {outcome.train_images:,} train images, "
+          f"{outcome.classes} classes, ingested in {ingest_seconds:.1f} s; {outcome.recipe_line}", flush=True)
+    for warning in planned.warnings:
+        print(f"           {name}: warning for the auto run: {warning}", flush=True)
+
+    def one(label: str, batch_size: int, lr: float, given: bool) -> Run:
+        run_started = time.perf_counter()
+        try:
+            top1, split = train(dataset, checkpoints, epochs, args.device, args.seed,
+                                batch_size if given else None, lr if given else None)
+        except ValueError as error:  # a batch larger than the train split
+            run = Run(label, batch_size, lr, None, time.perf_counter() - run_started, f"skipped: {error}")
+        else:
+            note = "" if split == "test" else f"held out on {split}, not test"
+            run = Run(label, batch_size, lr, top1, time.perf_counter() - run_started, note)
+        figure = "n/a" if run.top1 is None else f"{100 * run.top1:5.1f}%"
+        print(f"[{time.perf_counter() - started:6.0f} s] {name:<9} {label:<4} batch {batch_size:>4}, "
+              f"lr {lr:<7g} x {epochs} epochs: test top-1 {figure} ({run.seconds:.0f} s) {run.note}".rstrip(),
+              flush=True)
+        return run
+
+    outcome.auto = one("auto", chosen.batch_size, chosen.lr, given=False)
+    for batch_size in args.grid_batch:
+        for lr in args.grid_lr:
+            outcome.grid.append(one("grid", batch_size, lr, given=True))
+    return outcome
+
+
+# ---- report ---------------------------------------------------------------------------
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def report(outcomes: list[Outcome], args, total_seconds: float) -> None:
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    grid = f"batch {{{', '.join(map(str, args.grid_batch))}}} x lr {{{', '.join(f'{lr:g}' for lr in args.grid_lr)}}}"
+    print(f"\nRecipe benchmark{' (--quick)' if args.quick else ''} on {where}: auto against the grid {grid}, "
+          f"seed {args.seed}\n")
+    header = ("dataset", "train images", "classes", "epochs", "auto recipe (batch, lr)", "auto top-1",
+              "grid best (batch, lr)", "grid best top-1", "auto − best (points)", "chance", "verdict")
+    rows = []
+    for outcome in outcomes:
+        auto, best = outcome.auto, outcome.best
+        gap = (f"{100 * (auto.top1 - best.top1):+.1f}" if auto and best and auto.top1 is not None else "n/a")
+        rows.append((outcome.dataset, f"{outcome.train_images:,}", str(outcome.classes), str(outcome.epochs),
+                     f"{auto.batch_size}, {auto.lr:g}" if auto else "n/a", percent(auto.top1 if auto else None),
+                     f"{best.batch_size}, {best.lr:g}" if best else "n/a", percent(best.top1 if best else None),
+                     gap, percent(outcome.chance), outcome.verdict()))
+    print_table(header, rows)
+
+    print("\nEvery run, test top-1 (wall seconds):\n")
+    cells = [(batch, lr) for batch in args.grid_batch for lr in args.grid_lr]
+    header = ("dataset", "auto", *(f"{batch}, {lr:g}" for batch, lr in cells), "ingest s")
+    rows = []
+    for outcome in outcomes:
+        runs = [outcome.auto, *outcome.grid]
+        rows.append((outcome.dataset, *(f"{percent(run.top1)} ({run.seconds:.0f})" for run in runs),
+                     f"{outcome.ingest_seconds:.0f}"))
+    print_table(header, rows)
+
+    within = sum(outcome.verdict() == "ok" for outcome in outcomes)
+    print(f"\nauto within {TOLERANCE_POINTS:g} points of the grid's best on {within} of {len(outcomes)} datasets "
+          f"(and at least {CHANCE_FACTOR:g}x chance)")
+    for outcome in outcomes:
+        print(f"  {outcome.dataset}: {outcome.recipe_line}")
+    threads = torch.get_num_threads()
+    print(f"total wall time {total_seconds:.0f} s; torch {torch.__version__}; {os.cpu_count()} CPUs, "
+          f"{threads} torch threads; {platform.processor() or platform.machine()}; {' '.join(platform.uname())}")
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(text) for text in column) for column in zip(header, *rows)]
+    print("| " + " | ".join(text.ljust(width) for text, width in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(text.ljust(width) for text, width in zip(row, widths)) + " |")
+
+
+# ---- main -----------------------------------------------------------------------------
+
+
+def parse_list(kind):
+    def parse(text: str):
+        return tuple(kind(item) for item in text.split(",") if item.strip())
+    return parse
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", type=parse_list(str), default=None,
+                        help=f"comma-separated, of {', '.join(DATASETS)} (default: all but cifar-10k)")
+    parser.add_argument("--large", action="store_true", help="add cifar-10k to the default datasets")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs for every run (default: per dataset, see above; 1 with --quick)")
+    parser.add_argument("--grid-batch", type=parse_list(int), default=None,
+                        help="grid batch sizes (default 32,128; 32 with --quick)")
+    parser.add_argument("--grid-lr", type=parse_list(float), default=None,
+                        help="grid learning rates (default 0.01,0.05)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke check: a tenth of the images, 10 test images a class, 1 epoch, a 1x2 grid")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    names = args.datasets or (DEFAULT_DATASETS + (("cifar-10k",) if args.large else ()))
+    unknown = [name for name in names if name not in DATASETS]
+    if unknown:
+        parser.error(f"--datasets: unknown {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
+    if args.epochs is not None and args.epochs < 1:
+        parser.error("--epochs must be at least 1")
+    args.grid_batch = args.grid_batch or (QUICK_GRID_BATCH if args.quick else DEFAULT_GRID_BATCH)
+    args.grid_lr = args.grid_lr or (QUICK_GRID_LR if args.quick else DEFAULT_GRID_LR)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    needs_cifar = [name for name in names if name != "shapes"]
+    if needs_cifar and not CIFAR.exists():
+        raise SystemExit(f"{CIFAR} is missing: this benchmark needs ../shared beside the checkout")
+
+    started = time.perf_counter()
+    outcomes = []
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-bench-recipe-", dir=os.environ.get("BENCH_TMP")) as scratch:
+        scratch = Path(scratch)
+        home = scratch / "home"
+        # Nothing this run does may write into the checkout's CNNPIPE home.
+        os.environ["CNNPIPE_HOME"] = str(home)
+        cifar = {}
+        if needs_cifar:
+            divisor = QUICK_DIVISOR if args.quick else 1
+            cifar = read_cifar(max(PER_CLASS[name] for name in needs_cifar) // divisor,
+                               QUICK_TEST_PER_CLASS if args.quick else TEST_PER_CLASS)
+            print(f"[{time.perf_counter() - started:6.0f} s] read {CIFAR.name}", flush=True)
+        for name in names:
+            ingest_started = time.perf_counter()
+            dataset = build_dataset(name, cifar, scratch, home, args.quick)
+            outcomes.append(bench_dataset(name, dataset, time.perf_counter() - ingest_started, args, started,
+                                          scratch / "checkpoints"))
+    report(outcomes, args, time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cnn import recipe
+from cnn.train import SCHEDULES, TrainConfig, _scheduler
+
+
+def test_cifar10_sized_training_keeps_the_reference_recipe():
+    chosen = recipe.choose(50_000)
+    assert {knob: getattr(chosen, knob) for knob in recipe.AUTO_KNOBS} == recipe.REFERENCE
+    assert chosen.auto == recipe.AUTO_KNOBS
+    assert recipe.choose(1_281_167).batch_size == 512  # ImageNet: the ceiling, not more
+
+
+def test_a_small_split_gets_a_smaller_batch_a_scaled_rate_and_more_epochs():
+    chosen = recipe.choose(3_000)
+    assert (chosen.batch_size, chosen.lr) == (64, pytest.approx(0.2 * math.sqrt(64 / 512)))
+    assert chosen.steps_per_epoch >= recipe.STEPS_PER_EPOCH
+    assert chosen.total_steps >= recipe.MIN_STEPS and chosen.epochs >= recipe.REFERENCE["epochs"]
+    assert chosen.dropout < recipe.REFERENCE["dropout"] and chosen.label_smoothing < recipe.REFERENCE["label_smoothing"]
+
+
+@pytest.mark.parametrize("images", [1, 7, 31, 100, 999, 3_000, 12_345, 49_999, 50_000, 10**7])
+def test_every_size_gets_a_runnable_recipe_whose_rate_follows_the_batch(images):
+    chosen = recipe.choose(images)
+    assert 1 <= chosen.batch_size <= min(images, 512) and chosen.steps_per_epoch >= 1
+    assert chosen.lr == pytest.approx(0.2 * math.sqrt(chosen.batch_size / 512))
+    assert recipe.REFERENCE["epochs"] <= chosen.epochs <= recipe.MAX_EPOCHS
+
+
+def test_batch_size_and_regularisation_never_shrink_as_the_split_grows():
+    chosen = [recipe.choose(n) for n in range(100, 60_000, 700)]
+    for knob in ("batch_size", "dropout", "label_smoothing"):
+        values = [getattr(c, knob) for c in chosen]
+        assert values == sorted(values), knob
+
+
+def test_an_explicit_value_always_wins_and_only_the_rest_is_auto():
+    chosen = recipe.choose(3_000, batch_size=256, dropout=0.0, epochs=2)
+    assert (chosen.batch_size, chosen.dropout, chosen.epochs) == (256, 0.0, 2)
+    assert chosen.lr == pytest.approx(0.2 * math.sqrt(0.5))  # still scaled, from the batch the user chose
+    assert set(chosen.auto) == {"lr", "weight_decay", "label_smoothing"}
+    params = chosen.params()
+    assert params["recipe.batch_size.source"] == "set" and params["recipe.lr.source"] == "auto"
+    assert params["recipe.lr"] == pytest.approx(chosen.lr) and params["recipe.total_steps"] == 2 * 11
+
+
+def test_the_recipe_line_says_what_was_chosen_and_for_how_many_images():
+    line = recipe.choose(3_000, epochs=5).line()
+    assert line.startswith("recipe: batch 64, lr 0.0707") and "(auto for 3,000 train images)" in line
+    assert "5 epochs (set)" in line and "46 steps an epoch, 230 in all" in line
+
+
+def test_a_batch_larger_than_the_train_split_is_refused_naming_the_flag(tmp_path):
+    config = TrainConfig(dataset_dir=str(tmp_path), batch_size=512)
+    with pytest.raises(ValueError, match=r"^--batch-size 512 is larger than the 300 train images"):
+        recipe.apply(config, 300)
+    applied, chosen = recipe.apply(TrainConfig(dataset_dir=str(tmp_path)), 300)
+    assert applied.batch_size == chosen.batch_size <= 300 and applied.dropout is not None
+
+
+@pytest.mark.parametrize("flag, value", [("epochs", 0), ("batch_size", 0), ("lr", 0.0), ("lr", -1.0),
+                                         ("lr", math.inf), ("dropout", 1.0), ("label_smoothing", -0.1),
+                                         ("weight_decay", -1e-4), ("momentum", 1.0), ("patience", -1)])
+def test_an_impossible_setting_is_refused_in_one_line_naming_its_flag(flag, value, tmp_path):
+    with pytest.raises(ValueError) as refused:
+        TrainConfig(dataset_dir=str(tmp_path), **{flag: value})
+    message = str(refused.value)
+    assert message.startswith(f"--{flag.replace('_', '-')} must be") and "\n" not in message
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("epochs, steps_per_epoch", [(1, 1), (1, 2), (1, 3), (3, 1), (2, 2), (1, 5), (4, 7)])
+def test_every_schedule_runs_any_number_of_steps(schedule, epochs, steps_per_epoch, tmp_path):
+    config = TrainConfig(dataset_dir=str(tmp_path), schedule=schedule, epochs=epochs, lr=0.1)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    scheduler, per_batch = _scheduler(config, optimizer, steps_per_epoch)
+    rates = []
+    for _ in range(epochs):
+        for _ in range(steps_per_epoch):
+            optimizer.step()
+            rates.append(optimizer.param_groups[0]["lr"])
+            if per_batch:
+                scheduler.step()
+        if not per_batch:
+            scheduler.step(0.5) if schedule == "plateau" else scheduler.step()
+    assert all(0 < rate <= 0.1 + 1e-12 and math.isfinite(rate) for rate in rates)
+
+
+def test_too_few_steps_in_all_is_warned_before_training_with_the_flag_to_change():
+    warning = recipe.few_steps_warning(recipe.choose(3_000, batch_size=512, lr=0.2, epochs=5))
+    assert "only 25 optimizer steps in all" in warning and "--batch-size" in warning
+    assert recipe.few_steps_warning(recipe.choose(3_000)) is None
+
+
+def test_a_loss_still_at_chance_after_an_epoch_is_warned_naming_the_likely_cause():
+    chosen = recipe.choose(3_000, batch_size=512, lr=0.2)
+    stalled = recipe.stalled_warning({"epoch": 2, "train_loss": 2.304}, 10, chosen)
+    assert "ln(10) = 2.303" in stalled and "--lr 0.2" in stalled and "--batch-size 512" in stalled
+    assert recipe.stalled_warning({"epoch": 2, "train_loss": 1.5}, 10, chosen) is None
+    assert recipe.stalled_warning({"epoch": 2, "train_loss": 0.7}, 1, chosen) is None
