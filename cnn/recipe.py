@@ -42,8 +42,22 @@ FEW_STEPS = 100
 # A training loss within this share of ln(classes) after an epoch means nothing was learnt.
 CHANCE_LOSS_SHARE = 0.97
 AUTO_KNOBS = tuple(REFERENCE)
-FLAGS = {"batch_size": "--batch-size", "lr": "--lr", "epochs": "--epochs", "dropout": "--dropout",
-         "weight_decay": "--weight-decay", "label_smoothing": "--label-smoothing"}
+
+
+def _regularisation_rule(reference: float) -> str:
+    return (f"{reference:g} from {FULL_REGULARISATION:,} train images, half from {HALF_REGULARISATION:,}, "
+            "none below")
+
+
+# Each automatic rule in a few words, for `--help`.
+RULES = {
+    "batch_size": f"about {STEPS_PER_EPOCH} steps an epoch, {MIN_BATCH} to {REFERENCE['batch_size']}",
+    "lr": f"{REFERENCE['lr']:g} x sqrt(batch / {REFERENCE['batch_size']})",
+    "epochs": f"{REFERENCE['epochs']}, or more to make {MIN_STEPS} steps, at most {MAX_EPOCHS}",
+    "dropout": _regularisation_rule(REFERENCE["dropout"]),
+    "weight_decay": f"{REFERENCE['weight_decay']:g}",
+    "label_smoothing": _regularisation_rule(REFERENCE["label_smoothing"]),
+}
 
 
 @dataclass(frozen=True)
@@ -67,7 +81,8 @@ class Recipe:
 
     def line(self) -> str:
         """One line that says what the run uses and which of it was chosen automatically."""
-        shown = [f"batch {self.batch_size}", f"lr {self.lr:.3g}", f"{self.epochs} epochs", f"dropout {self.dropout:g}",
+        epochs = f"{self.epochs} epoch" + ("s" if self.epochs != 1 else "")
+        shown = [f"batch {self.batch_size}", f"lr {self.lr:.3g}", epochs, f"dropout {self.dropout:g}",
                  f"weight decay {self.weight_decay:g}", f"label smoothing {self.label_smoothing:g}"]
         chosen = [text for knob, text in zip(AUTO_KNOBS, shown) if knob in self.auto]
         given = [text for knob, text in zip(AUTO_KNOBS, shown) if knob not in self.auto]

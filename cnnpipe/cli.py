@@ -98,24 +98,28 @@ def ingest(source: str, dataset: str, val_fraction: float, test_fraction: float,
     _print_markdown(ingest_markdown(summary))
 
 
+def _auto(knob: str) -> str:
+    from cnn.recipe import RULES
+
+    return f"[default: auto: {RULES[knob]}]"
+
+
 def _training_options(command):
     """The options `train`, `retrain` and `serve` share."""
     options = [
         click.option("--model", default="alexnet-cifar", show_default=True,
                      help="alexnet (224x224), alexnet-cifar (32x32), or a torchvision model name such as resnet18."),
-        click.option("--epochs", type=int, default=None, help="[default: auto, 30 or more for small datasets]"),
-        click.option("--batch-size", type=int, default=None,
-                     help="[default: auto, 512 from 20,480 train images, less below, at least 32]"),
+        click.option("--epochs", type=int, default=None, help=_auto("epochs")),
+        click.option("--batch-size", type=int, default=None, help=_auto("batch_size")),
         click.option("--lr", type=float, default=None,
-                     help="Peak learning rate (one-cycle) or starting rate [default: auto, 0.2 x batch / 512]."),
+                     help=f"Peak learning rate (one-cycle) or starting rate {_auto('lr')}."),
         click.option("--schedule", type=click.Choice(["onecycle", "plateau", "step", "cosine"]), default="onecycle",
                      show_default=True, help="plateau is the paper's: divide by 10 when validation stops improving."),
         click.option("--norm", type=click.Choice(["lrn", "batch", "none"]), default=None,
                      help="Normalisation layers [default: batch for alexnet-cifar, lrn for alexnet]."),
-        click.option("--dropout", type=float, default=None,
-                     help="[default: auto, 0.5 from 5,000 train images, 0.25 below]"),
-        click.option("--weight-decay", type=float, default=None, help="[default: auto, 5e-4]"),
-        click.option("--label-smoothing", type=float, default=None, help="[default: auto, 0.1]"),
+        click.option("--dropout", type=float, default=None, help=_auto("dropout")),
+        click.option("--weight-decay", type=float, default=None, help=_auto("weight_decay")),
+        click.option("--label-smoothing", type=float, default=None, help=_auto("label_smoothing")),
         click.option("--patience", type=int, default=None, help="Stop after this many epochs without a better val top-1."),
         click.option("--seed", default=0, show_default=True),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),

@@ -46,12 +46,13 @@ def test_a_thousand_cifar_images_learn_well_above_chance_with_no_flags(tmp_path)
     store = DatasetStore("cifar-1k", Settings(home=home, mlflow_tracking_uri=""))
     with store.lock():
         store.commit(store.stage(open_source(str(cifar_subset(tmp_path / "source"))), IngestOptions(workers=0)))
-    config = TrainConfig(dataset_dir=str(home / "datasets" / "cifar-1k"), epochs=4, device="cpu",
+    config = TrainConfig(dataset_dir=str(home / "datasets" / "cifar-1k"), epochs=3, device="cpu",
                          checkpoint_root=str(tmp_path / "checkpoints"))
     planned = plan(config)
     # What the recipe chose for about 900 images, instead of CIFAR-10's batch 512 (one step an epoch).
     assert planned.recipe.batch_size == 32 and planned.recipe.steps_per_epoch >= 25
     result = fit(config)
     assert result.held_out_split == "test" and result.held_out["images"] == 10 * TEST_PER_CLASS
-    # Chance is 10%. Measured on a 2-core CPU: THRESHOLD_NOTE.
+    # Chance is 10%; bench/recipe.py measured 38% for the same recipe and epochs on its own
+    # 1,000-image subset (2-core CPU). Half of that leaves room for another subset and machine.
     assert result.held_out["top1"] > 0.2, result.history

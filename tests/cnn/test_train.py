@@ -123,7 +123,7 @@ def test_sigkill_while_checkpointing_then_resume(shapes_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_early_stopping_on_validation_top1(shapes_dataset, tmp_path):
-    result = fit(tiny_config(shapes_dataset, tmp_path, epochs=6, lr=0.0, schedule="step", patience=1))
+    result = fit(tiny_config(shapes_dataset, tmp_path, epochs=6, lr=1e-12, schedule="step", patience=1))
     assert result.stopped_early and result.epochs_run == 3
 
 
