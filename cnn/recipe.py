@@ -39,8 +39,10 @@ FULL_REGULARISATION = 20_000
 HALF_REGULARISATION = 5_000
 # Below this many optimizer steps in all, a run is warned that it cannot learn much.
 FEW_STEPS = 100
-# A training loss within this share of ln(classes) after an epoch means nothing was learnt.
+# A training loss within this share of ln(classes) after an epoch means nothing was learnt,
+# checked once at least STALL_CHECK_STEPS steps have run: earlier, a small set is still in warm-up.
 CHANCE_LOSS_SHARE = 0.97
+STALL_CHECK_STEPS = 50
 AUTO_KNOBS = tuple(REFERENCE)
 
 
@@ -165,6 +167,12 @@ def few_steps_warning(recipe: Recipe) -> str | None:
     return (f"only {recipe.total_steps} optimizer steps in all ({recipe.epochs} epochs of {recipe.steps_per_epoch} "
             f"at batch {recipe.batch_size} over {recipe.train_images:,} images): too few to learn; "
             f"{' or '.join(advice)}")
+
+
+def stall_check_epoch(recipe: Recipe) -> int:
+    """The epoch after which a loss at chance is worth a warning: the second, or the first with
+    STALL_CHECK_STEPS steps behind it (300 grayscale images make 7 steps an epoch), or the last."""
+    return min(recipe.epochs, max(2, math.ceil(STALL_CHECK_STEPS / recipe.steps_per_epoch)))
 
 
 def stalled_warning(record: dict, num_classes: int, recipe: Recipe) -> str | None:

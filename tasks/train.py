@@ -70,7 +70,7 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
     for text in warnings:
         logger.warning(text)
     progress = TrainingProgress(config.epochs, chosen.train_images, logger)
-    checked_epoch = min(2, config.epochs)
+    checked_epoch = auto_recipe.stall_check_epoch(chosen)
 
     def on_epoch(record: dict) -> None:
         progress.on_epoch(record)

@@ -97,6 +97,14 @@ def test_too_few_steps_in_all_is_warned_before_training_with_the_flag_to_change(
     assert recipe.few_steps_warning(recipe.choose(3_000)) is None
 
 
+def test_a_loss_at_chance_is_checked_only_once_warm_up_has_had_some_steps():
+    assert recipe.stall_check_epoch(recipe.choose(50_000)) == 2
+    # 235 grayscale images: 7 steps an epoch; at epoch 2 the loss was still 1.089 = ln(3) in warm-up.
+    assert recipe.stall_check_epoch(recipe.choose(235)) == 8
+    assert recipe.stall_check_epoch(recipe.choose(3_000, batch_size=512, epochs=5)) == 5
+    assert recipe.stall_check_epoch(recipe.choose(50_000, epochs=1)) == 1
+
+
 def test_a_loss_still_at_chance_after_an_epoch_is_warned_naming_the_likely_cause():
     chosen = recipe.choose(3_000, batch_size=512, lr=0.2)
     stalled = recipe.stalled_warning({"epoch": 2, "train_loss": 2.304}, 10, chosen)
