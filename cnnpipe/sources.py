@@ -2,7 +2,8 @@
 
 A source yields `Entry` objects with the bytes already read, so archives stream member by
 member and nothing is ever extracted to disk. Members that are unsafe (absolute paths,
-`..`, links, devices) or too large become rejected entries; the rest of the source carries on.
+`..`, links, devices), too large, or named in bytes that are not UTF-8 become rejected
+entries; the rest of the source carries on.
 Ingestion and classification share this module, so both refuse exactly the same things.
 
 Labels come from the layout: a file's parent folder is its class, and a grandparent named
@@ -67,6 +68,22 @@ def safe_relative_path(name: str) -> str:
     if not parts:
         raise UnsafePath("empty path")
     return "/".join(parts)
+
+
+def _is_utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _bad_name(path: str) -> Entry:
+    """The reject for a name whose bytes are not UTF-8. Python hands such bytes over as lone
+    surrogates, which Parquet, DuckDB and JSON readers refuse: the name is kept with them
+    escaped (`bad\\xff.png`), so that the reject itself can be stored and shown."""
+    shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return Entry(shown, None, None, reject_reason="bad_name", reject_detail="the name is not valid UTF-8: rename it")
 
 
 def label_and_split(path: str) -> tuple[str | None, str | None]:
@@ -171,6 +188,9 @@ class FolderSource(Source):
                  if not _skipped(rel) and self._mine(rel)]
         self.total = len(files)
         for rel, size in files:
+            if not _is_utf8(rel):
+                yield _bad_name(rel)
+                continue
             if size is not None and size > self.max_image_bytes:
                 yield self._too_large(rel, size)
                 continue
@@ -242,6 +262,9 @@ class TarSource(Source):
                 # Stream mode remembers every member; forget them so millions stay cheap.
                 tar.members.clear()
                 if member.isdir() or not self._mine(member.name):
+                    continue
+                if not _is_utf8(member.name):
+                    yield _bad_name(member.name)
                     continue
                 try:
                     path = safe_relative_path(member.name)

@@ -16,7 +16,7 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.predictions import connect_for_writing
 from cnnpipe.settings import get_settings
 from cnnpipe.sql import run_query
-from tests.imagefactory import write_class_folders
+from tests.imagefactory import png, write_class_folders
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +54,16 @@ def test_classify_writes_one_row_per_valid_image_and_reruns_add_nothing(inbox, s
         ("first", 50, 0, 1), ("again", 0, 50, 1)]
     assert query("SELECT member_path, reason FROM rejected_inputs WHERE classify_run_id = 'first'") == [
         ("a/broken.jpg", "unidentified")]
+
+
+def test_a_name_that_is_not_utf8_is_rejected_and_the_rest_classified(tmp_path, shapes_checkpoints):
+    write_class_folders(tmp_path / "inbox", {"a": 3})
+    (tmp_path / "inbox" / "a" / os.fsdecode(b"bad\xff.png")).write_bytes(png(99))
+    summary = run(tmp_path / "inbox", shapes_checkpoints[0])
+    assert (summary.classified, [(r.path, r.reason) for r in summary.rejected]) == (3, [("a/bad\\xff.png", "bad_name")])
+    assert query("SELECT count(*) FROM predictions") == [(3,)]
+    assert query("SELECT member_path, reason FROM rejected_inputs") == [("a/bad\\xff.png", "bad_name")]
+    assert list((get_settings().staging_dir / "classify").iterdir()) == []
 
 
 def test_a_new_model_version_classifies_everything_again(inbox, shapes_checkpoints):

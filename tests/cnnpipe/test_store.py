@@ -116,6 +116,32 @@ def test_bad_files_are_rejected_and_the_rest_is_kept(tmp_path):
     assert ("cat/half.jpg", "truncated") in recorded and len(recorded) == 4
 
 
+def latin1_named_source(tmp_path: Path, kind: str) -> Path:
+    """Three good images in red/ and one whose name is Latin-1 bytes, as an old system writes them."""
+    write_class_folders(tmp_path / "src", {"red": 3})
+    if kind == "folder":
+        (tmp_path / "src" / "red" / os.fsdecode("café0.png".encode("latin-1"))).write_bytes(png(99))
+        return tmp_path / "src"
+    archive = tmp_path / "src.tar"
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        tar.add(tmp_path / "src", arcname=".")
+        info = tarfile.TarInfo("red/café0.png")
+        info.size = len(png(99))
+        tar.addfile(info, io.BytesIO(png(99)))
+    return archive
+
+
+@pytest.mark.parametrize("kind", ["folder", "tar"])
+def test_a_name_that_is_not_utf8_rejects_that_file_alone(tmp_path, kind):
+    summary = ingest(latin1_named_source(tmp_path, kind))
+    assert (summary.added, summary.version) == (3, 1)
+    assert [(r.path, r.reason) for r in summary.rejected] == [("red/caf\\xe90.png", "bad_name")]
+    assert [(r["path"], r["reason"]) for r in DatasetStore("pets").rejected()] == [("red/caf\\xe90.png", "bad_name")]
+    assert len(committed_rows()) == 3
+    staging = Path(os.environ["CNNPIPE_HOME"]) / "staging"
+    assert [p for p in staging.rglob("*") if p.is_file()] == []
+
+
 def test_manifest_checksum_mismatch_is_rejected(tmp_path):
     (tmp_path / "a.jpg").write_bytes(jpeg(1))
     (tmp_path / "b.jpg").write_bytes(jpeg(2))
