@@ -123,6 +123,8 @@ class Source:
     """A readable set of images behind one URI."""
 
     kind = "source"
+    # Why an entry has no label, for ingestion to say when it refuses one.
+    unlabelled = "expected <class>/<file> or <split>/<class>/<file>"
 
     def __init__(self, uri: str, fs: fsspec.AbstractFileSystem, path: str,
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
@@ -344,6 +346,7 @@ class ManifestSource(Source):
     """A CSV with `path,label[,split][,sha256]`, paths relative to the manifest."""
 
     kind = "manifest"
+    unlabelled = "its row in the manifest has no label: fill in the label column"
 
     def explicit_splits(self) -> set[str]:
         return {split for row in self._rows() if (split := SPLIT_NAMES.get((row.get("split") or "").strip().lower()))}

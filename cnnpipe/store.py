@@ -551,7 +551,7 @@ class DatasetStore:
             with _Validator(options.resize, options.workers) as validator:
                 for entry in source.entries():
                     done += 1
-                    item = self._admit(entry, run, known, waiting, options)
+                    item = self._admit(entry, source.unlabelled, run, known, waiting, options)
                     if item is not None:
                         chunk.append(item)
                     if len(chunk) >= VALIDATION_CHUNK:
@@ -678,13 +678,13 @@ class DatasetStore:
 
     # ---- internals -----------------------------------------------------------------
 
-    def _admit(self, entry: Entry, run: StagedRun, known: _ImageIndex,
+    def _admit(self, entry: Entry, unlabelled: str, run: StagedRun, known: _ImageIndex,
                waiting: dict[str, list[str]], options: IngestOptions) -> _Pending | None:
         if entry.reject_reason:
             self._reject(run, entry.path, entry.reject_reason, entry.reject_detail)
             return None
         if entry.label is None:
-            self._reject(run, entry.path, "no_label", "expected <class>/<file> or <split>/<class>/<file>")
+            self._reject(run, entry.path, "no_label", unlabelled)
             return None
         sha = hashlib.sha256(entry.data).hexdigest()
         if entry.expected_sha256 and entry.expected_sha256 != sha:

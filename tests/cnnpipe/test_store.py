@@ -152,6 +152,17 @@ def test_manifest_checksum_mismatch_is_rejected(tmp_path):
     assert [(r.path, r.reason) for r in summary.rejected] == [("b.jpg", "checksum_mismatch")]
 
 
+def test_a_manifest_row_without_a_label_says_so(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(jpeg(1))
+    (tmp_path / "b.jpg").write_bytes(jpeg(2))
+    (tmp_path / "list.csv").write_text("path,label\na.jpg,cat\nb.jpg, \n")
+    summary = ingest(tmp_path / "list.csv")
+    assert summary.added == 1
+    [reject] = summary.rejected
+    assert (reject.path, reject.reason) == ("b.jpg", "no_label")
+    assert "label column" in reject.detail and "<class>" not in reject.detail
+
+
 def test_resize_stores_the_papers_crops(tmp_path):
     (tmp_path / "src" / "cat").mkdir(parents=True)
     (tmp_path / "src" / "cat" / "big.jpg").write_bytes(jpeg(1, size=(640, 480)))
