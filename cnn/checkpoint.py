@@ -75,10 +75,13 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.glob("epoch-*.pt") if re.fullmatch(r"epoch-\d{4}\.pt", p.name))
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load safely: tensors and primitives only. A pickle with code in it is refused."""
+def load_checkpoint(path: Path) -> dict:
+    """Load safely: tensors and primitives only. A pickle with code in it is refused.
+
+    Always onto the CPU, whatever device trains: the RNG setters accept only CPU byte
+    tensors, and `load_state_dict` moves weights and optimizer state to their parameters."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: refused, it is not a plain checkpoint (weights_only load failed: "
                               f"{str(exc).splitlines()[0]})") from None
@@ -86,14 +89,14 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
 
 
-def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:
+def load_latest(run_dir: Path) -> tuple[dict, Path] | None:
     """The newest checkpoint that loads, falling back past corrupt ones; None if there is none."""
     for stale in run_dir.glob(".*.tmp"):
         stale.unlink()
     errors = []
     for path in reversed(checkpoints(run_dir)):
         try:
-            return load_checkpoint(path, map_location), path
+            return load_checkpoint(path), path
         except CheckpointError as exc:
             if "refused" in str(exc):
                 raise

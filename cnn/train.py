@@ -307,6 +307,20 @@ def _build(config: dict, num_classes: int) -> nn.Module:
                        dropout=config["dropout"], norm=norm)
 
 
+def restore_latest(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                   generator: torch.Generator) -> dict:
+    """Put the run's latest checkpoint back into the model, optimizer, scheduler and every RNG; return it."""
+    loaded = load_latest(run_dir)
+    if loaded is None:
+        raise CheckpointError(f"{run_dir}: nothing to resume from")
+    state, _ = loaded
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng_state(state["rng"], generator)
+    return state
+
+
 def _load_split(split: StoreSplit, size: int, device: torch.device, budget_mb: int):
     if split.rows * 3 * size * size <= budget_mb * 2**20:
         return ResidentImages.load(split, size, device)
@@ -366,14 +380,7 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     history: list[dict] = []
     best, since_best, start_epoch = -1.0, 0, 0
     if resuming:
-        loaded = load_latest(run_dir, device)
-        if loaded is None:
-            raise CheckpointError(f"{run_dir}: nothing to resume from")
-        state, _ = loaded
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"], generator)
+        state = restore_latest(run_dir, model, optimizer, scheduler, generator)
         history, best, since_best, start_epoch = state["history"], state["best"], state["since_best"], state["epoch"]
     elif leader:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -415,7 +422,7 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
             stopped_early = True
             break
     if latest is None and leader:
-        loaded = load_latest(run_dir, device)
+        loaded = load_latest(run_dir)
         latest = loaded[1] if loaded else None
     held_out = evaluate(model, _load_split(held_out_split, stored, device, config.memory_budget_mb)
                         .batches(config.batch_size * 2), stats, crop, keep_predictions=True,
@@ -502,7 +509,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset_dir: str | os.Pat
 
 def load_trained_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """A model and its metadata (classes, colour stats, config) from a checkpoint, safely."""
-    state = load_checkpoint(Path(checkpoint), device)
+    state = load_checkpoint(Path(checkpoint))
     model = _build(state["config"], len(state["classes"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state

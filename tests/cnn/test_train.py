@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnn.checkpoint import CheckpointError, checkpoints, load_checkpoint, load_latest
+from cnn import train
+from cnn.checkpoint import (CheckpointError, checkpoints, load_checkpoint, load_latest, restore_rng_state,
+                            rng_state, save_checkpoint)
 from cnn.train import TrainConfig, fit, load_trained_model
 
 
@@ -88,6 +90,36 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert state["epoch"] == 3 and path.name == "epoch-0003.pt"
 
 
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter:UserWarning")
+def test_resume_hands_the_rng_restore_cpu_byte_tensors_wherever_the_model_lives(tmp_path, monkeypatch):
+    def parts(device: str):
+        model = torch.nn.Linear(4, 2, device=device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 1)
+
+    model, optimizer, scheduler = parts("cpu")
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": rng_state(torch.Generator())}, tmp_path, 1)
+    handed = []
+
+    def spy(state, generator):
+        handed.append(state)
+        restore_rng_state(state, generator)
+
+    monkeypatch.setattr(train, "restore_rng_state", spy)
+    # A model on the meta device stands in for one on a GPU: a checkpoint loaded to where the
+    # model lives hands the RNG setters tensors they refuse.
+    on_meta = parts("meta")
+    train.restore_latest(tmp_path, *on_meta, torch.Generator())
+    (state,) = handed
+    states = [state["torch"], state["generator"], *state["cuda"]]
+    assert all(s.device.type == "cpu" and s.dtype == torch.uint8 for s in states)
+    assert state["numpy"][1].device.type == "cpu"
+    assert on_meta[1].state_dict()["state"][0]["momentum_buffer"].is_meta  # the optimizer state did move
+
+
 @pytest.mark.slow
 def test_smoke_training_learns_clearly_above_chance(shapes_dataset, tmp_path):
     result = fit(tiny_config(shapes_dataset, tmp_path, epochs=12))
@@ -99,14 +131,19 @@ def test_smoke_training_learns_clearly_above_chance(shapes_dataset, tmp_path):
     assert sum(map(sum, report["confusion_matrix"])) == 80 and len(report["per_class"]) == 4
 
 
+def _fit_script(dataset: Path, root: Path, epochs: int, device: str) -> str:
+    """A child process that trains, resuming when given an argument."""
+    return (
+        "import sys\nfrom cnn.train import TrainConfig, fit\n"
+        f"fit(TrainConfig(dataset_dir={str(dataset)!r}, epochs={epochs}, batch_size=32, lr=0.01, dropout=0.2,"
+        f" device={device!r}, checkpoint_root={str(root)!r}, resume=len(sys.argv) > 1))\n"
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.crash
 def test_sigkill_while_checkpointing_then_resume(shapes_dataset, tmp_path):
-    script = (
-        "import sys\nfrom cnn.train import TrainConfig, fit\n"
-        f"fit(TrainConfig(dataset_dir={str(shapes_dataset)!r}, epochs=3, batch_size=32, lr=0.01, dropout=0.2,"
-        f" device='cpu', checkpoint_root={str(tmp_path)!r}, resume=len(sys.argv) > 1))\n"
-    )
+    script = _fit_script(shapes_dataset, tmp_path, 3, "cpu")
     env = {**os.environ, "FAILPOINT": "ckpt.before_replace", "FAILPOINT_AFTER": "2", "FAILPOINT_ACTION": "kill"}
     killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -119,6 +156,22 @@ def test_sigkill_while_checkpointing_then_resume(shapes_dataset, tmp_path):
     assert [p.name for p in checkpoints(run_dir)] == ["epoch-0001.pt", "epoch-0002.pt", "epoch-0003.pt"]
     assert not list(run_dir.glob(".*.tmp")) and (run_dir / "done").exists()
     assert torch.load(run_dir / "epoch-0003.pt", weights_only=True)["epoch"] == 3
+
+
+@pytest.mark.device
+@pytest.mark.crash
+def test_a_cuda_run_killed_after_a_checkpoint_resumes_to_the_end(shapes_dataset, tmp_path):
+    script = _fit_script(shapes_dataset, tmp_path, 2, "cuda")
+    env = {**os.environ, "FAILPOINT": "train.after_checkpoint", "FAILPOINT_ACTION": "kill"}
+    killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (run_dir,) = (tmp_path / "shapes__alexnet-cifar").iterdir()
+    assert [p.name for p in checkpoints(run_dir)] == ["epoch-0001.pt"]
+    resumed = subprocess.run([sys.executable, "-c", script, "resume"], capture_output=True, text=True, timeout=300,
+                             env={k: v for k, v in os.environ.items() if not k.startswith("FAILPOINT")})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [p.name for p in checkpoints(run_dir)] == ["epoch-0001.pt", "epoch-0002.pt"]
+    assert (run_dir / "done").exists()
 
 
 @pytest.mark.slow
