@@ -27,6 +27,17 @@ log = logging.getLogger("cnnpipe.store")
 VERSION = re.compile(r"v\d{6}")
 
 
+class DamagedJson(CnnpipeError):
+    """A file of the store that is there but does not parse: truncated or overwritten."""
+
+
+def _parsed(data: bytes, where: object) -> object:
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise DamagedJson(f"{where}: not valid JSON ({exc})") from None
+
+
 class Folder:
     """A store in a local folder: a version is published by one directory rename."""
 
@@ -43,11 +54,14 @@ class Folder:
 
     def read_json(self, relative: str):
         path = self.path / relative
-        return json.loads(path.read_text()) if path.exists() else None
+        return _parsed(path.read_bytes(), path) if path.exists() else None
 
     def write_json(self, relative: str, value: object) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path / relative, value)
+
+    def copy(self, relative: str, to: str) -> None:
+        shutil.copyfile(self.path / relative, self.path / to)
 
     def children(self) -> list[str]:
         return sorted(p.name for p in self.path.iterdir() if p.is_dir()) if self.path.is_dir() else []
@@ -81,12 +95,16 @@ class ObjectStore:
 
     def read_json(self, relative: str):
         try:
-            return json.loads(self.filesystem.cat_file(self.file(relative)))
+            data = self.filesystem.cat_file(self.file(relative))
         except FileNotFoundError:
             return None
+        return _parsed(data, f"{self.url}/{relative}")
 
     def write_json(self, relative: str, value: object) -> None:
         self.filesystem.pipe_file(self.file(relative), json.dumps(value, indent=2, sort_keys=True).encode() + b"\n")
+
+    def copy(self, relative: str, to: str) -> None:
+        self.filesystem.copy(self.file(relative), self.file(to))
 
     def children(self) -> list[str]:
         # Listings are cached per process; another host may have committed since.

@@ -11,7 +11,8 @@ Layout of `$CNNPIPE_HOME/datasets/NAME/`:
 A version is staged under `$CNNPIPE_HOME/staging/NAME/next/` and committed by renaming
 that whole folder to `vNNNNNN`: one atomic step, so `datasets/NAME/**/*.parquet` sees
 exactly the committed rows. `manifest.json` is derived from the `version.json` files
-and rebuilt if a crash left it behind. Staged parts that were complete when a run died
+and rebuilt if a crash left it behind, or if it is damaged (the damaged copy is kept
+beside it as `manifest.json.corrupt-TIME`). Staged parts that were complete when a run died
 are adopted by the next run, which then only reads what is still missing.
 
 The store can also live on object storage (`CNNPIPE_DATASETS_URL=s3://bucket/datasets`,
@@ -49,7 +50,7 @@ import pyarrow.parquet as pq
 from cnnpipe.errors import CnnpipeError
 from cnn.failpoints import failpoint
 from cnnpipe.fsutil import atomic_write_json, fsync_dir, fsync_file
-from cnnpipe.locations import Folder, location
+from cnnpipe.locations import DamagedJson, Folder, location
 from cnnpipe.locks import file_lock
 from cnnpipe.images import CheckedImage, check_batch
 from cnnpipe.settings import Settings, get_settings
@@ -427,10 +428,24 @@ class DatasetStore:
 
     def manifest(self) -> dict:
         """The current manifest; derived afresh if a crash left it behind the versions."""
-        manifest = self.location.read_json("manifest.json")
+        manifest = self._stored_manifest()
         if manifest is not None and manifest["version"] == self._latest_version():
             return manifest
         return self._derive_manifest()
+
+    def _stored_manifest(self) -> dict | None:
+        """`manifest.json` as stored (None when missing), a damaged one replaced by one rebuilt
+        from the versions. Readers repair it too: every manifest written is what the version.json
+        files say, so two repairs agree, and one that lags is rebuilt as after a crash."""
+        try:
+            return self.location.read_json("manifest.json")
+        except DamagedJson as exc:
+            aside = f"manifest.json.corrupt-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}"
+            self.location.copy("manifest.json", aside)
+            manifest = self._derive_manifest()
+            self.location.write_json("manifest.json", manifest)
+            log.warning("%s; rebuilt it from the version.json files and kept the damaged copy as %s", exc, aside)
+            return manifest
 
     def files(self) -> list[Path | str]:
         return [self.location.file(entry["path"]) for entry in self.manifest()["files"]]
@@ -449,6 +464,7 @@ class DatasetStore:
         store itself when local, else a cache under the home that fetches only the parts it
         lacks (a committed part never changes)."""
         if isinstance(self.location, Folder):
+            self._stored_manifest()  # training reads manifest.json itself: a damaged one is rebuilt first
             return self.location.path
         target = self.settings.dataset_cache_dir / self.name
         manifest = self.manifest()
@@ -475,7 +491,7 @@ class DatasetStore:
     def recover(self) -> None:
         """Finish what a killed run left: rebuild a lagging manifest, drop half-written files."""
         self.location.discard_debris()
-        manifest = self.location.read_json("manifest.json")
+        manifest = self._stored_manifest()
         if self.location.versions() and (manifest is None or manifest["version"] != self._latest_version()):
             log.warning("dataset %s: the manifest was behind its versions; rebuilt it", self.name)
             self.location.write_json("manifest.json", self._derive_manifest())
@@ -776,7 +792,15 @@ def list_datasets(settings: Settings | None = None) -> list[dict]:
     settings = settings or get_settings()
     names = location(settings.datasets_url).children()
     stores = [DatasetStore(name, settings) for name in names if _NAME.match(name)]
-    return [store.manifest() for store in stores if store.exists()]
+    manifests = []
+    for store in stores:
+        try:
+            if store.exists():
+                manifests.append(store.manifest())
+        except CnnpipeError as exc:
+            # One damaged dataset must not hide the others.
+            log.warning("dataset %s is left out of the list: %s", store.name, exc)
+    return manifests
 
 
 def _iso(timestamp: float) -> str:

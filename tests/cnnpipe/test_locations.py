@@ -54,6 +54,19 @@ def test_a_store_on_an_fsspec_url_holds_what_a_local_store_holds(tmp_path, monke
     assert remote.manifest()["counts"] == local.manifest()["counts"]
 
 
+def test_a_corrupted_manifest_on_an_fsspec_url_is_kept_aside_and_rebuilt(tmp_path, remote_store):
+    write_class_folders(tmp_path / "src", {"cat": 3})
+    ingest(tmp_path / "src")
+    memory = fsspec.filesystem("memory")
+    manifest = f"{remote_store}/pets/manifest.json"
+    healthy = memory.cat_file(manifest)
+    memory.pipe_file(manifest, healthy[:40])
+    assert [(m["name"], m["num_rows"]) for m in list_datasets()] == [("pets", 3)]
+    assert memory.cat_file(manifest) == healthy
+    [aside] = memory.glob(f"{remote_store}/pets/manifest.json.corrupt-*")
+    assert memory.cat_file(aside) == healthy[:40]
+
+
 def trainable_rows(dataset_dir) -> int:
     # train/ folders without val/: some images are carved into val at ingest.
     return sum(StoreSplit.open(dataset_dir, split).rows for split in ("train", "val"))

@@ -286,6 +286,46 @@ def test_a_manifest_left_behind_by_a_crash_is_rebuilt(tmp_path):
     assert ingest(tmp_path / "src").added == 0
 
 
+def test_a_corrupted_manifest_is_kept_aside_and_rebuilt_and_the_other_datasets_stay_listed(tmp_path, caplog):
+    write_class_folders(tmp_path / "src", {"cat": 3})
+    ingest(tmp_path / "src", name="a")
+    ingest(tmp_path / "src", name="b")
+    manifest = DatasetStore("a").root / "manifest.json"
+    healthy = json.loads(manifest.read_text())
+    manifest.write_text(manifest.read_text()[:40])  # truncated
+    assert [(m["name"], m["num_rows"]) for m in list_datasets()] == [("a", 3), ("b", 3)]
+    assert json.loads(manifest.read_text()) == healthy
+    [aside] = manifest.parent.glob("manifest.json.corrupt-*")
+    assert len(aside.read_text()) == 40
+    assert f"{manifest}: not valid JSON" in caplog.text and aside.name in caplog.text
+    manifest.write_text("{")
+    assert ingest(tmp_path / "src", name="a").added == 0
+    assert json.loads(manifest.read_text()) == healthy
+
+
+def test_training_reads_a_rebuilt_manifest_not_a_corrupted_one(tmp_path):
+    from cnn.data import StoreSplit
+
+    write_class_folders(tmp_path / "src", {"cat": 3}, split="train")
+    ingest(tmp_path / "src")
+    store = DatasetStore("pets")
+    (store.root / "manifest.json").write_text("{")
+    assert StoreSplit.open(store.local_copy(), "train").rows == 3
+
+
+def test_a_dataset_that_cannot_be_rebuilt_is_named_and_the_others_listed(tmp_path, caplog):
+    write_class_folders(tmp_path / "src", {"cat": 3})
+    ingest(tmp_path / "src", name="a")
+    ingest(tmp_path / "src", name="b")
+    damaged = DatasetStore("b").root / "v000001" / "version.json"
+    damaged.write_text("{")
+    (damaged.parent.parent / "manifest.json").unlink()
+    assert [m["name"] for m in list_datasets()] == ["a"]
+    assert f"{damaged}: not valid JSON" in caplog.text
+    with pytest.raises(CnnpipeError, match=f"{damaged}: not valid JSON"):
+        DatasetStore("b").manifest()
+
+
 def test_stale_staging_from_another_base_version_is_discarded(tmp_path):
     write_class_folders(tmp_path / "src", {"cat": 3})
     ingest(tmp_path / "src")
