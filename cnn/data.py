@@ -10,6 +10,9 @@ Two ways in, chosen by a memory budget:
 
 Augmentation runs on the device, batched: the paper's random crop and horizontal flip
 (padding-crop at 32x32) and its PCA colour noise. Decoding lives in `decode_images`.
+
+Batches stay uint8, 0-255, through decoding, cropping and padding; only `Augment` and
+`normalise` turn them into floats, in [0, 1].
 """
 
 from __future__ import annotations
@@ -219,8 +222,7 @@ class Augment:
         batch = images.shape[0]
         device = images.device
         if self.pad:
-            images = F.pad(images, (self.pad,) * 4, mode="reflect") if images.dtype.is_floating_point \
-                else F.pad(images.float(), (self.pad,) * 4, mode="reflect").to(torch.uint8)
+            images = F.pad(images, (self.pad,) * 4, mode="reflect")
         height, width = images.shape[2:]
         top = torch.randint(0, height - self.crop + 1, (batch,), generator=generator, device=device)
         left = torch.randint(0, width - self.crop + 1, (batch,), generator=generator, device=device)
@@ -259,8 +261,7 @@ def ten_crops(images: torch.Tensor, crop: int) -> list[torch.Tensor]:
     """The paper's test-time patches: four corners and the centre, each also flipped."""
     height, width = images.shape[2:]
     if (height, width) == (crop, crop):  # small images: patch from a reflect-padded copy
-        pad = max(1, crop // 8)
-        images = F.pad(images.float(), (pad,) * 4, mode="reflect")
+        images = F.pad(images, (max(1, crop // 8),) * 4, mode="reflect")
         height, width = images.shape[2:]
     corners = [(0, 0), (0, width - crop), (height - crop, 0), (height - crop, width - crop),
                ((height - crop) // 2, (width - crop) // 2)]

@@ -65,6 +65,13 @@ def test_ten_crops_are_the_corners_and_centre_with_flips():
     assert torch.equal(patches[5], patches[0].flip(3))
 
 
+def test_ten_crops_of_small_images_stay_uint8_and_the_centre_patch_is_the_image():
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    patches = ten_crops(images, 32)
+    assert all(p.dtype == torch.uint8 and p.shape == images.shape for p in patches)
+    assert torch.equal(patches[4], images) and torch.equal(patches[9], images.flip(3))
+
+
 def test_resident_and_streaming_batches_cover_a_split_exactly_once(shapes_dataset):
     split = StoreSplit.open(shapes_dataset, "train")
     resident = ResidentImages.load(split, 32, torch.device("cpu"))

@@ -13,6 +13,7 @@ import torch
 from cnn import train
 from cnn.checkpoint import (CheckpointError, checkpoints, load_checkpoint, load_latest, restore_rng_state,
                             rng_state, save_checkpoint)
+from cnn.data import Augment, ColourStats, ResidentImages
 from cnn.train import TrainConfig, fit, load_trained_model
 
 
@@ -53,6 +54,36 @@ def test_checkpoint_round_trip_and_resume_equivalence(shapes_dataset, tmp_path, 
     assert torch.equal(model(inputs), again(inputs))
     assert state["classes"] == straight.classes == ["circle", "cross", "square", "triangle"]
     assert {"model", "optimizer", "scheduler", "epoch", "rng", "config", "dataset_version", "git_sha"} <= set(state)
+
+
+def _brightness_classes(size: int, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four classes told apart by brightness under pixel noise: quick to learn, and misread by a
+    model whose input is on the wrong scale, as real photographs are."""
+    labels = torch.arange(4).repeat_interleave(per_class)
+    noise = torch.randn(len(labels), 3, size, size, generator=torch.Generator().manual_seed(seed)) * 20
+    return (40 + 60 * labels[:, None, None, None] + noise).clamp(0, 255).to(torch.uint8), labels
+
+
+@pytest.mark.parametrize("crop, stored", [(32, 32), (224, 256)])
+def test_ten_patch_accuracy_is_close_to_the_centre_crop_on_a_trained_model(crop, stored):
+    torch.manual_seed(0)
+    images, labels = _brightness_classes(stored, 16, seed=1)
+    stats = ColourStats.from_images(images)
+    augment = Augment(stats, crop, pad=crop // 8 if stored == crop else 0, lighting=0.0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        for batch, targets in ResidentImages(images, labels).batches(16, generator):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(augment(batch, generator)), targets).backward()
+            optimizer.step()
+    held_out = ResidentImages(*_brightness_classes(stored, 16, seed=2))
+    centre = train.evaluate(model, held_out.batches(32), stats, crop)["top1"]
+    ten = train.evaluate(model, held_out.batches(32), stats, crop, ten_crop=True)["top1"]
+    assert centre > 0.9  # the model learned, so patches on the wrong scale would show
+    assert abs(ten - centre) <= 0.05
 
 
 class _Payload:
