@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import queue
 import random
@@ -39,6 +40,8 @@ from PIL import Image
 # The paper's colour noise: standard deviation of the per-image eigenvalue multipliers.
 LIGHTING_STD = 0.1
 _DECODE_THREADS = 8
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,8 @@ def decode_labelled(blobs: Sequence[bytes], labels: Sequence[int], size: int,
         except Exception:  # noqa: BLE001
             continue
     skipped = len(blobs) - len(good)
-    warnings.warn(f"skipped {skipped} image(s) that could not be decoded", RuntimeWarning, stacklevel=2)
+    if skipped:
+        warnings.warn(f"skipped {skipped} image(s) that could not be decoded", RuntimeWarning, stacklevel=2)
     if not good:
         return (torch.empty((0, 3, size, size), dtype=torch.uint8, device=device),
                 torch.empty(0, dtype=torch.long), skipped)
@@ -143,18 +147,30 @@ def decode_labelled(blobs: Sequence[bytes], labels: Sequence[int], size: int,
             torch.tensor([label for _, label in good], dtype=torch.long), skipped)
 
 
+_gpu_fallback_logged = False
+
+
 def _decode_on_gpu(blobs: Sequence[bytes], size: int, device: torch.device) -> torch.Tensor | None:
+    """nvJPEG for a batch of JPEGs; None, for the CPU decoders, when it is not one or nvJPEG fails."""
+    global _gpu_fallback_logged
     if not all(blob[:3] == b"\xff\xd8\xff" for blob in blobs):
         return None
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    # nvJPEG does not wait for the work queued on our stream, and can write into memory that
+    # work still reads once the allocator has freed it (pytorch/vision#9606).
+    torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         warnings.simplefilter("ignore", category=DeprecationWarning)
         tensors = [torch.frombuffer(blob, dtype=torch.uint8) for blob in blobs]
         try:
             images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:
+        except Exception as exc:  # noqa: BLE001 - whatever nvJPEG refuses, the CPU decoders may read
+            if not _gpu_fallback_logged:
+                _gpu_fallback_logged = True
+                logger.warning("nvJPEG failed (%s: %s); decoding on the CPU instead", type(exc).__name__,
+                               str(exc).partition("\n")[0])
             return None
     if any(image.shape[1:] != (size, size) for image in images):
         images = [_resize_centre_crop(image, size) for image in images]

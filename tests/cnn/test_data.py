@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from PIL import Image
 
 from cnn.data import (Augment, ColourStats, ResidentImages, StoreSplit, StreamingImages, decode_images, normalise,
                       ten_crops)
-from tests.imagefactory import encode
+from tests.imagefactory import encode, jpeg
 
 
 def test_decode_images_gives_rgb_uint8_of_one_size_from_any_input():
@@ -117,6 +119,48 @@ def test_undecodable_samples_are_skipped_and_counted():
     with pytest.warns(RuntimeWarning):
         images, labels, skipped = decode_labelled([b"bad"], [5], 8)
     assert (len(images), len(labels), skipped) == (0, 0, 1)
+
+
+def test_a_batch_that_fails_whole_but_decodes_image_by_image_skips_nothing_and_says_nothing(monkeypatch, recwarn):
+    from cnn import data
+
+    whole = data.decode_images
+
+    def batches_fail(blobs, size, device="cpu"):
+        if len(blobs) > 1:
+            raise RuntimeError("the batched decoder gave up")
+        return whole(blobs, size, device)
+
+    monkeypatch.setattr(data, "decode_images", batches_fail)
+    images, labels, skipped = data.decode_labelled([jpeg(0), jpeg(1)], [0, 1], 32)
+    assert skipped == 0 and labels.tolist() == [0, 1] and images.shape == (2, 3, 32, 32)
+    assert not [w for w in recwarn if "skipped" in str(w.message)]
+
+
+def test_a_failing_gpu_decode_waits_for_our_stream_falls_back_and_logs_once(monkeypatch, caplog):
+    import torchvision.io
+
+    from cnn import data
+
+    calls = []
+
+    class Stream:
+        def synchronize(self):
+            calls.append("synchronize")
+
+    def refuse(*args, **kwargs):
+        calls.append("decode")
+        raise ValueError("unsupported JPEG\nmore detail")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refuse)
+    monkeypatch.setattr(data, "_gpu_fallback_logged", False)
+    with caplog.at_level(logging.WARNING, logger="cnn.data"):
+        for _ in range(2):
+            assert data._decode_on_gpu([jpeg(0), jpeg(1)], 32, torch.device("cuda")) is None
+    assert calls == ["synchronize", "decode"] * 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "nvJPEG failed (ValueError: unsupported JPEG); decoding on the CPU instead"]
 
 
 def test_colour_stats_are_computed_once_per_dataset_version(shapes_dataset):
