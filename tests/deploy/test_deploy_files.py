@@ -26,6 +26,12 @@ def test_the_dockerfile_passes_hadolint_and_runs_as_a_non_root_user():
     assert re.search(r"^USER 10001$", text, re.MULTILINE) and "pytorch/pytorch" in text and "cuda" in text
 
 
+def test_the_image_has_the_c_compiler_that_compile_needs():
+    # Triton builds its kernel launchers with a C compiler; PyTorch's -runtime images have none.
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE).group(1)
+    assert base.endswith("-devel"), base
+
+
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed (.ci/run installs it)")
 def test_the_compose_file_parses_with_the_example_environment():
     result = subprocess.run(["docker-compose", "-f", str(DEPLOY / "docker-compose.yml"), "--env-file",
