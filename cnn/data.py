@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import simplejpeg
 import torch
@@ -42,6 +43,14 @@ LIGHTING_STD = 0.1
 _DECODE_THREADS = 8
 
 logger = logging.getLogger(__name__)
+
+
+class UnreadablePart(Exception):
+    """A Parquet part of the dataset that does not read: truncated, overwritten or missing."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = path, problem
 
 
 @dataclass(frozen=True)
@@ -63,14 +72,29 @@ class StoreSplit:
                    tuple(classes or manifest["classes"]), manifest["version_id"], rows)
 
     def row_groups(self) -> list[tuple[Path, int]]:
-        return [(path, group) for path in self.files for group in range(pq.ParquetFile(path).num_row_groups)]
+        return [(path, group) for path in self.files for group in range(_opened(path).num_row_groups)]
 
     def read_group(self, path: Path, group: int) -> tuple[list[bytes], list[int]]:
-        table = pq.ParquetFile(path).read_row_group(group, columns=["image", "label", "split"])
+        parquet = _opened(path)
+        try:
+            table = parquet.read_row_group(group, columns=["image", "label", "split"])
+        except (pa.ArrowException, OSError) as exc:
+            raise UnreadablePart(path, f"row group {group} does not read: {_first_line(exc)}") from None
         index = {label: i for i, label in enumerate(self.classes)}
         keep = [i for i, split in enumerate(table.column("split").to_pylist()) if split == self.split]
         images, labels = table.column("image").to_pylist(), table.column("label").to_pylist()
         return [images[i] for i in keep], [index[labels[i]] for i in keep]
+
+
+def _opened(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise UnreadablePart(path, f"does not read: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0]
 
 
 def _decode_one(blob: bytes, size: int) -> np.ndarray:

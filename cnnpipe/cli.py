@@ -452,7 +452,8 @@ def sql(query: str, output_format: str, output: str | None, max_rows: int, timeo
 @cli.group(invoke_without_command=True)
 @click.pass_context
 def datasets(ctx: click.Context) -> None:
-    """List datasets with their versions and counts; `datasets show NAME` for details."""
+    """List datasets with their versions and counts; `datasets show NAME` for details,
+    `datasets verify NAME` to check every image."""
     if ctx.invoked_subcommand is not None:
         return
     from rich.console import Console
@@ -475,14 +476,43 @@ def datasets(ctx: click.Context) -> None:
 @datasets.command("show")
 @click.argument("name")
 def datasets_show(name: str) -> None:
-    """Show one dataset: versions, classes, counts per split and rejected inputs."""
+    """Show one dataset: versions, classes, counts per split, rejected inputs, and any part
+    whose Parquet footer does not read."""
     from cnnpipe.reports import dataset_markdown
+
+    store = _stored_dataset(name)
+    damaged = store.verify()
+    _print_markdown(dataset_markdown(store, damaged))
+    _fail_if_damaged(name, damaged)
+
+
+@datasets.command("verify")
+@click.argument("name")
+def datasets_verify(name: str) -> None:
+    """Read every Parquet part of a dataset: its footer, and each row's image against its SHA-256.
+
+    Reads the whole dataset. Exits 1 if a part is damaged, after saying how to repair it."""
+    from cnnpipe.reports import verification_markdown
+
+    store = _stored_dataset(name)
+    damaged = store.verify(read_rows=True)
+    _print_markdown(verification_markdown(store, damaged))
+    _fail_if_damaged(name, damaged)
+
+
+def _stored_dataset(name: str):
     from cnnpipe.store import DatasetStore
 
     store = DatasetStore(name)
     if not store.exists():
         raise CnnpipeError(f"no dataset named {name!r}; `cnnpipe datasets` lists them")
-    _print_markdown(dataset_markdown(store))
+    return store
+
+
+def _fail_if_damaged(name: str, damaged: list) -> None:
+    if damaged:
+        raise CnnpipeError(f"dataset {name}: {len(damaged)} damaged Parquet part{'s' if len(damaged) != 1 else ''}, "
+                           "listed above with how to repair them")
 
 
 @cli.command()

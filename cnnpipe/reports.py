@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cnnpipe.store import IngestSummary
+from cnnpipe.store import DamagedPart, DatasetStore, IngestSummary
 
 MAX_CLASS_ROWS = 20
 MAX_REJECT_LINES = 10
@@ -56,7 +56,7 @@ def counts_table(counts: dict[str, dict[str, int]], added: dict[str, dict[str, i
     return rows
 
 
-def dataset_markdown(store) -> str:
+def dataset_markdown(store: DatasetStore, damaged: list[DamagedPart]) -> str:
     manifest = store.manifest()
     rejected = store.rejected()
     lines = [
@@ -74,6 +74,24 @@ def dataset_markdown(store) -> str:
     if rejected:
         lines += ["", f"**{len(rejected):,} rejected inputs** (first {min(len(rejected), MAX_REJECT_LINES)}):", ""]
         lines += [f"- `{r['source_uri']}` :: `{r['path']}`: {r['reason']} ({r['detail']})" for r in rejected[:MAX_REJECT_LINES]]
+    if damaged:
+        lines += ["", damage_markdown(store, damaged)]
+    return "\n".join(lines) + "\n"
+
+
+def verification_markdown(store: DatasetStore, damaged: list[DamagedPart]) -> str:
+    if damaged:
+        return damage_markdown(store, damaged)
+    manifest = store.manifest()
+    return (f"Dataset `{manifest['name']}` version {manifest['version']}: all {len(manifest['files'])} Parquet parts "
+            f"read, and each of their {manifest['num_rows']:,} images hashes to its sha256.\n")
+
+
+def damage_markdown(store: DatasetStore, damaged: list[DamagedPart]) -> str:
+    lines = [f"**{len(damaged)} damaged Parquet part{'s' if len(damaged) != 1 else ''}**", ""]
+    lines += [f"- `{part.path}`: {part.problem}" for part in damaged]
+    lines += ["", "To repair:", ""]
+    lines += [f"- version {version}: {store.repair(version)}" for version in sorted({part.version for part in damaged})]
     return "\n".join(lines) + "\n"
 
 

@@ -54,7 +54,7 @@ from cnnpipe.locations import DamagedJson, Folder, location
 from cnnpipe.locks import file_lock
 from cnnpipe.images import CheckedImage, check_batch
 from cnnpipe.settings import Settings, get_settings
-from cnnpipe.sources import Entry, Source
+from cnnpipe.sources import TRANSIENT_ERRORS, Entry, Source
 
 log = logging.getLogger("cnnpipe.store")
 
@@ -121,6 +121,13 @@ class Reject:
 
     def line(self, source_uri: str) -> str:
         return f"{source_uri} :: {self.path}: {self.reason} ({self.detail})"
+
+
+@dataclass(frozen=True)
+class DamagedPart:
+    path: Path | str
+    version: int
+    problem: str
 
 
 @dataclass
@@ -427,11 +434,14 @@ class DatasetStore:
         return bool(self.location.versions())
 
     def manifest(self) -> dict:
-        """The current manifest; derived afresh if a crash left it behind the versions."""
+        """The current manifest; derived afresh if it does not list the committed versions."""
         manifest = self._stored_manifest()
-        if manifest is not None and manifest["version"] == self._latest_version():
-            return manifest
-        return self._derive_manifest()
+        return manifest if self._lists_every_version(manifest) else self._derive_manifest()
+
+    def _lists_every_version(self, manifest: dict | None) -> bool:
+        # Comparing the whole list, not the latest number, also catches a version folder
+        # that was moved out of the dataset to repair it (see `repair`).
+        return manifest is not None and [f"v{v['version']:06d}" for v in manifest["versions"]] == self.location.versions()
 
     def _stored_manifest(self) -> dict | None:
         """`manifest.json` as stored (None when missing), a damaged one replaced by one rebuilt
@@ -454,7 +464,68 @@ class DatasetStore:
         files = self.files()
         if not files:
             return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
-        return pa.concat_tables(pq.read_table(path, columns=columns, filesystem=self.filesystem) for path in files)
+        tables = []
+        for path in files:
+            with self._reading(path):
+                tables.append(pq.read_table(path, columns=columns, filesystem=self.filesystem))
+        return pa.concat_tables(tables)
+
+    def verify(self, read_rows: bool = False) -> list[DamagedPart]:
+        """The dataset's damaged parts: missing, with a footer that does not read, or holding
+        another number of rows than committed. With `read_rows`, also every
+        image is read and hashed against its row's sha256, which costs a full read of the dataset."""
+        damaged = []
+        for entry in self.manifest()["files"]:
+            path = self.location.file(entry["path"])
+            try:
+                problem = self._part_problem(path, entry["rows"], read_rows)
+            except (pa.ArrowException, OSError) as exc:
+                if isinstance(exc, TRANSIENT_ERRORS):
+                    raise
+                problem = f"does not read: {_first_line(exc)}"
+            if problem:
+                damaged.append(DamagedPart(path, entry["version"], problem))
+        return damaged
+
+    def _part_problem(self, path: Path | str, committed_rows: int, read_rows: bool) -> str | None:
+        parquet = pq.ParquetFile(path, filesystem=self.filesystem)
+        if parquet.metadata.num_rows != committed_rows:
+            return f"holds {parquet.metadata.num_rows} rows where {committed_rows} were committed"
+        if not read_rows:
+            return None
+        mismatched, row = [], 0
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group, columns=["sha256", "image", "member_path"])
+            for sha, image, member in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+                if hashlib.sha256(image).hexdigest() != sha:
+                    mismatched.append(f"row {row} ({member})")
+                row += 1
+        if not mismatched:
+            return None
+        shown = ", ".join(mismatched[:5]) + (", ..." if len(mismatched) > 5 else "")
+        return f"{len(mismatched)} of {row} rows hold an image that does not hash to their sha256: {shown}"
+
+    def repair(self, version: int) -> str:
+        """How to repair a damaged part of `version`: the parts of a version are written once, so
+        it is restored, or dropped whole and its source ingested again for what it held."""
+        source = next(v["source_uri"] for v in self.manifest()["versions"] if v["version"] == version)
+        return (f"restore it from a backup, or move {self.location.file(f'v{version:06d}')} out of the dataset "
+                f"and run `cnnpipe ingest {source} --dataset {self.name}` to add back what that version held")
+
+    def damaged_part_error(self, path: Path | str, problem: str) -> CnnpipeError:
+        """The one-line error of a reader that met a damaged part."""
+        version = int(Path(str(path)).parent.name.removeprefix("v"))
+        return CnnpipeError(f"{path}: {problem}; {self.repair(version)} "
+                            f"(`cnnpipe datasets verify {self.name}` checks every part)")
+
+    @contextmanager
+    def _reading(self, path: Path | str) -> Iterator[None]:
+        try:
+            yield
+        except (pa.ArrowException, OSError) as exc:
+            if isinstance(exc, TRANSIENT_ERRORS):
+                raise
+            raise self.damaged_part_error(path, f"does not read: {_first_line(exc)}") from None
 
     def rejected(self) -> list[dict]:
         return self.location.read_json("rejected.json") or []
@@ -470,7 +541,7 @@ class DatasetStore:
         manifest = self.manifest()
         for entry in manifest["files"]:
             local = target / entry["path"]
-            if local.exists() and pq.read_metadata(local).num_rows == entry["rows"]:
+            if local.exists() and _rows_in(local) == entry["rows"]:
                 continue
             local.parent.mkdir(parents=True, exist_ok=True)
             partial = local.with_name(local.name + ".tmp")
@@ -492,8 +563,8 @@ class DatasetStore:
         """Finish what a killed run left: rebuild a lagging manifest, drop half-written files."""
         self.location.discard_debris()
         manifest = self._stored_manifest()
-        if self.location.versions() and (manifest is None or manifest["version"] != self._latest_version()):
-            log.warning("dataset %s: the manifest was behind its versions; rebuilt it", self.name)
+        if self.location.versions() and not self._lists_every_version(manifest):
+            log.warning("dataset %s: the manifest did not list its versions; rebuilt it", self.name)
             self.location.write_json("manifest.json", self._derive_manifest())
         for directory in [self.staging, *self.shards_staging.glob("*/shard-*")]:
             self._keep_if_current(directory)
@@ -803,6 +874,18 @@ def list_datasets(settings: Settings | None = None) -> list[dict]:
     return manifests
 
 
+def _rows_in(part: Path) -> int | None:
+    """A local part's row count from its footer; None when it does not read, to fetch it again."""
+    try:
+        return pq.read_metadata(part).num_rows
+    except (pa.ArrowException, OSError):
+        return None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0]
+
+
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
@@ -821,11 +904,13 @@ class DatasetSource(Source):
 
     def entries(self) -> Iterator[Entry]:
         for path in self.store.files():
-            parquet = pq.ParquetFile(path, filesystem=self.store.filesystem)
+            with self.store._reading(path):
+                parquet = pq.ParquetFile(path, filesystem=self.store.filesystem)
             for group in range(parquet.num_row_groups):
                 if not self._mine(f"{path}:{group}"):
                     continue
-                table = parquet.read_row_group(group, columns=["sha256", "image", "split", "member_path"])
+                with self.store._reading(path):
+                    table = parquet.read_row_group(group, columns=["sha256", "image", "split", "member_path"])
                 for sha, image, split, member in zip(*(table.column(c).to_pylist() for c in table.column_names)):
                     if self.split is None or split == self.split:
                         yield Entry(member, None, None, image, content_sha256=sha)

@@ -15,6 +15,7 @@ import mlflow
 
 from cnn import recipe as auto_recipe
 from cnn.checkpoint import CheckpointError
+from cnn.data import UnreadablePart
 from cnn.launch import fit_distributed
 from cnn.recipe import Recipe
 from cnn.train import FitResult, TrainConfig, fit, plan, resolve_device
@@ -89,6 +90,8 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
                 result = fit_distributed(config, nproc, on_epoch=on_epoch)
             else:
                 result = fit(config, on_step=progress.on_step, on_epoch=on_epoch)
+        except UnreadablePart as exc:
+            raise DatasetStore(manifest["name"]).damaged_part_error(exc.path, exc.problem) from None
         finally:
             progress.close()
         tracking.log_evaluation(result)

@@ -3,12 +3,14 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
-from cnn.data import (Augment, ColourStats, ResidentImages, StoreSplit, StreamingImages, decode_images, normalise,
-                      ten_crops)
+from cnn.data import (Augment, ColourStats, ResidentImages, StoreSplit, StreamingImages, UnreadablePart, decode_images,
+                      normalise, ten_crops)
 from tests.imagefactory import encode, jpeg
 
 
@@ -172,3 +174,18 @@ def test_colour_stats_are_computed_once_per_dataset_version(shapes_dataset):
     cache = shapes_dataset / "stats" / f"colour-{split.version_id}.json"
     assert cache.exists()
     assert colour_stats_for(split, images[:1]) == first  # read back, not recomputed from one image
+
+
+def test_a_part_that_does_not_read_is_named(tmp_path):
+    part = tmp_path / "v000001" / "part-00000.parquet"
+    part.parent.mkdir()
+    pq.write_table(pa.table({"image": [b"x" * 100], "label": ["a"], "split": ["train"]}), part, compression="none")
+    split = StoreSplit((part,), "train", ("a",), "id", 1)
+    assert split.read_group(part, 0) == ([b"x" * 100], [0])
+    written = part.read_bytes()
+    part.write_bytes(written[:4] + bytes(60) + written[64:])  # the footer holds, the first page does not
+    with pytest.raises(UnreadablePart, match=f"{part}: row group 0 does not read"):
+        split.read_group(part, 0)
+    part.write_bytes(written[: len(written) // 2])
+    with pytest.raises(UnreadablePart, match=f"{part}: does not read: Parquet magic bytes not found"):
+        split.row_groups()

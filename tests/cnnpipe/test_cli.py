@@ -7,6 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from cnnpipe.cli import cli
+from cnnpipe.sources import open_source
+from cnnpipe.store import DatasetStore, IngestOptions
 from tests.imagefactory import write_class_folders
 
 HEAVY = ("torch", "prefect", "mlflow", "duckdb", "pyarrow")
@@ -36,6 +38,39 @@ def test_datasets_with_nothing_ingested_says_how_to_start():
     assert result.exit_code == 0 and "cnnpipe ingest" in result.output
     result = CliRunner().invoke(cli, ["datasets", "show", "ghost"])
     assert result.exit_code == 1 and "no dataset named 'ghost'" in result.output
+
+
+def ingested(source, name: str = "pets") -> DatasetStore:
+    store = DatasetStore(name)
+    with store.lock():
+        store.commit(store.stage(open_source(str(source)), IngestOptions(workers=0)))
+    return store
+
+
+def test_datasets_lists_every_dataset_when_a_manifest_is_corrupted(tmp_path):
+    write_class_folders(tmp_path / "src", {"cat": 3})
+    (ingested(tmp_path / "src", "a").root / "manifest.json").write_text("{")
+    ingested(tmp_path / "src", "b")
+    result = CliRunner().invoke(cli, ["datasets"])
+    assert result.exit_code == 0, result.output
+    assert [line.split()[1] for line in result.output.splitlines() if line.split()[1:2] in (["a"], ["b"])] == ["a", "b"]
+
+
+def test_datasets_show_checks_footers_and_verify_checks_rows_naming_the_part_and_its_repair(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    write_class_folders(tmp_path / "src", {"cat": 3})
+    store = ingested(tmp_path / "src")
+    runner = CliRunner()
+    verified = runner.invoke(cli, ["datasets", "verify", "pets"])
+    assert verified.exit_code == 0 and "3 images" in verified.output
+    [part] = store.root.glob("v000001/*.parquet")
+    part.write_bytes(part.read_bytes()[:300])
+    for command in ("show", "verify"):
+        result = runner.invoke(cli, ["datasets", command, "pets"])
+        assert result.exit_code == 1, result.output
+        assert str(part) in result.output and "Parquet magic bytes not found" in result.output
+        assert f"cnnpipe ingest file://{tmp_path / 'src'} --dataset pets" in result.output
+        assert result.output.strip().splitlines()[-1].startswith("Error: dataset pets: 1 damaged Parquet part")
 
 
 @pytest.mark.usefixtures("prefect_harness")

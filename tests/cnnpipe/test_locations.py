@@ -87,6 +87,16 @@ def test_training_reads_a_local_copy_that_fetches_only_new_parts(tmp_path, remot
     assert (copy / "v000001" / "part-00000.parquet").stat().st_mtime_ns == fetched
 
 
+def test_a_damaged_cached_part_is_fetched_again(tmp_path, remote_store):
+    write_class_folders(tmp_path / "src", {"cat": 3}, split="train")
+    ingest(tmp_path / "src")
+    store = DatasetStore("pets")
+    [part] = store.local_copy().glob("v*/*.parquet")
+    part.write_bytes(part.read_bytes()[:300])
+    assert StoreSplit.open(store.local_copy(), "train").rows == 3
+    assert len(StoreSplit((part,), "train", ("cat",), "", 3).row_groups()) == 1
+
+
 def test_a_dataset_on_object_storage_is_a_source_to_classify(tmp_path, remote_store):
     write_class_folders(tmp_path / "src", {"cat": 4}, split="test")
     ingest(tmp_path / "src")

@@ -19,7 +19,8 @@ from cnnpipe import store as store_module
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.sources import open_source
 from cnnpipe.reports import ingest_markdown
-from cnnpipe.store import DatasetStore, IngestOptions, list_datasets, split_for, split_for_train
+from cnnpipe.store import (DatasetStore, IngestOptions, list_datasets, open_dataset_source, split_for,
+                           split_for_train)
 from tests.imagefactory import jpeg, png, write_class_folders
 
 
@@ -324,6 +325,47 @@ def test_a_dataset_that_cannot_be_rebuilt_is_named_and_the_others_listed(tmp_pat
     assert f"{damaged}: not valid JSON" in caplog.text
     with pytest.raises(CnnpipeError, match=f"{damaged}: not valid JSON"):
         DatasetStore("b").manifest()
+
+
+def three_versions(tmp_path: Path) -> DatasetStore:
+    for seed, label in enumerate(("cat", "dog", "owl")):
+        write_class_folders(tmp_path / label, {label: 4}, seed=seed)
+        ingest(tmp_path / label)
+    return DatasetStore("pets")
+
+
+def test_a_truncated_part_is_found_named_with_its_repair_and_the_repair_works(tmp_path):
+    store = three_versions(tmp_path)
+    assert store.verify(read_rows=True) == []
+    [part] = (store.root / "v000002").glob("*.parquet")
+    part.write_bytes(part.read_bytes()[:300])
+    [damaged] = store.verify()
+    assert damaged.path == part and "footer" in damaged.problem
+    repair = store.repair(damaged.version)
+    assert str(store.root / "v000002") in repair and f"cnnpipe ingest file://{tmp_path / 'dog'}" in repair
+    with pytest.raises(CnnpipeError, match=f"{part}: .*cnnpipe ingest"):
+        store.read_table()
+    with pytest.raises(CnnpipeError, match=f"{part}: .*cnnpipe ingest"):
+        ingest(tmp_path / "owl")
+    with pytest.raises(CnnpipeError, match=f"{part}: .*cnnpipe ingest"):
+        list(open_dataset_source("dataset:pets").entries())
+    shutil.move(store.root / "v000002", tmp_path / "set-aside")
+    assert store.verify(read_rows=True) == []
+    assert ingest(tmp_path / "dog").added == 4
+    assert store.manifest()["num_rows"] == 12 and store.verify(read_rows=True) == []
+
+
+def test_verify_reads_every_row_and_names_those_whose_bytes_no_longer_match(tmp_path):
+    store = three_versions(tmp_path)
+    [part] = (store.root / "v000003").glob("*.parquet")
+    table = pq.read_table(part)
+    images = table.column("image").to_pylist()
+    images[1] = images[1][:-1] + bytes([images[1][-1] ^ 1])
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", [images]), part)
+    assert store.verify() == []  # the footer is sound
+    [damaged] = store.verify(read_rows=True)
+    assert damaged.path == part and damaged.version == 3
+    assert "1 of 4 rows" in damaged.problem and "owl/0001.jpg" in damaged.problem
 
 
 def test_stale_staging_from_another_base_version_is_discarded(tmp_path):
