@@ -36,7 +36,7 @@ CIFAR = Path(os.environ.get("CNNPIPE_SHARED", REPO.parent / "shared")) / "data" 
 
 from cnn.data import Augment, ColourStats, ResidentImages, StoreSplit  # noqa: E402
 from cnn.model import LocalResponseNorm, build_model  # noqa: E402
-from cnn.train import _autocast, train_one_epoch  # noqa: E402
+from cnn.train import autocast, train_one_epoch  # noqa: E402
 
 
 def synchronise(device: torch.device) -> None:
@@ -46,7 +46,7 @@ def synchronise(device: torch.device) -> None:
 
 def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
              device: torch.device) -> None:
-    with _autocast(device):
+    with autocast(device):
         logits = model(images)
     loss = nn.functional.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ import torch
 
 from cnn.data import ColourStats, centre_crop, normalise
 from cnn.model import input_size
-from cnn.train import _autocast, load_trained_model
+from cnn.train import autocast, load_trained_model
 
 
 class Predictor:
@@ -28,6 +28,7 @@ class Predictor:
         # Images are decoded at this size, then centre-cropped to the model's input, as in training.
         self.decode_size = 256 if self.crop == 224 else self.crop
         self.batch_size = batch_size
+        self.precision = state["config"].get("precision", "auto")
         self.version = version or hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:12]
         self.name = name or f"{Path(state['config']['dataset_dir']).name}__{state['config']['model']}"
         self.run_id = run_id
@@ -39,7 +40,7 @@ class Predictor:
         while start < len(images):
             chunk = images[start:start + batch].to(self.device, non_blocking=True)
             try:
-                with _autocast(self.device):
+                with autocast(self.device, self.precision):
                     logits = self.model(normalise(centre_crop(chunk, self.crop), self.stats))
             except torch.OutOfMemoryError:
                 if batch == 1:

@@ -61,6 +61,8 @@ class TrainConfig:
     device: str = "auto"
     memory_budget_mb: int = 2048
     compile: bool = False
+    # auto: bf16 on CUDA and on CPUs with AMX, fp32 elsewhere (see `uses_bf16`).
+    precision: str = "auto"
     ten_crop: bool = False
     checkpoint_root: str | None = None
     resume: bool | str = False
@@ -70,6 +72,8 @@ class TrainConfig:
         """Refuse an impossible setting before anything starts, naming its flag."""
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         checks = [
             ("epochs", "--epochs", lambda v: v >= 1, "at least 1"),
             ("batch_size", "--batch-size", lambda v: v >= 1, "at least 1"),
@@ -122,14 +126,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def cpu_has_amx() -> bool:
+    # A private probe, present since torch 2.1; without it, assume no AMX.
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """Whether a run computes in bf16. `auto`: on CUDA, and on a CPU with AMX tiles, whose
+    bf16 matrix units train alexnet-cifar about 3x faster than fp32 (on this project's
+    2-core Xeon, 180 to 430-580 images/s); elsewhere bf16 is emulated, slower than fp32."""
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_amx())
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The autocast context for the forward pass; losses and softmax stay in fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, precision))
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], augment: Callable,
                     optimizer: torch.optim.Optimizer, scheduler, generator: torch.Generator,
                     label_smoothing: float = 0.0, per_batch_scheduler: bool = False,
-                    on_step: Callable[[dict], None] | None = None, shard: tuple[int, int] | None = None) -> dict:
+                    on_step: Callable[[dict], None] | None = None, shard: tuple[int, int] | None = None,
+                    precision: str = "auto") -> dict:
     """One pass over `batches`. With `shard=(rank, world)` (DDP), every rank draws the same
     global batch and augmentation and trains on its slice, so the run matches one process."""
     model.train()
@@ -143,7 +167,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         if shard is not None:
             rank, world = shard
             inputs, labels = inputs.chunk(world)[rank], labels.chunk(world)[rank]
-        with _autocast(device):
+        with autocast(device, precision):
             logits = model(inputs)
         loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -172,7 +196,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], stats: ColourStats,
-             crop: int, ten_crop: bool = False, keep_predictions: bool = False, mistakes: int = 0) -> dict:
+             crop: int, ten_crop: bool = False, keep_predictions: bool = False, mistakes: int = 0,
+             precision: str = "auto") -> dict:
     """Loss, top-1 and top-5 accuracy on `batches`, without touching the model's training state.
 
     With `keep_predictions`, the probabilities and targets come back too (on the CPU), for
@@ -188,7 +213,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     try:
         for images, labels in batches:
             views = ten_crops(images, crop) if ten_crop else [centre_crop(images, crop)]
-            with _autocast(device):
+            with autocast(device, precision):
                 probabilities = sum(model(normalise(view, stats)).float().softmax(1) for view in views) / len(views)
             loss_sum += float(nn.functional.nll_loss(probabilities.clamp_min(1e-12).log(), labels, reduction="sum"))
             top1 += topk_correct(probabilities, labels, 1)
@@ -392,12 +417,12 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
         try:
             metrics = train_one_epoch(trainable, train.batches(config.batch_size, generator, drop_last=True),
                                       augment, optimizer, scheduler, generator, config.label_smoothing, per_batch,
-                                      on_step if leader else None, shard)
+                                      on_step if leader else None, shard, config.precision)
         except torch.OutOfMemoryError:
             raise RuntimeError(f"out of device memory in epoch {epoch + 1} at batch size {config.batch_size}: "
                                f"try --batch-size {max(1, config.batch_size // 2)}; the checkpoints of finished "
                                "epochs are intact") from None
-        validation = evaluate(model, val.batches(config.batch_size * 2), stats, crop)
+        validation = evaluate(model, val.batches(config.batch_size * 2), stats, crop, precision=config.precision)
         if not per_batch:
             scheduler.step(validation["top1"]) if config.schedule == "plateau" else scheduler.step()
         record = {"epoch": epoch + 1, **metrics, "val_loss": validation["loss"], "val_top1": validation["top1"],
@@ -426,12 +451,12 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
         latest = loaded[1] if loaded else None
     held_out = evaluate(model, _load_split(held_out_split, stored, device, config.memory_budget_mb)
                         .batches(config.batch_size * 2), stats, crop, keep_predictions=True,
-                        mistakes=MISTAKES_KEPT)
+                        mistakes=MISTAKES_KEPT, precision=config.precision)
     report = classification_report(held_out.pop("probabilities"), held_out.pop("targets"), classes)
     report["mistakes"] = held_out.pop("mistakes")
     if config.ten_crop:
         ten = evaluate(model, _load_split(held_out_split, stored, device, config.memory_budget_mb)
-                       .batches(config.batch_size * 2), stats, crop, ten_crop=True)
+                       .batches(config.batch_size * 2), stats, crop, ten_crop=True, precision=config.precision)
         held_out.update({"ten_crop_top1": ten["top1"], "ten_crop_top5": ten["top5"]})
     if leader:
         (run_dir / "done").write_text(json.dumps(held_out))
@@ -454,10 +479,23 @@ class TrainingPlan:
     warnings: list[str]
 
     def lines(self) -> list[str]:
-        lines = [self.recipe.line()]
+        lines = [self.recipe.line(), precision_line(self.config)]
         if self.resuming:
             lines.append(f"resuming {self.resuming[0]} after epoch {self.resuming[1]} of {self.config.epochs}")
         return lines
+
+
+def precision_line(config: TrainConfig) -> str:
+    """What the run computes in, and why: `uses_bf16` depends on the machine, so it is said."""
+    device = resolve_device(config.device)
+    bf16 = uses_bf16(device, config.precision)
+    if config.precision != "auto":
+        why = "set"
+    elif device.type == "cpu":
+        why = f"auto: this CPU {'has' if bf16 else 'has no'} AMX"
+    else:
+        why = f"auto on {device.type}"
+    return f"precision: {'bf16 autocast' if bf16 else 'fp32'} on {device.type} ({why})"
 
 
 def plan(config: TrainConfig) -> TrainingPlan:
@@ -504,7 +542,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset_dir: str | os.Pat
     crop = input_size(model)
     images = _load_split(split, 256 if crop == 224 else crop, device, 2048)
     return evaluate(model.to(memory_format=torch.channels_last), images.batches(batch_size),
-                    ColourStats(**state["colour_stats"]), crop)
+                    ColourStats(**state["colour_stats"]), crop, precision=state["config"].get("precision", "auto"))
 
 
 def load_trained_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

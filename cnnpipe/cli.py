@@ -131,6 +131,8 @@ def _training_options(command):
                      help="Train as DDP over N processes on this machine (torchrun): one per GPU, or gloo on CPUs."),
         click.option("--memory-budget-mb", default=2048, show_default=True,
                      help="Decode a split once into device memory when it fits; stream row groups otherwise."),
+        click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+                     help="auto: bf16 autocast on CUDA and on CPUs with AMX (about 3x faster there), fp32 elsewhere."),
         click.option("--ten-crop", is_flag=True, help="Also report the paper's ten-patch test-time averaging."),
         click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model."),
         click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[PATH]",

@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 
 from cnn.model import input_size
 from cnn.recipe import Recipe
-from cnn.train import FitResult, TrainConfig, inference_state, load_trained_model
+from cnn.train import FitResult, TrainConfig, inference_state, load_trained_model, uses_bf16
 from cnnpipe import plots
 from cnnpipe.locks import file_lock
 from cnnpipe.settings import MLFLOW_EXPERIMENT, Settings, get_settings
@@ -138,6 +138,7 @@ def log_config(config: TrainConfig, manifest: dict, device: str, flow_run_id: st
     params.update({
         "dataset": manifest["name"], "dataset_version": manifest["version"], "dataset_version_id": manifest["version_id"],
         "num_classes": len(classes), "seed": config.seed, "device": device,
+        "bf16": uses_bf16(torch.device(device), config.precision),
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else "",
         "torch": torch.__version__, "torchvision": package_version("torchvision"),
         "cnn_pipeline": package_version("cnn-pipeline"), "python": platform.python_version(),

@@ -27,6 +27,7 @@ def retrain(
     seed: int = 0,
     device: str = "auto",
     memory_budget_mb: int = 2048,
+    precision: str = "auto",
     ten_crop: bool = False,
     compile: bool = False,
     resume: bool | str = False,
@@ -46,6 +47,6 @@ def retrain(
     outcome = train(dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
                     label_smoothing=label_smoothing, weight_decay=weight_decay, norm=norm, dropout=dropout,
                     patience=patience, seed=seed, device=device, memory_budget_mb=memory_budget_mb,
-                    ten_crop=ten_crop, compile=compile, resume=resume, registered_model=registered_model,
-                    min_improvement=min_improvement, nproc=nproc)
+                    precision=precision, ten_crop=ten_crop, compile=compile, resume=resume,
+                    registered_model=registered_model, min_improvement=min_improvement, nproc=nproc)
     return replace(outcome, ingested=ingested, why=why)

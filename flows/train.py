@@ -27,6 +27,7 @@ def train(
     seed: int = 0,
     device: str = "auto",
     memory_budget_mb: int = 2048,
+    precision: str = "auto",
     ten_crop: bool = False,
     compile: bool = False,
     resume: bool | str = False,
@@ -43,7 +44,8 @@ def train(
     config = TrainConfig(
         dataset_dir=local_dataset(dataset), model=model, epochs=epochs, batch_size=batch_size, lr=lr,
         schedule=schedule, label_smoothing=label_smoothing, weight_decay=weight_decay, norm=norm, dropout=dropout,
-        patience=patience, seed=seed, device=device, memory_budget_mb=memory_budget_mb, ten_crop=ten_crop,
+        patience=patience, seed=seed, device=device, memory_budget_mb=memory_budget_mb, precision=precision,
+        ten_crop=ten_crop,
         compile=compile, resume=resume, checkpoint_root=str(settings.checkpoints_dir),
     )
     prepare_tracking()

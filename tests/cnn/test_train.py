@@ -86,6 +86,34 @@ def test_ten_patch_accuracy_is_close_to_the_centre_crop_on_a_trained_model(crop,
     assert abs(ten - centre) <= 0.05
 
 
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_precision_is_the_dtype_training_and_evaluation_compute_in(precision, dtype):
+    images, labels = _brightness_classes(32, 4, seed=0)
+    stats = ColourStats.from_images(images)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(8, 4))
+    seen = []
+    model[-1].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    generator = torch.Generator().manual_seed(0)
+    batches = list(ResidentImages(images, labels).batches(16, generator))
+    train.train_one_epoch(model, batches, Augment(stats, 32, lighting=0.0), optimizer, None, generator,
+                          precision=precision)
+    train.evaluate(model, batches, stats, 32, precision=precision)
+    assert seen == [dtype, dtype]
+
+
+def test_the_precision_a_run_uses_is_said_and_a_bad_one_refused(tmp_path):
+    assert train.precision_line(TrainConfig(str(tmp_path), device="cpu", precision="fp32")) == \
+        "precision: fp32 on cpu (set)"
+    automatic = train.precision_line(TrainConfig(str(tmp_path), device="cpu"))
+    expected = "bf16 autocast on cpu (auto: this CPU has AMX)" if train.cpu_has_amx() else \
+        "fp32 on cpu (auto: this CPU has no AMX)"
+    assert automatic == f"precision: {expected}"
+    with pytest.raises(ValueError, match="--precision must be one of auto, bf16, fp32, not 'fp16'"):
+        TrainConfig(str(tmp_path), precision="fp16")
+
+
 class _Payload:
     def __init__(self, marker: Path):
         self.marker = marker
