@@ -1,6 +1,6 @@
 """The automatic recipe against a small grid of batch size x learning rate, on several datasets.
 
-    python bench/recipe.py                          # the default run, 15 to 18 minutes on 2 cores
+    python bench/recipe.py                          # the default run, 12 to 15 minutes on 2 cores
     python bench/recipe.py --quick                  # a smoke check: tiny sets, 1 epoch, a 1x2 grid
     python bench/recipe.py --datasets cifar-1k,shapes --epochs 5 --grid-lr 0.01,0.05,0.2
     python bench/recipe.py --large --device cuda    # cifar-10k as well
@@ -23,27 +23,24 @@ validation split out of train) plus a fixed test/<class>/ of 50 per class from C
 - shapes: the demo's rendered shapes (cnnpipe.demo.write_demo_images, 800 images, 4 classes,
   train/val/test from hashes).
 
-Defaults and the time they take. This 2-core CPU trains alexnet-cifar at about 80 images/s
-at 32 px, so ~15 minutes is ~70,000 training image-passes in all (evaluation, decoding,
-checkpoints and ingestion take the rest of the time). About 900 training images per 1k set
-(10% go to validation), ~2,700 for cifar-3k, ~640 for shapes: 6,940 in all over the six
-default datasets. The 2 x 3 grid (batch {32, 128} x lr {0.01, 0.05, 0.2}) plus the auto run
-is 7 runs a dataset: 6,940 x 7 = 48,600 image-passes an epoch, so only 1.4 epochs would fit.
-The default grid is therefore 2 x 2, batch {32, 128} x lr {0.01, 0.05}, chosen to bracket
-the automatic choice (batch 32, lr 0.0125 for a 1k set; batch 64, lr 0.025 for cifar-3k):
-lr/batch from 5x below the auto ratio (128, 0.01) through about equal (32, 0.01; 128, 0.05)
-to 4x above (32, 0.05). With 5 runs a dataset and per-dataset epochs that give each CIFAR
-run the same ~2,700 image-passes (shapes, the easy set, ~1,300):
-    1k sets (4):  900 x 5 runs x 3 epochs x 4 = 54,000
-    cifar-3k:    2700 x 5 runs x 1 epoch      = 13,500
-    shapes:       640 x 5 runs x 2 epochs     =  6,400
-    total                                      73,900 image-passes = ~925 s at 80 images/s
-plus ~2 s a run (30 runs) to evaluate 500 test images, decode and checkpoint, and ~10 s of
-reading and ingesting: 15 to 18 minutes in all.
---epochs N sets the same N for every dataset. cifar-10k (--large) trains 1 epoch:
-9,000 x 5 = 45,000 more image-passes, about 10 minutes more on this CPU. At these epochs
-the auto runs of the 1k sets (3 x 28 = 84 steps) and of shapes (2 x 20 = 40) stay below the
-recipe's own few-steps warning (100 steps), which the run prints.
+Defaults and the time they take. This 2-core CPU (a Xeon with AMX) trains alexnet-cifar
+at about 300 images/s at 32 px in bf16 autocast (the automatic precision there; about
+80 images/s in fp32), so ~15 minutes is ~200,000 training image-passes in all
+(evaluation, decoding, checkpoints and ingestion take the rest of the time). About 900
+training images per 1k set (10% go to validation), ~2,700 for cifar-3k, ~640 for shapes.
+The default grid is 2 x 2, batch {32, 128} x lr {0.01, 0.05}, chosen to bracket the
+automatic choice (batch 32, lr 0.05 for a 1k set; batch 64, lr 0.0707 for cifar-3k):
+from lr/batch well below the auto ratio (128, 0.01) to about equal (32, 0.05). With 5
+runs a dataset and per-dataset epochs that give each CIFAR run about 5,400 to 8,100
+image-passes (shapes, the easy set, ~5,100):
+    1k sets (4):  900 x 5 runs x 6 epochs x 4 = 108,000
+    cifar-3k:    2700 x 5 runs x 3 epochs     =  40,500
+    shapes:       640 x 5 runs x 8 epochs     =  25,600
+    total                                      174,100 image-passes = ~580 s at 300 images/s
+plus evaluation, checkpoints and ingestion: 12 to 15 minutes in all (about three times
+that on a CPU without AMX, which trains in fp32). --epochs N sets the same N for every
+dataset. cifar-10k (--large) trains 2 epochs: 9,000 x 5 x 2 = 90,000 more image-passes.
+At these epochs every auto run has 100 steps or more, so none is warned as too short.
 --quick: a tenth of the CIFAR images (10 a class, 30 for cifar-3k), 100 shapes, 10 test
 images a class, 1 epoch, batch {32} x lr {0.01, 0.05}: a smoke check of every path in
 about 1.5 minutes, not a measurement (everything is near chance).
@@ -75,15 +72,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 CIFAR = Path(os.environ.get("CNNPIPE_SHARED", REPO.parent / "shared")) / "data" / "cifar10-jpeg.tar.gz"
 
-from cnn.train import TrainConfig, fit, plan  # noqa: E402
+from cnn.train import TrainConfig, fit, plan, resolve_device, uses_bf16  # noqa: E402
 
 DATASETS = ("cifar-1k", "cifar-3k", "cifar-10k", "gray-1k", "px64-1k", "px96-1k", "shapes")
 DEFAULT_DATASETS = tuple(name for name in DATASETS if name != "cifar-10k")
 # Training images per class taken from CIFAR's train/ (before the validation carve).
 PER_CLASS = {"cifar-1k": 100, "cifar-3k": 300, "cifar-10k": 1000, "gray-1k": 100, "px64-1k": 100, "px96-1k": 100}
 TEST_PER_CLASS = 50
-# About 2,700 training image-passes per run (see the docstring's arithmetic).
-DEFAULT_EPOCHS = {"cifar-1k": 3, "gray-1k": 3, "px64-1k": 3, "px96-1k": 3, "cifar-3k": 1, "cifar-10k": 1, "shapes": 2}
+# About 5,000 to 8,000 training image-passes per run (see the docstring's arithmetic).
+DEFAULT_EPOCHS = {"cifar-1k": 6, "gray-1k": 6, "px64-1k": 6, "px96-1k": 6, "cifar-3k": 3, "cifar-10k": 2, "shapes": 8}
 DEFAULT_GRID_BATCH = (32, 128)
 DEFAULT_GRID_LR = (0.01, 0.05)
 # --quick: a tenth of the training images, 10 test images per class, 1 epoch, a 1 x 2 grid.
@@ -302,7 +299,8 @@ def report(outcomes: list[Outcome], args, total_seconds: float) -> None:
     for outcome in outcomes:
         print(f"  {outcome.dataset}: {outcome.recipe_line}")
     threads = torch.get_num_threads()
-    print(f"total wall time {total_seconds:.0f} s; torch {torch.__version__}; {os.cpu_count()} CPUs, "
+    precision = "bf16" if uses_bf16(resolve_device(args.device)) else "fp32"
+    print(f"total wall time {total_seconds:.0f} s; {precision}; torch {torch.__version__}; {os.cpu_count()} CPUs, "
           f"{threads} torch threads; {platform.processor() or platform.machine()}; {' '.join(platform.uname())}")
 
 

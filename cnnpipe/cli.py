@@ -15,6 +15,10 @@ import click
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.settings import REGISTERED_MODEL
 
+DEMO_MODEL = "shapes-classifier"
+# What `models` and `datasets` print: whole values always, piped or not.
+LISTING_FORMATS = ("table", "csv", "json")
+
 
 class _Cli(click.Group):
     def invoke(self, ctx: click.Context):
@@ -279,33 +283,36 @@ def serve(dataset: str, source: str | None, cron: str, timezone: str, inbox: str
 
 @cli.command()
 @click.argument("name", required=False)
-def models(name: str | None) -> None:
+@click.option("--format", "output_format", type=click.Choice(LISTING_FORMATS), default="table", show_default=True)
+def models(name: str | None, output_format: str) -> None:
     """List registered model versions with their figures, aliases and gate decisions.
 
     \b
     Examples:
       cnnpipe models
       cnnpipe models cnn-classifier
+      cnnpipe models --format csv | grep champion
     """
-    from rich.console import Console
-    from rich.table import Table
-
+    from cnnpipe.output import write_rows
     from cnnpipe.registry import list_versions
 
     versions = list_versions(name)
     if not versions:
         click.echo("No registered models yet. `cnnpipe train --dataset NAME` registers one.")
         return
-    table = Table("model", "version", "aliases", "created", "dataset", "val top-1", "held-out top-1", "top-5",
-                  "vs majority", "gate")
+    columns = ["model", "version", "aliases", "created", "dataset", "val top-1", "held-out top-1", "top-5",
+               "vs majority", "gate"]
+    rows = []
     for v, aliases in versions:
         tags = v.tags
-        table.add_row(v.name, str(v.version), ", ".join(aliases), _timestamp(v.creation_timestamp),
-                      f"{tags.get('dataset', '')} {tags.get('dataset_version_id', '')[:8]}", _percent(tags.get("val_top1")),
-                      _percent(tags.get("test_top1") or tags.get("val_top1")),
-                      _percent(tags.get("test_top5") or tags.get("val_top5")), _versus_majority(tags),
-                      tags.get("gate.decision", ""))
-    Console().print(table)
+        rows.append((v.name, str(v.version), ", ".join(aliases), _timestamp(v.creation_timestamp),
+                     f"{tags.get('dataset', '')} {tags.get('dataset_version_id', '')[:8]}", _percent(tags.get("val_top1")),
+                     _percent(tags.get("test_top1") or tags.get("val_top1")),
+                     _percent(tags.get("test_top5") or tags.get("val_top5")), _versus_majority(tags),
+                     tags.get("gate.decision", "")))
+    write_rows(columns, rows, output_format)
+    if output_format != "table":
+        return
     gated = [(v, v.tags["gate.reason"]) for v, _ in versions if v.tags.get("gate.reason")]
     if gated:
         click.echo("\nGate decisions:")
@@ -452,15 +459,14 @@ def sql(query: str, output_format: str, output: str | None, max_rows: int, timeo
 
 
 @cli.group(invoke_without_command=True)
+@click.option("--format", "output_format", type=click.Choice(LISTING_FORMATS), default="table", show_default=True)
 @click.pass_context
-def datasets(ctx: click.Context) -> None:
+def datasets(ctx: click.Context, output_format: str) -> None:
     """List datasets with their versions and counts; `datasets show NAME` for details,
     `datasets verify NAME` to check every image."""
     if ctx.invoked_subcommand is not None:
         return
-    from rich.console import Console
-    from rich.table import Table
-
+    from cnnpipe.output import write_rows
     from cnnpipe.settings import get_settings
     from cnnpipe.store import list_datasets
 
@@ -468,11 +474,12 @@ def datasets(ctx: click.Context) -> None:
     if not manifests:
         click.echo(f"No datasets under {get_settings().datasets_url} yet. Try: cnnpipe ingest SOURCE --dataset NAME")
         return
-    table = Table("dataset", "version", "id", "images", "classes", "train", "val", "test")
+    rows = []
     for m in manifests:
         split_sizes = [f"{sum(m['counts'].get(s, {}).values()):,}" for s in ("train", "val", "test")]
-        table.add_row(m["name"], str(m["version"]), m["version_id"], f"{m['num_rows']:,}", str(len(m["classes"])), *split_sizes)
-    Console().print(table)
+        rows.append((m["name"], str(m["version"]), m["version_id"], f"{m['num_rows']:,}", str(len(m["classes"])),
+                     *split_sizes))
+    write_rows(["dataset", "version", "id", "images", "classes", "train", "val", "test"], rows, output_format)
 
 
 @datasets.command("show")
@@ -524,10 +531,10 @@ def demo() -> None:
     Writes rendered shapes (JPEG and PNG in class folders, two deliberately broken
     files, and a tar archive of more images) under $CNNPIPE_HOME/demo, ingests the
     folder into the dataset `shapes`, then runs the nightly retraining flow once: it
-    ingests the archive, trains alexnet-cifar on the CPU with the automatic recipe
-    (no training flags: 30 epochs of batch 32, a few minutes on 2 cores), logs the run
-    to MLflow and registers `shapes-classifier`, promoting it to champion if it beats
-    the last one and the majority class. It then classifies the archive into DuckDB
+    ingests the archive, trains alexnet-cifar on the CPU with the automatic recipe (no
+    training flags: 30 epochs of batch 32, about a minute on a 2-core CPU with AMX),
+    logs the run to MLflow and registers `shapes-classifier`, promoting it to champion
+    if it beats the last one and the majority class. It then classifies the archive into DuckDB
     with the champion and ends with a SQL query and where to look next.
     """
     from cnnpipe.demo import write_demo_images
@@ -563,9 +570,6 @@ Where to look next:
       then http://127.0.0.1:4200 for these flow runs and their training report
 The dataset is plain Parquet; DuckDB reads it with no cnnpipe involved:
   SELECT split, label, count(*) FROM '{files}' GROUP BY ALL ORDER BY ALL;""")
-
-
-DEMO_MODEL = "shapes-classifier"
 
 
 def main() -> None:

@@ -10,7 +10,12 @@ from contextlib import nullcontext
 from cnnpipe.sql import QueryResult
 
 
-def write_result(result: QueryResult, output_format: str, output: str | None) -> None:
+def write_rows(columns: list[str], rows: list[tuple], output_format: str) -> None:
+    """A listing (`models`, `datasets`) to stdout as a table, CSV or JSON."""
+    write_result(QueryResult(columns, rows, truncated=False), output_format, None, count_rows=False)
+
+
+def write_result(result: QueryResult, output_format: str, output: str | None, count_rows: bool = True) -> None:
     if output_format == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -18,7 +23,7 @@ def write_result(result: QueryResult, output_format: str, output: str | None) ->
         pq.write_table(pa.Table.from_pylist([dict(zip(result.columns, row)) for row in result.rows]), output)
         return
     if output_format == "table" and output is None:
-        _print_table(result)
+        _print_table(result, count_rows)
         return
     with (open(output, "w", newline="") if output else nullcontext(sys.stdout)) as handle:
         if output_format == "json":
@@ -30,14 +35,23 @@ def write_result(result: QueryResult, output_format: str, output: str | None) ->
             writer.writerows(result.rows)
 
 
-def _print_table(result: QueryResult) -> None:
+def table_console():
+    """A rich console that cuts no cell when piped: rich assumes 80 columns off a terminal,
+    which turned `champion` into `champ…` for `cnnpipe models | grep champion`."""
     from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=100_000)
+
+
+def _print_table(result: QueryResult, count_rows: bool = True) -> None:
     from rich.table import Table
 
     table = Table(*result.columns)
     for row in result.rows:
         table.add_row(*("" if value is None else str(value) for value in row))
-    console = Console()
+    console = table_console()
     console.print(table)
+    if not count_rows:
+        return
     shown = f"{len(result.rows):,} row{'s' if len(result.rows) != 1 else ''}"
     console.print(f"{shown}, capped: raise --max-rows to see more" if result.truncated else shown)

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import csv
+import io
+import json
+import os
 import subprocess
 import sys
 
@@ -47,6 +51,20 @@ def ingested(source, name: str = "pets") -> DatasetStore:
     return store
 
 
+def test_datasets_piped_prints_whole_values_and_takes_a_format(tmp_path):
+    write_class_folders(tmp_path / "src", {"cat": 2, "dog": 1})
+    name = "a-dataset-name-long-enough-to-be-cut-by-an-eighty-column-table"
+    version_id = ingested(tmp_path / "src", name).manifest()["version_id"]
+    command = [sys.executable, "-m", "cnnpipe.cli", "datasets"]
+    piped = subprocess.run(command, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": ""})
+    assert piped.returncode == 0, piped.stderr
+    assert name in piped.stdout and version_id in piped.stdout
+    listed = json.loads(subprocess.run([*command, "--format", "json"], capture_output=True, text=True,
+                                       timeout=60).stdout)
+    assert [(row["dataset"], row["id"], row["images"], row["classes"]) for row in listed] == \
+        [(name, version_id, "3", "2")]
+
+
 def test_datasets_lists_every_dataset_when_a_manifest_is_corrupted(tmp_path):
     write_class_folders(tmp_path / "src", {"cat": 3})
     (ingested(tmp_path / "src", "a").root / "manifest.json").write_text("{")
@@ -89,9 +107,8 @@ def test_ingest_then_list_and_show(tmp_path):
 
 
 @pytest.mark.slow
-def test_models_promote_and_rollback_commands(register_version, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "200")
-    runner = CliRunner()
+def test_models_promote_and_rollback_commands(register_version):
+    runner = CliRunner()  # its stdout is not a terminal, as in `cnnpipe models | grep champion`
     assert "No registered models yet" in runner.invoke(cli, ["models"]).output
     register_version("pets", 0.5)
     register_version("pets", 0.75)
@@ -101,6 +118,9 @@ def test_models_promote_and_rollback_commands(register_version, monkeypatch):
     assert listing.exit_code == 0, listing.output
     rows = [line for line in listing.output.splitlines() if "pets" in line]
     assert "champion" in rows[0] and "75.00%" in rows[0] and "50.00%" in rows[1]
+    listed = list(csv.DictReader(io.StringIO(runner.invoke(cli, ["models", "pets", "--format", "csv"]).output)))
+    assert [(row["version"], row["aliases"], row["val top-1"]) for row in listed] == \
+        [("2", "champion", "75.00%"), ("1", "", "50.00%")]
     rolled = runner.invoke(cli, ["rollback", "pets"])
     assert rolled.output.strip() == "pets: champion rolled back from version 2 to 1"
     missing = runner.invoke(cli, ["promote", "pets", "9"])
