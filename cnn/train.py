@@ -501,10 +501,22 @@ def precision_line(config: TrainConfig) -> str:
 def plan(config: TrainConfig) -> TrainingPlan:
     """Choose the unset knobs for the dataset's train split and check the run can start.
     Raises ValueError (naming the flag) or CheckpointError (nothing to resume) in one line."""
+    require_two_train_classes(config.dataset_dir)
     config, recipe = auto_recipe.apply(config, StoreSplit.open(config.dataset_dir, "train").rows)
     warnings = [text for text in (auto_recipe.few_steps_warning(recipe), validation_warning(config.dataset_dir))
                 if text]
     return TrainingPlan(config, recipe, resume_point(config), warnings)
+
+
+def require_two_train_classes(dataset_dir: str | os.PathLike) -> None:
+    """Refuse a train split of one class: the model would learn to answer that class always, score
+    100% on a validation split of the same class, and be crowned champion."""
+    counts = json.loads((Path(dataset_dir) / "manifest.json").read_text())["counts"].get("train", {})
+    classes = sorted(label for label, images in counts.items() if images)
+    if len(classes) < 2:
+        found = f"only class {classes[0]!r}" if classes else "no images"
+        raise ValueError(f"the train split of {Path(dataset_dir).name} has {found}: a classifier needs images of "
+                         "at least two classes; ingest another class's images into it first")
 
 
 def validation_split(dataset_dir: str | os.PathLike, classes: list[str]) -> StoreSplit:
