@@ -23,6 +23,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def make_checkpoint(path: Path) -> Path:
               "pool": "max", "dropout": 0.5}
     stats = ColourStats([0.49, 0.48, 0.45], [0.25, 0.24, 0.26], [0.0, 0.0, 0.0], torch.eye(3).tolist())
     torch.save({"model": model.state_dict(), "config": config, "classes": [f"c{i}" for i in range(10)],
-                "colour_stats": stats.__dict__}, path)
+                "colour_stats": asdict(stats)}, path)
     return path
 
 

@@ -17,6 +17,7 @@ Batches stay uint8, 0-255, through decoding, cropping and padding; only `Augment
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -27,7 +28,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -212,12 +213,35 @@ def _resize_centre_crop(image: torch.Tensor, size: int) -> torch.Tensor:
 
 # ---- statistics computed once from the training split --------------------------------
 
+@dataclass(frozen=True)
+class ColourTensors:
+    mean: torch.Tensor  # (1, 3, 1, 1), to broadcast over a batch
+    std: torch.Tensor
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+
+
 @dataclass
 class ColourStats:
     mean: list[float]
     std: list[float]
     eigenvalues: list[float]
     eigenvectors: list[list[float]]
+
+    def __post_init__(self) -> None:
+        # Outside the dataclass fields, so `asdict` (checkpoints, the JSON cache) never sees it.
+        self._on_device: dict[tuple[torch.device, torch.dtype], ColourTensors] = {}
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> ColourTensors:
+        """The statistics as tensors on `device`, built once: a tensor made from Python lists
+        is a blocking host-to-device copy, which would otherwise stall every training step."""
+        key = (device, dtype)
+        if key not in self._on_device:
+            tensor = functools.partial(torch.tensor, dtype=dtype, device=device)
+            self._on_device[key] = ColourTensors(tensor(self.mean)[None, :, None, None],
+                                                 tensor(self.std)[None, :, None, None],
+                                                 tensor(self.eigenvalues), tensor(self.eigenvectors))
+        return self._on_device[key]
 
     @classmethod
     def from_images(cls, images: torch.Tensor, max_pixels: int = 4_000_000, seed: int = 0) -> ColourStats:
@@ -243,7 +267,7 @@ def colour_stats_for(split: StoreSplit, images: torch.Tensor, seed: int = 0) -> 
     if cache is not None:
         cache.parent.mkdir(exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(stats.__dict__))
+        tmp.write_text(json.dumps(asdict(stats)))
         os.replace(tmp, cache)
     return stats
 
@@ -275,9 +299,8 @@ class Augment:
         images = images.permute(0, 3, 1, 2).float().div_(255.0)
         if self.lighting:
             alphas = torch.randn(batch, 3, generator=generator, device=device) * self.lighting
-            eigenvalues = torch.tensor(self.stats.eigenvalues, dtype=images.dtype, device=device)
-            eigenvectors = torch.tensor(self.stats.eigenvectors, dtype=images.dtype, device=device)
-            shift = (alphas * eigenvalues) @ eigenvectors.T
+            colour = self.stats.on(device, images.dtype)
+            shift = (alphas * colour.eigenvalues) @ colour.eigenvectors.T
             images = images + shift[:, :, None, None]
         return normalise(images, self.stats)
 
@@ -286,9 +309,8 @@ def normalise(images: torch.Tensor, stats: ColourStats) -> torch.Tensor:
     """Float images in [0, 1] (or uint8) to zero mean and unit variance per channel."""
     if not images.dtype.is_floating_point:
         images = images.float().div_(255.0)
-    mean = torch.tensor(stats.mean, dtype=images.dtype, device=images.device)[None, :, None, None]
-    std = torch.tensor(stats.std, dtype=images.dtype, device=images.device)[None, :, None, None]
-    return ((images - mean) / std).contiguous(memory_format=torch.channels_last)
+    colour = stats.on(images.device, images.dtype)
+    return ((images - colour.mean) / colour.std).contiguous(memory_format=torch.channels_last)
 
 
 def centre_crop(images: torch.Tensor, crop: int) -> torch.Tensor:

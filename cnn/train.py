@@ -183,11 +183,12 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         if on_step is not None and steps % STEPS_PER_REPORT == 0:
             on_step({"images": seen - reported, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
             reported = seen
-    seconds = time.perf_counter() - started
     totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device).double()])
     if shard is not None:
         dist.all_reduce(totals)
     loss_total, correct_total, seen = totals.tolist()
+    # Only now: `tolist` waits for the device, whose queue may still hold the last steps.
+    seconds = time.perf_counter() - started
     if seen == 0:
         raise ValueError("the training split has no batches: too few images for one batch")
     return {"train_loss": loss_total / seen, "train_accuracy": correct_total / seen,
@@ -362,6 +363,10 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     if shard and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    if device.type == "cuda":
+        # Training batches all have one shape (drop_last), so cuDNN's one-off search for the
+        # fastest convolution algorithms pays for itself within the first epoch.
+        torch.backends.cudnn.benchmark = True
     seed_everything(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     train_split = StoreSplit.open(config.dataset_dir, "train")
