@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import click
 
@@ -580,7 +581,22 @@ def main() -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cnnpipe")
     # Our own progress bars say what is happening; MLflow's per-download bars only add noise.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # The first run on a busy 2-core machine migrates Prefect's database for longer than the
+    # ephemeral server's default 20 s start-up allowance.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    _ensure_prefect_home()
     cli(prog_name="cnnpipe")
+
+
+def _ensure_prefect_home() -> None:
+    # Prefect does not create a missing PREFECT_HOME: every command then timed out after 25 s.
+    home = os.environ.get("PREFECT_HOME")
+    if not home:
+        return
+    try:
+        Path(home).expanduser().mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"Error: PREFECT_HOME={home} cannot be created: {exc.strerror or exc}")
 
 
 if __name__ == "__main__":

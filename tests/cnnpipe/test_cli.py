@@ -134,3 +134,20 @@ def test_retrain_takes_every_training_option_of_train():
     train_options = {p.name for p in train.params} - {"dataset"}
     retrain_options = {p.name for p in retrain.params} - {"dataset", "source", "force"}
     assert train_options == retrain_options and {"epochs", "model", "device", "nproc", "resume"} <= train_options
+
+
+@pytest.mark.slow
+def test_a_missing_prefect_home_is_created_and_one_that_cannot_be_is_refused_at_once(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("")
+    command = [sys.executable, "-m", "cnnpipe.cli", "ingest", str(tmp_path / "empty"), "--dataset", "x"]
+    missing = tmp_path / "not" / "yet"
+    created = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PREFECT_HOME": str(missing)})
+    assert missing.is_dir() and "Timed out" not in created.stderr, created.stderr[-2000:]
+    assert created.returncode == 0 and "0 added" in created.stdout, created.stderr[-2000:]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=20,
+                             env={**os.environ, "PREFECT_HOME": str(tmp_path / "a-file" / "prefect")})
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        f"Error: PREFECT_HOME={tmp_path / 'a-file' / 'prefect'} cannot be created: Not a directory"]
