@@ -1,15 +1,33 @@
-"""One read-only SQL statement against the predictions database, on a hardened connection.
+"""One read-only SQL statement against the predictions database, in a bounded child process.
 
-The statement is untrusted input: DuckDB's parser must find exactly one SELECT; the
-connection is read-only, cannot reach files, the network or extensions, cannot change
-its own settings, is capped in memory and threads, and is interrupted after a time limit.
-The file is opened for the query alone, so a classify run waiting to commit is held up
-for no longer than one query.
+The statement is untrusted input. DuckDB's parser must find exactly one SELECT, and every
+relation it reads must be on an allowlist: the database's own tables and views, the
+query's CTEs, row generators, and the catalogue functions that describe tables and
+columns. File readers, `query()`, `duckdb_settings()`, `duckdb_databases()`, `SHOW
+DATABASES` and every `pragma_*` function are refused before anything runs, and so is
+`current_setting()`: settings and the database list hold paths. The connection is
+read-only besides, cannot reach files, the network or extensions, and cannot change its
+own settings.
+
+DuckDB's `memory_limit` does not cover every allocation (a string built by `repeat()`
+grows past it), so the query runs in a forked child whose address space is capped
+(RLIMIT_AS), and which is killed at the time limit wherever it is. Forking costs tens of
+milliseconds where a fresh interpreter would cost most of a second. The file is opened by
+the child for the query alone, so a classify run waiting to commit is held up for no
+longer than one query.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
+import resource
+import select
+import signal
 import threading
+import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +42,22 @@ HARDENED = {
     "autoinstall_known_extensions": False,
     "lock_configuration": True,
 }
+# Relations beyond the database's own that a query may read: they disclose nothing of the host.
+ALLOWED_TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest", "duckdb_tables", "duckdb_views",
+                                     "duckdb_columns", "duckdb_types", "duckdb_functions", "duckdb_keywords"})
+ALLOWED_INFORMATION_SCHEMA = frozenset({"tables", "columns"})
+ALLOWED_SHOWS = frozenset({"tables", "__show_tables_expanded"})  # SHOW TABLES, SHOW ALL TABLES
+# Settings include the temporary directory and home paths.
+REFUSED_FUNCTIONS = frozenset({"current_setting"})
+# A fork copies every lock as it stands; one held by a thread busy in DuckDB would never be
+# released in the child, so this process's own DuckDB calls and forks take turns.
+_FORKING = threading.Lock()
 
 
 @dataclass(frozen=True)
 class QueryLimits:
     timeout_seconds: float = 30.0
-    memory_limit: str = "1GB"
+    memory_mb: int = 1024
     threads: int = 2
     max_rows: int = 1000
 
@@ -54,26 +82,160 @@ def check_statement(sql: str) -> None:
         raise CnnpipeError(f"only SELECT queries are allowed, not {kind.name}")
 
 
+def check_relations(connection: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Every table, view, table function and SHOW the statement names is on the allowlist."""
+    tree = json.loads(connection.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+    if tree.get("error"):
+        raise CnnpipeError(f"query refused: it cannot be checked ({tree.get('error_message')})")
+    own = {name.lower() for (name,) in connection.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE NOT temporary "
+        "UNION ALL SELECT view_name FROM duckdb_views() WHERE NOT internal AND NOT temporary").fetchall()}
+    database = connection.execute("SELECT current_database()").fetchone()[0].lower()
+    nodes = list(_nodes(tree))
+    ctes = {name.lower() for node in nodes for entry in (node.get("cte_map") or {}).get("map", [])
+            if isinstance(name := entry.get("key"), str)}
+    for node in nodes:
+        refused = _refused(node, own, ctes, database)
+        if refused:
+            raise CnnpipeError(f"query refused: it may not read {refused}; it may read the tables and views "
+                               "of the predictions database, range(), unnest() and the table and column catalogue")
+
+
+def _nodes(tree):
+    if isinstance(tree, dict):
+        yield tree
+        for value in tree.values():
+            yield from _nodes(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            yield from _nodes(value)
+
+
+def _refused(node: dict, own: set[str], ctes: set[str], database: str) -> str | None:
+    """What `node` reads that the allowlist does not name, or None."""
+    kind = node.get("type")
+    if kind == "TABLE_FUNCTION":
+        name = node["function"].get("function_name", "").lower()
+        return None if name in ALLOWED_TABLE_FUNCTIONS else f"{name}()"
+    if kind == "BASE_TABLE":
+        catalog, schema = node.get("catalog_name", "").lower(), node.get("schema_name", "").lower()
+        name = node.get("table_name", "").lower()
+        if catalog in ("", database) and schema in ("", "main") and (name in own or name in ALLOWED_TABLE_FUNCTIONS):
+            return None
+        if not catalog and not schema and name in ctes:
+            return None
+        if schema == "information_schema" and name in ALLOWED_INFORMATION_SCHEMA:
+            return None
+        return ".".join(part for part in (catalog, schema, name) if part)
+    if kind == "SHOW_REF":
+        name = node.get("table_name", "").strip('"').lower()
+        return None if not name or name in own or name in ALLOWED_SHOWS else f"SHOW {name}"
+    if node.get("class") == "FUNCTION" and node.get("function_name", "").lower() in REFUSED_FUNCTIONS:
+        return f"{node['function_name']}()"
+    return None
+
+
 def run_query(sql: str, database: Path, limits: QueryLimits = QueryLimits(), cap_rows: bool = True) -> QueryResult:
-    check_statement(sql)
-    ensure_database(database)
-    config = {**HARDENED, "memory_limit": limits.memory_limit, "threads": limits.threads}
+    with _FORKING:
+        check_statement(sql)
+        ensure_database(database)
+        read_end, write_end = os.pipe()
+        child = os.fork()
+    if child == 0:
+        os.close(read_end)
+        exit_status = 1
+        try:
+            _answer(sql, database, limits, cap_rows, write_end)
+            exit_status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(exit_status)
+    os.close(write_end)
+    kind, value = _await_answer(child, read_end, limits)
+    if kind == "error":
+        raise CnnpipeError(value)
+    return value
+
+
+def _answer(sql: str, database: Path, limits: QueryLimits, cap_rows: bool, write_end: int) -> None:
+    """In the child: run the query and write back ("result", QueryResult) or ("error", one line)."""
+    try:
+        try:
+            answer = ("result", _query(sql, database, limits, cap_rows))
+        except CnnpipeError as exc:
+            answer = ("error", str(exc))
+        payload = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+    except MemoryError:
+        payload = pickle.dumps(("error", _over_memory(limits)))
+    with open(write_end, "wb") as pipe:
+        pipe.write(payload)
+
+
+def _query(sql: str, database: Path, limits: QueryLimits, cap_rows: bool) -> QueryResult:
+    config = {**HARDENED, "memory_limit": f"{limits.memory_mb}MB", "threads": limits.threads}
     try:
         connection = connect(database, read_only=True, config=config)
     except duckdb.Error as exc:
         raise CnnpipeError(f"{database}: cannot open for reading ({str(exc).splitlines()[0]})") from None
-    timer = threading.Timer(limits.timeout_seconds, connection.interrupt)
-    timer.start()
+    _cap_address_space(limits.memory_mb)
     try:
+        check_relations(connection, sql)
         cursor = connection.execute(sql)
         columns = [column[0] for column in cursor.description]
         rows = cursor.fetchmany(limits.max_rows + 1) if cap_rows else cursor.fetchall()
-    except duckdb.InterruptException:
-        raise CnnpipeError(f"query stopped after the {limits.timeout_seconds:g} s time limit") from None
+    except (duckdb.OutOfMemoryException, MemoryError):
+        raise CnnpipeError(_over_memory(limits)) from None
     except duckdb.Error as exc:
         raise CnnpipeError(f"query refused or failed: {str(exc).splitlines()[0]}") from None
     finally:
-        timer.cancel()
         connection.close()
     truncated = cap_rows and len(rows) > limits.max_rows
     return QueryResult(columns, rows[: limits.max_rows] if truncated else rows, truncated)
+
+
+def _cap_address_space(memory_mb: int) -> None:
+    # Counted from what the open connection has already reserved (thread stacks and malloc
+    # arenas, hundreds of MB of address space that is barely touched), so that `memory_mb`
+    # is what the query itself may add.
+    with open("/proc/self/statm") as statm:
+        reserved = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    limit = reserved + memory_mb * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _over_memory(limits: QueryLimits) -> str:
+    return f"query used more than {limits.memory_mb} MB and was stopped: select fewer rows or smaller values"
+
+
+def _await_answer(child: int, read_end: int, limits: QueryLimits) -> tuple[str, object]:
+    """The child's answer; the child is killed at the time limit, or if this process is interrupted."""
+    deadline = time.monotonic() + limits.timeout_seconds
+    answer, at_end = bytearray(), False
+    try:
+        with open(read_end, "rb", buffering=0) as pipe:
+            while chunk := _read_before(pipe, deadline):
+                answer += chunk
+            at_end = chunk == b""
+    finally:
+        if not at_end:
+            os.kill(child, signal.SIGKILL)
+        _, status = os.waitpid(child, 0)
+    if not at_end:
+        raise CnnpipeError(f"query stopped after the {limits.timeout_seconds:g} s time limit")
+    if not answer:
+        # Without an answer the child was ended by a signal or a failure it printed: at the
+        # address-space cap that is an allocation that could not be reported (std::bad_alloc).
+        how = f"signal {signal.Signals(-os.waitstatus_to_exitcode(status)).name}" if os.WIFSIGNALED(status) \
+            else f"exit status {os.waitstatus_to_exitcode(status)}"
+        raise CnnpipeError(f"the query's process ended with {how} and no answer, most likely past the "
+                           f"{limits.memory_mb} MB memory limit")
+    return pickle.loads(answer)
+
+
+def _read_before(pipe, deadline: float) -> bytes | None:
+    """The next bytes of `pipe` (b"" at its end), or None when `deadline` passes first."""
+    left = deadline - time.monotonic()
+    if left <= 0 or not select.select([pipe], [], [], left)[0]:
+        return None
+    return pipe.read(1 << 20)

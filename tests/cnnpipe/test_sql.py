@@ -80,6 +80,16 @@ def test_views_return_what_they_claim(database):
     "INSERT INTO champions VALUES ('x', '1', now())",
     "PRAGMA database_list",
     "SELECT getenv('HOME')",
+    "SELECT * FROM duckdb_settings()",
+    "SELECT path FROM duckdb_databases()",
+    "SELECT * FROM duckdb_settings",
+    "SELECT * FROM pragma_database_list",
+    "SELECT * FROM pg_catalog.pg_settings",
+    "SHOW DATABASES",
+    "SELECT current_setting('temp_directory')",
+    "SELECT * FROM query('SELECT * FROM duckdb_databases()')",
+    "WITH s AS (SELECT * FROM duckdb_settings()) SELECT * FROM s",
+    "SELECT (SELECT path FROM duckdb_databases() LIMIT 1)",
 ])
 def test_hostile_statements_are_refused_and_change_nothing(statement, database, tmp_path):
     target = tmp_path / "outside"
@@ -90,6 +100,39 @@ def test_hostile_statements_are_refused_and_change_nothing(statement, database, 
     assert len(result.output.strip().splitlines()) == 1 and result.output.startswith("Error: ")
     assert checksum(database) == before
     assert list(target.iterdir()) == []
+    assert str(database) not in result.output
+
+
+def test_the_catalogue_a_user_needs_still_answers(database):
+    assert ("predictions",) in run_query("SHOW TABLES", database).rows
+    assert ("label",) in [row[:1] for row in run_query("DESCRIBE latest_predictions", database).rows]
+    assert run_query("SELECT count(*) FROM information_schema.columns WHERE table_name = 'predictions'",
+                     database).rows[0][0] > 5
+    assert run_query("SELECT view_name FROM duckdb_views() WHERE view_name = 'class_counts'", database).rows == \
+        [("class_counts",)]
+    assert run_query("WITH n AS (SELECT range AS i FROM range(3)) SELECT sum(i) FROM n, unnest([1])",
+                     database).rows == [(3,)]
+
+
+@pytest.mark.parametrize("statement", [
+    "SELECT length(repeat('x', 1000000000))",
+    "SELECT length(repeat('x', 1000000000) || repeat('y', 1000000000))",
+])
+def test_a_query_past_the_memory_limit_is_stopped_in_one_line(statement, database):
+    # DuckDB's own memory_limit let the first reach 2 GB and succeed, the second 7.9 GB.
+    started = time.perf_counter()
+    result = sql(statement)
+    assert result.exit_code == 1
+    assert result.output == "Error: query used more than 1024 MB and was stopped: select fewer rows or smaller values\n"
+    assert time.perf_counter() - started < 10
+
+
+def test_a_query_deaf_to_interrupts_is_killed_at_the_time_limit(database):
+    # lpad() never checks for an interrupt: interrupt() alone let it run for 43 s past a 30 s limit.
+    started = time.perf_counter()
+    result = sql("SELECT length(lpad('x', 2000000000, 'y'))", "--timeout", "2")
+    assert result.exit_code == 1 and result.output == "Error: query stopped after the 2 s time limit\n"
+    assert time.perf_counter() - started < 6
 
 
 def test_a_cross_join_bomb_is_interrupted_at_the_time_limit(database):
