@@ -96,11 +96,30 @@ def ingest(source: str, dataset: str, val_fraction: float, test_fraction: float,
     from cnnpipe.sources import open_source
     from flows.ingest import ingest as ingest_flow
 
+    _errors_in_one_line()
     open_source(source)  # a missing or unknown source fails here, in one line
     summary = ingest_flow(source=source, dataset=dataset, val_fraction=val_fraction, test_fraction=test_fraction,
                           resize=resize, workers=workers, max_reject_fraction=max_reject_fraction,
                           ray_address=ray_address, shards=shards)
     _print_markdown(ingest_markdown(summary))
+
+
+class _NoFlowErrors:
+    """Drops a failing flow's or task's error records, traceback and all, from the terminal:
+    the command ends with one `Error:` line, and the records stay in the run's logs."""
+
+    def filter(self, record) -> bool:
+        return not (record.levelno >= 40 and record.name.startswith(("prefect.flow_runs", "prefect.task_runs")))
+
+
+def _errors_in_one_line() -> None:
+    """For the commands that run flows, once Prefect has set up its console handler."""
+    import logging
+
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler" and not any(
+                isinstance(f, _NoFlowErrors) for f in handler.filters):
+            handler.addFilter(_NoFlowErrors())
 
 
 def _auto(knob: str) -> str:
@@ -173,6 +192,7 @@ def train(dataset: str, compile_model: bool, resume: str | None, **options) -> N
     """
     from flows.train import train as train_flow
 
+    _errors_in_one_line()
     resume = True if resume == "latest" else (resume or False)
     _check_training(dataset, resume, options)
     _print_training(train_flow(dataset=dataset, compile=compile_model, resume=resume, **options))
@@ -244,6 +264,7 @@ def retrain(dataset: str, source: str | None, compile_model: bool, resume: str |
     """
     from flows.retrain import retrain as retrain_flow
 
+    _errors_in_one_line()
     resume = True if resume == "latest" else (resume or False)
     _check_training(dataset, resume, options)
     _print_training(retrain_flow(dataset=dataset, source=source, compile=compile_model, resume=resume, **options))
@@ -412,6 +433,7 @@ def classify(source: str, model_ref: str, checkpoint: str | None, device: str, b
     from cnnpipe.reports import classify_markdown
     from flows.classify import classify as classify_flow
 
+    _errors_in_one_line()
     if not checkpoint:
         parse_model_ref(model_ref)  # a malformed reference fails here, in one line
     open_classify_source(source)
@@ -548,6 +570,7 @@ def demo() -> None:
     from flows.ingest import ingest as ingest_flow
     from flows.retrain import retrain as retrain_flow
 
+    _errors_in_one_line()
     settings = get_settings()
     folder, archive = write_demo_images(settings.demo_dir)
     _print_markdown(ingest_markdown(ingest_flow(source=str(folder), dataset="shapes")))

@@ -137,15 +137,16 @@ def test_retrain_takes_every_training_option_of_train():
 
 
 @pytest.mark.slow
-def test_a_missing_prefect_home_is_created_and_one_that_cannot_be_is_refused_at_once(tmp_path):
-    (tmp_path / "empty").mkdir()
+def test_a_missing_prefect_home_is_created_and_a_failing_flow_ends_in_one_line(tmp_path):
     (tmp_path / "a-file").write_text("")
-    command = [sys.executable, "-m", "cnnpipe.cli", "ingest", str(tmp_path / "empty"), "--dataset", "x"]
+    command = [sys.executable, "-m", "cnnpipe.cli", "train", "--dataset", "nosuch"]
     missing = tmp_path / "not" / "yet"
-    created = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                             env={**os.environ, "PREFECT_HOME": str(missing)})
-    assert missing.is_dir() and "Timed out" not in created.stderr, created.stderr[-2000:]
-    assert created.returncode == 0 and "0 added" in created.stdout, created.stderr[-2000:]
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PREFECT_HOME": str(missing)})
+    assert missing.is_dir() and "Timed out" not in failed.stderr, failed.stderr[-2000:]
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    assert [line for line in failed.stderr.splitlines() if "nosuch" in line and "|" not in line] == [
+        "Error: no dataset named 'nosuch'; ingest one with `cnnpipe ingest SOURCE --dataset nosuch`"]
     refused = subprocess.run(command, capture_output=True, text=True, timeout=20,
                              env={**os.environ, "PREFECT_HOME": str(tmp_path / "a-file" / "prefect")})
     assert refused.returncode == 1
