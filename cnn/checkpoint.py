@@ -4,6 +4,7 @@ A checkpoint holds only tensors and primitives: model, optimizer and scheduler s
 epoch, every RNG state (Python's and NumPy's as plain tuples and tensors), the config,
 the dataset version and the git SHA. It is written beside its final name, fsynced and
 renamed; the last `keep` epochs stay, so a corrupt latest file falls back to an older one.
+`CheckpointWriter` does that in a background thread, so training does not wait for the disk.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import pickle
 import random
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +53,7 @@ def restore_rng_state(state: dict, generator: torch.Generator | None = None) -> 
 
 def save_checkpoint(state: dict, run_dir: Path, epoch: int, keep: int = 3) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / f"epoch-{epoch:04d}.pt"
+    final = checkpoint_path(run_dir, epoch)
     tmp = run_dir / f".{final.name}.tmp"
     with open(tmp, "wb") as handle:
         torch.save(state, handle)
@@ -67,7 +69,73 @@ def save_checkpoint(state: dict, run_dir: Path, epoch: int, keep: int = 3) -> Pa
         os.close(directory)
     for old in checkpoints(run_dir)[:-keep]:
         old.unlink()
+    failpoint("ckpt.after_publish")
     return final
+
+
+class CheckpointWriter:
+    """`save` copies the state to CPU memory and returns; a background thread writes it.
+
+    One write at a time: `save` and `wait` first join the previous one and raise its error.
+    Used as a context manager it joins on the way out, also when the body fails, so a run that
+    stops still leaves its last checkpoint published; that write's own error then becomes a
+    note on the body's exception instead of hiding it.
+    """
+
+    def __init__(self) -> None:
+        self._writing: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    def save(self, state: dict, run_dir: Path, epoch: int, keep: int = 3) -> Path:
+        """Where the checkpoint will be published, once `wait` returns."""
+        self.wait()
+        # Taken now: the parameters, optimizer buffers and history change in place as training goes on.
+        snapshot = _cpu_copy(state)
+
+        def write() -> None:
+            try:
+                save_checkpoint(snapshot, run_dir, epoch, keep)
+            except BaseException as exc:  # noqa: BLE001 - raised in the training thread by `wait`
+                self._failure = exc
+
+        self._writing = threading.Thread(target=write, name=f"cnn-checkpoint-{epoch}")
+        self._writing.start()
+        return checkpoint_path(run_dir, epoch)
+
+    def wait(self) -> None:
+        if self._writing is not None:
+            self._writing.join()
+            self._writing = None
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            self.wait()
+        except BaseException as failure:
+            if error is None:
+                raise
+            error.add_note(f"and the last checkpoint did not write: {type(failure).__name__}: {failure}")
+
+
+def _cpu_copy(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_cpu_copy(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_cpu_copy(item) for item in value)
+    return value
+
+
+def checkpoint_path(run_dir: Path, epoch: int) -> Path:
+    return run_dir / f"epoch-{epoch:04d}.pt"
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

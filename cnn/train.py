@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -25,8 +26,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cnn import recipe as auto_recipe
-from cnn.checkpoint import (CheckpointError, checkpoints, load_checkpoint, load_latest, restore_rng_state, rng_state,
-                            save_checkpoint)
+from cnn.checkpoint import (CheckpointError, CheckpointWriter, checkpoints, load_checkpoint, load_latest,
+                            restore_rng_state, rng_state)
 from cnn.data import (Augment, ColourStats, ResidentImages, StoreSplit, StreamingImages, centre_crop,
                       colour_stats_for, normalise, ten_crops)
 from cnn.failpoints import failpoint
@@ -270,6 +271,7 @@ def _init_distributed(config: TrainConfig) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+@functools.cache  # once per process, not once per checkpoint
 def _git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -418,51 +420,53 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
 
     stopped_early = False
     latest = None
-    for epoch in range(start_epoch, config.epochs):
-        try:
-            metrics = train_one_epoch(trainable, train.batches(config.batch_size, generator, drop_last=True),
-                                      augment, optimizer, scheduler, generator, config.label_smoothing, per_batch,
-                                      on_step if leader else None, shard, config.precision)
-        except torch.OutOfMemoryError:
-            raise RuntimeError(f"out of device memory in epoch {epoch + 1} at batch size {config.batch_size}: "
-                               f"try --batch-size {max(1, config.batch_size // 2)}; the checkpoints of finished "
-                               "epochs are intact") from None
-        validation = evaluate(model, val.batches(config.batch_size * 2), stats, crop, precision=config.precision)
-        if not per_batch:
-            scheduler.step(validation["top1"]) if config.schedule == "plateau" else scheduler.step()
-        record = {"epoch": epoch + 1, **metrics, "val_loss": validation["loss"], "val_top1": validation["top1"],
-                  "val_top5": validation["top5"]}
-        history.append(record)
-        if validation["top1"] > best:
-            best, since_best = validation["top1"], 0
-        else:
-            since_best += 1
-        if leader:
-            latest = save_checkpoint({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": rng_state(generator),
-                "config": asdict(config), "classes": classes, "colour_stats": asdict(stats),
-                "dataset_version": train_split.version_id, "git_sha": _git_sha(),
-                "history": history, "best": best, "since_best": since_best,
-            }, run_dir, epoch + 1, config.keep_checkpoints)
-        failpoint("train.after_checkpoint")
-        if on_epoch is not None and leader:
-            on_epoch(record)
-        if config.patience is not None and since_best > config.patience:
-            stopped_early = True
-            break
+    with CheckpointWriter() as writer:
+        for epoch in range(start_epoch, config.epochs):
+            try:
+                metrics = train_one_epoch(trainable, train.batches(config.batch_size, generator, drop_last=True),
+                                          augment, optimizer, scheduler, generator, config.label_smoothing, per_batch,
+                                          on_step if leader else None, shard, config.precision)
+            except torch.OutOfMemoryError:
+                raise RuntimeError(f"out of device memory in epoch {epoch + 1} at batch size {config.batch_size}: "
+                                   f"try --batch-size {max(1, config.batch_size // 2)}; the checkpoints of finished "
+                                   "epochs are intact") from None
+            validation = evaluate(model, val.batches(config.batch_size * 2), stats, crop, precision=config.precision)
+            if not per_batch:
+                scheduler.step(validation["top1"]) if config.schedule == "plateau" else scheduler.step()
+            record = {"epoch": epoch + 1, **metrics, "val_loss": validation["loss"], "val_top1": validation["top1"],
+                      "val_top5": validation["top5"]}
+            history.append(record)
+            if validation["top1"] > best:
+                best, since_best = validation["top1"], 0
+            else:
+                since_best += 1
+            if leader:
+                latest = writer.save({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": rng_state(generator),
+                    "config": asdict(config), "classes": classes, "colour_stats": asdict(stats),
+                    "dataset_version": train_split.version_id, "git_sha": _git_sha(),
+                    "history": history, "best": best, "since_best": since_best,
+                }, run_dir, epoch + 1, config.keep_checkpoints)
+            failpoint("train.after_checkpoint")
+            if on_epoch is not None and leader:
+                on_epoch(record)
+            if config.patience is not None and since_best > config.patience:
+                stopped_early = True
+                break
+        # The held-out evaluation overlaps the last checkpoint's write; `done` waits for it.
+        held_out = evaluate(model, _load_split(held_out_split, stored, device, config.memory_budget_mb)
+                            .batches(config.batch_size * 2), stats, crop, keep_predictions=True,
+                            mistakes=MISTAKES_KEPT, precision=config.precision)
+        report = classification_report(held_out.pop("probabilities"), held_out.pop("targets"), classes)
+        report["mistakes"] = held_out.pop("mistakes")
+        if config.ten_crop:
+            ten = evaluate(model, _load_split(held_out_split, stored, device, config.memory_budget_mb)
+                           .batches(config.batch_size * 2), stats, crop, ten_crop=True, precision=config.precision)
+            held_out.update({"ten_crop_top1": ten["top1"], "ten_crop_top5": ten["top5"]})
     if latest is None and leader:
         loaded = load_latest(run_dir)
         latest = loaded[1] if loaded else None
-    held_out = evaluate(model, _load_split(held_out_split, stored, device, config.memory_budget_mb)
-                        .batches(config.batch_size * 2), stats, crop, keep_predictions=True,
-                        mistakes=MISTAKES_KEPT, precision=config.precision)
-    report = classification_report(held_out.pop("probabilities"), held_out.pop("targets"), classes)
-    report["mistakes"] = held_out.pop("mistakes")
-    if config.ten_crop:
-        ten = evaluate(model, _load_split(held_out_split, stored, device, config.memory_budget_mb)
-                       .batches(config.batch_size * 2), stats, crop, ten_crop=True, precision=config.precision)
-        held_out.update({"ten_crop_top1": ten["top1"], "ten_crop_top5": ten["top5"]})
     if leader:
         (run_dir / "done").write_text(json.dumps(held_out))
     if shard:

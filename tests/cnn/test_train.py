@@ -5,14 +5,15 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from cnn import train
-from cnn.checkpoint import (CheckpointError, checkpoints, load_checkpoint, load_latest, restore_rng_state,
-                            rng_state, save_checkpoint)
+from cnn import failpoints, train
+from cnn.checkpoint import (CheckpointError, CheckpointWriter, checkpoints, load_checkpoint, load_latest,
+                            restore_rng_state, rng_state, save_checkpoint)
 from cnn.data import Augment, ColourStats, ResidentImages
 from cnn.train import TrainConfig, fit, load_trained_model
 
@@ -179,6 +180,49 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert state["epoch"] == 3 and path.name == "epoch-0003.pt"
 
 
+def test_a_checkpoint_is_written_in_the_background_from_the_state_at_save(tmp_path, monkeypatch):
+    disk_free = threading.Event()
+    write = torch.save
+    monkeypatch.setattr(torch, "save", lambda *args, **kwargs: (disk_free.wait(60), write(*args, **kwargs)))
+    weights, history = torch.zeros(3), [{"epoch": 1}]
+    with CheckpointWriter() as writer:
+        path = writer.save({"weights": weights, "history": history}, tmp_path, 1)
+        assert not path.exists()  # save returned while the disk still holds the write up
+        weights += 1  # training goes on in place
+        history.append({"epoch": 2})
+        disk_free.set()
+    state = load_checkpoint(path)
+    assert torch.equal(state["weights"], torch.zeros(3)) and state["history"] == [{"epoch": 1}]
+    assert checkpoints(tmp_path) == [path] and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_failed_background_write_is_raised_and_never_published(tmp_path, monkeypatch):
+    failpoints.reset()
+    monkeypatch.setenv("FAILPOINT", "ckpt.before_replace")
+    monkeypatch.setenv("FAILPOINT_ACTION", "enospc")
+    with pytest.raises(OSError, match="No space left"):
+        with CheckpointWriter() as writer:
+            writer.save({"epoch": 1}, tmp_path, 1)
+    assert checkpoints(tmp_path) == []
+    # A run that fails for its own reason still waits for the write, and says it failed too.
+    failpoints.reset()
+    with pytest.raises(KeyError) as raised:
+        with CheckpointWriter() as writer:
+            writer.save({"epoch": 1}, tmp_path, 1)
+            raise KeyError("the run's own error")
+    assert raised.value.__notes__ == ["and the last checkpoint did not write: OSError: [Errno 28] No space left on "
+                                      "device: 'ckpt.before_replace'"]
+
+
+def test_the_git_sha_is_read_once_per_process(monkeypatch):
+    train._git_sha.cache_clear()
+    calls = []
+    run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: (calls.append(args), run(*args, **kwargs))[1])
+    assert train._git_sha() == train._git_sha()
+    assert len(calls) == 1
+
+
 @pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter:UserWarning")
 def test_resume_hands_the_rng_restore_cpu_byte_tensors_wherever_the_model_lives(tmp_path, monkeypatch):
     def parts(device: str):
@@ -251,7 +295,9 @@ def test_sigkill_while_checkpointing_then_resume(shapes_dataset, tmp_path):
 @pytest.mark.crash
 def test_a_cuda_run_killed_after_a_checkpoint_resumes_to_the_end(shapes_dataset, tmp_path):
     script = _fit_script(shapes_dataset, tmp_path, 2, "cuda")
-    env = {**os.environ, "FAILPOINT": "train.after_checkpoint", "FAILPOINT_ACTION": "kill"}
+    # Killed in the writer thread once the first checkpoint is published: the training thread
+    # does not wait for the write, so a kill there could land before it.
+    env = {**os.environ, "FAILPOINT": "ckpt.after_publish", "FAILPOINT_ACTION": "kill"}
     killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     (run_dir,) = (tmp_path / "shapes__alexnet-cifar").iterdir()
