@@ -153,8 +153,10 @@ def _training_options(command):
                      help="Promote to champion only if validation top-1 beats the champion's by at least this."),
         click.option("--nproc", default=1, show_default=True,
                      help="Train as DDP over N processes on this machine (torchrun): one per GPU, or gloo on CPUs."),
-        click.option("--memory-budget-mb", default=2048, show_default=True,
-                     help="Decode a split once into device memory when it fits; stream row groups otherwise."),
+        click.option("--memory-budget-mb", type=int, default=None,
+                     help="Decode a split once into device memory when it fits; stream row groups otherwise "
+                          "[default: auto: a share of the GPU's free memory, or of the RAM available on a CPU, said "
+                          "in the run's log]."),
         click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
                      help="auto: bf16 autocast on CUDA and on CPUs with AMX (about 3x faster there), fp32 elsewhere."),
         click.option("--ten-crop", is_flag=True, help="Also report the paper's ten-patch test-time averaging."),
@@ -331,7 +333,7 @@ def models(name: str | None, output_format: str) -> None:
                      f"{tags.get('dataset', '')} {tags.get('dataset_version_id', '')[:8]}", _percent(tags.get("val_top1")),
                      _percent(tags.get("test_top1") or tags.get("val_top1")),
                      _percent(tags.get("test_top5") or tags.get("val_top5")), _versus_majority(tags),
-                     tags.get("gate.decision", "")))
+                     _gate_column(tags, aliases)))
     write_rows(columns, rows, output_format)
     if output_format != "table":
         return
@@ -340,6 +342,13 @@ def models(name: str | None, output_format: str) -> None:
         click.echo("\nGate decisions:")
         for v, reason in gated:
             click.echo(f"  {v.name}/{v.version} {v.tags.get('gate.decision', '')}: {reason}")
+
+
+def _gate_column(tags: dict, aliases: list[str]) -> str:
+    decision = tags.get("gate.decision", "")
+    if "champion" in aliases and decision != "promoted":
+        return f"{decision}, made champion by hand" if decision else "made champion by hand"
+    return decision
 
 
 def _versus_majority(tags: dict[str, str]) -> str:
@@ -479,6 +488,9 @@ def sql(query: str, output_format: str, output: str | None, max_rows: int, timeo
     limits = QueryLimits(timeout_seconds=timeout, max_rows=max_rows)
     result = run_query(query, get_settings().predictions_db, limits, cap_rows=output_format == "table")
     write_result(result, output_format, output)
+    if output:
+        click.echo(f"{len(result.rows):,} row{'s' if len(result.rows) != 1 else ''} written to {output} "
+                   f"({output_format})")
 
 
 @cli.group(invoke_without_command=True)

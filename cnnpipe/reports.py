@@ -20,6 +20,8 @@ def ingest_markdown(summary: IngestSummary) -> str:
         f"Dataset is at version {summary.version} (`{summary.version_id or '-'}`) with {summary.total_rows:,} images.",
         "",
     ]
+    if summary.hidden_skipped:
+        lines += [f"{summary.hidden_skipped:,} hidden files (dot-files, `__MACOSX/`) skipped by rule.", ""]
     if summary.val_from_train:
         lines += [f"No `val/` folder in the source: {summary.val_from_train:.0%} of its `train/` images "
                   "(by hash) are the validation split (`--val-fraction`).", ""]
@@ -98,7 +100,8 @@ def damage_markdown(store: DatasetStore, damaged: list[DamagedPart]) -> str:
 def classify_markdown(summary) -> str:
     lines = [
         f"### Classified `{summary.source_uri}`",
-        f"Model `{summary.model_name}` version `{summary.model_version}`, run `{summary.run_id}`",
+        f"Model `{summary.model_name}` version `{summary.model_version}`; classify run `{summary.run_id}` "
+        "(`classify_run_id` in `predictions`)",
         "",
         f"**{summary.classified:,} classified**, {summary.skipped:,} skipped (already classified), "
         f"{len(summary.rejected):,} rejected, in {summary.seconds:.1f} s ({summary.images_per_second:,.0f} images/s; "

@@ -119,8 +119,8 @@ def test_models_promote_and_rollback_commands(register_version):
     rows = [line for line in listing.output.splitlines() if "pets" in line]
     assert "champion" in rows[0] and "75.00%" in rows[0] and "50.00%" in rows[1]
     listed = list(csv.DictReader(io.StringIO(runner.invoke(cli, ["models", "pets", "--format", "csv"]).output)))
-    assert [(row["version"], row["aliases"], row["val top-1"]) for row in listed] == \
-        [("2", "champion", "75.00%"), ("1", "", "50.00%")]
+    assert [(row["version"], row["aliases"], row["val top-1"], row["gate"]) for row in listed] == \
+        [("2", "champion", "75.00%", "made champion by hand"), ("1", "", "50.00%", "")]
     rolled = runner.invoke(cli, ["rollback", "pets"])
     assert rolled.output.strip() == "pets: champion rolled back from version 2 to 1"
     missing = runner.invoke(cli, ["promote", "pets", "9"])

@@ -155,7 +155,8 @@ def test_csv_json_and_parquet_output(database, tmp_path):
     assert (tmp_path / "p.csv").read_text().splitlines()[:2] == ["image_sha256,label,confidence", "a,cat,0.9"]
     result = sql(query, "--format", "json")
     assert json.loads(result.output)[0] == {"image_sha256": "a", "label": "cat", "confidence": 0.9}
-    assert sql(query, "--format", "parquet", "--output", str(tmp_path / "p.parquet")).exit_code == 0
+    written = sql(query, "--format", "parquet", "--output", str(tmp_path / "p.parquet"))
+    assert written.exit_code == 0 and written.output.strip() == f"5 rows written to {tmp_path / 'p.parquet'} (parquet)"
     assert pq.read_table(tmp_path / "p.parquet").num_rows == 5
     assert "needs --output" in sql(query, "--format", "parquet").output
 
