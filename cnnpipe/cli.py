@@ -82,7 +82,7 @@ def ingest(source: str, dataset: str, val_fraction: float, test_fraction: float,
 
     SOURCE is a folder of <class>/<file> or <split>/<class>/<file>, a .tar, .tar.gz or
     .zip of the same, or a CSV manifest with path,label[,split] columns; local or any
-    fsspec URL (file://, memory://, s3://). Rerunning adds only new images. The store
+    fsspec URL (file://, s3://, gs://). Rerunning adds only new images. The store
     itself lives under $CNNPIPE_HOME, or at $CNNPIPE_DATASETS_URL (e.g. s3://bucket/datasets).
 
     \b
