@@ -7,7 +7,14 @@ entries; the rest of the source carries on.
 Ingestion and classification share this module, so both refuse exactly the same things.
 
 Labels come from the layout: a file's parent folder is its class, and a grandparent named
-train, val (valid, validation) or test is its split. Dot-files and `__MACOSX/` are skipped.
+train, val (valid, validation) or test is its split. Dot-files and `__MACOSX/` are skipped
+and counted (`Source.hidden_skipped`).
+
+Symbolic links in folders and manifests follow one rule: a link whose target resolves outside
+the source's root is refused as `unsafe_path` without being opened; one inside is followed to
+a file. A link to a folder is refused as `link` (folders are not walked through links, so no
+loop can form), a link that loops or leads nowhere as `broken_link`, and FIFOs, devices and
+sockets as `special_file`, never opened, so none can block a run.
 `Source.explicit_splits()` says which of those splits a whole source names, before (and
 without) reading its images: ingestion decides from it whether to carve a validation
 split out of `train`.
@@ -38,6 +45,7 @@ SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "va
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 TRANSIENT_ERRORS = (ConnectionError, TimeoutError)
+NOT_REGULAR = "not a regular file (FIFO, device or socket)"
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,39 @@ def _bad_name(path: str) -> Entry:
     escaped (`bad\\xff.png`), so that the reject itself can be stored and shown."""
     shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return Entry(shown, None, None, reject_reason="bad_name", reject_detail="the name is not valid UTF-8: rename it")
+
+
+class Refused(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+    def entry(self, path: str, label: str | None = None, split: str | None = None) -> Entry:
+        return Entry(path, label, split, reject_reason=self.reason, reject_detail=self.detail)
+
+
+def regular_file_size(path: str, root: str) -> int:
+    """The size of the local file at `path`, reached directly or through a link that stays
+    inside `root` (a real path); anything else raises `Refused`. Only the last component is
+    looked at as a link. Nothing is opened, so a FIFO cannot block."""
+    status = os.lstat(path)
+    if stat.S_ISLNK(status.st_mode):
+        if not inside(os.path.realpath(path), root):
+            raise Refused("unsafe_path", "a symbolic link to a file outside the source")
+        try:
+            status = os.stat(path)
+        except OSError:
+            raise Refused("broken_link", "a symbolic link that loops or leads to no file") from None
+        if stat.S_ISDIR(status.st_mode):
+            raise Refused("link", "a symbolic link to a folder: folders are not followed through links")
+    if not stat.S_ISREG(status.st_mode):
+        raise Refused("special_file", NOT_REGULAR)
+    return status.st_size
+
+
+def inside(path: str, root: str) -> bool:
+    return os.path.commonpath([root, path]) == root
 
 
 def label_and_split(path: str) -> tuple[str | None, str | None]:
@@ -136,6 +177,8 @@ class Source:
         self.total: int | None = None
         # (index, count): read only this shard's members, so that shards can run in parallel.
         self.shard: tuple[int, int] | None = None
+        # Dot-files and `__MACOSX/` members passed over by the last entries(), for the summary.
+        self.hidden_skipped = 0
 
     def entries(self) -> Iterator[Entry]:
         raise NotImplementedError
@@ -170,6 +213,10 @@ class Source:
         return Entry(path, None, None, reject_reason="too_large",
                      reject_detail=f"{size} bytes is over the {self.max_image_bytes} byte limit")
 
+    @property
+    def _local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
 
 class FolderSource(Source):
     kind = "folder"
@@ -177,21 +224,25 @@ class FolderSource(Source):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # The listing taken by explicit_splits(), which the next entries() reuses.
-        self._listed: list[tuple[str, int | None]] | None = None
+        self._listed: list[tuple[str, int | None, Refused | None]] | None = None
 
     def explicit_splits(self) -> set[str]:
         self._listed = self._listing(self.path.rstrip("/"))
-        return {split for rel, _ in self._listed if (split := self._split_of(rel))}
+        return {split for rel, _, refused in self._listed if not refused and (split := self._split_of(rel))}
 
     def entries(self) -> Iterator[Entry]:
         root = self.path.rstrip("/")
         listed, self._listed = self._listed, None
-        files = [(rel, size) for rel, size in (listed if listed is not None else self._listing(root))
-                 if not _skipped(rel) and self._mine(rel)]
+        mine = [item for item in (listed if listed is not None else self._listing(root)) if self._mine(item[0])]
+        files = [item for item in mine if not _skipped(item[0])]
+        self.hidden_skipped = len(mine) - len(files)
         self.total = len(files)
-        for rel, size in files:
+        for rel, size, refused in files:
             if not _is_utf8(rel):
                 yield _bad_name(rel)
+                continue
+            if refused:
+                yield refused.entry(rel)
                 continue
             if size is not None and size > self.max_image_bytes:
                 yield self._too_large(rel, size)
@@ -207,34 +258,35 @@ class FolderSource(Source):
                     continue
             yield self._labelled(rel, data)
 
-    def _listing(self, root: str) -> list[tuple[str, int | None]]:
+    def _listing(self, root: str) -> list[tuple[str, int | None, Refused | None]]:
+        """(path, size, why it is refused or None) for every file of the folder, sorted."""
         if not self._local:
+            special = Refused("special_file", NOT_REGULAR)
             listing = self.fs.find(root, detail=True)
-            return sorted((posixpath.relpath(p, root), info.get("size"))
-                          for p, info in listing.items() if info.get("type") == "file")
+            return sorted((posixpath.relpath(p, root), info.get("size"), None if info.get("type") == "file" else special)
+                          for p, info in listing.items())
         # fsspec's local filesystem costs ~50 us a file; plain os calls keep listing cheap.
+        real_root = os.path.realpath(root)
         found = []
-        for folder, _, names in os.walk(root):
+        for folder, subfolders, names in os.walk(root):
             rel_folder = os.path.relpath(folder, root)
-            for name in names:
+            # os.walk lists a link to a folder among the subfolders, and does not enter it.
+            linked = [name for name in subfolders if os.path.islink(os.path.join(folder, name))]
+            for name in names + linked:
                 rel = name if rel_folder == "." else f"{rel_folder}/{name}"
                 try:
-                    status = os.stat(f"{root}/{rel}")
+                    found.append((rel, regular_file_size(f"{root}/{rel}", real_root), None))
                 except FileNotFoundError:
                     continue
-                if stat.S_ISREG(status.st_mode):
-                    found.append((rel, status.st_size))
-        return sorted(found)
+                except Refused as refused:
+                    found.append((rel, None, refused))
+        return sorted(found, key=lambda item: item[0])
 
     def _read(self, full: str) -> bytes:
         if self._local:
             with open(full, "rb") as handle:
                 return handle.read()
         return with_retries(lambda: self.fs.cat_file(full))
-
-    @property
-    def _local(self) -> bool:
-        return isinstance(self.fs, LocalFileSystem)
 
 
 class TarSource(Source):
@@ -259,6 +311,7 @@ class TarSource(Source):
         return found
 
     def entries(self) -> Iterator[Entry]:
+        self.hidden_skipped = 0
         with self.fs.open(self.path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
             for member in tar:
                 # Stream mode remembers every member; forget them so millions stay cheap.
@@ -283,6 +336,7 @@ class TarSource(Source):
                                 reject_detail="not a regular file (device, FIFO or similar)")
                     continue
                 if _skipped(path):
+                    self.hidden_skipped += 1
                     continue
                 if member.size > self.max_image_bytes:
                     yield self._too_large(path, member.size)
@@ -306,6 +360,7 @@ class ZipSource(Source):
         return found
 
     def entries(self) -> Iterator[Entry]:
+        self.hidden_skipped = 0
         with self.fs.open(self.path, "rb") as raw, zipfile.ZipFile(raw) as archive:
             members = [info for info in archive.infolist() if not info.is_dir() and self._mine(info.filename)]
             self.total = len(members)
@@ -325,6 +380,7 @@ class ZipSource(Source):
                                 reject_detail="not a regular file")
                     continue
                 if _skipped(path):
+                    self.hidden_skipped += 1
                     continue
                 if info.file_size > self.max_image_bytes:
                     yield self._too_large(path, info.file_size)
@@ -360,6 +416,7 @@ class ManifestSource(Source):
 
     def entries(self) -> Iterator[Entry]:
         base = posixpath.dirname(self.path)
+        real_base = os.path.realpath(base) if self._local else None
         rows = self._rows()
         numbered = [(line, row) for line, row in enumerate(rows, start=2) if self._mine(f"{line}")]
         self.total = len(numbered)
@@ -380,13 +437,21 @@ class ManifestSource(Source):
                 continue
             full = f"{base}/{rel}" if base else rel
             try:
-                size = self.fs.size(full)
+                if real_base is None:
+                    size = self.fs.size(full)
+                elif inside(os.path.realpath(os.path.dirname(full)), real_base):
+                    size = regular_file_size(full, real_base)
+                else:
+                    raise Refused("unsafe_path", "its folder is a symbolic link to a folder outside the manifest's")
                 if size is not None and size > self.max_image_bytes:
                     yield self._too_large(rel, size)
                     continue
                 data = with_retries(lambda: self.fs.cat_file(full))
             except FileNotFoundError:
                 yield Entry(rel, label, split, reject_reason="missing", reject_detail="file not found")
+                continue
+            except Refused as refused:
+                yield refused.entry(rel, label, split)
                 continue
             expected = (row.get("sha256") or "").strip().lower() or None
             yield Entry(rel, label, split, data, expected_sha256=expected)

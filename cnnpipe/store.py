@@ -145,6 +145,8 @@ class StagedRun:
     content_sum: int = 0
     # The share of train/ images carved into val (0: none were), for the report.
     val_from_train: float = 0.0
+    # Dot-files and __MACOSX/ members the source passed over by rule, for the report.
+    hidden_skipped: int = 0
 
     def add_content(self, sha256_hex: str) -> None:
         self.content_sum = (self.content_sum + int(sha256_hex, 16)) % 2**256
@@ -176,6 +178,7 @@ class IngestSummary:
     total_rows: int
     seconds: float
     val_from_train: float = 0.0
+    hidden_skipped: int = 0
 
     @property
     def rejected_by_reason(self) -> dict[str, int]:
@@ -655,6 +658,7 @@ class DatasetStore:
             raise
         if on_progress:
             on_progress(done, source.total)
+        run.hidden_skipped = source.hidden_skipped
         for split, labels in added.items():
             for label, count in labels.items():
                 run.add_count(split, label, count)
@@ -693,7 +697,8 @@ class DatasetStore:
         merged = StagedRun(self.name, source_uri, base_version, min(shard.started_at for shard in shards),
                            duplicates=sum(shard.duplicates for shard in shards),
                            rejected=[reject for shard in shards for reject in shard.rejected],
-                           val_from_train=max(shard.val_from_train for shard in shards))
+                           val_from_train=max(shard.val_from_train for shard in shards),
+                           hidden_skipped=sum(shard.hidden_skipped for shard in shards))
         if self.staging.exists():
             shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True)
@@ -761,6 +766,7 @@ class DatasetStore:
             duplicates=run.duplicates, rejected=run.rejected, added_counts=run.added_counts,
             counts=manifest["counts"], total_rows=manifest["num_rows"],
             seconds=time.time() - run.started_at, val_from_train=run.val_from_train,
+            hidden_skipped=run.hidden_skipped,
         )
 
     # ---- internals -----------------------------------------------------------------

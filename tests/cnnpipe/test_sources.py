@@ -292,3 +292,85 @@ def test_a_folder_lists_once_for_its_splits_and_its_entries(tmp_path, monkeypatc
     assert source.explicit_splits() == {"train"}
     assert len(list(source.entries())) == 3 and len(listings) == 1
     assert len(list(source.entries())) == 3 and len(listings) == 2  # a second read lists afresh
+
+
+def symlink_garden(tmp_path: Path) -> tuple[Path, Path]:
+    """A source folder with every kind of link and special file, and a folder outside it."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(jpeg(90))
+    # Opening this would block until a writer came: refusing it must not open it.
+    os.mkfifo(outside / "blocking.jpg")
+    root = tmp_path / "source"
+    write_class_folders(root, {"red": 2, "blue": 1})
+    red = root / "red"
+    (red / "inside.jpg").symlink_to("../blue/0000.jpg")
+    (red / "outside.jpg").symlink_to(outside / "secret.jpg")
+    (red / "passwd.jpg").symlink_to("/etc/passwd")
+    (red / "fifo-outside.jpg").symlink_to(outside / "blocking.jpg")
+    (red / "loop.jpg").symlink_to("loop.jpg")
+    (red / "dangling.jpg").symlink_to("nothing.jpg")
+    os.mkfifo(red / "fifo.jpg")
+    (red / ".DS_Store").write_bytes(b"finder")
+    (root / "linked-blue").symlink_to("blue")
+    (root / "linked-outside").symlink_to(outside)
+    return root, outside
+
+
+SYMLINK_REJECTS = {
+    "red/outside.jpg": "unsafe_path", "red/passwd.jpg": "unsafe_path", "red/fifo-outside.jpg": "unsafe_path",
+    "red/loop.jpg": "broken_link", "red/dangling.jpg": "broken_link", "red/fifo.jpg": "special_file",
+    "linked-blue": "link", "linked-outside": "unsafe_path",
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_a_folder_follows_links_inside_it_and_refuses_the_rest_without_opening_them(tmp_path, scheme):
+    root, _ = symlink_garden(tmp_path)
+    source = open_source(f"{scheme}{root}")
+    entries = list(source.entries())
+    assert rejected(entries) == SYMLINK_REJECTS
+    kept = good(entries)
+    assert sorted(kept) == ["blue/0000.jpg", "red/0000.jpg", "red/0001.jpg", "red/inside.jpg"]
+    assert kept["red/inside.jpg"] == ("red", None, (root / "blue" / "0000.jpg").read_bytes())
+    assert source.hidden_skipped == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_manifest_follows_the_same_link_rule(tmp_path):
+    root, outside = symlink_garden(tmp_path)
+    rows = ["red/0000.jpg", "red/inside.jpg", *(path for path in SYMLINK_REJECTS if path.startswith("red/")),
+            "linked-outside/secret.jpg", "linked-blue/0000.jpg"]
+    (root / "labels.csv").write_text("path,label\n" + "".join(f"{row},red\n" for row in rows))
+    entries = entries_of(str(root / "labels.csv"))
+    assert rejected(entries) == {**{path: reason for path, reason in SYMLINK_REJECTS.items() if path.startswith("red/")},
+                                 "linked-outside/secret.jpg": "unsafe_path"}
+    assert sorted(good(entries)) == ["linked-blue/0000.jpg", "red/0000.jpg", "red/inside.jpg"]
+
+
+def test_a_device_file_in_a_folder_is_refused_unopened(tmp_path):
+    root = tmp_path / "source"
+    write_class_folders(root, {"red": 1})
+    try:
+        os.mknod(root / "red" / "zero.jpg", stat.S_IFCHR | 0o600, os.makedev(1, 5))
+    except PermissionError:
+        pytest.skip("creating a device file needs CAP_MKNOD")
+    assert rejected(entries_of(str(root))) == {"red/zero.jpg": "special_file"}
+
+
+@pytest.mark.timeout(120)
+def test_an_ingest_records_link_refusals_and_counts_hidden_files(tmp_path):
+    from cnnpipe.reports import ingest_markdown
+    from cnnpipe.settings import Settings
+    from cnnpipe.store import DatasetStore, IngestOptions
+
+    root, _ = symlink_garden(tmp_path)
+    store = DatasetStore("garden", Settings(home=tmp_path / "home", mlflow_tracking_uri=""))
+    with store.lock():
+        summary = store.commit(store.stage(open_source(str(root)), IngestOptions(workers=0)))
+    # Followed, red/inside.jpg is blue/0000.jpg under a second label.
+    assert {reject.path: reject.reason for reject in summary.rejected} == {**SYMLINK_REJECTS, "red/inside.jpg": "conflict"}
+    assert summary.added == 3
+    assert summary.hidden_skipped == 1
+    assert "1 hidden files (dot-files, `__MACOSX/`) skipped by rule." in ingest_markdown(summary)
