@@ -26,6 +26,10 @@ class CheckpointError(Exception):
     pass
 
 
+class CheckpointRefused(CheckpointError):
+    """A file that is not a plain checkpoint: never loaded, and never skipped for an older one."""
+
+
 def rng_state(generator: torch.Generator | None = None) -> dict:
     numpy_kind, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
     python_version, python_state, python_gauss = random.getstate()
@@ -151,7 +155,7 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused, it is not a plain checkpoint (weights_only load failed: "
+        raise CheckpointRefused(f"{path}: refused, it is not a plain checkpoint (weights_only load failed: "
                               f"{str(exc).splitlines()[0]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
@@ -165,9 +169,9 @@ def load_latest(run_dir: Path) -> tuple[dict, Path] | None:
     for path in reversed(checkpoints(run_dir)):
         try:
             return load_checkpoint(path), path
+        except CheckpointRefused:
+            raise
         except CheckpointError as exc:
-            if "refused" in str(exc):
-                raise
             errors.append(str(exc))
     if errors:
         raise CheckpointError("no readable checkpoint: " + "; ".join(errors))

@@ -22,7 +22,7 @@ from cnn.failpoints import failpoint
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsutil import atomic_write_json, fsync_dir
 
-log = logging.getLogger("cnnpipe.store")
+log = logging.getLogger(__name__)
 
 VERSION = re.compile(r"v\d{6}")
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from cnn import failpoints, train
-from cnn.checkpoint import (CheckpointError, CheckpointWriter, checkpoints, load_checkpoint, load_latest,
-                            restore_rng_state, rng_state, save_checkpoint)
+from cnn.checkpoint import (CheckpointError, CheckpointRefused, CheckpointWriter, checkpoints, load_checkpoint,
+                            load_latest, restore_rng_state, rng_state, save_checkpoint)
 from cnn.data import Augment, ColourStats, ResidentImages
 from cnn.train import TrainConfig, fit, load_trained_model
 
@@ -159,9 +159,9 @@ def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path):
     run_dir.mkdir()
     with open(run_dir / "epoch-0001.pt", "wb") as handle:
         pickle.dump({"model": _Payload(marker)}, handle)
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointRefused, match="refused"):
         load_checkpoint(run_dir / "epoch-0001.pt")
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointRefused, match="refused"):
         load_latest(run_dir)
     assert not marker.exists()
 
