@@ -35,7 +35,6 @@ from cnnpipe.sources import Source, open_source
 from cnnpipe.store import Reject, open_dataset_source
 
 PART_ROWS = 4096
-BATCH = 256
 PART_SCHEMA = pa.schema([
     ("image_sha256", pa.string()), ("source_uri", pa.string()), ("member_path", pa.string()),
     ("model_name", pa.string()), ("model_version", pa.string()), ("mlflow_run_id", pa.string()),
@@ -153,7 +152,8 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
 
     def produce() -> None:
         try:
-            for batch in _prepared_batches(source, done, summary, predictor.decode_size, on_progress):
+            for batch in _prepared_batches(source, done, summary, predictor.decode_size, predictor.batch_size,
+                                           on_progress):
                 batches.put(batch)
             batches.put(None)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
@@ -203,7 +203,7 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
     return summary
 
 
-def _prepared_batches(source: Source, done: set[str], summary: ClassifySummary, size: int,
+def _prepared_batches(source: Source, done: set[str], summary: ClassifySummary, size: int, batch_size: int,
                       on_progress) -> Iterator[tuple[list[tuple], torch.Tensor]]:
     items, images, seen = [], [], 0
     for entry in source.entries():
@@ -229,7 +229,7 @@ def _prepared_batches(source: Source, done: set[str], summary: ClassifySummary, 
             images.append(torch.from_numpy(checked.pixels).permute(2, 0, 1))  # validated and decoded once
         else:
             images.append(decode_images([entry.data if checked.encoded is None else checked.encoded], size)[0])
-        if len(items) == BATCH:
+        if len(items) == batch_size:
             yield items, torch.stack(images)
             items, images = [], []
     if items:

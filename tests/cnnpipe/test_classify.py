@@ -66,6 +66,17 @@ def test_a_name_that_is_not_utf8_is_rejected_and_the_rest_classified(tmp_path, s
     assert list((get_settings().staging_dir / "classify").iterdir()) == []
 
 
+def test_images_reach_the_model_in_batches_of_the_batch_size_asked_for(inbox, shapes_checkpoints):
+    predictor = Predictor(shapes_checkpoints[0], batch_size=8)
+    sizes = []
+    classify = predictor.probabilities
+    predictor.probabilities = lambda images: (sizes.append(len(images)), classify(images))[1]
+    settings = get_settings()
+    summary = classify_source(open_classify_source(str(inbox)), predictor, settings.predictions_db,
+                              settings.staging_dir, "run")
+    assert summary.classified == 50 and sizes == [8] * 6 + [2]
+
+
 def test_a_new_model_version_classifies_everything_again(inbox, shapes_checkpoints):
     first = run(inbox, shapes_checkpoints[0])
     second = run(inbox, shapes_checkpoints[1])
@@ -106,8 +117,8 @@ import cnnpipe.classify as c
 from cnn.predict import Predictor
 from cnnpipe.settings import get_settings
 from cnnpipe.sources import open_source
-c.PART_ROWS, c.BATCH = 16, 16
-s, predictor = get_settings(), Predictor(sys.argv[2])
+c.PART_ROWS = 16
+s, predictor = get_settings(), Predictor(sys.argv[2], batch_size=16)
 if len(sys.argv) > 4:  # wait for a go file, so that two runs start together
     print("ready", flush=True)
     while not Path(sys.argv[4]).exists():
