@@ -97,6 +97,7 @@ def ingest(source: str, dataset: str, val_fraction: float, test_fraction: float,
     from flows.ingest import ingest as ingest_flow
 
     _errors_in_one_line()
+    _start_prefect_in_turn()
     open_source(source)  # a missing or unknown source fails here, in one line
     summary = ingest_flow(source=source, dataset=dataset, val_fraction=val_fraction, test_fraction=test_fraction,
                           resize=resize, workers=workers, max_reject_fraction=max_reject_fraction,
@@ -120,6 +121,22 @@ def _errors_in_one_line() -> None:
         if type(handler).__name__ == "PrefectConsoleHandler" and not any(
                 isinstance(f, _NoFlowErrors) for f in handler.filters):
             handler.addFilter(_NoFlowErrors())
+
+
+def _start_prefect_in_turn() -> None:
+    """Start the ephemeral Prefect server that this command's flows will use, one process at a
+    time: each start migrates Prefect's database, and two first starts at once on a fresh
+    PREFECT_HOME collide ("index ... already exists"), as a cron starting two commands would."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    from cnnpipe.locks import file_lock
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    with file_lock(Path(PREFECT_HOME.value()) / "cnnpipe-server-start.lock",
+                   waiting="waiting for another cnnpipe command to start Prefect's server"):
+        SubprocessASGIServer().start()
 
 
 def _auto(knob: str) -> str:
@@ -195,6 +212,7 @@ def train(dataset: str, compile_model: bool, resume: str | None, **options) -> N
     from flows.train import train as train_flow
 
     _errors_in_one_line()
+    _start_prefect_in_turn()
     resume = True if resume == "latest" else (resume or False)
     _check_training(dataset, resume, options)
     _print_training(train_flow(dataset=dataset, compile=compile_model, resume=resume, **options))
@@ -267,6 +285,7 @@ def retrain(dataset: str, source: str | None, compile_model: bool, resume: str |
     from flows.retrain import retrain as retrain_flow
 
     _errors_in_one_line()
+    _start_prefect_in_turn()
     resume = True if resume == "latest" else (resume or False)
     _check_training(dataset, resume, options)
     _print_training(retrain_flow(dataset=dataset, source=source, compile=compile_model, resume=resume, **options))
@@ -443,6 +462,7 @@ def classify(source: str, model_ref: str, checkpoint: str | None, device: str, b
     from flows.classify import classify as classify_flow
 
     _errors_in_one_line()
+    _start_prefect_in_turn()
     if not checkpoint:
         parse_model_ref(model_ref)  # a malformed reference fails here, in one line
     open_classify_source(source)
@@ -583,6 +603,7 @@ def demo() -> None:
     from flows.retrain import retrain as retrain_flow
 
     _errors_in_one_line()
+    _start_prefect_in_turn()
     settings = get_settings()
     folder, archive = write_demo_images(settings.demo_dir)
     _print_markdown(ingest_markdown(ingest_flow(source=str(folder), dataset="shapes")))
