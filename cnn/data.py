@@ -246,10 +246,15 @@ class ColourStats:
     @classmethod
     def from_images(cls, images: torch.Tensor, max_pixels: int = 4_000_000, seed: int = 0) -> ColourStats:
         """Per-channel mean and std, and the RGB covariance's eigen-decomposition (pixels in [0, 1])."""
-        pixels = images.permute(0, 2, 3, 1).reshape(-1, 3)
-        if pixels.shape[0] > max_pixels:
-            generator = torch.Generator(device=pixels.device).manual_seed(seed)
-            pixels = pixels[torch.randint(0, pixels.shape[0], (max_pixels,), generator=generator, device=pixels.device)]
+        count, _, height, width = images.shape
+        if count * height * width > max_pixels:
+            generator = torch.Generator(device=images.device).manual_seed(seed)
+            flat = torch.randint(0, count * height * width, (max_pixels,), generator=generator, device=images.device)
+            # Gathered in place: a split kept resident may fill most of the memory budget, and
+            # flattening it into a pixel list first would copy all of it.
+            pixels = images[flat // (height * width), :, flat // width % height, flat % width]
+        else:
+            pixels = images.permute(0, 2, 3, 1).reshape(-1, 3)
         pixels = pixels.double() / 255.0
         covariance = torch.cov(pixels.T)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -60,7 +61,8 @@ class TrainConfig:
     patience: int | None = None
     seed: int = 0
     device: str = "auto"
-    memory_budget_mb: int = 2048
+    # None: a share of the device's free memory, as `memory_budget` says.
+    memory_budget_mb: int | None = None
     compile: bool = False
     # auto: bf16 on CUDA and on CPUs with AMX, fp32 elsewhere (see `uses_bf16`).
     precision: str = "auto"
@@ -143,6 +145,34 @@ def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
     if precision != "auto":
         return precision == "bf16"
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_amx())
+
+
+# A split is decoded once into device memory when it fits this share of what the device has
+# free; the rest holds the model, its optimizer state and a batch's activations. Each split is
+# checked alone: validation and held-out splits are usually a fraction of the training split.
+MEMORY_BUDGET_SHARE = 0.4
+
+
+def memory_budget(device: torch.device, budget_mb: int | None = None) -> tuple[int, str]:
+    """The memory budget in MB and where it comes from: `budget_mb` when set, otherwise a share
+    of the GPU's free memory on CUDA, or of the RAM available on the CPU."""
+    if budget_mb is not None:
+        return budget_mb, "set"
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        where = f"free on {device}"
+    else:
+        free = psutil.virtual_memory().available
+        where = "of RAM available"
+    why = f"auto: {MEMORY_BUDGET_SHARE:.0%} of the {free / 2**30:.1f} GB {where}"
+    return int(free * MEMORY_BUDGET_SHARE) // 2**20, why
+
+
+def memory_budget_line(config: TrainConfig) -> str:
+    device = resolve_device(config.device)
+    budget_mb, why = memory_budget(device, config.memory_budget_mb)
+    return (f"memory budget: {budget_mb} MB a split, decoded once into {device.type} memory within it and "
+            f"streamed from Parquet beyond it ({why})")
 
 
 def autocast(device: torch.device, precision: str = "auto"):
@@ -369,6 +399,8 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
         # Training batches all have one shape (drop_last), so cuDNN's one-off search for the
         # fastest convolution algorithms pays for itself within the first epoch.
         torch.backends.cudnn.benchmark = True
+    # Before the model takes its share, as `memory_budget_line` measured it when the run was planned.
+    budget_mb, _ = memory_budget(device, config.memory_budget_mb)
     seed_everything(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     train_split = StoreSplit.open(config.dataset_dir, "train")
@@ -382,13 +414,13 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     crop = input_size(model)
     # Large models train on random 224 crops of 256 images, as in the paper; small ones on padded crops.
     stored = 256 if crop == 224 else crop
-    train = _load_split(train_split, stored, device, config.memory_budget_mb)
+    train = _load_split(train_split, stored, device, budget_mb)
     if len(train) == 0:
         raise ValueError(f"{config.dataset_dir}: the train split is empty")
     sample = train.images if isinstance(train, ResidentImages) else next(iter(train.batches(4096)))[0]
     stats = colour_stats_for(train_split, sample)
     augment = Augment(stats, crop, pad=crop // 8 if stored == crop else 0)
-    val = _load_split(val_split, stored, device, config.memory_budget_mb)
+    val = _load_split(val_split, stored, device, budget_mb)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=True)
@@ -455,13 +487,13 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
                 stopped_early = True
                 break
         # The held-out evaluation overlaps the last checkpoint's write; `done` waits for it.
-        held_out = evaluate(model, _load_split(held_out_split, stored, device, config.memory_budget_mb)
+        held_out = evaluate(model, _load_split(held_out_split, stored, device, budget_mb)
                             .batches(config.batch_size * 2), stats, crop, keep_predictions=True,
                             mistakes=MISTAKES_KEPT, precision=config.precision)
         report = classification_report(held_out.pop("probabilities"), held_out.pop("targets"), classes)
         report["mistakes"] = held_out.pop("mistakes")
         if config.ten_crop:
-            ten = evaluate(model, _load_split(held_out_split, stored, device, config.memory_budget_mb)
+            ten = evaluate(model, _load_split(held_out_split, stored, device, budget_mb)
                            .batches(config.batch_size * 2), stats, crop, ten_crop=True, precision=config.precision)
             held_out.update({"ten_crop_top1": ten["top1"], "ten_crop_top5": ten["top5"]})
     if latest is None and leader:
@@ -488,7 +520,7 @@ class TrainingPlan:
     warnings: list[str]
 
     def lines(self) -> list[str]:
-        lines = [self.recipe.line(), precision_line(self.config)]
+        lines = [self.recipe.line(), precision_line(self.config), memory_budget_line(self.config)]
         if self.resuming:
             lines.append(f"resuming {self.resuming[0]} after epoch {self.resuming[1]} of {self.config.epochs}")
         return lines
@@ -561,7 +593,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset_dir: str | os.Pat
     if sorted(manifest_classes) != sorted(state["classes"]):
         raise ValueError(f"the model knows classes {state['classes']}, the dataset has {manifest_classes}")
     crop = input_size(model)
-    images = _load_split(split, 256 if crop == 224 else crop, device, 2048)
+    images = _load_split(split, 256 if crop == 224 else crop, device, memory_budget(device)[0])
     return evaluate(model.to(memory_format=torch.channels_last), images.batches(batch_size),
                     ColourStats(**state["colour_stats"]), crop, precision=state["config"].get("precision", "auto"))
 

@@ -26,7 +26,7 @@ def train(
     patience: int | None = None,
     seed: int = 0,
     device: str = "auto",
-    memory_budget_mb: int = 2048,
+    memory_budget_mb: int | None = None,
     precision: str = "auto",
     ten_crop: bool = False,
     compile: bool = False,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -143,6 +144,30 @@ def test_the_precision_a_run_uses_is_said_and_a_bad_one_refused(tmp_path):
     assert automatic == f"precision: {expected}"
     with pytest.raises(ValueError, match="--precision must be one of auto, bf16, fp32, not 'fp16'"):
         TrainConfig(str(tmp_path), precision="fp16")
+
+
+def test_the_memory_budget_is_a_share_of_what_the_device_has_free_and_is_said(shapes_dataset, tmp_path,
+                                                                              monkeypatch):
+    gib = 2**30
+    monkeypatch.setattr(train.psutil, "virtual_memory", lambda: SimpleNamespace(available=10 * gib))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * gib, 141 * gib))
+    assert train.memory_budget(torch.device("cpu")) == (4096, "auto: 40% of the 10.0 GB of RAM available")
+    assert train.memory_budget(torch.device("cuda", 0)) == (40960, "auto: 40% of the 100.0 GB free on cuda:0")
+    assert train.memory_budget(torch.device("cuda", 0), 2048) == (2048, "set")
+    assert train.memory_budget_line(TrainConfig(str(tmp_path), device="cpu")) == (
+        "memory budget: 4096 MB a split, decoded once into cpu memory within it and streamed from Parquet beyond "
+        "it (auto: 40% of the 10.0 GB of RAM available)")
+
+    budgets = []
+
+    def first_split(split, size, device, budget_mb):
+        budgets.append(budget_mb)
+        raise InterruptedError
+
+    monkeypatch.setattr(train, "_load_split", first_split)
+    with pytest.raises(InterruptedError):
+        fit(tiny_config(shapes_dataset, tmp_path))
+    assert budgets == [4096]
 
 
 class _Payload:
