@@ -307,8 +307,11 @@ def serve(dataset: str, source: str | None, cron: str, timezone: str, inbox: str
     """Run the nightly retraining (and an inbox classifier) on a schedule until stopped.
 
     Serves Prefect deployments from this process: `retrain/nightly` and, with --inbox,
-    `classify/inbox`. With a Prefect server ($PREFECT_API_URL) the schedules show in
-    its UI. Stopping the process (Ctrl-C) leaves the schedules active for next time.
+    `classify/inbox`. With `cnnpipe server` running (or $PREFECT_API_URL) they are
+    registered on that server: its UI shows the schedules, and `prefect deployment run`
+    works from any shell. Without one they live on an ephemeral API inside this process,
+    which no other shell can reach. Stopping the process (Ctrl-C) leaves the schedules
+    active for next time.
 
     \b
     Examples:
@@ -316,12 +319,16 @@ def serve(dataset: str, source: str | None, cron: str, timezone: str, inbox: str
       cnnpipe serve --dataset pets --cron "30 3 * * *" --timezone Europe/Berlin --inbox ./inbox
     """
     from prefect import serve as prefect_serve
+    from prefect.settings import PREFECT_API_URL
 
-    from flows.serve import build_deployments
+    from flows.serve import build_deployments, serving_message
 
     deployments = build_deployments(dataset, source, cron, timezone, inbox, inbox_cron, model_ref,
                                     {"device": device} | ({"epochs": epochs} if epochs else {}))
-    prefect_serve(*deployments, pause_on_shutdown=False)
+    api_url = PREFECT_API_URL.value()
+    click.echo(serving_message(deployments, api_url))
+    # Prefect's own start message says `prefect deployment run` works: true only on a server.
+    prefect_serve(*deployments, pause_on_shutdown=False, print_starting_message=bool(api_url))
 
 
 @cli.command()
@@ -579,6 +586,50 @@ def _fail_if_damaged(name: str, damaged: list) -> None:
                            "listed above with how to repair them")
 
 
+@cli.group()
+def server() -> None:
+    """The Prefect and MLflow UIs over this pipeline's state, in the background on 127.0.0.1.
+
+    While it runs, every flow command in any shell runs on it instead of starting
+    Prefect's ephemeral API, unless $PREFECT_API_URL names another server. Its Prefect
+    database lives under $CNNPIPE_HOME/prefect; the MLflow UI reads the store the
+    commands write to ($MLFLOW_TRACKING_URI).
+
+    \b
+    Examples:
+      cnnpipe server start                  # Prefect UI on :4200, MLflow UI on :5000
+      cnnpipe server start --port 4300 --mlflow-port 5300
+      cnnpipe server status
+      cnnpipe server stop
+    """
+
+
+@server.command("start")
+@click.option("--port", default=4200, show_default=True, help="Port of the Prefect server and its UI.")
+@click.option("--mlflow-port", default=5000, show_default=True, help="Port of the MLflow UI.")
+def server_start(port: int, mlflow_port: int) -> None:
+    """Start both servers (whichever is not running) and print their URLs."""
+    from cnnpipe.local_server import start
+
+    click.echo("\n".join(start(port, mlflow_port)))
+
+
+@server.command("stop")
+def server_stop() -> None:
+    """Stop both servers."""
+    from cnnpipe.local_server import stop
+
+    click.echo("\n".join(stop()))
+
+
+@server.command("status")
+def server_status() -> None:
+    """Say what runs where: both UIs, and the Prefect API flow commands use."""
+    from cnnpipe.local_server import status
+
+    click.echo("\n".join(status()))
+
+
 @cli.command()
 def demo() -> None:
     """Make a small image set and run the pipeline over it.
@@ -621,12 +672,23 @@ def demo() -> None:
 Where to look next:
   cnnpipe models {DEMO_MODEL}        versions, figures, aliases and gate decisions
   cnnpipe datasets show shapes
-  .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri}
-      then http://127.0.0.1:5000 for params, curves, plots and the model
-  .venv/bin/prefect server start
-      then http://127.0.0.1:4200 for these flow runs and their training report
 The dataset is plain Parquet; DuckDB reads it with no cnnpipe involved:
   SELECT split, label, count(*) FROM '{files}' GROUP BY ALL ORDER BY ALL;""")
+    click.echo(f"\nSee it all in the UIs:\n{_demo_uis()}")
+
+
+def _demo_uis() -> str:
+    from cnnpipe.local_server import ui_urls
+
+    urls = ui_urls()
+    if urls is None:
+        return ("  cnnpipe server start    then its Prefect UI shows these flow runs and their training report,\n"
+                "                          and its MLflow UI the runs, curves, plots, model and champion")
+    prefect_ui, mlflow_ui = urls
+    lines = [f"  {prefect_ui}   Prefect UI: these flow runs, their logs and the training report"]
+    if mlflow_ui:
+        lines.append(f"  {mlflow_ui}   MLflow UI: params, curves, plots, the model and its champion alias")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -640,6 +702,11 @@ def main() -> None:
     # The first run on a busy 2-core machine migrates Prefect's database for longer than the
     # ephemeral server's default 20 s start-up allowance.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # A running `cnnpipe server` spares each flow command the ephemeral API's start-up; Prefect
+    # reads PREFECT_API_URL once, when imported, so this comes first.
+    from cnnpipe.local_server import use_local_server
+
+    use_local_server()
     _ensure_prefect_home()
     cli(prog_name="cnnpipe")
 

@@ -4,8 +4,9 @@
 unless `CNNPIPE_DATASETS_URL` puts them elsewhere, on any fsspec URL (`s3://bucket/datasets`).
 MLflow honours
 `MLFLOW_TRACKING_URI` (default: a SQLite file under the home, with artifacts beside it);
-Prefect keeps its own rule (ephemeral API unless `PREFECT_API_URL` is set), so nothing
-here touches Prefect's settings.
+Prefect keeps its own rule (ephemeral API unless `PREFECT_API_URL` is set); `cnnpipe server`
+keeps its Prefect database under the home, and commands find that server through the files
+named here (cnnpipe/server.py).
 """
 
 from __future__ import annotations
@@ -66,6 +67,33 @@ class Settings:
     @property
     def demo_dir(self) -> Path:
         return self.home / "demo"
+
+    @property
+    def prefect_home(self) -> Path:
+        """PREFECT_HOME of `cnnpipe server`: its database, and Prefect's own PID file of it."""
+        return self.home / "prefect"
+
+    @property
+    def prefect_server_pid_file(self) -> Path:
+        # The name `prefect server start --background` writes and `prefect server stop` reads.
+        return self.prefect_home / "server.pid"
+
+    @property
+    def server_dir(self) -> Path:
+        """What `cnnpipe server` records: its ports, the MLflow UI's PID and log."""
+        return self.home / "server"
+
+    @property
+    def server_state_file(self) -> Path:
+        return self.server_dir / "server.json"
+
+    @property
+    def mlflow_server_pid_file(self) -> Path:
+        return self.server_dir / "mlflow.pid"
+
+    @property
+    def mlflow_server_log(self) -> Path:
+        return self.server_dir / "mlflow.log"
 
     def environment(self) -> dict[str, str]:
         """Variables that make another process (a Ray worker) see the same state and servers."""

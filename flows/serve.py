@@ -1,6 +1,8 @@
 """The deployments `cnnpipe serve` runs: nightly retraining and classification of an inbox.
 
-Building them deploys nothing; `prefect.serve` does, for as long as the process lives.
+Building them deploys nothing; `prefect.serve` does, for as long as the process lives, on
+the Prefect API this process uses: a server if there is one, else an ephemeral API that
+lives and dies with the process.
 """
 
 from __future__ import annotations
@@ -34,3 +36,15 @@ def build_deployments(dataset: str, source: str | None = None, cron: str = NIGHT
             description=f"Classify new images in {inbox} ({inbox_cron}, {timezone}).",
         ))
     return deployments
+
+
+def serving_message(deployments: list[RunnerDeployment], api_url: str | None) -> str:
+    """What the served deployments can be used for, which depends on where they are registered."""
+    names = ", ".join(deployment.full_name for deployment in deployments)
+    if api_url:
+        return (f"Registering {names} on the Prefect server at {api_url}. From any shell:\n"
+                f"  PREFECT_API_URL={api_url} prefect deployment run {deployments[0].full_name}")
+    return (f"Serving {names} on an ephemeral Prefect API inside this process. Their schedules run while it "
+            "runs, but no UI shows them and `prefect deployment run` from another shell cannot reach them: the "
+            "API ends with this process. Run `cnnpipe server start` first to register them on a server that the "
+            "UI and any shell can reach.")

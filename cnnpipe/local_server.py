@@ -1,0 +1,328 @@
+"""`cnnpipe server`: the Prefect and MLflow UIs over the pipeline's state, and how commands find them.
+
+Prefect runs as its own `prefect server start --background`, with PREFECT_HOME under
+$CNNPIPE_HOME so that its database and PID file live there, and `prefect server stop`
+stops it. The MLflow UI is `mlflow server` on the tracking store the commands write to,
+in a session of its own with a PID file of ours. Both listen on 127.0.0.1 only.
+
+`use_local_server` runs before every command, so this module imports only the standard
+library at load time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.locks import file_lock
+from cnnpipe.settings import Settings, get_settings
+
+HOST = "127.0.0.1"
+DEFAULT_PREFECT_PORT = 4200
+DEFAULT_MLFLOW_PORT = 5000
+# A server on this machine answers in milliseconds; one that does not is taken as absent
+# rather than make every command wait on it.
+HEALTH_TIMEOUT_SECONDS = 0.5
+# The first start on a busy 2-core machine migrates Prefect's database for half a minute or more.
+STARTUP_TIMEOUT_SECONDS = 180
+STOP_GRACE_SECONDS = 15
+# A recorded PID may have been reused by an unrelated process once ours is gone.
+PREFECT_SERVER_MARK = "prefect.server.api.server:create_app"
+MLFLOW_SERVER_MARK = "mlflow"
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    name: str
+    url: str
+    pid: int
+    answering: bool
+
+
+def use_local_server(environ: dict[str, str] | None = None) -> None:
+    """Point Prefect at a `cnnpipe server` that answers now, unless PREFECT_API_URL already says
+    where to go. Call before Prefect is imported: it reads its settings once."""
+    environ = os.environ if environ is None else environ
+    if environ.get("PREFECT_API_URL"):
+        return
+    settings = get_settings()
+    api_url = local_api_url(settings)
+    if api_url:
+        environ["PREFECT_API_URL"] = api_url
+        environ.setdefault("PREFECT_HOME", str(settings.prefect_home))
+
+
+def local_api_url(settings: Settings | None = None) -> str | None:
+    """The API of a `cnnpipe server` that answers its health check now, else None."""
+    settings = settings or get_settings()
+    try:
+        port = json.loads(settings.server_state_file.read_text())["prefect_port"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    api_url = _prefect_api_url(port)
+    return api_url if _answers(f"{api_url}/health") else None
+
+
+def ui_urls(settings: Settings | None = None) -> tuple[str, str | None] | None:
+    """(Prefect UI, MLflow UI or None) of a running `cnnpipe server`, else None."""
+    settings = settings or get_settings()
+    api_url = local_api_url(settings)
+    if api_url is None:
+        return None
+    mlflow = _running(settings.mlflow_server_pid_file, MLFLOW_SERVER_MARK)
+    return api_url.removesuffix("/api"), _mlflow_url(_port_of(mlflow)) if mlflow else None
+
+
+def start(prefect_port: int = DEFAULT_PREFECT_PORT, mlflow_port: int = DEFAULT_MLFLOW_PORT,
+          settings: Settings | None = None) -> list[str]:
+    """Start whichever of the two servers is not running; return lines saying what runs where.
+
+    Serialised by a file lock, so two starts at once end with one server, both reporting it."""
+    settings = settings or get_settings()
+    if prefect_port == mlflow_port:
+        raise CnnpipeError(f"--port and --mlflow-port are both {prefect_port}; give them different ports")
+    with file_lock(settings.locks_dir / "server.lock", waiting="another `cnnpipe server` command is running; waiting"):
+        prefect = _running(settings.prefect_server_pid_file, PREFECT_SERVER_MARK)
+        mlflow = _running(settings.mlflow_server_pid_file, MLFLOW_SERVER_MARK)
+        wants_mlflow = _tracks_locally(settings)
+        # A PID file whose process is gone would make `prefect server start` refuse to start.
+        if prefect is None:
+            settings.prefect_server_pid_file.unlink(missing_ok=True)
+            _require_free(prefect_port, "--port")
+        if wants_mlflow and mlflow is None:
+            settings.mlflow_server_pid_file.unlink(missing_ok=True)
+            _require_free(mlflow_port, "--mlflow-port")
+        if prefect is not None and (not wants_mlflow or mlflow is not None):
+            return ["Already running:", *_describe(settings), *_moved(prefect, prefect_port, mlflow, mlflow_port)]
+
+        started_prefect_port = _port_of(prefect) if prefect else prefect_port
+        settings.server_dir.mkdir(parents=True, exist_ok=True)
+        settings.server_state_file.write_text(json.dumps({"prefect_port": started_prefect_port}))
+        try:
+            waits = []
+            if prefect is None:
+                _launch_prefect(settings, prefect_port)
+                waits.append((f"{_prefect_api_url(prefect_port)}/health", settings.prefect_server_pid_file,
+                              PREFECT_SERVER_MARK, _prefect_failure(settings, prefect_port)))
+            if wants_mlflow and mlflow is None:
+                _launch_mlflow(settings, mlflow_port)
+                waits.append((f"{_mlflow_url(mlflow_port)}/health", settings.mlflow_server_pid_file,
+                              MLFLOW_SERVER_MARK, f"the MLflow UI on port {mlflow_port} exited while starting; "
+                                                  f"see {settings.mlflow_server_log}"))
+            _wait_until_answering(waits)
+        except BaseException:
+            _stop(settings)
+            raise
+        return ["Started:", *_describe(settings)]
+
+
+def stop(settings: Settings | None = None) -> list[str]:
+    """Stop both servers and anything they started; return what was stopped."""
+    settings = settings or get_settings()
+    with file_lock(settings.locks_dir / "server.lock", waiting="another `cnnpipe server` command is running; waiting"):
+        return _stop(settings) or ["No cnnpipe server was running."]
+
+
+def status(settings: Settings | None = None) -> list[str]:
+    settings = settings or get_settings()
+    return _describe(settings)
+
+
+def _stop(settings: Settings) -> list[str]:
+    stopped = []
+    prefect = _running(settings.prefect_server_pid_file, PREFECT_SERVER_MARK)
+    if prefect is not None:
+        _end(prefect, lambda: subprocess.run(
+            [sys.executable, "-m", "prefect", "server", "stop"], env=_prefect_environment(settings, None),
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=120))
+        stopped.append(f"Stopped the Prefect server (pid {prefect.pid}).")
+    settings.prefect_server_pid_file.unlink(missing_ok=True)
+    mlflow = _running(settings.mlflow_server_pid_file, MLFLOW_SERVER_MARK)
+    if mlflow is not None:
+        _end(mlflow, None)
+        stopped.append(f"Stopped the MLflow UI (pid {mlflow.pid}).")
+    settings.mlflow_server_pid_file.unlink(missing_ok=True)
+    settings.server_state_file.unlink(missing_ok=True)
+    return stopped
+
+
+def _describe(settings: Settings) -> list[str]:
+    lines = []
+    prefect = _running(settings.prefect_server_pid_file, PREFECT_SERVER_MARK)
+    api_url = _prefect_api_url(_port_of(prefect)) if prefect else None
+    prefect_answers = bool(api_url) and _answers(f"{api_url}/health")
+    if prefect is None:
+        lines.append("Prefect UI:  not running (`cnnpipe server start` starts it)")
+    else:
+        answering = "" if prefect_answers else ", not answering yet"
+        database = os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL") or settings.prefect_home / "prefect.db"
+        lines.append(f"Prefect UI:  {api_url.removesuffix('/api')}  flow runs, logs, artifacts "
+                     f"(pid {prefect.pid}{answering}; database {database})")
+    if not _tracks_locally(settings):
+        lines.append(f"MLflow UI:   {settings.mlflow_tracking_uri}  (MLFLOW_TRACKING_URI, a server of its own)")
+    else:
+        mlflow = _running(settings.mlflow_server_pid_file, MLFLOW_SERVER_MARK)
+        if mlflow is None:
+            lines.append("MLflow UI:   not running (`cnnpipe server start` starts it)")
+        else:
+            url = _mlflow_url(_port_of(mlflow))
+            answering = "" if _answers(f"{url}/health") else ", not answering yet"
+            lines.append(f"MLflow UI:   {url}  runs, metrics, plots, models and champions "
+                         f"(pid {mlflow.pid}{answering}; store {settings.mlflow_tracking_uri})")
+    explicit = os.environ.get("PREFECT_API_URL")
+    if explicit and explicit != api_url:
+        lines.append(f"Flow commands run on PREFECT_API_URL={explicit}, which wins over the local server.")
+    elif prefect_answers:
+        lines.append("Flow commands in any shell run on this Prefect server; `cnnpipe server stop` stops both.")
+    else:
+        lines.append("Flow commands run on Prefect's ephemeral API, started by each command.")
+    return lines
+
+
+def _moved(prefect, prefect_port: int, mlflow, mlflow_port: int) -> list[str]:
+    asked = [f"port {port} was asked for" for process, port in ((prefect, prefect_port), (mlflow, mlflow_port))
+             if process is not None and _port_of(process) != port]
+    return [f"({'; '.join(asked)}: `cnnpipe server stop` first to move it.)"] if asked else []
+
+
+def _launch_prefect(settings: Settings, port: int) -> None:
+    settings.prefect_home.mkdir(parents=True, exist_ok=True)
+    # Its own session: Ctrl-C in the shell that started it, or the end of `make`, leaves it running.
+    started = subprocess.run(
+        [sys.executable, "-m", "prefect", "server", "start", "--background", "--host", HOST, "--port", str(port),
+         "--analytics-off"],
+        env=_prefect_environment(settings, port), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        start_new_session=True, timeout=300)
+    if started.returncode != 0:
+        said = [line.strip() for line in (started.stdout + started.stderr).splitlines() if line.strip()]
+        raise CnnpipeError(f"prefect server start on port {port} failed: {said[-1] if said else started.returncode}")
+
+
+def _launch_mlflow(settings: Settings, port: int) -> None:
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", settings.mlflow_tracking_uri,
+               "--host", HOST, "--port", str(port), "--workers", "1"]
+    if settings.mlflow_artifacts_dir is not None:
+        command += ["--default-artifact-root", settings.mlflow_artifacts_dir.as_uri()]
+    settings.server_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.mlflow_server_log, "ab") as log:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    settings.mlflow_server_pid_file.write_text(str(process.pid))
+
+
+def _prefect_environment(settings: Settings, port: int | None) -> dict[str, str]:
+    env = {**os.environ, "PREFECT_HOME": str(settings.prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    if port is not None:
+        # The UI it serves talks to this API, not to one a PREFECT_API_URL in the shell names.
+        env["PREFECT_API_URL"] = _prefect_api_url(port)
+    return env
+
+
+def _prefect_failure(settings: Settings, port: int) -> str:
+    return (f"the Prefect server on port {port} exited while starting; "
+            f"`PREFECT_HOME={settings.prefect_home} prefect server start --port {port}` shows why")
+
+
+def _wait_until_answering(waits: list[tuple[str, Path, str, str]]) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    pending = list(waits)
+    while pending:
+        for wait in list(pending):
+            health_url, pid_file, mark, failure = wait
+            if _answers(health_url):
+                pending.remove(wait)
+            elif _running(pid_file, mark) is None:
+                raise CnnpipeError(failure)
+        if pending and time.monotonic() > deadline:
+            raise CnnpipeError(f"{pending[0][0]} did not answer within {STARTUP_TIMEOUT_SECONDS} s")
+        if pending:
+            time.sleep(0.25)
+
+
+def _end(process, terminate: Callable[[], object] | None) -> None:
+    """Ask `process` to stop (by `terminate`, else SIGTERM to it and its children), then kill
+    whatever of them outlives the grace period."""
+    import psutil
+
+    try:
+        family = [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return
+    if terminate is not None:
+        terminate()
+    else:
+        for member in family:
+            try:
+                member.terminate()
+            except psutil.Error:
+                pass
+    _, alive = psutil.wait_procs(family, timeout=STOP_GRACE_SECONDS)
+    for member in alive:
+        try:
+            member.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=STOP_GRACE_SECONDS)
+
+
+def _running(pid_file: Path, mark: str):
+    """The psutil.Process a PID file names, if it is alive and still ours; else None."""
+    import psutil
+
+    try:
+        process = psutil.Process(int(pid_file.read_text().strip()))
+        if process.status() != psutil.STATUS_ZOMBIE and mark in " ".join(process.cmdline()):
+            return process
+    except (OSError, ValueError, psutil.Error):
+        pass
+    return None
+
+
+def _port_of(process) -> int:
+    arguments = process.cmdline()
+    return int(arguments[arguments.index("--port") + 1])
+
+
+def _require_free(port: int, option: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # The same test `prefect server start` makes, so a port we pass is one it accepts.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            raise CnnpipeError(f"port {port} on {HOST} is already in use by another program; "
+                               f"choose another with {option}") from None
+
+
+def _tracks_locally(settings: Settings) -> bool:
+    """Whether MLflow's store is one we serve (a database or folder), not a tracking server already."""
+    return not settings.mlflow_tracking_uri.startswith(("http://", "https://", "databricks"))
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    # No proxy from the environment: these servers are on this machine.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=HEALTH_TIMEOUT_SECONDS) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def _prefect_api_url(port: int) -> str:
+    return f"http://{HOST}:{port}/api"
+
+
+def _mlflow_url(port: int) -> str:
+    return f"http://{HOST}:{port}"

@@ -1,0 +1,200 @@
+"""`cnnpipe server`: a real Prefect server and MLflow UI in a temporary $CNNPIPE_HOME, and how
+commands find them. One server serves the module; its last test stops it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.imagefactory import write_class_folders
+
+# What main() leaves in PREFECT_API_URL, run as the `cnnpipe` script runs it.
+PROBE = """
+import os, sys, time
+from cnnpipe.cli import main
+sys.argv = ["cnnpipe", "--version"]
+began = time.perf_counter()
+try:
+    main()
+except SystemExit:
+    pass
+print(os.environ.get("PREFECT_API_URL"), "prefect" in sys.modules, round(time.perf_counter() - began, 3))
+"""
+
+
+@dataclass
+class Server:
+    home: Path
+    port: int
+    mlflow_port: int
+    starts: list[subprocess.CompletedProcess]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cnnpipe(home: Path, *argv: str, timeout: float = 400, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env.update(CNNPIPE_HOME=str(home), **extra_env)
+    return subprocess.run([sys.executable, "-m", "cnnpipe.cli", *argv], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def probe_main(home: Path, **extra_env: str) -> tuple[str, bool, float]:
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env.update(CNNPIPE_HOME=str(home), **extra_env)
+    done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
+    url, imported, seconds = done.stdout.split()[-3:]
+    return url, imported == "True", float(seconds)
+
+
+def processes_on(*ports: int) -> list[psutil.Process]:
+    """Every process serving one of these ports, found by command line whatever the PID files say."""
+    wanted = {str(port) for port in ports}
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        arguments = process.info["cmdline"] or []
+        if "--port" in arguments[:-1] and arguments[arguments.index("--port") + 1] in wanted:
+            found.append(process)
+    return found
+
+
+def _reaped_pid() -> int:
+    """The PID of a process that has ended, as a server killed by a reboot leaves in its PID file."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def api(port: int, path: str, body: dict) -> list[dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Server:
+    """Started by two `server start` at once, over PID files left by a server that died; always
+    stopped, and killed by PID if stopping fails, even when a test fails."""
+    home = tmp_path_factory.mktemp("server-home")
+    port, mlflow_port = free_port(), free_port()
+    (home / "prefect").mkdir()
+    (home / "prefect" / "server.pid").write_text(str(_reaped_pid()))
+    (home / "server").mkdir()
+    (home / "server" / "mlflow.pid").write_text(str(_reaped_pid()))
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env["CNNPIPE_HOME"] = str(home)
+    argv = [sys.executable, "-m", "cnnpipe.cli", "server", "start", "--port", str(port), "--mlflow-port",
+            str(mlflow_port)]
+    try:
+        launched = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                    for _ in range(2)]
+        starts = []
+        for process in launched:
+            output, _ = process.communicate(timeout=400)
+            starts.append(subprocess.CompletedProcess(argv, process.returncode, output))
+        yield Server(home, port, mlflow_port, starts)
+    finally:
+        cnnpipe(home, "server", "stop", timeout=120)
+        for process in processes_on(port, mlflow_port):
+            for member in [*process.children(recursive=True), process]:
+                member.kill()
+
+
+@pytest.mark.slow
+def test_two_starts_at_once_make_one_server_over_stale_pid_files(server):
+    assert [start.returncode for start in server.starts] == [0, 0], [start.stdout for start in server.starts]
+    first_lines = sorted(start.stdout.splitlines()[0] for start in server.starts)
+    assert first_lines == ["Already running:", "Started:"]
+    for start in server.starts:
+        assert f"http://127.0.0.1:{server.port}" in start.stdout
+        assert f"http://127.0.0.1:{server.mlflow_port}" in start.stdout
+    prefect_servers = [p for p in processes_on(server.port) if "prefect.server.api.server:create_app" in p.cmdline()]
+    assert len(prefect_servers) == 1
+    assert (server.home / "prefect" / "prefect.db").exists()
+
+
+@pytest.mark.slow
+def test_status_says_what_runs_where(server):
+    status = cnnpipe(server.home, "server", "status")
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0].startswith(f"Prefect UI:  http://127.0.0.1:{server.port}")
+    assert lines[1].startswith(f"MLflow UI:   http://127.0.0.1:{server.mlflow_port}")
+    assert f"store sqlite:///{server.home / 'mlflow.db'}" in lines[1]
+    assert lines[2].startswith("Flow commands in any shell run on this Prefect server")
+
+
+@pytest.mark.slow
+def test_commands_find_the_server_unless_prefect_api_url_names_another(server):
+    url, prefect_imported, _ = probe_main(server.home)
+    assert url == f"http://127.0.0.1:{server.port}/api"
+    assert not prefect_imported
+    elsewhere = "http://127.0.0.1:9/api"
+    assert probe_main(server.home, PREFECT_API_URL=elsewhere)[0] == elsewhere
+
+
+@pytest.mark.slow
+def test_a_flow_command_runs_on_the_server(server, tmp_path):
+    write_class_folders(tmp_path / "tiny", {"cat": 2, "dog": 2})
+    ingested = cnnpipe(server.home, "ingest", str(tmp_path / "tiny"), "--dataset", "tiny", "--workers", "0")
+    assert ingested.returncode == 0, ingested.stderr
+    assert f"http://127.0.0.1:{server.port}/runs/flow-run/" in ingested.stdout + ingested.stderr
+    runs = api(server.port, "/flow_runs/filter", {"flows": {"name": {"any_": ["ingest"]}}})
+    assert [(run["parameters"]["dataset"], run["state_type"]) for run in runs] == [("tiny", "COMPLETED")]
+
+
+def test_a_taken_port_is_one_line_naming_it(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        mlflow_port = free_port()
+        started = cnnpipe(tmp_path / "home", "server", "start", "--port", str(port), "--mlflow-port", str(mlflow_port))
+    assert started.returncode == 1
+    assert started.stderr.strip().splitlines() == [
+        f"Error: port {port} on 127.0.0.1 is already in use by another program; choose another with --port"]
+    assert processes_on(port, mlflow_port) == []
+
+
+@pytest.mark.slow
+def test_stop_leaves_no_process_and_commands_fall_back(server, tmp_path):
+    stopped = cnnpipe(server.home, "server", "stop", timeout=120)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "Stopped the Prefect server" in stopped.stdout and "Stopped the MLflow UI" in stopped.stdout
+    assert processes_on(server.port, server.mlflow_port) == []
+    assert not (server.home / "prefect" / "server.pid").exists()
+    # What a server killed without `stop` leaves: its ports recorded, nothing answering.
+    (server.home / "server").mkdir(exist_ok=True)
+    (server.home / "server" / "server.json").write_text(json.dumps({"prefect_port": server.port}))
+    url, _, seconds = probe_main(server.home)
+    assert url == "None" and seconds < 1.0
+    (tmp_path / "empty").mkdir()
+    ingested = cnnpipe(server.home, "ingest", str(tmp_path / "empty"), "--dataset", "empty")
+    assert ingested.returncode == 0, ingested.stderr
+    assert f"127.0.0.1:{server.port}" not in ingested.stdout + ingested.stderr
+
+
+def test_serve_says_what_works_where_its_deployments_are_registered():
+    from flows.serve import build_deployments, serving_message
+
+    deployments = build_deployments("pets", inbox="./inbox")
+    on_server = serving_message(deployments, "http://127.0.0.1:4200/api")
+    assert "PREFECT_API_URL=http://127.0.0.1:4200/api prefect deployment run retrain/nightly" in on_server
+    ephemeral = serving_message(deployments, None)
+    assert "retrain/nightly, classify/inbox" in ephemeral
+    assert "`prefect deployment run` from another shell cannot reach them" in ephemeral
+    assert "cnnpipe server start" in ephemeral
