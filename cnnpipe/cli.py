@@ -484,7 +484,7 @@ def classify(source: str, model_ref: str, checkpoint: str | None, device: str, b
               show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False, writable=True), help="Write here instead of the terminal.")
 @click.option("--max-rows", default=1000, show_default=True, help="Row cap for table output.")
-@click.option("--timeout", default=30.0, show_default=True, help="Seconds before the query is interrupted.")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds before the query is stopped (its process is killed).")
 def sql(query: str, output_format: str, output: str | None, max_rows: int, timeout: float) -> None:
     """Run one read-only SELECT against the predictions database.
 
