@@ -49,6 +49,7 @@ class TrainConfig:
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
+    # The one-cycle schedule overrides it, cycling momentum between 0.95 and 0.85 (torch's default).
     momentum: float = 0.9
     weight_decay: float | None = None
     schedule: str = "onecycle"
