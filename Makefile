@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export CNNPIPE_HOME ?= $(CURDIR)/.cnnpipe
 
-.PHONY: install demo test test-fast bench-ingest bench-train bench-recipe bench-classify bench-views clean
+.PHONY: install demo stop test test-fast bench-ingest bench-train bench-recipe bench-classify bench-views clean
 
 install: $(VENV)/.installed
 
@@ -13,8 +13,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,ray]'
 	touch $@
 
+# The demo runs on the background server, which stays up afterwards to show it: `make stop` stops it.
 demo: install
+	$(VENV)/bin/cnnpipe server start
 	$(VENV)/bin/cnnpipe demo
+
+stop:
+	$(VENV)/bin/cnnpipe server stop
 
 test: install
 	$(PY) -m pytest
@@ -39,4 +44,5 @@ bench-views: install
 	$(PY) bench/views.py
 
 clean:
+	-test -x $(VENV)/bin/cnnpipe && $(VENV)/bin/cnnpipe server stop
 	rm -rf .cnnpipe .pytest_cache

@@ -1,0 +1,102 @@
+"""The fixed cost of `cnnpipe` commands, with and without `cnnpipe server` running.
+
+    python bench/cli.py [--repeats 3]
+
+In a temporary $CNNPIPE_HOME, times `cnnpipe ingest` of an empty folder on Prefect's
+ephemeral API (no server) and on a running `cnnpipe server`, against the floor any flow
+command pays, `python -c "import prefect, cnnpipe.store"`; then `--help`, `server status`
+and `sql`. Runs are interleaved so that load from other processes falls on all of them
+alike; the table gives medians of wall time and of CPU time (user + system, the command
+and its children), and each wall time as a multiple of the import floor.
+
+Targets (issue 15): ingest with the server at most 2.5x the import floor; `--help`,
+`sql` and `server status` under 1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CNNPIPE = [sys.executable, "-m", "cnnpipe.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the command and its children); fails loudly if it fails."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    began = time.perf_counter()
+    done = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - began
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{done.stdout}{done.stderr}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="cnnpipe-bench-cli-"))
+    empty = scratch / "empty"
+    empty.mkdir()
+    base = {key: value for key, value in os.environ.items() if key not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    base["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    alone = {**base, "CNNPIPE_HOME": str(scratch / "alone"), "PREFECT_HOME": str(scratch / "ephemeral-prefect")}
+    served = {**base, "CNNPIPE_HOME": str(scratch / "served")}
+    ingest = [*CNNPIPE, "ingest", str(empty), "--dataset", "empty", "--workers", "0"]
+    cases = {
+        'python -c "import prefect, cnnpipe.store"': ([sys.executable, "-c", "import prefect, cnnpipe.store"], base),
+        "cnnpipe ingest EMPTY, ephemeral API": (ingest, alone),
+        "cnnpipe ingest EMPTY, cnnpipe server": (ingest, served),
+        "cnnpipe --help": ([*CNNPIPE, "--help"], served),
+        "cnnpipe server status": ([*CNNPIPE, "server", "status"], served),
+        'cnnpipe sql "SELECT 42"': ([*CNNPIPE, "sql", "SELECT 42"], served),
+    }
+
+    began = time.perf_counter()
+    timed([*CNNPIPE, "server", "start", "--port", str(free_port()), "--mlflow-port", str(free_port())], served)
+    start_seconds = time.perf_counter() - began
+    try:
+        # Not timed: the first ephemeral run migrates a new database, the first served one warms the server.
+        timed(ingest, alone)
+        timed(ingest, served)
+        walls: dict[str, list[float]] = {name: [] for name in cases}
+        cpus: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(args.repeats):
+            for name, (argv, env) in cases.items():
+                wall, cpu = timed(argv, env)
+                walls[name].append(wall)
+                cpus[name].append(cpu)
+    finally:
+        began = time.perf_counter()
+        timed([*CNNPIPE, "server", "stop"], served)
+        stop_seconds = time.perf_counter() - began
+
+    floor = statistics.median(walls['python -c "import prefect, cnnpipe.store"'])
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; medians of {args.repeats} runs\n")
+    print(f"{'command':<45} {'wall s':>7} {'CPU s':>7} {'x import':>9}")
+    for name in cases:
+        wall = statistics.median(walls[name])
+        print(f"{name:<45} {wall:7.2f} {statistics.median(cpus[name]):7.2f} {wall / floor:8.1f}x")
+    print(f"\ncnnpipe server start (new database): {start_seconds:.1f} s; stop: {stop_seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
