@@ -90,8 +90,9 @@ def ingest_subset(folder: Path, home: Path, per_class: int) -> Path:
             target.mkdir(parents=True)
             files = sorted(class_dir.iterdir())
             keep = per_class if split == "train" else per_class // 5
+            # Hard links, not symbolic ones: ingest refuses a symbolic link that leaves the source.
             for path in files[:keep] if per_class else files:
-                (target / path.name).symlink_to(path)
+                (target / path.name).hardlink_to(path)
     store = DatasetStore("cifar10")
     with store.lock():
         store.commit(store.stage(open_source(str(subset)), IngestOptions()))
