@@ -43,6 +43,23 @@ bench-classify: install
 bench-views: install
 	$(PY) bench/views.py
 
+# bench/gpu.sh's wheelhouse: what the GPU box (Python 3.12 on x86-64 Linux, with torch, torchvision,
+# pyarrow and numpy alone) lacks to run it, at this venv's versions, and CIFAR-10, since ../shared
+# does not travel. Rebuilt from empty: two versions of one package would stop the install there.
+GPU_WHEELS := simplejpeg pillow psutil fsspec duckdb pytest pytest-timeout pluggy iniconfig packaging pygments
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
+	manylinux_2_12_x86_64 manylinux2010_x86_64 manylinux1_x86_64
+
+.PHONY: gpu-wheels
+gpu-wheels: install
+	rm -rf .whl && mkdir .whl
+	freeze="$$($(PY) -m pip freeze)" && for name in $(GPU_WHEELS); do \
+	  echo "$$freeze" | grep -i "^$$name==" || { echo "gpu-wheels: $$name is not installed in $(VENV)" >&2; exit 1; }; \
+	done >.whl/requirements.txt
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl -r .whl/requirements.txt
+	cifar=$${CNNPIPE_SHARED:-../shared}/data/cifar10-jpeg.tar.gz; if [ -f "$$cifar" ]; then cp "$$cifar" .whl/; fi
+
 clean:
 	-test -x $(VENV)/bin/cnnpipe && $(VENV)/bin/cnnpipe server stop
 	rm -rf .cnnpipe .pytest_cache

@@ -18,6 +18,7 @@ Targets: cnnpipe >= 90% of model-only and the DuckDB commit share < 5% on this C
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tarfile
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--images", type=int, default=0, help="Classify only the first N test images (0: all).")
+    parser.add_argument("--json", type=Path, default=None, help="Also write the figures to this file.")
     args = parser.parse_args()
     if not CIFAR.exists():
         raise SystemExit(f"{CIFAR} is missing: this benchmark needs ../shared beside the checkout")
@@ -125,6 +127,14 @@ def main() -> None:
           f"cnnpipe {ours / base:.2f}x baseline (GPU >= 4x)")
     print(f"\nDuckDB commits: {summary.commit_seconds:.2f} s of {summary.seconds:.2f} s "
           f"({100 * summary.commit_seconds / summary.seconds:.1f}%, target < 5%)")
+    if args.json:
+        rows = [("model-only alexnet-cifar", model_rate, ""), ("cnnpipe classify into DuckDB", ours, ">= 0.90 (CPU)"),
+                ("baseline ImageFolder + executemany", base, f"cnnpipe {ours / base:.2f}x baseline (GPU >= 4x)")]
+        args.json.write_text(json.dumps({
+            "device": name, "batch": batch, "images": summary.classified, "torch": torch.__version__,
+            "baseline": "model-only alexnet-cifar", "commit_share": summary.commit_seconds / summary.seconds,
+            "rows": [{"figure": label, "images_per_second": rate, "ratio": rate / model_rate, "target": target}
+                     for label, rate, target in rows]}, indent=2))
 
 
 if __name__ == "__main__":

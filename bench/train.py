@@ -20,6 +20,7 @@ CPU, the pipeline no slower than the baseline; lrn >= 70% of batch.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tarfile
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=500, help="training images per class (0: all 5,000)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="model-only steps per figure")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
     batch = args.batch_size or (512 if device.type == "cuda" else 128)
@@ -181,6 +183,11 @@ def main() -> None:
     print(f"|{'-' * 44}|{'-' * 12}|{'-' * 14}|-------")
     for label, rate, ratio, target in rows:
         print(f"| {label:<42} | {rate:>10,.0f} | {ratio:>12.2f} | {target}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "device": name, "batch": batch, "torch": torch.__version__, "baseline": "model-only alexnet-cifar",
+            "rows": [{"figure": label, "images_per_second": rate, "ratio": ratio, "target": target}
+                     for label, rate, ratio, target in rows]}, indent=2))
 
 
 if __name__ == "__main__":
