@@ -127,13 +127,16 @@ def _start_prefect_in_turn() -> None:
     """Start the ephemeral Prefect server that this command's flows will use, one process at a
     time: each start migrates Prefect's database, and two first starts at once on a fresh
     PREFECT_HOME collide ("index ... already exists"), as a cron starting two commands would."""
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    from cnnpipe.locks import file_lock
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
+    # Imported only now: Prefect's server app takes seconds to import, and a command that
+    # talks to `cnnpipe server` never needs it.
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from cnnpipe.locks import file_lock
+
     with file_lock(Path(PREFECT_HOME.value()) / "cnnpipe-server-start.lock",
                    waiting="waiting for another cnnpipe command to start Prefect's server"):
         SubprocessASGIServer().start()
