@@ -16,9 +16,11 @@ class Predictor:
     """A model, its classes and its preprocessing, loaded safely from a checkpoint."""
 
     def __init__(self, checkpoint: str | Path, device: str | torch.device = "cpu", batch_size: int = 256,
-                 name: str | None = None, version: str | None = None, run_id: str | None = None):
+                 name: str | None = None, version: str | None = None, run_id: str | None = None,
+                 precision: str | None = None):
         """`name` and `version` default to `<dataset>__<model>` and the checkpoint's content hash;
-        a registered model passes its registry name, version and MLflow run id."""
+        a registered model passes its registry name, version and MLflow run id. `precision`
+        defaults to the one the model trained with (`auto`: bf16 where the device has the units)."""
         self.device = torch.device(device)
         self.model, state = load_trained_model(checkpoint, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
@@ -28,7 +30,7 @@ class Predictor:
         # Images are decoded at this size, then centre-cropped to the model's input, as in training.
         self.decode_size = 256 if self.crop == 224 else self.crop
         self.batch_size = batch_size
-        self.precision = state["config"].get("precision", "auto")
+        self.precision = precision or state["config"].get("precision", "auto")
         self.version = version or hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:12]
         self.name = name or f"{Path(state['config']['dataset_dir']).name}__{state['config']['model']}"
         self.run_id = run_id
