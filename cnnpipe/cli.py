@@ -96,13 +96,19 @@ def ingest(source: str, dataset: str, val_fraction: float, test_fraction: float,
     from cnnpipe.sources import open_source
     from flows.ingest import ingest as ingest_flow
 
-    _errors_in_one_line()
-    _start_prefect_in_turn()
     open_source(source)  # a missing or unknown source fails here, in one line
+    _before_flows()
     summary = ingest_flow(source=source, dataset=dataset, val_fraction=val_fraction, test_fraction=test_fraction,
                           resize=resize, workers=workers, max_reject_fraction=max_reject_fraction,
                           ray_address=ray_address, shards=shards)
     _print_markdown(ingest_markdown(summary))
+
+
+def _before_flows() -> None:
+    """What every command that runs flows needs first, after its cheap one-line checks: starting
+    Prefect prints lines of its own, which a bad argument should never be preceded by."""
+    _errors_in_one_line()
+    _start_prefect_in_turn()
 
 
 class _NoFlowErrors:
@@ -216,10 +222,9 @@ def train(dataset: str, compile_model: bool, resume: str | None, **options) -> N
     """
     from flows.train import train as train_flow
 
-    _errors_in_one_line()
-    _start_prefect_in_turn()
     resume = True if resume == "latest" else (resume or False)
     _check_training(dataset, resume, options)
+    _before_flows()
     _print_training(train_flow(dataset=dataset, compile=compile_model, resume=resume, **options))
 
 
@@ -289,10 +294,9 @@ def retrain(dataset: str, source: str | None, compile_model: bool, resume: str |
     """
     from flows.retrain import retrain as retrain_flow
 
-    _errors_in_one_line()
-    _start_prefect_in_turn()
     resume = True if resume == "latest" else (resume or False)
     _check_training(dataset, resume, options)
+    _before_flows()
     _print_training(retrain_flow(dataset=dataset, source=source, compile=compile_model, resume=resume, **options))
 
 
@@ -473,11 +477,10 @@ def classify(source: str, model_ref: str, checkpoint: str | None, device: str, b
     from cnnpipe.reports import classify_markdown
     from flows.classify import classify as classify_flow
 
-    _errors_in_one_line()
-    _start_prefect_in_turn()
     if not checkpoint:
         parse_model_ref(model_ref)  # a malformed reference fails here, in one line
     open_classify_source(source)
+    _before_flows()
     summary = classify_flow(source=source, model=model_ref, checkpoint=checkpoint, device=device, batch_size=batch_size,
                             ray_address=ray_address, shards=shards)
     _print_markdown(classify_markdown(summary))
@@ -658,8 +661,7 @@ def demo() -> None:
     from flows.ingest import ingest as ingest_flow
     from flows.retrain import retrain as retrain_flow
 
-    _errors_in_one_line()
-    _start_prefect_in_turn()
+    _before_flows()
     settings = get_settings()
     folder, archive = write_demo_images(settings.demo_dir)
     _print_markdown(ingest_markdown(ingest_flow(source=str(folder), dataset="shapes")))
