@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cnn.layout import PublishedDataset
+
 # The paper's colour noise: standard deviation of the per-image eigenvalue multipliers.
 LIGHTING_STD = 0.1
 _DECODE_THREADS = 8
@@ -63,14 +65,13 @@ class StoreSplit:
     classes: tuple[str, ...]
     version_id: str
     rows: int
+    stats_dir: Path | None = None  # where statistics derived from this version are kept
 
     @classmethod
     def open(cls, dataset_dir: str | Path, split: str, classes: Sequence[str] | None = None) -> StoreSplit:
-        dataset_dir = Path(dataset_dir)
-        manifest = json.loads((dataset_dir / "manifest.json").read_text())
-        rows = sum(manifest["counts"].get(split, {}).values())
-        return cls(tuple(dataset_dir / f["path"] for f in manifest["files"]), split,
-                   tuple(classes or manifest["classes"]), manifest["version_id"], rows)
+        dataset = PublishedDataset.open(dataset_dir)
+        return cls(dataset.files, split, tuple(classes or dataset.classes), dataset.version_id, dataset.rows(split),
+                   dataset.stats_dir)
 
     def row_groups(self) -> list[tuple[Path, int]]:
         return [(path, group) for path in self.files for group in range(_opened(path).num_row_groups)]
@@ -264,8 +265,7 @@ class ColourStats:
 
 def colour_stats_for(split: StoreSplit, images: torch.Tensor, seed: int = 0) -> ColourStats:
     """The training split's colour statistics, computed once per dataset version and kept beside it."""
-    dataset_dir = split.files[0].parent.parent if split.files else None
-    cache = dataset_dir / "stats" / f"colour-{split.version_id}.json" if dataset_dir else None
+    cache = split.stats_dir / f"colour-{split.version_id}.json" if split.stats_dir else None
     if cache is not None and cache.exists():
         return ColourStats(**json.loads(cache.read_text()))
     stats = ColourStats.from_images(images, seed=seed)

@@ -32,6 +32,7 @@ from cnn.checkpoint import (CheckpointError, CheckpointWriter, checkpoints, load
 from cnn.data import (Augment, ColourStats, ResidentImages, StoreSplit, StreamingImages, centre_crop,
                       colour_stats_for, normalise, ten_crops)
 from cnn.failpoints import failpoint
+from cnn.layout import PublishedDataset, default_checkpoint_root
 from cnn.metrics import classification_report, topk_correct
 from cnn.model import build_model, input_size
 
@@ -313,7 +314,7 @@ def _git_sha() -> str:
 
 def _run_dir(config: TrainConfig) -> tuple[Path, bool]:
     """Where this run's checkpoints go, and whether it resumes an earlier run."""
-    root = Path(config.checkpoint_root or Path(config.dataset_dir).parent.parent / "checkpoints")
+    root = Path(config.checkpoint_root or default_checkpoint_root(config.dataset_dir))
     family = root / f"{config.dataset_name}__{config.model}"
     if isinstance(config.resume, str) and config.resume:
         path = Path(config.resume)
@@ -553,7 +554,7 @@ def plan(config: TrainConfig) -> TrainingPlan:
 def require_two_train_classes(dataset_dir: str | os.PathLike) -> None:
     """Refuse a train split of one class: the model would learn to answer that class always, score
     100% on a validation split of the same class, and be crowned champion."""
-    counts = json.loads((Path(dataset_dir) / "manifest.json").read_text())["counts"].get("train", {})
+    counts = PublishedDataset.open(dataset_dir).counts("train")
     classes = sorted(label for label, images in counts.items() if images)
     if len(classes) < 2:
         found = f"only class {classes[0]!r}" if classes else "no images"
@@ -590,7 +591,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset_dir: str | os.Pat
     device = torch.device(device)
     model, state = load_trained_model(checkpoint, device)
     split = validation_split(dataset_dir, state["classes"])
-    manifest_classes = json.loads((Path(dataset_dir) / "manifest.json").read_text())["classes"]
+    manifest_classes = PublishedDataset.open(dataset_dir).classes
     if sorted(manifest_classes) != sorted(state["classes"]):
         raise ValueError(f"the model knows classes {state['classes']}, the dataset has {manifest_classes}")
     crop = input_size(model)

@@ -8,7 +8,6 @@ points where the decision assumed (compare-and-set), and every move is recorded 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -23,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cnn.checkpoint import CheckpointError
+from cnn.layout import PublishedDataset
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.locks import file_lock
 from cnnpipe.predictions import connect_for_writing, set_champion, transaction
@@ -194,9 +194,9 @@ def majority_baseline(dataset_dir: Path) -> tuple[int, float, str]:
     """
     from cnn.train import validation_split
 
-    manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text())
-    split = validation_split(dataset_dir, list(manifest["classes"])).split
-    counts = manifest["counts"].get(split, {})
+    dataset = PublishedDataset.open(dataset_dir)
+    split = validation_split(dataset_dir, dataset.classes).split
+    counts = dataset.counts(split)
     n = int(sum(counts.values()))
     return n, (max(counts.values()) / n if n else 0.0), split
 

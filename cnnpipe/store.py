@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 
 from cnnpipe.errors import CnnpipeError
 from cnn.failpoints import failpoint
+from cnn.layout import FORMAT
 from cnnpipe.fsutil import atomic_write_json, fsync_dir, fsync_file
 from cnnpipe.locations import DamagedJson, Folder, location
 from cnnpipe.locks import file_lock
@@ -58,7 +59,6 @@ from cnnpipe.sources import TRANSIENT_ERRORS, Entry, Source
 
 log = logging.getLogger("cnnpipe.store")
 
-FORMAT = "cnnpipe-dataset/1"
 SCHEMA = pa.schema([
     ("sha256", pa.string()),
     ("image", pa.binary()),
@@ -538,7 +538,9 @@ class DatasetStore:
         store itself when local, else a cache under the home that fetches only the parts it
         lacks (a committed part never changes)."""
         if isinstance(self.location, Folder):
-            self._stored_manifest()  # training reads manifest.json itself: a damaged one is rebuilt first
+            # Training reads manifest.json through cnn.layout: a damaged or lagging one is rebuilt first.
+            if not self._lists_every_version(self._stored_manifest()):
+                self.location.write_json("manifest.json", self._derive_manifest())
             return self.location.path
         target = self.settings.dataset_cache_dir / self.name
         manifest = self.manifest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from cnn import recipe as auto_recipe
 from cnn.checkpoint import CheckpointError
 from cnn.data import UnreadablePart
 from cnn.launch import fit_distributed
+from cnn.layout import LayoutError, PublishedDataset
 from cnn.recipe import Recipe
 from cnn.train import FitResult, TrainConfig, fit, plan, resolve_device
 from cnnpipe import registry, tracking
@@ -60,7 +60,10 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
     """One MLflow run around `fit` (DDP over `nproc` processes through torchrun when > 1):
     params, per-epoch metrics, evaluation artifacts, the registered model."""
     logger = get_run_logger()
-    manifest = json.loads((Path(config.dataset_dir) / "manifest.json").read_text())
+    try:
+        manifest = PublishedDataset.open(config.dataset_dir).manifest
+    except LayoutError as exc:
+        raise CnnpipeError(str(exc)) from None
     try:
         planned = plan(config)
     except (ValueError, CheckpointError) as exc:

@@ -314,6 +314,19 @@ def test_training_reads_a_rebuilt_manifest_not_a_corrupted_one(tmp_path):
     assert StoreSplit.open(store.local_copy(), "train").rows == 3
 
 
+def test_training_reads_every_committed_version_when_a_crash_left_the_manifest_behind(tmp_path):
+    from cnn.data import StoreSplit
+
+    write_class_folders(tmp_path / "src", {"cat": 3}, split="train")
+    ingest(tmp_path / "src")
+    store = DatasetStore("pets")
+    old_manifest = (store.root / "manifest.json").read_text()
+    write_class_folders(tmp_path / "src", {"dog": 2}, split="train", seed=2)
+    ingest(tmp_path / "src")
+    (store.root / "manifest.json").write_text(old_manifest)  # killed between the rename and the manifest
+    assert StoreSplit.open(store.local_copy(), "train").rows == 5
+
+
 def test_a_dataset_that_cannot_be_rebuilt_is_named_and_the_others_listed(tmp_path, caplog):
     write_class_folders(tmp_path / "src", {"cat": 3})
     ingest(tmp_path / "src", name="a")
