@@ -7,7 +7,9 @@ through `add_predictions` and champions change through `set_champion`, which kee
 
 Every row of `predictions` can be computed again, so a write-ahead log that DuckDB
 cannot replay is set aside rather than left to fail every scheduled run: the database
-opens at its last checkpoint, and the next classify run predicts what was lost.
+opens at its last checkpoint, and the next classify run predicts what was lost. Promotions
+cannot be computed again: they are checkpointed as they are written (`transaction(...,
+checkpoint=True)`), so a log set aside never holds one.
 """
 
 from __future__ import annotations
@@ -180,9 +182,11 @@ def connect_for_writing(path: Path, retries: int = LOCK_RETRIES) -> duckdb.DuckD
 
 
 @contextmanager
-def transaction(path: Path, retries: int = LOCK_RETRIES) -> Iterator[duckdb.DuckDBPyConnection]:
+def transaction(path: Path, retries: int = LOCK_RETRIES, checkpoint: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
     """One short writing transaction. If it cannot commit (a full disk, say), none of it is
-    written, the database keeps what it held, and the error names the file."""
+    written, the database keeps what it held, and the error names the file. With `checkpoint`,
+    what it wrote is in the database file, not only in the log, when it returns: for what
+    cannot be computed again if a damaged log is set aside."""
     with connect_for_writing(path, retries) as connection:
         connection.execute("BEGIN")
         try:
@@ -193,6 +197,11 @@ def transaction(path: Path, retries: int = LOCK_RETRIES) -> Iterator[duckdb.Duck
                                "the database keeps what it held before") from exc
         # Committed to the log, not yet checkpointed into the file: where a crash tests recovery.
         failpoint("duckdb.after_commit")
+        if checkpoint:
+            try:
+                connection.execute("CHECKPOINT")
+            except duckdb.Error as exc:
+                raise CnnpipeError(f"{path}: committed, but could not checkpoint ({_first_line(exc)})") from exc
 
 
 _COLUMNS = tuple(line.split()[0] for line in _PREDICTION_COLUMNS.strip().splitlines())

@@ -4,6 +4,12 @@ A registered version carries its figures as tags (`val_top1`, `dataset_version_i
 The `champion` alias moves only under a per-model file lock, after checking that it still
 points where the decision assumed (compare-and-set), and every move is recorded in the
 `promotions` table of the predictions database.
+
+That database sets aside a write-ahead log it cannot replay, since predictions can be computed
+again; a promotion cannot. So a move is written and checkpointed into the database file before
+the alias moves, and taken back if the alias cannot move: a log set aside later holds no
+promotion. A move killed before its alias moved is taken out of the history by the next gate,
+promotion or rollback of that model.
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cnn.checkpoint import CheckpointError
-from cnn.layout import PublishedDataset
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.locks import file_lock
+from cnnpipe.majority import MAJORITY_ALPHA, majority_test
 from cnnpipe.predictions import connect_for_writing, set_champion, transaction
 from cnnpipe.settings import REGISTERED_MODEL, Settings, get_settings
 from cnnpipe.tracking import WEIGHTS_ARTIFACT
@@ -33,9 +39,6 @@ log = logging.getLogger("cnnpipe.registry")
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 GATE_METRIC = "val_top1"
-# A challenger must beat always answering the validation split's largest class, by a one-sided
-# exact binomial test at this level, before it can become champion.
-MAJORITY_ALPHA = 0.01
 # What MLflow answers for a missing model, version or alias (an unknown alias is a "bad parameter").
 NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
@@ -147,106 +150,8 @@ class GateDecision:
     beats_majority: bool | None = None
 
 
-def binomial_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), exactly, without scipy.
-
-    Terms are computed in log space (`math.lgamma`) and summed from the largest one in the
-    wanted direction outwards, stopping once they no longer change the sum, so n in the
-    millions costs a few thousand terms. Below the mode the upper tail is one minus the
-    lower tail, summed the same way.
-    """
-    if n < 0 or not 0.0 <= p <= 1.0 or math.isnan(p):
-        raise ValueError(f"binomial_tail needs n >= 0 and 0 <= p <= 1, got n={n}, p={p}")
-    if k <= 0:
-        return 1.0
-    if k > n:
-        return 0.0
-    if p == 0.0:
-        return 0.0
-    if p == 1.0:
-        return 1.0
-    log_p, log_q, log_n = math.log(p), math.log1p(-p), math.lgamma(n + 1)
-
-    def log_term(j: int) -> float:
-        return log_n - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * log_p + (n - j) * log_q
-
-    def summed(start: int, stop: int, step: int) -> float:
-        # Terms shrink monotonically away from the mode, so the first one is the largest.
-        first, total = log_term(start), 0.0
-        for j in range(start, stop, step):
-            ratio = math.exp(log_term(j) - first)
-            total += ratio
-            if ratio < 1e-17 * total:
-                break
-        return math.exp(first) * total if first > -745.0 else 0.0
-
-    mode = math.floor((n + 1) * p)
-    if k > mode:
-        return min(1.0, summed(k, n + 1, 1))
-    return min(1.0, max(0.0, 1.0 - summed(k - 1, -1, -1)))
-
-
-def majority_baseline(dataset_dir: Path) -> tuple[int, float, str]:
-    """(n, majority-class share, split name) of the split the gate's val top-1 was measured on.
-
-    The split is the one `cnn.train.validation_split` picks (`val`, or `test` without one);
-    the counts come from the dataset's manifest.
-    """
-    from cnn.train import validation_split
-
-    dataset = PublishedDataset.open(dataset_dir)
-    split = validation_split(dataset_dir, dataset.classes).split
-    counts = dataset.counts(split)
-    n = int(sum(counts.values()))
-    return n, (max(counts.values()) / n if n else 0.0), split
-
-
-@dataclass(frozen=True)
-class MajorityTest:
-    """Whether a val top-1 clearly beats always answering the split's largest class."""
-
-    top1: float
-    n: int
-    majority_rate: float
-    split: str
-    correct: int
-    p_value: float
-    passed: bool
-    clause: str  # "clearly beats the majority-class rate ..." or "does not clearly beat ..."
-
-    def tags(self) -> dict[str, str]:
-        return {"gate.val_top1": f"{self.top1:.6f}", "gate.majority_rate": f"{self.majority_rate:.6f}",
-                "gate.val_images": str(self.n), "gate.val_split": self.split, "gate.val_correct": str(self.correct),
-                "gate.p_value": f"{self.p_value:.6g}", "gate.beats_majority": str(self.passed).lower()}
-
-
-def majority_test(top1: float, dataset_dir: Path, alpha: float = MAJORITY_ALPHA) -> MajorityTest:
-    """One-sided exact binomial test: with k = round(top1 * n) correct out of n, pass only if
-    P(X >= k | X ~ Binomial(n, majority rate)) < alpha."""
-    try:
-        n, rate, split = majority_baseline(dataset_dir)
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        return MajorityTest(top1, 0, math.nan, "", 0, math.nan, False,
-                            f"cannot be compared with the majority class: the validation split's class counts "
-                            f"in {Path(dataset_dir) / 'manifest.json'} are unreadable ({exc})")
-    images = f"{n} validation images" + ("" if split == "val" else f" (the {split} split)")
-    if n == 0:
-        return MajorityTest(top1, 0, rate, split, 0, math.nan, False,
-                            f"cannot be compared with the majority class: the {split} split has no images")
-    if not math.isfinite(top1):
-        return MajorityTest(top1, n, rate, split, 0, math.nan, False,
-                            f"is not a number, so does not beat the majority-class rate {rate:.4f} of {images}")
-    correct = min(n, max(0, round(top1 * n)))
-    p_value = binomial_tail(correct, n, rate)
-    passed = p_value < alpha
-    verdict = "clearly beats" if passed else "does not clearly beat"
-    clause = (f"{verdict} the majority-class rate {rate:.4f} of {images} "
-              f"(binomial p={p_value:.2g} {'<' if passed else '>='} {alpha:g})")
-    return MajorityTest(top1, n, rate, split, correct, p_value, passed, clause)
-
-
-def _lock(name: str):
-    return file_lock(get_settings().locks_dir / f"registry-{name}.lock",
+def _lock(name: str, settings: Settings):
+    return file_lock(settings.locks_dir / f"registry-{name}.lock",
                      waiting=f"waiting for another promotion of {name}")
 
 
@@ -268,13 +173,15 @@ def champion_score(mlflow_client: MlflowClient, champion: ModelVersion, dataset_
 
 def gate(mlflow_client: MlflowClient, challenger: ModelVersion, challenger_top1: float, dataset_dir: Path,
          dataset_version_id: str, min_improvement: float = 0.0, device: str = "cpu", *,
-         alpha: float = MAJORITY_ALPHA) -> GateDecision:
+         alpha: float = MAJORITY_ALPHA, settings: Settings | None = None) -> GateDecision:
     """Make `challenger` the champion only if its validation top-1 clearly beats the majority-class
     rate of the validation split (one-sided exact binomial test at `alpha`) and beats the champion's
     by more than nothing and by at least `min_improvement`, both measured on the same split."""
     name = challenger.name
+    settings = settings or get_settings()
     majority = majority_test(challenger_top1, dataset_dir, alpha)
-    with _lock(name):
+    with _lock(name, settings):
+        _settle_interrupted_move(mlflow_client, name, settings)
         mlflow_client.set_registered_model_alias(name, CHALLENGER, challenger.version)
         champion = current_champion(mlflow_client, name)
         champion_top1 = None
@@ -303,7 +210,7 @@ def gate(mlflow_client: MlflowClient, challenger: ModelVersion, challenger_top1:
                           f"{champion_top1:.4f} ({how}){required}{joint} {majority.clause}")
         if promoted:
             _move_champion(mlflow_client, name, champion, challenger.version, challenger_top1, champion_top1,
-                           "better" if champion else "first")
+                           "better" if champion else "first", settings)
         describe_version(mlflow_client, challenger, {
             "gate.decision": "promoted" if promoted else "rejected", "gate.reason": reason,
             "gate.champion_version": version_id(champion) or "",
@@ -317,23 +224,44 @@ def gate(mlflow_client: MlflowClient, challenger: ModelVersion, challenger_top1:
 
 
 def _move_champion(mlflow_client: MlflowClient, name: str, expected: ModelVersion | None, to_version: str,
-                   to_value: float | None, from_value: float | None, reason: str) -> None:
-    """Compare-and-set: move `champion` only if it still points at `expected`; then record it."""
+                   to_value: float | None, from_value: float | None, reason: str, settings: Settings) -> None:
+    """Compare-and-set: move `champion` only if it still points at `expected`, recorded durably first."""
     now = current_champion(mlflow_client, name)
     if version_id(now) != version_id(expected):
         raise CnnpipeError(f"{name}: the champion changed to {version_id(now) or 'none'} during the decision; "
                            "run the gate again")
-    mlflow_client.set_registered_model_alias(name, CHAMPION, to_version)
-    _record_promotion(name, version_id(expected), str(to_version), from_value, to_value, reason)
-
-
-def _record_promotion(name: str, from_version: str | None, to_version: str, from_value: float | None,
-                      to_value: float | None, reason: str) -> None:
-    with transaction(get_settings().predictions_db) as connection:
+    database = settings.predictions_db
+    promoted_at = datetime.now(timezone.utc)
+    with transaction(database, checkpoint=True) as connection:
         connection.execute("INSERT INTO promotions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                           [datetime.now(timezone.utc), name, from_version, to_version, GATE_METRIC,
+                           [promoted_at, name, version_id(expected), str(to_version), GATE_METRIC,
                             _finite(from_value), _finite(to_value), reason])
-        set_champion(connection, name, to_version)
+        set_champion(connection, name, str(to_version))
+    try:
+        mlflow_client.set_registered_model_alias(name, CHAMPION, to_version)
+    except BaseException:
+        _take_back(database, name, promoted_at, version_id(expected))
+        raise
+
+
+def _take_back(database: Path, name: str, promoted_at: datetime, champion: str | None) -> None:
+    with transaction(database, checkpoint=True) as connection:
+        connection.execute("DELETE FROM promotions WHERE model_name = ? AND promoted_at = ?", [name, promoted_at])
+        set_champion(connection, name, champion)
+
+
+def _settle_interrupted_move(mlflow_client: MlflowClient, name: str, settings: Settings) -> None:
+    """A move killed between its record and the alias leaves the history one step ahead of the
+    alias; that step never happened, so it is taken back. Called under the model's lock."""
+    champion = version_id(current_champion(mlflow_client, name))
+    with connect_for_writing(settings.predictions_db) as connection:
+        last = connection.execute("SELECT promoted_at, from_version, to_version FROM promotions WHERE model_name = ? "
+                                  "ORDER BY promoted_at DESC LIMIT 1", [name]).fetchone()
+    if last is None or last[2] == champion or last[1] != champion:
+        return
+    _take_back(settings.predictions_db, name, last[0], champion)
+    log.warning("%s: the move of champion from %s to %s was interrupted before the alias moved; took it out of "
+                "the history", name, last[1] or "none", last[2])
 
 
 def _finite(value: float | None) -> float | None:
@@ -347,26 +275,29 @@ def _tagged_top1(version: ModelVersion | None) -> float | None:
 
 
 def _move_by_hand(mlflow_client: MlflowClient, name: str, champion: ModelVersion | None, target: ModelVersion,
-                  reason: str) -> GateDecision:
-    _move_champion(mlflow_client, name, champion, target.version, _tagged_top1(target), _tagged_top1(champion), reason)
+                  reason: str, settings: Settings) -> GateDecision:
+    _move_champion(mlflow_client, name, champion, target.version, _tagged_top1(target), _tagged_top1(champion), reason,
+                   settings)
     return GateDecision(name, version_id(target), version_id(champion), _tagged_top1(target) or math.nan,
                         _tagged_top1(champion), True, reason)
 
 
-def promote(name: str, version: str, reason: str = "manual") -> GateDecision:
+def promote(name: str, version: str, reason: str = "manual", settings: Settings | None = None) -> GateDecision:
     """Make `version` the champion by hand; recorded in the history with `reason`."""
-    mlflow_client = client()
-    with _lock(name):
+    settings = settings or get_settings()
+    mlflow_client = client(settings)
+    with _lock(name, settings):
+        _settle_interrupted_move(mlflow_client, name, settings)
         target = resolve(mlflow_client, ModelRef(name, version=str(version)))
         champion = current_champion(mlflow_client, name)
         if version_id(champion) == version_id(target):
             raise CnnpipeError(f"{name}/{version} is already the champion")
-        return _move_by_hand(mlflow_client, name, champion, target, reason)
+        return _move_by_hand(mlflow_client, name, champion, target, reason, settings)
 
 
-def champion_history(name: str) -> list[str]:
+def champion_history(name: str, settings: Settings | None = None) -> list[str]:
     """Champions in order, as promotions and rollbacks left them; the last is the current one."""
-    with connect_for_writing(get_settings().predictions_db) as connection:
+    with connect_for_writing((settings or get_settings()).predictions_db) as connection:
         promotions = connection.execute("SELECT to_version, reason FROM promotions WHERE model_name = ? "
                                         "ORDER BY promoted_at", [name]).fetchall()
     stack: list[str] = []
@@ -378,18 +309,20 @@ def champion_history(name: str) -> list[str]:
     return stack
 
 
-def rollback(name: str) -> GateDecision:
+def rollback(name: str, settings: Settings | None = None) -> GateDecision:
     """Move `champion` back to the version that held it before the current one."""
-    mlflow_client = client()
-    with _lock(name):
+    settings = settings or get_settings()
+    mlflow_client = client(settings)
+    with _lock(name, settings):
+        _settle_interrupted_move(mlflow_client, name, settings)
         champion = current_champion(mlflow_client, name)
         if champion is None:
             raise CnnpipeError(f"{name} has no champion to roll back")
-        history = champion_history(name)
+        history = champion_history(name, settings)
         if len(history) < 2 or history[-1] != version_id(champion):
             raise CnnpipeError(f"{name}: no earlier champion in the promotion history (current: {version_id(champion)})")
         target = resolve(mlflow_client, ModelRef(name, version=history[-2]))
-        return _move_by_hand(mlflow_client, name, champion, target, "rollback")
+        return _move_by_hand(mlflow_client, name, champion, target, "rollback", settings)
 
 
 def list_versions(name: str | None = None) -> list[tuple[ModelVersion, list[str]]]:

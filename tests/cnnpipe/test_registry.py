@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import pickle
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
 import pytest
 import torch
 
+from cnn.layout import FORMAT
 from cnn.predict import Predictor
 from cnn.train import evaluate_checkpoint
 from cnnpipe import registry
@@ -82,7 +87,7 @@ def _balanced_split(root: Path, per_class: int = 100) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     classes = ["circle", "cross", "square", "triangle"]
     (root / "manifest.json").write_text(json.dumps({
-        "name": "balanced", "version_id": "v-balanced", "classes": classes, "files": [],
+        "format": FORMAT, "name": "balanced", "version_id": "v-balanced", "classes": classes, "files": [],
         "counts": {"train": {c: 5 * per_class for c in classes}, "val": {c: per_class for c in classes}}}))
     return root
 
@@ -186,6 +191,57 @@ def test_manual_promotion_and_rollback_walk_the_history(register_version):
     assert [row[4] for row in _promotions()] == ["manual", "manual", "manual", "rollback", "rollback"]
     with duckdb.connect(str(get_settings().predictions_db), read_only=True) as connection:
         assert connection.execute("SELECT model_version FROM champions WHERE model_name = 'manual'").fetchone() == ("1",)
+
+
+_PROMOTE = """
+import sys
+from cnnpipe import registry
+registry.promote(sys.argv[1], sys.argv[2])
+"""
+
+
+def _promote_killed_after_its_commit(name: str, version: str) -> None:
+    """`cnnpipe promote` killed -9 between committing its history row and checkpointing it."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": get_settings().mlflow_tracking_uri,
+           "FAILPOINT": "duckdb.after_commit", "FAILPOINT_ACTION": "kill"}
+    killed = subprocess.run([sys.executable, "-c", _PROMOTE, name, version], env=env, capture_output=True, text=True,
+                            timeout=180)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+
+
+def _damage_the_log() -> Path:
+    database = get_settings().predictions_db
+    wal = database.with_name(database.name + ".wal")
+    assert wal.stat().st_size > 0
+    with wal.open("r+b") as log:
+        log.seek(wal.stat().st_size // 2)
+        log.write(b"\xff" * 8)
+    return database
+
+
+def test_a_promotion_killed_before_its_checkpoint_changes_nothing_when_its_log_is_lost(register_version):
+    for top1 in (0.5, 0.6):
+        register_version("durable", top1)
+    registry.promote("durable", "1")
+    _promote_killed_after_its_commit("durable", "2")
+    database = _damage_the_log()
+    assert registry.champion_history("durable") == ["1"]  # the log was set aside...
+    assert list(database.parent.glob("predictions.duckdb.wal.corrupt-*"))
+    assert _champion("durable") == "1"  # ...and the alias never moved past the history
+    registry.promote("durable", "2")
+    assert registry.rollback("durable").challenger == "1" and _champion("durable") == "1"
+
+
+def test_a_promotion_killed_before_its_alias_moved_is_taken_out_of_the_history(register_version, caplog):
+    for top1 in (0.5, 0.6):
+        register_version("interrupted", top1)
+    registry.promote("interrupted", "1")
+    _promote_killed_after_its_commit("interrupted", "2")
+    assert _champion("interrupted") == "1"
+    registry.promote("interrupted", "2")  # settles the interrupted move first, then makes it for real
+    assert registry.champion_history("interrupted") == ["1", "2"] and _champion("interrupted") == "2"
+    assert [row[:2] for row in _promotions()] == [(None, "1"), ("1", "2")]
+    assert "interrupted before the alias moved" in caplog.text
 
 
 def test_registered_model_predicts_like_its_checkpoint(register_version, shapes_checkpoints):
