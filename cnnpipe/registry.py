@@ -27,13 +27,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cnn.checkpoint import CheckpointError
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.locks import file_lock
 from cnnpipe.majority import MAJORITY_ALPHA, majority_test
 from cnnpipe.predictions import connect_for_writing, set_champion, transaction
 from cnnpipe.settings import REGISTERED_MODEL, Settings, get_settings
-from cnnpipe.tracking import WEIGHTS_ARTIFACT
 
 log = logging.getLogger("cnnpipe.registry")
 
@@ -105,6 +103,8 @@ def latest_version(mlflow_client: MlflowClient, name: str) -> ModelVersion | Non
 
 def download_weights(version: ModelVersion, folder: Path) -> Path:
     """The version's `weights.pt`: a state_dict and metadata, never a pickled object."""
+    from cnnpipe.tracking import WEIGHTS_ARTIFACT  # with plotting: not for `models`, `promote`, `rollback`
+
     try:
         return Path(mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{version.name}/{version.version}/{WEIGHTS_ARTIFACT}", dst_path=str(folder)))
@@ -115,6 +115,7 @@ def download_weights(version: ModelVersion, folder: Path) -> Path:
 
 def load_predictor(ref: str | ModelRef, device: str = "cpu", batch_size: int = 256):
     """A Predictor for a registered version, loaded with `torch.load(weights_only=True)` only."""
+    from cnn.checkpoint import CheckpointError
     from cnn.predict import Predictor
 
     ref = parse_model_ref(ref) if isinstance(ref, str) else ref
