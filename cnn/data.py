@@ -17,6 +17,7 @@ Batches stay uint8, 0-255, through decoding, cropping and padding; only `Augment
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -43,7 +44,8 @@ from cnn.layout import PublishedDataset
 
 # The paper's colour noise: standard deviation of the per-image eigenvalue multipliers.
 LIGHTING_STD = 0.1
-_DECODE_THREADS = 8
+# Decoders release the GIL, so one thread per core this process may use keeps them all busy.
+_DECODE_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +145,8 @@ def decode_images(blobs: Sequence[bytes], size: int, device: torch.device | str 
     arrays = list(_pool.map(_decode_one, blobs, [size] * len(blobs), chunksize=64)) if len(blobs) > 64 \
         else [_decode_one(blob, size) for blob in blobs]
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    if device.type == "cuda":  # through pinned memory, so the copy does not hold this thread
+        return batch.contiguous().pin_memory().to(device, non_blocking=True)
     return batch.to(device) if device.type != "cpu" else batch.contiguous()
 
 
@@ -372,7 +376,12 @@ class ResidentImages:
 
 
 class StreamingImages:
-    """Row groups in a shuffled order, decoded ahead in a background thread, through a shuffle buffer."""
+    """Row groups in a shuffled order, decoded ahead in a background thread, through a shuffle buffer.
+
+    The producer decodes each row group straight onto the device (nvJPEG for JPEGs on CUDA,
+    CPU threads otherwise), on a side CUDA stream whose event the training stream waits on,
+    so no step waits for the host. The buffer lives on the device and is shuffled by index there.
+    """
 
     def __init__(self, split: StoreSplit, size: int, device: torch.device, shuffle_buffer: int = 8192,
                  prefetch_groups: int = 2):
@@ -395,14 +404,20 @@ class StreamingImages:
         stop = threading.Event()
 
         def produce() -> None:
+            side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
             try:
-                for path, group in groups:
-                    if stop.is_set():
-                        return
-                    images, labels, _ = decode_labelled(*self.split.read_group(path, group), self.size, "cpu")
-                    if self.device.type == "cuda":
-                        images = images.pin_memory()
-                    decoded.put((images, labels))
+                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                    for path, group in groups:
+                        if stop.is_set():
+                            return
+                        images, labels, _ = decode_labelled(*self.split.read_group(path, group), self.size,
+                                                            self.device)
+                        labels = labels.to(self.device, non_blocking=True)
+                        ready = None
+                        if side is not None:
+                            ready = torch.cuda.Event()
+                            ready.record(side)
+                        decoded.put((images, labels, ready))
                 decoded.put(None)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
                 decoded.put(exc)
@@ -418,9 +433,15 @@ class StreamingImages:
                 if isinstance(item, BaseException):
                     raise item
                 if item is not None:
-                    buffer_images.append(item[0])
-                    buffer_labels.append(item[1])
-                    buffered += len(item[1])
+                    images, labels, ready = item
+                    if ready is not None:  # decoded on the side stream: order it before our use, and
+                        stream = torch.cuda.current_stream(self.device)  # keep its memory until then
+                        stream.wait_event(ready)
+                        images.record_stream(stream)
+                        labels.record_stream(stream)
+                    buffer_images.append(images)
+                    buffer_labels.append(labels)
+                    buffered += len(labels)
                     if buffered < self.shuffle_buffer:
                         continue
                 if not buffer_images:
@@ -428,6 +449,7 @@ class StreamingImages:
                 images, labels = torch.cat(buffer_images), torch.cat(buffer_labels)
                 if shuffle:
                     order = torch.tensor(rng.sample(range(len(labels)), len(labels)), dtype=torch.long)
+                    order = order.to(self.device, non_blocking=True)
                     images, labels = images[order], labels[order]
                 final = item is None
                 usable = len(labels) if final else len(labels) - len(labels) % batch_size
@@ -435,8 +457,7 @@ class StreamingImages:
                     chunk = slice(start, min(start + batch_size, usable))
                     if drop_last and chunk.stop - chunk.start < batch_size:
                         break
-                    yield (images[chunk].to(self.device, non_blocking=True),
-                           labels[chunk].to(self.device, non_blocking=True))
+                    yield images[chunk], labels[chunk]
                 buffer_images, buffer_labels = [images[usable:]], [labels[usable:]]
                 buffered = len(labels) - usable
                 if final:

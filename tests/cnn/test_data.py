@@ -95,6 +95,24 @@ def test_resident_and_streaming_batches_cover_a_split_exactly_once(shapes_datase
     assert first != second
 
 
+@pytest.mark.device
+def test_streaming_onto_cuda_gives_the_images_the_cpu_decodes(shapes_dataset):
+    """Decoded on a side stream and shuffled on the device: the same pixels, each image once."""
+    split = StoreSplit.open(shapes_dataset, "train")
+    on_cpu = StreamingImages(split, 32, torch.device("cpu"), shuffle_buffer=100)
+    on_gpu = StreamingImages(split, 32, torch.device("cuda"), shuffle_buffer=100)
+
+    def drawn(source):
+        batches = list(source.batches(64, torch.Generator().manual_seed(3)))
+        assert all(images.device.type == labels.device.type == source.device.type for images, labels in batches)
+        return torch.cat([images.cpu() for images, _ in batches]), torch.cat([labels.cpu() for _, labels in batches])
+
+    (gpu_images, gpu_labels), (cpu_images, cpu_labels) = drawn(on_gpu), drawn(on_cpu)
+    assert torch.equal(gpu_labels, cpu_labels)
+    # nvJPEG and libjpeg-turbo may round an IDCT differently, never by much.
+    assert (gpu_images.float() - cpu_images.float()).abs().mean() < 2.0
+
+
 def test_normalise_is_channels_last_with_zero_mean():
     stats = ColourStats([0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0, 0, 0], torch.eye(3).tolist())
     out = normalise(torch.full((2, 3, 4, 4), 255, dtype=torch.uint8), stats)
