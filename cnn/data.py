@@ -45,7 +45,7 @@ from cnn.layout import PublishedDataset
 # The paper's colour noise: standard deviation of the per-image eigenvalue multipliers.
 LIGHTING_STD = 0.1
 # Decoders release the GIL, so one thread per core this process may use keeps them all busy.
-_DECODE_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+DECODE_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def decode_images(blobs: Sequence[bytes], size: int, device: torch.device | str 
         if decoded is not None:
             return decoded
     if _pool is None:
-        _pool = ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="cnn-decode")
+        _pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="cnn-decode")
     arrays = list(_pool.map(_decode_one, blobs, [size] * len(blobs), chunksize=64)) if len(blobs) > 64 \
         else [_decode_one(blob, size) for blob in blobs]
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)

@@ -2,8 +2,8 @@
 
 Images are hashed first and those this model version already classified are skipped
 before decoding. The rest are validated and normalised exactly as ingestion does
-(`check_image`), decoded and classified in batches while a background thread prepares
-the next ones. Predictions are staged as Parquet parts (written aside, then renamed) and
+(`check_image`), decoded in a thread pool (one thread per core) and classified in
+batches, while a background thread reads and hashes the next ones. Predictions are staged as Parquet parts (written aside, then renamed) and
 each part is committed in one short transaction with `ON CONFLICT DO NOTHING`, so a
 killed run loses nothing it staged and a rerun adds each image exactly once.
 """
@@ -18,15 +18,17 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from itertools import repeat
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cnn.data import decode_images
+from cnn.data import DECODE_THREADS, decode_images
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.images import RejectedImage, check_image
 from cnnpipe.locks import file_lock
@@ -153,7 +155,7 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
     def produce() -> None:
         try:
             for batch in _prepared_batches(source, done, summary, predictor.decode_size, predictor.batch_size,
-                                           on_progress):
+                                           on_progress, pin=predictor.device.type == "cuda"):
                 batches.put(batch)
             batches.put(None)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
@@ -204,38 +206,68 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
 
 
 def _prepared_batches(source: Source, done: set[str], summary: ClassifySummary, size: int, batch_size: int,
-                      on_progress) -> Iterator[tuple[list[tuple], torch.Tensor]]:
-    items, images, seen = [], [], 0
-    for entry in source.entries():
-        seen += 1
-        if on_progress and seen % 64 == 0:
-            on_progress(seen, source.total)
-        if entry.reject_reason:
-            summary.rejected.append(Reject(entry.path, entry.reject_reason, entry.reject_detail))
-            continue
-        sha = entry.content_sha256 or hashlib.sha256(entry.data).hexdigest()
-        if sha in done:
-            summary.skipped += 1
-            continue
-        done.add(sha)
-        try:
-            checked = check_image(entry.data, keep_pixels=True)
-        except RejectedImage as exc:
-            done.discard(sha)
-            summary.rejected.append(Reject(entry.path, exc.reason, exc.detail))
-            continue
-        items.append((sha, entry.path, checked.width, checked.height))
-        if checked.pixels is not None and checked.pixels.shape[:2] == (size, size):
-            images.append(torch.from_numpy(checked.pixels).permute(2, 0, 1))  # validated and decoded once
-        else:
-            images.append(decode_images([entry.data if checked.encoded is None else checked.encoded], size)[0])
-        if len(items) == batch_size:
-            yield items, torch.stack(images)
-            items, images = [], []
+                      on_progress, pin: bool) -> Iterator[tuple[list[tuple], torch.Tensor]]:
+    """Batches of `batch_size` new, valid images; one chunk decodes in the pool while the next is
+    read and hashed."""
+    pending, decoding, seen = [], None, 0
+    items, images = [], []
+
+    def collect(chunk: list[tuple], results: Iterator) -> Iterator[tuple[list[tuple], torch.Tensor]]:
+        nonlocal items, images
+        for (sha, path, _), result in zip(chunk, results):
+            if isinstance(result, RejectedImage):
+                done.discard(sha)
+                summary.rejected.append(Reject(path, result.reason, result.detail))
+                continue
+            width, height, pixels = result
+            items.append((sha, path, width, height))
+            images.append(pixels)
+            if len(items) == batch_size:
+                yield _batch(items, images, pin)
+                items, images = [], []
+
+    with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="cnnpipe-classify-decode") as pool:
+        for entry in source.entries():
+            seen += 1
+            if on_progress and seen % 64 == 0:
+                on_progress(seen, source.total)
+            if entry.reject_reason:
+                summary.rejected.append(Reject(entry.path, entry.reject_reason, entry.reject_detail))
+                continue
+            sha = entry.content_sha256 or hashlib.sha256(entry.data).hexdigest()
+            if sha in done:
+                summary.skipped += 1
+                continue
+            done.add(sha)
+            pending.append((sha, entry.path, entry.data))
+            if len(pending) == batch_size:
+                if decoding is not None:
+                    yield from collect(*decoding)
+                decoding = pending, pool.map(_checked_pixels, [data for *_, data in pending], repeat(size))
+                pending = []
+        if decoding is not None:
+            yield from collect(*decoding)
+        yield from collect(pending, pool.map(_checked_pixels, [data for *_, data in pending], repeat(size)))
     if items:
-        yield items, torch.stack(images)
+        yield _batch(items, images, pin)
     if on_progress:
         on_progress(seen, source.total)
+
+
+def _checked_pixels(data: bytes, size: int) -> tuple[int, int, torch.Tensor] | RejectedImage:
+    """(width, height, uint8 CHW pixels at `size`), validated exactly as ingestion does, or why not."""
+    try:
+        checked = check_image(data, keep_pixels=True)
+    except RejectedImage as exc:
+        return exc
+    if checked.pixels is not None and checked.pixels.shape[:2] == (size, size):
+        return checked.width, checked.height, torch.from_numpy(checked.pixels).permute(2, 0, 1)  # decoded once
+    return checked.width, checked.height, decode_images([data if checked.encoded is None else checked.encoded], size)[0]
+
+
+def _batch(items: list[tuple], images: list[torch.Tensor], pin: bool) -> tuple[list[tuple], torch.Tensor]:
+    batch = torch.stack(images)
+    return items, batch.pin_memory() if pin else batch  # pinned: the copy to the GPU need not wait
 
 
 def record_run(database: Path, summary: ClassifySummary) -> None:
