@@ -223,9 +223,23 @@ def test_flaky_remote_folder_is_read_after_retries(monkeypatch):
         return original(self, path, *args, **kwargs)
 
     monkeypatch.setattr(type(memory), "cat_file", flaky)
-    monkeypatch.setattr("cnnpipe.sources.time.sleep", lambda seconds: None)
+    sleeps = []
+    monkeypatch.setattr("cnnpipe.sources.base.time.sleep", sleeps.append)
     assert set(good(entries_of("memory://flaky"))) == {"cat/1.jpg"}
-    assert calls["n"] == 3
+    assert calls["n"] == 3 and sleeps == [0.2, 0.4]
+
+
+def test_a_shard_is_a_copy_and_the_source_stays_whole(tmp_path):
+    write_class_folders(tmp_path / "src", {"cat": 6, "dog": 6})
+    source = open_source(str(tmp_path / "src"))
+    shards = [source.sharded(index, 3) for index in range(3)]
+    assert source.shard is None and [shard.shard for shard in shards] == [(0, 3), (1, 3), (2, 3)]
+    assert all(shard is not source and type(shard) is type(source) for shard in shards)
+    parts = [[entry.path for entry in shard.entries()] for shard in shards]
+    whole = [entry.path for entry in source.entries()]
+    assert len(whole) == 12 and source.total == 12
+    assert sorted(sum(parts, [])) == sorted(whole) and sum(1 for part in parts if part) >= 2
+    assert [shard.total for shard in shards] == [len(part) for part in parts]
 
 
 def test_file_that_changes_between_listing_and_reading_is_rejected(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -8,6 +9,7 @@ import multiprocessing
 import os
 import shutil
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -15,9 +17,10 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from cnnpipe import store as store_module
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.sources import open_source
+from cnnpipe.store import decoders as decoders_module
+from cnnpipe.store import parts as parts_module
 from cnnpipe.reports import ingest_markdown
 from cnnpipe.store import (DatasetStore, IngestOptions, list_datasets, open_dataset_source, split_for,
                            split_for_train)
@@ -193,22 +196,32 @@ def test_an_image_that_kills_its_decoder_is_rejected_and_the_rest_kept(tmp_path,
 
 def test_an_image_whose_decoder_hangs_is_rejected_after_a_timeout(tmp_path, monkeypatch):
     images = write_class_folders(tmp_path / "src", {"cat": 300})
-    monkeypatch.setattr(store_module, "CHUNK_TIMEOUT", 3.0)
-    monkeypatch.setattr(store_module, "ITEM_TIMEOUT", 2.0)
+    monkeypatch.setattr(decoders_module, "CHUNK_TIMEOUT", 3.0)
+    monkeypatch.setattr(decoders_module, "ITEM_TIMEOUT", 2.0)
     monkeypatch.setenv("FAILPOINT", "decode.image")
     monkeypatch.setenv("FAILPOINT_ACTION", "hang")
     monkeypatch.setenv("FAILPOINT_KEY", hashlib.sha256(images[10]).hexdigest())
+    others = {process.pid for process in multiprocessing.active_children()}
     summary = ingest(tmp_path / "src", "hung", workers=2)
     assert summary.added == 299
     assert [(r.path, r.reason) for r in summary.rejected] == [("cat/0010.jpg", "decode_timeout")]
+
+    def decoders() -> list:
+        return [process for process in multiprocessing.active_children() if process.pid not in others]
+
+    # The hung decoders were killed, not left sleeping (they would block this process's exit).
+    deadline = time.monotonic() + 10
+    while decoders() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not decoders()
 
 
 def test_exception_mid_write_publishes_nothing_and_a_rerun_completes(tmp_path, monkeypatch):
     write_class_folders(tmp_path / "src", {"cat": 20})
     ingest(tmp_path / "src")
     write_class_folders(tmp_path / "src", {"dog": 25}, seed=5)
-    monkeypatch.setattr(store_module, "ROW_GROUP_ROWS", 4)
-    monkeypatch.setattr(store_module, "PART_ROW_GROUPS", 2)
+    monkeypatch.setattr(parts_module, "ROW_GROUP_ROWS", 4)
+    monkeypatch.setattr(parts_module, "PART_ROW_GROUPS", 2)
     monkeypatch.setenv("FAILPOINT", "parquet.after_rowgroup")
     monkeypatch.setenv("FAILPOINT_AFTER", "5")
     monkeypatch.setenv("FAILPOINT_ACTION", "raise")
@@ -250,7 +263,7 @@ class _DiskFullAfter:
     def write(self, data):
         self.written += len(data)
         if self.written > self.limit:
-            raise OSError(28, "No space left on device")
+            raise OSError(errno.ENOSPC, "No space left on device")
         return self.handle.write(data)
 
     def __getattr__(self, name):
@@ -259,13 +272,13 @@ class _DiskFullAfter:
 
 def test_a_writer_hitting_enospc_never_publishes_a_readable_empty_part(tmp_path, monkeypatch):
     write_class_folders(tmp_path / "src", {"cat": 5})
-    real_writer = store_module.pq.ParquetWriter
+    real_writer = parts_module.pq.ParquetWriter
 
     def failing_writer(path, *args, **kwargs):
         sink = _DiskFullAfter(open(path, "wb"), limit=64)
-        return real_writer(store_module.pa.PythonFile(sink, mode="w"), *args, **kwargs)
+        return real_writer(parts_module.pa.PythonFile(sink, mode="w"), *args, **kwargs)
 
-    monkeypatch.setattr(store_module.pq, "ParquetWriter", failing_writer)
+    monkeypatch.setattr(parts_module.pq, "ParquetWriter", failing_writer)
     with pytest.raises(CnnpipeError, match="disk full while writing"):
         ingest(tmp_path / "src")
     home = Path(os.environ["CNNPIPE_HOME"])

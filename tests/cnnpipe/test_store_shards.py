@@ -97,8 +97,8 @@ def test_a_finished_shard_is_not_read_again_and_a_stale_one_is_redone(tmp_path, 
 
 
 def test_a_shard_killed_midway_adopts_its_published_parts(tmp_path, monkeypatch):
-    monkeypatch.setattr("cnnpipe.store.PART_ROW_GROUPS", 1)
-    monkeypatch.setattr("cnnpipe.store.ROW_GROUP_ROWS", 4)
+    monkeypatch.setattr("cnnpipe.store.parts.PART_ROW_GROUPS", 1)
+    monkeypatch.setattr("cnnpipe.store.parts.ROW_GROUP_ROWS", 4)
     write_class_folders(tmp_path / "src", {"cat": 20, "dog": 20})
     store = DatasetStore("pets")
     store.stage_shard(open_source(str(tmp_path / "src")), OPTIONS, 0, 2)

@@ -1,0 +1,81 @@
+"""A folder of class folders as a source, local or behind an fsspec URL."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Iterator
+
+from cnnpipe.sources.base import NOT_REGULAR, Entry, Refused, Source, _bad_name, _is_utf8, _skipped, \
+    regular_file_size, with_retries
+
+
+class FolderSource(Source):
+    kind = "folder"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The listing taken by explicit_splits(), which the next entries() reuses.
+        self._listed: list[tuple[str, int | None, Refused | None]] | None = None
+
+    def explicit_splits(self) -> set[str]:
+        self._listed = self._listing(self.path.rstrip("/"))
+        return {split for rel, _, refused in self._listed if not refused and (split := self._split_of(rel))}
+
+    def entries(self) -> Iterator[Entry]:
+        root = self.path.rstrip("/")
+        listed, self._listed = self._listed, None
+        mine = [item for item in (listed if listed is not None else self._listing(root)) if self._mine(item[0])]
+        files = [item for item in mine if not _skipped(item[0])]
+        self.hidden_skipped = len(mine) - len(files)
+        self.total = len(files)
+        for rel, size, refused in files:
+            if not _is_utf8(rel):
+                yield _bad_name(rel)
+                continue
+            if refused:
+                yield refused.entry(rel)
+                continue
+            if size is not None and size > self.max_image_bytes:
+                yield self._too_large(rel, size)
+                continue
+            full = f"{root}/{rel}"
+            data = self._read(full)
+            if size is not None and len(data) != size:
+                # The file changed between listing and reading: read once more, then give up.
+                data = self._read(full)
+                if len(data) != size:
+                    yield Entry(rel, None, None, reject_reason="changed_during_read",
+                                reject_detail=f"listed as {size} bytes, read {len(data)}")
+                    continue
+            yield self._labelled(rel, data)
+
+    def _listing(self, root: str) -> list[tuple[str, int | None, Refused | None]]:
+        """(path, size, why it is refused or None) for every file of the folder, sorted."""
+        if not self._local:
+            special = Refused("special_file", NOT_REGULAR)
+            listing = self.fs.find(root, detail=True)
+            return sorted((posixpath.relpath(p, root), info.get("size"), None if info.get("type") == "file" else special)
+                          for p, info in listing.items())
+        # fsspec's local filesystem costs ~50 us a file; plain os calls keep listing cheap.
+        real_root = os.path.realpath(root)
+        found = []
+        for folder, subfolders, names in os.walk(root):
+            rel_folder = os.path.relpath(folder, root)
+            # os.walk lists a link to a folder among the subfolders, and does not enter it.
+            linked = [name for name in subfolders if os.path.islink(os.path.join(folder, name))]
+            for name in names + linked:
+                rel = name if rel_folder == "." else f"{rel_folder}/{name}"
+                try:
+                    found.append((rel, regular_file_size(f"{root}/{rel}", real_root), None))
+                except FileNotFoundError:
+                    continue
+                except Refused as refused:
+                    found.append((rel, None, refused))
+        return sorted(found, key=lambda item: item[0])
+
+    def _read(self, full: str) -> bytes:
+        if self._local:
+            with open(full, "rb") as handle:
+                return handle.read()
+        return with_retries(lambda: self.fs.cat_file(full))

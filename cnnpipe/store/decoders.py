@@ -1,0 +1,157 @@
+"""The crash-isolated decoder process pool: an image that kills or hangs its decoder costs only itself.
+
+Images decode in worker processes, chunk by chunk and in order. When a chunk's worker dies or
+runs late, its images are decoded again one by one to find the culprit, which is refused; the
+rest are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing import active_children, get_context
+
+from cnnpipe.images import CheckedImage, check_batch
+from cnnpipe.sources import Entry
+
+VALIDATION_CHUNK = 256
+# A decoder that hangs must not hang the ingest: a chunk of images gets CHUNK_TIMEOUT
+# seconds, then its images are retried one by one with ITEM_TIMEOUT seconds each.
+CHUNK_TIMEOUT = 300.0
+ITEM_TIMEOUT = 30.0
+
+Result = CheckedImage | tuple[str, str]  # a decoded image, or (reason, detail) when refused
+
+
+@dataclass
+class _Pending:
+    entry: Entry
+    sha256: str
+    label: str
+    split: str
+
+
+def _die_with_parent() -> None:
+    """Decoding workers must not outlive an ingest killed with SIGKILL, which cannot stop them."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _start_worker(pids) -> None:
+    """A worker's initializer: tie its life to the parent's, then say its pid to the pool."""
+    _die_with_parent()
+    pids.put(os.getpid())
+
+
+class _DecoderPool:
+    """Spawned decoding processes that can be killed mid-call. The executor has no public way
+    to end a running call, so every worker reports its pid as it starts."""
+
+    def __init__(self, workers: int):
+        context = get_context("spawn")
+        self._pids = context.SimpleQueue()
+        self.executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                            initargs=(self._pids,))
+
+    def submit(self, datas: list[bytes], resize: int | None) -> Future:
+        return self.executor.submit(check_batch, datas, resize)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(cancel_futures=True)
+
+    def kill(self) -> None:
+        # A running call cannot be cancelled, and a hung one would block shutdown: end the workers.
+        # Only live children with a pid this pool's workers reported are killed: a pid of a worker
+        # that already exited and was reaped may belong to another process by now.
+        started = set()
+        while not self._pids.empty():
+            started.add(self._pids.get())
+        for process in active_children():
+            if process.pid in started:
+                process.kill()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _Validator:
+    """Decodes chunks of images in worker processes, in order, with bounded memory."""
+
+    def __init__(self, resize: int | None, workers: int | None):
+        self.resize = resize
+        # The reading, hashing and writing process keeps one core busy; decoders get the rest.
+        self.workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
+        self.pool: _DecoderPool | None = None
+        self.inflight: deque[tuple[list[_Pending], Future]] = deque()
+
+    def __enter__(self) -> _Validator:
+        if self.workers:
+            # Start the workers now: their start-up then overlaps listing the source.
+            self.pool = _DecoderPool(self.workers)
+            self.pool.submit([], None)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def submit(self, chunk: list[_Pending]) -> Iterator[tuple[_Pending, Result]]:
+        datas = [item.entry.data for item in chunk]
+        if self.workers == 0 or (self.pool is None and len(chunk) < VALIDATION_CHUNK):
+            # Small sources are not worth starting processes for.
+            yield from zip(chunk, check_batch(datas, self.resize))
+            return
+        if self.pool is None:
+            self.pool = _DecoderPool(self.workers)
+        self.inflight.append((chunk, self.pool.submit(datas, self.resize)))
+        while len(self.inflight) > 2 * self.workers:
+            yield from self._collect()
+
+    def drain(self) -> Iterator[tuple[_Pending, Result]]:
+        while self.inflight:
+            yield from self._collect()
+
+    def _collect(self) -> Iterator[tuple[_Pending, Result]]:
+        chunk, future = self.inflight.popleft()
+        try:
+            results = future.result(timeout=CHUNK_TIMEOUT)
+        except (BrokenProcessPool, TimeoutError):
+            results = self._isolate(chunk)
+        yield from zip(chunk, results)
+
+    def _isolate(self, chunk: list[_Pending]) -> list[Result]:
+        """A decoder killed or hung a worker: find the culprit, keep the rest."""
+        self.pool.kill()
+        results: list[Result] = []
+        remaining = chunk
+        while remaining:
+            # One worker runs them in order, so the first broken or late future is the culprit.
+            single = _DecoderPool(1)
+            futures = [single.submit([item.entry.data], self.resize) for item in remaining]
+            for index, future in enumerate(futures):
+                try:
+                    results.append(future.result(timeout=ITEM_TIMEOUT)[0])
+                except (BrokenProcessPool, TimeoutError) as exc:
+                    results.append(("decoder_crashed", "the decoding process died on this file")
+                                   if isinstance(exc, BrokenProcessPool)
+                                   else ("decode_timeout", f"decoding took over {ITEM_TIMEOUT:.0f} s"))
+                    remaining = remaining[index + 1:]
+                    break
+            else:
+                remaining = []
+            single.kill()
+        self.pool = _DecoderPool(self.workers)
+        pending, self.inflight = self.inflight, deque()
+        for later_chunk, _ in pending:
+            self.inflight.append((later_chunk, self.pool.submit(
+                [item.entry.data for item in later_chunk], self.resize)))
+        return results

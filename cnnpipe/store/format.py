@@ -1,0 +1,76 @@
+"""The written layout contract of a dataset: its name rule, Parquet schema and options, and manifest.
+
+`manifest.json` is derived from the versions' `version.json` files, never edited in place,
+so any reader can rebuild it after a crash and two rebuilds agree. FORMAT, the name of this
+layout, lives in `cnn.layout`, the one reader of it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from cnn.layout import FORMAT
+from cnnpipe.locations import Folder, ObjectStore
+
+SCHEMA = pa.schema([
+    ("sha256", pa.string()),
+    ("image", pa.binary()),
+    ("format", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("n_frames", pa.int32()),
+    ("label", pa.string()),
+    ("split", pa.string()),
+    ("source_uri", pa.string()),
+    ("member_path", pa.string()),
+    ("ingested_at", pa.timestamp("us", tz="UTC")),
+])
+PARQUET_OPTIONS = {
+    # Images are already compressed and hashes do not compress: zstd only where it pays.
+    "compression": {name: "zstd" if name in ("member_path", "ingested_at") else "none" for name in SCHEMA.names},
+    "use_dictionary": ["format", "label", "split", "source_uri"],
+}
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def version_folder(version: int) -> str:
+    return f"v{version:06d}"
+
+
+def _empty_manifest(name: str) -> dict:
+    return {"format": FORMAT, "name": name, "version": 0, "version_id": "", "classes": [],
+            "counts": {}, "num_rows": 0, "files": [], "versions": []}
+
+
+def lists_every_version(manifest: dict | None, location: Folder | ObjectStore) -> bool:
+    # Comparing the whole list, not the latest number, also catches a version folder
+    # that was moved out of the dataset to repair it (see `DatasetStore.repair`).
+    return (manifest is not None
+            and [version_folder(v["version"]) for v in manifest["versions"]] == location.versions())
+
+
+def derive_manifest(name: str, location: Folder | ObjectStore) -> dict:
+    """The manifest that the committed versions' `version.json` files add up to."""
+    manifest = _empty_manifest(name)
+    counts: defaultdict[str, Counter] = defaultdict(Counter)
+    for directory in location.versions():
+        info = location.read_json(f"{directory}/version.json")
+        manifest["files"] += [{"path": f"{directory}/{f['path']}", "rows": f["rows"], "version": info["version"]}
+                              for f in info["files"]]
+        manifest["versions"].append({k: info[k] for k in ("version", "version_id", "created_at", "source_uri", "rows")})
+        for split, labels in info["counts"].items():
+            counts[split].update(labels)
+        manifest["version"], manifest["version_id"] = info["version"], info["version_id"]
+    manifest["counts"] = {split: dict(sorted(labels.items())) for split, labels in sorted(counts.items())}
+    manifest["classes"] = sorted({label for labels in counts.values() for label in labels})
+    manifest["num_rows"] = sum(f["rows"] for f in manifest["files"])
+    return manifest
+
+
+def iso_time(timestamp: float) -> str:
+    """A time as the manifest, `version.json` and `rejected.json` write it."""
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,79 @@
+"""What the store reports about a run and a dataset: rejects, staged runs, summaries, damaged parts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Reject:
+    path: str
+    reason: str
+    detail: str
+
+    def line(self, source_uri: str) -> str:
+        return f"{source_uri} :: {self.path}: {self.reason} ({self.detail})"
+
+
+@dataclass(frozen=True)
+class DamagedPart:
+    path: Path | str
+    version: int
+    problem: str
+
+
+@dataclass
+class StagedRun:
+    dataset: str
+    source_uri: str
+    base_version: int
+    started_at: float
+    rows: int = 0
+    adopted_rows: int = 0
+    duplicates: int = 0
+    rejected: list[Reject] = field(default_factory=list)
+    added_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Sum of the new images' hashes mod 2^256: an order-free digest of what this version adds.
+    content_sum: int = 0
+    # The share of train/ images carved into val (0: none were), for the report.
+    val_from_train: float = 0.0
+    # Dot-files and __MACOSX/ members the source passed over by rule, for the report.
+    hidden_skipped: int = 0
+
+    def add_content(self, sha256_hex: str) -> None:
+        self.content_sum = (self.content_sum + int(sha256_hex, 16)) % 2**256
+
+    def add_count(self, split: str, label: str, count: int = 1) -> None:
+        labels = self.added_counts.setdefault(split, {})
+        labels[label] = labels.get(label, 0) + count
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "content_sum": f"{self.content_sum:064x}"}
+
+    @classmethod
+    def from_json(cls, value: dict) -> StagedRun:
+        return cls(**{**value, "content_sum": int(value["content_sum"], 16),
+                      "rejected": [Reject(**reject) for reject in value["rejected"]]})
+
+
+@dataclass
+class IngestSummary:
+    dataset: str
+    source_uri: str
+    version: int
+    version_id: str
+    added: int
+    duplicates: int
+    rejected: list[Reject]
+    added_counts: dict[str, dict[str, int]]
+    counts: dict[str, dict[str, int]]
+    total_rows: int
+    seconds: float
+    val_from_train: float = 0.0
+    hidden_skipped: int = 0
+
+    @property
+    def rejected_by_reason(self) -> dict[str, int]:
+        return dict(Counter(reject.reason for reject in self.rejected).most_common())

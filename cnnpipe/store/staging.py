@@ -1,0 +1,207 @@
+"""Staging a source into parts under `staging/`, in one run or in shards that one committer merges.
+
+The functions here are `DatasetStore` methods (`stage`, `stage_shard`, `merge_shards`,
+`shard_staging`); call them under the store's `lock()`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow.parquet as pq
+
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.fsutil import atomic_write_json, fsync_dir
+from cnnpipe.sources import Source
+from cnnpipe.store.admission import Admission, IngestOptions, _ImageIndex, reject_conflict, resolve_options
+from cnnpipe.store.decoders import VALIDATION_CHUNK, Result, _Pending, _Validator
+from cnnpipe.store.parts import _PartWriter, publish_rows
+from cnnpipe.store.records import StagedRun
+
+if TYPE_CHECKING:
+    from cnnpipe.store.dataset import DatasetStore
+
+log = logging.getLogger("cnnpipe.store")
+
+
+def stage(store: DatasetStore, source: Source, options: IngestOptions,
+          on_progress: Callable[[int, int | None], None] | None = None,
+          staging: Path | None = None) -> StagedRun:
+    """Read, hash, deduplicate and validate `source` into staged parts. Call under `lock()`."""
+    staging = staging or store.staging
+    options = resolve_options(source, options)
+    stager = _Stager(store, source, options, staging)
+    try:
+        stager.read(on_progress)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EFBIG):
+            raise CnnpipeError(f"disk full while writing {stager.writer.tmp_path or staging}: {exc.strerror}") from exc
+        raise
+    if on_progress:
+        on_progress(stager.done, source.total)
+    return stager.finish()
+
+
+class _Stager:
+    """One `stage()` run: admits the entries, sends new images to the decoders, writes the kept ones."""
+
+    def __init__(self, store: DatasetStore, source: Source, options: IngestOptions, staging: Path):
+        self.source, self.options = source, options
+        base_version = store.latest_version()
+        self.run = StagedRun(store.name, source.uri, base_version, time.time(),
+                             val_from_train=options.val_fraction if options.carve_val_from_train else 0.0)
+        staging.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(staging / "base.json", {"base_version": base_version})
+        self.admission = Admission(self.run, _known_images(store, self.run, staging), options, source.unlabelled)
+        self.added: defaultdict[str, Counter] = defaultdict(Counter)
+        self.ingested_at = datetime.now(timezone.utc)
+        next_index = 1 + max((int(p.name[5:10]) for p in staging.glob("part-*.parquet")), default=-1)
+        self.writer = _PartWriter(staging, next_index)
+        self.done = 0
+
+    def read(self, on_progress: Callable[[int, int | None], None] | None) -> None:
+        chunk: list[_Pending] = []
+        with _Validator(self.options.resize, self.options.workers) as validator:
+            for entry in self.source.entries():
+                self.done += 1
+                item = self.admission.admit(entry)
+                if item is not None:
+                    chunk.append(item)
+                if len(chunk) >= VALIDATION_CHUNK:
+                    self.accept(validator.submit(chunk))
+                    chunk = []
+                if on_progress and self.done % 64 == 0:
+                    on_progress(self.done, self.source.total)
+            self.accept(validator.submit(chunk))
+            self.accept(validator.drain())
+        self.writer.close()
+
+    def accept(self, results: Iterator[tuple[_Pending, Result]]) -> None:
+        kept = [(item, result) for item, result in results if self.admission.settle(item, result)]
+        if not kept:
+            return
+        self.writer.add({
+            "sha256": [item.sha256 for item, _ in kept],
+            "image": [item.entry.data if r.encoded is None else r.encoded for item, r in kept],
+            "format": [r.format for _, r in kept],
+            "width": [r.width for _, r in kept],
+            "height": [r.height for _, r in kept],
+            "n_frames": [r.n_frames for _, r in kept],
+            "label": [item.label for item, _ in kept],
+            "split": [item.split for item, _ in kept],
+            "source_uri": [self.source.uri] * len(kept),
+            "member_path": [item.entry.path for item, _ in kept],
+            "ingested_at": [self.ingested_at] * len(kept),
+        })
+        for item, _ in kept:
+            self.added[item.split][item.label] += 1
+        for item, _ in kept:
+            self.run.add_content(item.sha256)
+        self.run.rows += len(kept)
+
+    def finish(self) -> StagedRun:
+        self.run.hidden_skipped = self.source.hidden_skipped
+        for split, labels in self.added.items():
+            for label, count in labels.items():
+                self.run.add_count(split, label, count)
+        return self.run
+
+
+def _known_images(store: DatasetStore, run: StagedRun, staging: Path) -> _ImageIndex:
+    """The images of the store and of the parts an interrupted run staged, which `run` adopts."""
+    known = _ImageIndex()
+    stored = store.read_table(["sha256", "label", "split"]) if store.exists() else None
+    adopted = [pq.read_table(p, columns=["sha256", "label", "split"])
+               for p in sorted(staging.glob("part-*.parquet"))]
+    for table in ([stored] if stored is not None else []) + adopted:
+        for sha, label, split in zip(*(table.column(c).to_pylist() for c in ("sha256", "label", "split"))):
+            known.add(sha, label, split)
+    for table in adopted:
+        run.adopted_rows += table.num_rows
+        for sha in table.column("sha256").to_pylist():
+            run.add_content(sha)
+        labels, splits = table.column("label").to_pylist(), table.column("split").to_pylist()
+        for label, split in zip(labels, splits):
+            run.add_count(split, label)
+    if run.adopted_rows:
+        log.info("resuming: %d images were already staged by an interrupted run", run.adopted_rows)
+    return known
+
+
+# ---- sharded ingestion (one writer, many stagers) ------------------------------
+
+
+def shard_staging(store: DatasetStore, source_uri: str, count: int) -> Path:
+    # The same source and shard count find the same folders again after a crash.
+    key = hashlib.sha256(f"{source_uri}\0{count}".encode()).hexdigest()[:16]
+    return store.shards_staging / key
+
+
+def stage_shard(store: DatasetStore, source: Source, options: IngestOptions, index: int, count: int) -> StagedRun:
+    """Stage shard `index` of `count` of `source`, committing nothing. A shard that
+    finished before a crash is not read again; one that died midway adopts its parts."""
+    directory = store.shard_staging(source.uri, count) / f"shard-{index:05d}"
+    store.keep_if_current(directory)
+    finished = directory / "staged.json"
+    if finished.exists():
+        return StagedRun.from_json(json.loads(finished.read_text()))
+    # Every shard must take the whole source's decision: callers should pass it resolved.
+    options = resolve_options(source, options)
+    run = store.stage(source.sharded(index, count), options, staging=directory)
+    atomic_write_json(finished, run.to_json())
+    return run
+
+
+def merge_shards(store: DatasetStore, shards: list[StagedRun], count: int) -> StagedRun:
+    """Join the shards' staged parts into `next/`, as one run would have staged them.
+    Shards split a source by path, so identical images can reach two of them: the
+    first shard keeps it and later copies count as duplicates, or conflicts when their
+    label or split differ, as in one run. Call under `lock()`."""
+    source_uri = shards[0].source_uri
+    base_version = store.latest_version()
+    if any(shard.base_version != base_version for shard in shards):
+        raise CnnpipeError(f"dataset {store.name} gained a version while {source_uri} was staging; rerun")
+    merged = StagedRun(store.name, source_uri, base_version, min(shard.started_at for shard in shards),
+                       duplicates=sum(shard.duplicates for shard in shards),
+                       rejected=[reject for shard in shards for reject in shard.rejected],
+                       val_from_train=max(shard.val_from_train for shard in shards),
+                       hidden_skipped=sum(shard.hidden_skipped for shard in shards))
+    if store.staging.exists():
+        shutil.rmtree(store.staging)
+    store.staging.mkdir(parents=True)
+    atomic_write_json(store.staging / "base.json", {"base_version": base_version})
+    seen = _ImageIndex()
+    parts = sorted(store.shard_staging(source_uri, count).glob("shard-*/part-*.parquet"))
+    for index, part in enumerate(parts):
+        keys = pq.read_table(part, columns=["sha256", "label", "split", "member_path"])
+        keep = []
+        for row, (sha, label, split, path) in enumerate(zip(*(column.to_pylist() for column in keys.columns))):
+            stored = seen.get(sha)
+            if stored is None:
+                seen.add(sha, label, split)
+                keep.append(row)
+                merged.add_content(sha)
+                merged.add_count(split, label)
+            elif stored == (label, split):
+                merged.duplicates += 1
+            else:
+                reject_conflict(merged, path, stored)
+        merged.rows += len(keep)
+        target = store.staging / f"part-{index:05d}.parquet"
+        if len(keep) == keys.num_rows:
+            os.link(part, target)  # the same file, not a copy: staging is one filesystem
+        elif keep:
+            publish_rows(part, keep, target)
+    fsync_dir(store.staging)
+    return merged
