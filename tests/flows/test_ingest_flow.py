@@ -4,7 +4,7 @@ import tarfile
 
 import pytest
 
-from cnnpipe import store as store_module
+from cnnpipe.store import parts as parts_module
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.store import DatasetStore
 from flows.ingest import ingest
@@ -44,8 +44,8 @@ def test_flow_fails_over_the_reject_limit_but_keeps_the_good_images(tmp_path):
 
 def test_a_retried_stage_task_adopts_its_staged_parts_exactly_once(tmp_path, monkeypatch):
     write_class_folders(tmp_path / "src", {"cat": 30})
-    monkeypatch.setattr(store_module, "ROW_GROUP_ROWS", 4)
-    monkeypatch.setattr(store_module, "PART_ROW_GROUPS", 1)
+    monkeypatch.setattr(parts_module, "ROW_GROUP_ROWS", 4)
+    monkeypatch.setattr(parts_module, "PART_ROW_GROUPS", 1)
     # A transient I/O error after three parts were published: Prefect retries the task.
     monkeypatch.setenv("FAILPOINT", "parquet.after_rowgroup")
     monkeypatch.setenv("FAILPOINT_AFTER", "4")
