@@ -42,7 +42,7 @@ def fit_distributed(config: TrainConfig, nproc: int, on_epoch: Callable[[dict], 
                                "its output is above")
         result = FitResult(**json.loads(result_path.read_text()))
         mistakes = result_path.with_suffix(".mistakes.pt")
-        result.extra["report"]["mistakes"] = torch.load(mistakes, weights_only=True) if mistakes.exists() else []
+        result.mistakes = torch.load(mistakes, weights_only=True) if mistakes.exists() else []
         return result
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cnn.config import NORMS, PADDINGS, POOLS
+
 
 class LocalResponseNorm(nn.Module):
     """The paper's LRN, b = a / (k + alpha * sum over n neighbouring channels of a^2)^beta.
@@ -41,7 +43,7 @@ def _norm(kind: str, channels: int) -> nn.Module:
         return nn.BatchNorm2d(channels)
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"norm must be lrn, batch or none, not {kind!r}")
+    raise ValueError(f"norm must be one of {', '.join(NORMS)}, not {kind!r}")
 
 
 def _pool(kind: str, padding: int = 0) -> nn.Module:
@@ -50,13 +52,13 @@ def _pool(kind: str, padding: int = 0) -> nn.Module:
         return nn.MaxPool2d(3, 2, padding)
     if kind == "avg":
         return nn.AvgPool2d(3, 2, padding, count_include_pad=False)
-    raise ValueError(f"pool must be max or avg, not {kind!r}")
+    raise ValueError(f"pool must be one of {', '.join(POOLS)}, not {kind!r}")
 
 
 def _conv_block(c_in: int, c_out: int, kernel: int, stride: int, padding: int, padding_mode: str,
                 norm: str, normalise: bool) -> list[nn.Module]:
-    if padding_mode not in ("zeros", "replicate"):
-        raise ValueError(f"padding must be zeros or replicate, not {padding_mode!r}")
+    if padding_mode not in PADDINGS:
+        raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, not {padding_mode!r}")
     conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, padding_mode=padding_mode)
     if norm == "batch":
         return [conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
@@ -138,3 +140,9 @@ def build_model(name: str, num_classes: int, **options) -> nn.Module:
 
 def input_size(model: nn.Module) -> int:
     return getattr(model, "input_size", 224)
+
+
+def decode_size(crop: int) -> int:
+    """The size images are decoded at for a model that takes `crop` x `crop` input: crop 224 means
+    decode at 256, whose 224 crops the paper trains on; a small model's input is its decode size."""
+    return 256 if crop == 224 else crop

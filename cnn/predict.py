@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from cnn.data import ColourStats, centre_crop, normalise
-from cnn.model import input_size
+from cnn.model import decode_size, input_size
 from cnn.train import autocast, load_trained_model
 
 
@@ -28,7 +28,7 @@ class Predictor:
         self.stats = ColourStats(**state["colour_stats"])
         self.crop = input_size(self.model)
         # Images are decoded at this size, then centre-cropped to the model's input, as in training.
-        self.decode_size = 256 if self.crop == 224 else self.crop
+        self.decode_size = decode_size(self.crop)
         self.batch_size = batch_size
         self.precision = precision or state["config"].get("precision", "auto")
         self.version = version or hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:12]

@@ -15,7 +15,7 @@ import random
 import subprocess
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,75 +29,16 @@ from torch.nn.parallel import DistributedDataParallel
 from cnn import recipe as auto_recipe
 from cnn.checkpoint import (CheckpointError, CheckpointWriter, checkpoints, load_checkpoint, load_latest,
                             restore_rng_state, rng_state)
+from cnn.config import TrainConfig
 from cnn.data import (Augment, ColourStats, ResidentImages, StoreSplit, StreamingImages, centre_crop,
                       colour_stats_for, normalise, ten_crops)
 from cnn.failpoints import failpoint
 from cnn.layout import PublishedDataset, default_checkpoint_root
 from cnn.metrics import classification_report, topk_correct
-from cnn.model import build_model, input_size
+from cnn.model import build_model, decode_size, input_size
 
-SCHEDULES = ("plateau", "step", "cosine", "onecycle")
 STEPS_PER_REPORT = 10
 MISTAKES_KEPT = 25
-
-
-@dataclass
-class TrainConfig:
-    """One training run. A knob left None is chosen for the training split by `cnn.recipe`."""
-
-    dataset_dir: str
-    model: str = "alexnet-cifar"
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    # The one-cycle schedule overrides it, cycling momentum between 0.95 and 0.85 (torch's default).
-    momentum: float = 0.9
-    weight_decay: float | None = None
-    schedule: str = "onecycle"
-    label_smoothing: float | None = None
-    # AlexNet options; None keeps the model's own default (batch norm for alexnet-cifar, LRN for alexnet).
-    norm: str | None = None
-    padding: str = "zeros"
-    pool: str = "max"
-    dropout: float | None = None
-    patience: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    # None: a share of the device's free memory, as `memory_budget` says.
-    memory_budget_mb: int | None = None
-    compile: bool = False
-    # auto: bf16 on CUDA and on CPUs with AMX, fp32 elsewhere (see `uses_bf16`).
-    precision: str = "auto"
-    ten_crop: bool = False
-    checkpoint_root: str | None = None
-    resume: bool | str = False
-    keep_checkpoints: int = 3
-
-    def __post_init__(self) -> None:
-        """Refuse an impossible setting before anything starts, naming its flag."""
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        checks = [
-            ("epochs", "--epochs", lambda v: v >= 1, "at least 1"),
-            ("batch_size", "--batch-size", lambda v: v >= 1, "at least 1"),
-            ("lr", "--lr", lambda v: 0 < v < math.inf, "a positive number"),
-            ("momentum", "--momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
-            ("weight_decay", "--weight-decay", lambda v: 0 <= v < math.inf, "zero or more"),
-            ("label_smoothing", "--label-smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-            ("dropout", "--dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-            ("patience", "--patience", lambda v: v >= 0, "zero or more"),
-            ("memory_budget_mb", "--memory-budget-mb", lambda v: v >= 0, "zero or more"),
-        ]
-        for field_name, flag, valid, wanted in checks:
-            value = getattr(self, field_name)
-            if value is not None and not valid(value):
-                raise ValueError(f"{flag} must be {wanted}, not {value}")
-
-    @property
-    def dataset_name(self) -> str:
-        return Path(self.dataset_dir).name
 
 
 @dataclass
@@ -114,6 +55,8 @@ class FitResult:
     device: str
     dataset_version: str
     stopped_early: bool = False
+    # The held-out split's most confident wrong predictions, each with its uint8 image.
+    mistakes: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
 
@@ -130,8 +73,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def cpu_has_amx() -> bool:
@@ -415,7 +356,7 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     model = _build(asdict(config), len(classes)).to(device, memory_format=torch.channels_last)
     crop = input_size(model)
     # Large models train on random 224 crops of 256 images, as in the paper; small ones on padded crops.
-    stored = 256 if crop == 224 else crop
+    stored = decode_size(crop)
     train = _load_split(train_split, stored, device, budget_mb)
     if len(train) == 0:
         raise ValueError(f"{config.dataset_dir}: the train split is empty")
@@ -493,7 +434,7 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
                             .batches(config.batch_size * 2), stats, crop, keep_predictions=True,
                             mistakes=MISTAKES_KEPT, precision=config.precision)
         report = classification_report(held_out.pop("probabilities"), held_out.pop("targets"), classes)
-        report["mistakes"] = held_out.pop("mistakes")
+        mistakes = held_out.pop("mistakes")
         if config.ten_crop:
             ten = evaluate(model, _load_split(held_out_split, stored, device, budget_mb)
                            .batches(config.batch_size * 2), stats, crop, ten_crop=True, precision=config.precision)
@@ -507,7 +448,7 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
         dist.barrier()
         dist.destroy_process_group()
     return FitResult(str(run_dir), str(latest), classes, history, held_out, held_out_split.split, best,
-                     len(history), config.seed, str(device), train_split.version_id, stopped_early,
+                     len(history), config.seed, str(device), train_split.version_id, stopped_early, mistakes,
                      extra={"report": report})
 
 
@@ -595,7 +536,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset_dir: str | os.Pat
     if sorted(manifest_classes) != sorted(state["classes"]):
         raise ValueError(f"the model knows classes {state['classes']}, the dataset has {manifest_classes}")
     crop = input_size(model)
-    images = _load_split(split, 256 if crop == 224 else crop, device, memory_budget(device)[0])
+    images = _load_split(split, decode_size(crop), device, memory_budget(device)[0])
     return evaluate(model.to(memory_format=torch.channels_last), images.batches(batch_size),
                     ColourStats(**state["colour_stats"]), crop, precision=state["config"].get("precision", "auto"))
 
@@ -617,8 +558,8 @@ def main(argv: list[str] | None = None) -> None:
     result = fit(config, on_epoch=lambda record: print(json.dumps(record), flush=True))
     if len(args) > 1 and int(os.environ.get("RANK", "0")) == 0:
         # Images go beside the JSON, as tensors that load with weights_only=True.
-        torch.save(result.extra["report"].pop("mistakes"), Path(args[1]).with_suffix(".mistakes.pt"))
-        Path(args[1]).write_text(json.dumps(asdict(result), indent=2))
+        torch.save(result.mistakes, Path(args[1]).with_suffix(".mistakes.pt"))
+        Path(args[1]).write_text(json.dumps(asdict(replace(result, mistakes=[])), indent=2))
 
 
 if __name__ == "__main__":

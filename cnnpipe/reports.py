@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cnnpipe.outcomes import TrainingOutcome
 from cnnpipe.store import DamagedPart, DatasetStore, IngestSummary
 
 MAX_CLASS_ROWS = 20
@@ -116,7 +117,7 @@ def classify_markdown(summary) -> str:
     return "\n".join(lines) + "\n"
 
 
-def training_markdown(outcome) -> str:
+def training_markdown(outcome: TrainingOutcome) -> str:
     """The morning-after report: headline figures, where to look, and what the gate decided."""
     if outcome.fit is None:
         return f"### Retraining skipped\n\n{outcome.skipped}\n"

@@ -34,7 +34,8 @@ from mlflow.entities import Run
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from cnn.model import input_size
+from cnn.data import ColourStats, normalise
+from cnn.model import decode_size, input_size
 from cnn.recipe import Recipe
 from cnn.train import FitResult, TrainConfig, inference_state, load_trained_model, uses_bf16
 from cnnpipe import plots
@@ -177,7 +178,7 @@ def log_evaluation(result: FitResult) -> dict:
         plots.training_curves(result.history, folder / "training_curves.png")
         plots.confusion_matrix(report["confusion_matrix"], classes, folder / "confusion_matrix.png")
         plots.reliability_diagram(report["reliability"], report["ece"], folder / "reliability_diagram.png")
-        plots.mistakes_grid(report["mistakes"], classes, folder / "confident_mistakes.png")
+        plots.mistakes_grid(result.mistakes, classes, folder / "confident_mistakes.png")
         mlflow.log_artifacts(str(folder), "plots")
     rows = report["per_class"]
     with tempfile.TemporaryDirectory(prefix="cnnpipe-artifacts-") as scratch:
@@ -188,9 +189,8 @@ def log_evaluation(result: FitResult) -> dict:
             writer.writerows(rows)
         mlflow.log_artifact(str(table), "evaluation")
     mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, "evaluation/per_class_metrics.json")
-    summary = {key: value for key, value in report.items() if key != "mistakes"}
-    summary["mistakes"] = [{key: m[key] for key in ("target", "predicted", "confidence")} | {
-        "true_label": classes[m["target"]], "predicted_label": classes[m["predicted"]]} for m in report["mistakes"]]
+    summary = {**report, "mistakes": [{key: m[key] for key in ("target", "predicted", "confidence")} | {
+        "true_label": classes[m["target"]], "predicted_label": classes[m["predicted"]]} for m in result.mistakes]}
     mlflow.log_dict(summary, "evaluation/report.json")
     return metrics
 
@@ -206,12 +206,12 @@ def log_model(result: FitResult, registered_model: str) -> mlflow.entities.model
     stats = state["colour_stats"]
     generator = torch.Generator().manual_seed(0)
     example = torch.rand((2, 3, crop, crop), generator=generator)
-    normalised = ((example - torch.tensor(stats["mean"])[:, None, None]) / torch.tensor(stats["std"])[:, None, None])
+    normalised = normalise(example, ColourStats(**stats)).contiguous()
     with torch.no_grad():
         output = model(normalised).softmax(1)
     preprocessing = {
         "input": "float32 NCHW, RGB scaled to [0, 1], minus mean, divided by std",
-        "decode_size": 256 if crop == 224 else crop, "input_size": crop, "crop": "centre",
+        "decode_size": decode_size(crop), "input_size": crop, "crop": "centre",
         "mean": stats["mean"], "std": stats["std"], "output": "class probabilities, in the order of `classes`",
     }
     with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as scratch:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import task
@@ -17,35 +17,15 @@ from cnn.checkpoint import CheckpointError
 from cnn.data import UnreadablePart
 from cnn.launch import fit_distributed
 from cnn.layout import LayoutError, PublishedDataset
-from cnn.recipe import Recipe
-from cnn.train import FitResult, TrainConfig, fit, plan, resolve_device
+from cnn.train import TrainConfig, fit, plan, resolve_device
 from cnnpipe import registry, tracking
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.outcomes import TrainingOutcome
 from cnnpipe.progress import TrainingProgress
 from cnnpipe.registry import GateDecision
 from cnnpipe.reports import training_markdown
-from cnnpipe.store import DatasetStore, IngestSummary
+from cnnpipe.store import DatasetStore
 from tasks.retry import is_transient_io_error
-
-
-@dataclass
-class TrainingOutcome:
-    """What a training flow leaves behind: metrics, the MLflow run, the registered version, the decision."""
-
-    fit: FitResult | None = None
-    run_id: str = ""
-    run_url: str = ""
-    model_name: str = ""
-    model_version: str = ""
-    decision: GateDecision | None = None
-    skipped: str = ""
-    # What the nightly run ingested first, and why it trained or did not.
-    ingested: IngestSummary | None = None
-    why: str = ""
-    recipe: Recipe | None = None
-    # Why the run may not have learnt, said before or during training.
-    warnings: list[str] = field(default_factory=list)
-    details: dict = field(default_factory=dict)
 
 
 # Creating a fresh SQLite store can meet another process's lock; a retry finds it ready.
@@ -106,7 +86,7 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
             f"{result.held_out_split}_top5": f"{result.held_out['top5']:.6f}",
             "model": config.model, "checkpoint": result.checkpoint,
         })
-    result.extra["report"].pop("mistakes")  # images: logged as a grid, too heavy to pass on
+    result = replace(result, mistakes=[])  # images: logged as a grid, too heavy to pass on
     held = result.held_out
     logger.info("held-out %s split: top-1 %.1f%%, top-5 %.1f%% on %d images; MLflow run %s; registered %s/%s",
                 result.held_out_split, 100 * held["top1"], 100 * held["top5"], held["images"], run.info.run_id,

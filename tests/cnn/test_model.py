@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnn.model import AlexNet, LocalResponseNorm, build_model
+from cnn.model import AlexNet, LocalResponseNorm, build_model, decode_size, input_size
 
 
 @pytest.mark.parametrize("norm, pool, padding", list(itertools.product(["lrn", "batch", "none"], ["max", "avg"],
@@ -83,3 +83,8 @@ def test_any_torchvision_model_by_name_and_clear_errors():
         build_model("alexnett", 5)
     with pytest.raises(ValueError, match="norm must be"):
         build_model("alexnet-cifar", 5, norm="group")
+
+
+def test_crop_224_means_decode_at_256_and_a_small_input_is_its_own_decode_size():
+    assert (decode_size(224), decode_size(32)) == (256, 32)
+    assert decode_size(input_size(build_model("alexnet-cifar", 5))) == 32

@@ -287,6 +287,9 @@ def test_smoke_training_learns_clearly_above_chance(shapes_dataset, tmp_path):
     report = result.extra["report"]
     assert report["top1"] == pytest.approx(result.held_out["top1"])
     assert sum(map(sum, report["confusion_matrix"])) == 80 and len(report["per_class"]) == 4
+    wrong = round((1 - result.held_out["top1"]) * 80)
+    assert len(result.mistakes) == min(wrong, 25) and "mistakes" not in report
+    assert all(m["predicted"] != m["target"] and m["image"].dtype == torch.uint8 for m in result.mistakes)
 
 
 def _fit_script(dataset: Path, root: Path, epochs: int, device: str) -> str:
