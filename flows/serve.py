@@ -12,6 +12,7 @@ from typing import Any
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
+from cnnpipe.params import TrainingParams
 from flows.classify import classify
 from flows.retrain import retrain
 
@@ -21,10 +22,13 @@ EVERY_15_MINUTES = "*/15 * * * *"
 
 def build_deployments(dataset: str, source: str | None = None, cron: str = NIGHTLY, timezone: str = "UTC",
                       inbox: str | None = None, inbox_cron: str = EVERY_15_MINUTES, model: str | None = None,
-                      training: dict[str, Any] | None = None) -> list[RunnerDeployment]:
+                      params: TrainingParams | None = None) -> list[RunnerDeployment]:
+    """The nightly retraining and, with `inbox`, its classifier; `params` are the nightly's training
+    parameters, of which the deployment keeps those that differ from the defaults."""
+    training = params.model_dump(mode="json", exclude_defaults=True) if params else {}
     deployments = [retrain.to_deployment(
         name="nightly", schedule=Cron(cron, timezone=timezone),
-        parameters={"dataset": dataset, "source": source, **(training or {})},
+        parameters={"dataset": dataset, "source": source, **({"params": training} if training else {})},
         description=f"Retrain on {dataset} ({cron}, {timezone}); promote only a better model.",
     )]
     if inbox:

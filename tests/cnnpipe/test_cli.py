@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -18,7 +19,8 @@ from tests.imagefactory import write_class_folders
 HEAVY = ("torch", "prefect", "mlflow", "duckdb", "pyarrow")
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["ingest", "--help"], ["datasets", "--help"], ["sql", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["ingest", "--help"], ["datasets", "--help"], ["sql", "--help"],
+                                  ["train", "--help"]])
 def test_help_imports_nothing_heavy(argv):
     script = (
         "import sys\nfrom cnnpipe.cli import cli\n"
@@ -129,10 +131,9 @@ def test_models_promote_and_rollback_commands(register_version):
 
 
 def test_retrain_takes_every_training_option_of_train():
-    from cnnpipe.cli import retrain, train
-
-    train_options = {p.name for p in train.params} - {"dataset"}
-    retrain_options = {p.name for p in retrain.params} - {"dataset", "source", "force"}
+    train, retrain = cli.commands["train"], cli.commands["retrain"]
+    train_options = {p.name for p in train.get_params(click.Context(train))} - {"dataset"}
+    retrain_options = {p.name for p in retrain.get_params(click.Context(retrain))} - {"dataset", "source", "force"}
     assert train_options == retrain_options and {"epochs", "model", "device", "nproc", "resume"} <= train_options
 
 

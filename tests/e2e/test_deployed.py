@@ -51,7 +51,7 @@ def _post_json(url: str, body: dict) -> list | dict:
 def _run_deployment(env: dict[str, str], api: str, name: str, parameters: dict) -> dict:
     args = ["deployment", "run", name]
     for key, value in parameters.items():
-        args += ["--param", f"{key}={value}"]
+        args += ["--param", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
     output = _cli(env, *args)
     run_id = re.search(r"UUID: ([0-9a-f-]{36})", output).group(1)
 
@@ -107,8 +107,8 @@ def test_the_deployed_pipeline_on_postgres_prefect_and_mlflow_servers(tmp_path):
                              env, worker_log, ready, "prefect worker", cwd=REPO):
                     # 2. Retrain on a tiny generated dataset, triggered as an operator would.
                     _run_deployment(env, api, "retrain/nightly", {
-                        "dataset": "e2e", "source": str(shapes), "epochs": 2, "batch_size": 32, "lr": 0.01,
-                        "device": "cpu"})
+                        "dataset": "e2e", "source": str(shapes),
+                        "params": {"epochs": 2, "batch_size": 32, "lr": 0.01, "device": "cpu"}})
 
                     # 3. Through MLflow's REST API: the gate's decision, the run, its metrics, and the
                     # champion alias. Two epochs rarely beat the majority class clearly; then an

@@ -15,6 +15,7 @@ import duckdb
 import pytest
 
 from cnnpipe.demo import write_demo_images
+from cnnpipe.params import TrainingParams
 from cnnpipe.settings import get_settings
 from cnnpipe.store import DatasetStore
 from flows.classify import classify
@@ -80,8 +81,8 @@ def test_the_dataset_store_on_s3_ingests_trains_and_serves_as_a_source(bucket, m
     assert not (get_settings().home / "datasets").exists()
     assert ingest(source=f"s3://{bucket}/more-shapes.tar", dataset="shapes").version == 2
 
-    outcome = train(dataset="shapes", epochs=1, batch_size=32, lr=0.01, dropout=0.2, device="cpu",
-                    registered_model="s3-shapes")
+    outcome = train(dataset="shapes", params=TrainingParams(epochs=1, batch_size=32, lr=0.01, dropout=0.2,
+                                                            device="cpu", registered_model="s3-shapes"))
     assert outcome.fit.dataset_version == store.manifest()["version_id"]
     cached = get_settings().dataset_cache_dir / "shapes"
     assert json.loads((cached / "manifest.json").read_text())["version_id"] == outcome.fit.dataset_version

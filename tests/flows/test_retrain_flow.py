@@ -12,6 +12,7 @@ import pytest
 from prefect.artifacts import Artifact
 
 from cnnpipe.cli import cli
+from cnnpipe.params import TrainingParams
 from cnnpipe.settings import get_settings
 from flows.retrain import retrain
 from flows.serve import build_deployments
@@ -19,7 +20,7 @@ from tests.imagefactory import write_class_folders
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 
-TINY = {"epochs": 1, "batch_size": 64, "lr": 0.01, "device": "cpu"}
+TINY = TrainingParams(epochs=1, batch_size=64, lr=0.01, device="cpu")
 
 
 def _runs() -> int:
@@ -29,7 +30,7 @@ def _runs() -> int:
 
 def test_retrain_trains_only_when_the_data_changed_since_the_latest_version(shapes_dataset, cnnpipe_home, tmp_path):
     shutil.copytree(shapes_dataset, cnnpipe_home / "datasets" / "shapes")
-    first = retrain("shapes", **TINY)
+    first = retrain("shapes", params=TINY)
     assert first.model_version == "1" and "cnn-classifier has no registered version yet" in first.why
     # One epoch learns nothing: the challenger is not crowned, and the report says why.
     assert not first.decision.promoted and "majority-class rate" in first.decision.reason
@@ -37,25 +38,27 @@ def test_retrain_trains_only_when_the_data_changed_since_the_latest_version(shap
     assert report is not None and first.run_id in report.data and "not promoted" in report.data
 
     # The loser was trained on this very dataset version: nothing to retrain, champion or not.
-    again = retrain("shapes", **TINY)
+    again = retrain("shapes", params=TINY)
     assert again.fit is None and "not training" in again.skipped and "latest version cnn-classifier/1" in again.skipped
     assert _runs() == 1
     assert "Retraining skipped" in Artifact.get("training-report").data
 
     write_class_folders(tmp_path / "new", {"circle": 6, "square": 6}, seed=7)
-    with_new_data = retrain("shapes", source=str(tmp_path / "new"), **TINY)
+    with_new_data = retrain("shapes", source=str(tmp_path / "new"), params=TINY)
     assert with_new_data.ingested.added == 12 and "was trained on shapes" in with_new_data.why
     assert with_new_data.model_version == "2" and with_new_data.fit.dataset_version != first.fit.dataset_version
 
-    forced = retrain("shapes", force=True, **TINY)
+    # As a deployment passes them: a plain mapping, which the flow's parameter checks and converts.
+    forced = retrain("shapes", force=True, params=TINY.model_dump(exclude_defaults=True))
     assert forced.model_version == "3" and _runs() == 3 and forced.why.startswith("training because of --force")
 
 
 def test_serve_builds_a_nightly_retrain_and_an_inbox_classifier():
     nightly, inbox = build_deployments("pets", "./incoming", cron="30 3 * * *", timezone="Europe/Berlin",
                                        inbox="./inbox", inbox_cron="*/5 * * * *", model="pets@champion",
-                                       training={"epochs": 5})
-    assert nightly.name == "nightly" and nightly.parameters == {"dataset": "pets", "source": "./incoming", "epochs": 5}
+                                       params=TrainingParams(epochs=5))
+    assert nightly.name == "nightly" and nightly.parameters == {"dataset": "pets", "source": "./incoming",
+                                                                "params": {"epochs": 5}}
     assert nightly.schedules[0].schedule.cron == "30 3 * * *"
     assert nightly.schedules[0].schedule.timezone == "Europe/Berlin"
     assert inbox.parameters == {"source": "./inbox", "model": "pets@champion"}

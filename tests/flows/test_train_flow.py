@@ -13,6 +13,7 @@ from cnn.predict import Predictor
 from cnnpipe import registry
 from cnnpipe.cli import cli
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.params import TrainingParams
 from cnnpipe.settings import get_settings
 from flows.train import train
 
@@ -26,7 +27,7 @@ def shapes_in_home(shapes_dataset, cnnpipe_home):
 
 
 def test_train_flow_logs_a_complete_mlflow_run_and_registers_a_loadable_model(shapes_in_home, tmp_path):
-    outcome = train("shapes", epochs=2, lr=0.01, device="cpu", registered_model="flowtest")
+    outcome = train("shapes", TrainingParams(epochs=2, lr=0.01, device="cpu", registered_model="flowtest"))
     result = outcome.fit
     assert result.checkpoint.startswith(str(shapes_in_home / "checkpoints" / "shapes__alexnet-cifar"))
     assert load_checkpoint(result.checkpoint)["epoch"] == 2
@@ -74,7 +75,7 @@ def test_train_flow_logs_a_complete_mlflow_run_and_registers_a_loadable_model(sh
 
 def test_train_flow_names_a_missing_dataset():
     with pytest.raises(CnnpipeError, match="no dataset named 'ghost'"):
-        train("ghost", epochs=1)
+        train("ghost", TrainingParams(epochs=1))
 
 
 def test_cli_train_prints_the_held_out_figures_and_the_gate(shapes_in_home):
@@ -98,8 +99,8 @@ def test_cli_train_refuses_an_impossible_setting_and_an_empty_resume_in_one_line
 
 
 def test_train_flow_runs_ddp_through_torchrun_and_logs_like_one_process(shapes_in_home):
-    outcome = train("shapes", epochs=1, batch_size=64, lr=0.01, norm="lrn", dropout=0.0, device="cpu",
-                    registered_model="ddp", nproc=2)
+    outcome = train("shapes", TrainingParams(epochs=1, batch_size=64, lr=0.01, norm="lrn", dropout=0.0, device="cpu",
+                                             registered_model="ddp", nproc=2))
     client = mlflow.MlflowClient(get_settings().mlflow_tracking_uri)
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED" and run.data.params["nproc"] == "2"

@@ -1,0 +1,99 @@
+"""Commands over the predictions database: `classify` fills it, `sql` queries it read-only."""
+
+from __future__ import annotations
+
+import click
+
+from cnnpipe.cli.common import before_flows, print_markdown
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.settings import REGISTERED_MODEL
+
+
+@click.command()
+@click.argument("source")
+@click.option("--model", "model_ref", default=f"{REGISTERED_MODEL}@champion", show_default=True,
+              help="Registered model: NAME@ALIAS or NAME/VERSION (models:/ optional).")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="Use a checkpoint file from `cnnpipe train` instead of the registry.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--ray-address", envvar="CNNPIPE_RAY_ADDRESS", default=None,
+              help="Shard the source over this Ray cluster (HOST:PORT, or ray://HOST:PORT) [env: CNNPIPE_RAY_ADDRESS].")
+@click.option("--shards", type=int, default=None, help="Shards on Ray [default: one per GPU, else per CPU].")
+def classify(source: str, model_ref: str, checkpoint: str | None, device: str, batch_size: int,
+             ray_address: str | None, shards: int | None) -> None:
+    """Classify the images in SOURCE into the predictions database.
+
+    SOURCE takes the same forms as `cnnpipe ingest`, or `dataset:NAME[/SPLIT]` for a
+    dataset of the store; labels in it are ignored. The
+    model is resolved once, and its version is written into every row. Images this
+    version already classified are skipped before decoding, so rerunning adds
+    nothing, and a run killed at any point finishes on rerun. Query the results
+    with `cnnpipe sql`.
+
+    \b
+    Examples:
+      cnnpipe classify ./inbox
+      cnnpipe classify archive.tar.gz --model cnn-classifier/3 --device cuda --batch-size 1024
+      cnnpipe classify s3://bucket/photos/ --model models:/cnn-classifier@challenger
+      cnnpipe classify dataset:cifar10/test --model cnn-classifier/3
+      cnnpipe classify archive.tar --ray-address 10.0.0.1:6379    # shards on a Ray cluster
+      cnnpipe classify ./inbox --checkpoint .cnnpipe/checkpoints/cifar10__alexnet-cifar/RUN/epoch-0030.pt
+    """
+    from cnnpipe.classify import open_classify_source
+    from cnnpipe.registry import parse_model_ref
+    from cnnpipe.reports import classify_markdown
+    from flows.classify import classify as classify_flow
+
+    if not checkpoint:
+        parse_model_ref(model_ref)  # a malformed reference fails here, in one line
+    open_classify_source(source)
+    before_flows()
+    summary = classify_flow(source=source, model=model_ref, checkpoint=checkpoint, device=device, batch_size=batch_size,
+                            ray_address=ray_address, shards=shards)
+    print_markdown(classify_markdown(summary))
+
+
+@click.command()
+@click.argument("query")
+@click.option("--format", "output_format", type=click.Choice(["table", "csv", "json", "parquet"]), default="table",
+              show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False, writable=True), help="Write here instead of the terminal.")
+@click.option("--max-rows", default=1000, show_default=True, help="Row cap for table output.")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds before the query is stopped (its process is killed).")
+def sql(query: str, output_format: str, output: str | None, max_rows: int, timeout: float) -> None:
+    """Run one read-only SELECT against the predictions database.
+
+    The connection cannot write, read files, reach the network, load extensions
+    or change its settings; memory, threads and time are capped.
+
+    \b
+    Tables: predictions, classify_runs, rejected_inputs, promotions, champions.
+    Views:
+      latest_predictions  per image, the champion's prediction, else the newest version's
+      class_counts        images per day, model version and label
+      low_confidence      latest predictions with confidence below 0.5
+      disagreements       images that two versions of one model label differently
+
+    \b
+    Examples:
+      cnnpipe sql "SELECT label, sum(images) FROM class_counts WHERE day >= current_date - 7 GROUP BY label"
+      cnnpipe sql "SELECT member_path, label, confidence FROM low_confidence ORDER BY confidence LIMIT 20"
+      cnnpipe sql "SELECT * FROM disagreements" --format csv --output disagreements.csv
+      cnnpipe sql "SELECT * FROM predictions" --format parquet --output predictions.parquet
+    """
+    from cnnpipe.output import write_result
+    from cnnpipe.settings import get_settings
+    from cnnpipe.sql import QueryLimits, run_query
+
+    if output_format == "parquet" and not output:
+        raise CnnpipeError("--format parquet needs --output FILE")
+    limits = QueryLimits(timeout_seconds=timeout, max_rows=max_rows)
+    result = run_query(query, get_settings().predictions_db, limits, cap_rows=output_format == "table")
+    write_result(result, output_format, output)
+    if output:
+        click.echo(f"{len(result.rows):,} row{'s' if len(result.rows) != 1 else ''} written to {output} "
+                   f"({output_format})")
+
+
+COMMANDS = (classify, sql)

@@ -1,0 +1,111 @@
+"""Commands over the model registry: `models` lists versions and gate decisions, `promote` and `rollback`."""
+
+from __future__ import annotations
+
+import click
+
+from cnnpipe.cli.common import LISTING_FORMATS
+
+
+@click.command()
+@click.argument("name", required=False)
+@click.option("--format", "output_format", type=click.Choice(LISTING_FORMATS), default="table", show_default=True)
+def models(name: str | None, output_format: str) -> None:
+    """List registered model versions with their figures, aliases and gate decisions.
+
+    \b
+    Examples:
+      cnnpipe models
+      cnnpipe models cnn-classifier
+      cnnpipe models --format csv | grep champion
+    """
+    from cnnpipe.output import write_rows
+    from cnnpipe.registry import list_versions
+
+    versions = list_versions(name)
+    if not versions:
+        click.echo("No registered models yet. `cnnpipe train --dataset NAME` registers one.")
+        return
+    columns = ["model", "version", "aliases", "created", "dataset", "val top-1", "held-out top-1", "top-5",
+               "vs majority", "gate"]
+    rows = []
+    for v, aliases in versions:
+        tags = v.tags
+        rows.append((v.name, str(v.version), ", ".join(aliases), _timestamp(v.creation_timestamp),
+                     f"{tags.get('dataset', '')} {tags.get('dataset_version_id', '')[:8]}", _percent(tags.get("val_top1")),
+                     _percent(tags.get("test_top1") or tags.get("val_top1")),
+                     _percent(tags.get("test_top5") or tags.get("val_top5")), _versus_majority(tags),
+                     _gate_column(tags, aliases)))
+    write_rows(columns, rows, output_format)
+    if output_format != "table":
+        return
+    gated = [(v, v.tags["gate.reason"]) for v, _ in versions if v.tags.get("gate.reason")]
+    if gated:
+        click.echo("\nGate decisions:")
+        for v, reason in gated:
+            click.echo(f"  {v.name}/{v.version} {v.tags.get('gate.decision', '')}: {reason}")
+
+
+def _gate_column(tags: dict, aliases: list[str]) -> str:
+    decision = tags.get("gate.decision", "")
+    if "champion" in aliases and decision != "promoted":
+        return f"{decision}, made champion by hand" if decision else "made champion by hand"
+    return decision
+
+
+def _versus_majority(tags: dict[str, str]) -> str:
+    """`25.00% of 400, p=0.26`: the validation split's majority-class rate, its size, the binomial p-value."""
+    rate, images, p_value = tags.get("gate.majority_rate"), tags.get("gate.val_images"), tags.get("gate.p_value")
+    if not rate or not images:
+        return ""  # gated before the majority-class test, or never gated
+    try:
+        rate_value, p = float(rate), float(p_value)
+    except (TypeError, ValueError):
+        return f"{rate} of {images}"
+    if images == "0" or rate_value != rate_value or p != p:  # NaN: the split could not be measured
+        return "not measured"
+    return f"{100 * rate_value:.2f}% of {images}, p={p:.2g}"
+
+
+def _percent(value: str | None) -> str:
+    return f"{100 * float(value):.2f}%" if value else ""
+
+
+def _timestamp(millis: int) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(millis / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+@click.command()
+@click.argument("name")
+@click.argument("version")
+def promote(name: str, version: str) -> None:
+    """Make VERSION of NAME the champion by hand (recorded with reason `manual`).
+
+    \b
+    Example:
+      cnnpipe promote cnn-classifier 3
+    """
+    from cnnpipe.registry import promote as promote_version
+
+    decision = promote_version(name, version)
+    click.echo(f"{name}: champion is now version {decision.challenger} (was {decision.champion or 'none'})")
+
+
+@click.command()
+@click.argument("name")
+def rollback(name: str) -> None:
+    """Move NAME's champion back to the version that held it before.
+
+    \b
+    Example:
+      cnnpipe rollback cnn-classifier
+    """
+    from cnnpipe.registry import rollback as rollback_champion
+
+    decision = rollback_champion(name)
+    click.echo(f"{name}: champion rolled back from version {decision.champion} to {decision.challenger}")
+
+
+COMMANDS = (models, promote, rollback)
