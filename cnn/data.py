@@ -78,6 +78,17 @@ class StoreSplit:
     def row_groups(self) -> list[tuple[Path, int]]:
         return [(path, group) for path in self.files for group in range(_opened(path).num_row_groups)]
 
+    def group_rows(self) -> list[tuple[Path, int, int]]:
+        """Every row group with its number of rows in this split, from the split column alone."""
+        counted = []
+        for path, group in self.row_groups():
+            try:
+                splits = _opened(path).read_row_group(group, columns=["split"]).column("split")
+            except (pa.ArrowException, OSError) as exc:
+                raise UnreadablePart(path, f"row group {group} does not read: {_first_line(exc)}") from None
+            counted.append((path, group, splits.to_pylist().count(self.split)))
+        return counted
+
     def read_group(self, path: Path, group: int) -> tuple[list[bytes], list[int]]:
         parquet = _opened(path)
         try:
@@ -291,23 +302,29 @@ class Augment:
         self.crop, self.pad, self.lighting, self.flip = crop, pad, lighting, flip
         self.stats = stats
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator,
+                 shard: tuple[int, int] | None = None) -> torch.Tensor:
+        """With `shard=(rank, world)`, `images` is this rank's slice of a global batch: the
+        draws are made for all of it, so every rank's generator stays in step with the
+        others' and no two ranks give their images the same crops."""
         batch = images.shape[0]
+        rank, world = shard or (0, 1)
+        mine = slice(rank * batch, (rank + 1) * batch)
         device = images.device
         if self.pad:
             images = F.pad(images, (self.pad,) * 4, mode="reflect")
         height, width = images.shape[2:]
-        top = torch.randint(0, height - self.crop + 1, (batch,), generator=generator, device=device)
-        left = torch.randint(0, width - self.crop + 1, (batch,), generator=generator, device=device)
+        top = torch.randint(0, height - self.crop + 1, (batch * world,), generator=generator, device=device)[mine]
+        left = torch.randint(0, width - self.crop + 1, (batch * world,), generator=generator, device=device)[mine]
         base = torch.arange(self.crop, device=device)
         rows, cols = (top[:, None] + base), (left[:, None] + base)
         if self.flip:
-            flipped = torch.rand(batch, generator=generator, device=device) < 0.5
+            flipped = torch.rand(batch * world, generator=generator, device=device)[mine] < 0.5
             cols = torch.where(flipped[:, None], cols.flip(1), cols)
         images = images[torch.arange(batch, device=device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
         images = images.permute(0, 3, 1, 2).float().div_(255.0)
         if self.lighting:
-            alphas = torch.randn(batch, 3, generator=generator, device=device) * self.lighting
+            alphas = torch.randn(batch * world, 3, generator=generator, device=device)[mine] * self.lighting
             colour = self.stats.on(device, images.dtype)
             shift = (alphas * colour.eigenvalues) @ colour.eigenvectors.T
             images = images + shift[:, :, None, None]
@@ -381,13 +398,17 @@ class StreamingImages:
     The producer decodes each row group straight onto the device (nvJPEG for JPEGs on CUDA,
     CPU threads otherwise), on a side CUDA stream whose event the training stream waits on,
     so no step waits for the host. The buffer lives on the device and is shuffled by index there.
+
+    With `shard=(rank, world)` (DDP), the shuffled row groups are dealt out among the ranks,
+    each rank decodes only its own and yields its `batch_size // world` slice of every
+    global batch, and all ranks yield the same number of batches, as DDP needs.
     """
 
     def __init__(self, split: StoreSplit, size: int, device: torch.device, shuffle_buffer: int = 8192,
-                 prefetch_groups: int = 2):
+                 prefetch_groups: int = 2, shard: tuple[int, int] | None = None):
         self.split, self.size, self.device = split, size, device
-        self.shuffle_buffer, self.prefetch_groups = shuffle_buffer, prefetch_groups
-        self.groups = split.row_groups()
+        self.shuffle_buffer, self.prefetch_groups, self.shard = shuffle_buffer, prefetch_groups, shard
+        self.groups = split.group_rows() if shard else [(path, group, 0) for path, group in split.row_groups()]
 
     def __len__(self) -> int:
         return self.split.rows
@@ -400,6 +421,10 @@ class StreamingImages:
         groups = list(self.groups)
         if shuffle:
             rng.shuffle(groups)
+        steps = None  # every batch there is
+        if self.shard:
+            groups, steps = _deal(groups, *self.shard, batch_size)
+            batch_size //= self.shard[1]
         decoded: queue.Queue = queue.Queue(maxsize=self.prefetch_groups)
         stop = threading.Event()
 
@@ -407,7 +432,7 @@ class StreamingImages:
             side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
             try:
                 with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                    for path, group in groups:
+                    for path, group, _ in groups:
                         if stop.is_set():
                             return
                         images, labels, _ = decode_labelled(*self.split.read_group(path, group), self.size,
@@ -426,9 +451,9 @@ class StreamingImages:
         worker.start()
         buffer_images: list[torch.Tensor] = []
         buffer_labels: list[torch.Tensor] = []
-        buffered = 0
+        buffered = yielded = 0
         try:
-            while True:
+            while steps is None or yielded < steps:
                 item = decoded.get()
                 if isinstance(item, BaseException):
                     raise item
@@ -455,9 +480,10 @@ class StreamingImages:
                 usable = len(labels) if final else len(labels) - len(labels) % batch_size
                 for start in range(0, usable, batch_size):
                     chunk = slice(start, min(start + batch_size, usable))
-                    if drop_last and chunk.stop - chunk.start < batch_size:
+                    if drop_last and chunk.stop - chunk.start < batch_size or yielded == steps:
                         break
                     yield images[chunk], labels[chunk]
+                    yielded += 1
                 buffer_images, buffer_labels = [images[usable:]], [labels[usable:]]
                 buffered = len(labels) - usable
                 if final:
@@ -469,3 +495,19 @@ class StreamingImages:
                     decoded.get_nowait()
                 except queue.Empty:
                     worker.join(0.05)
+
+
+def _deal(groups: list[tuple[Path, int, int]], rank: int, world: int,
+          batch_size: int) -> tuple[list[tuple[Path, int, int]], int]:
+    """This rank's row groups, each given in turn to the rank with the fewest rows so far,
+    and the number of `batch_size // world` batches that every rank can fill."""
+    if batch_size % world:
+        raise ValueError(f"batch size {batch_size} must divide evenly over {world} processes")
+    dealt: list[list[tuple[Path, int, int]]] = [[] for _ in range(world)]
+    rows = [0] * world
+    for counted in groups:
+        if counted[2]:
+            poorest = rows.index(min(rows))
+            dealt[poorest].append(counted)
+            rows[poorest] += counted[2]
+    return dealt[rank], min(rows) // (batch_size // world)

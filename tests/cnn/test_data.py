@@ -95,6 +95,51 @@ def test_resident_and_streaming_batches_cover_a_split_exactly_once(shapes_datase
     assert first != second
 
 
+def test_augmenting_a_rank_slice_gives_that_slice_of_the_global_batch_augmented():
+    """DDP ranks that each augment their own slice draw exactly what one process would."""
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    augment = Augment(ColourStats.from_images(images), 32, pad=4)
+    whole = augment(images, torch.Generator().manual_seed(5))
+    slices = [augment(images[4 * rank:4 * rank + 4], torch.Generator().manual_seed(5), (rank, 2)) for rank in (0, 1)]
+    assert torch.allclose(torch.cat(slices), whole)
+    assert not torch.allclose(slices[0], augment(images[:4], torch.Generator().manual_seed(5)))
+
+
+def test_streaming_under_ddp_deals_row_groups_so_each_rank_decodes_only_its_share(tmp_path, monkeypatch):
+    from cnnpipe.demo import write_demo_images
+    from cnnpipe.settings import Settings
+    from cnnpipe.sources import open_source
+    from cnnpipe.store import DatasetStore, IngestOptions, parts
+
+    monkeypatch.setattr(parts, "ROW_GROUP_ROWS", 40)
+    store = DatasetStore("small-groups", Settings(home=tmp_path, mlflow_tracking_uri=""))
+    folder, _ = write_demo_images(tmp_path / "demo", per_class=60, archive_per_class=0)
+    with store.lock():
+        store.commit(store.stage(open_source(str(folder)), IngestOptions(workers=0)))
+    split = StoreSplit.open(store.root, "train")
+    groups_with_rows = {(path, group) for path, group, rows in split.group_rows() if rows}
+    assert len(groups_with_rows) >= 4
+
+    read_by: dict[int, list] = {0: [], 1: []}
+    reading = StoreSplit.read_group
+    drawn: dict[int, list] = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(StoreSplit, "read_group",
+                            lambda self, path, group, rank=rank: read_by[rank].append((path, group)) or
+                            reading(self, path, group))
+        source = StreamingImages(split, 32, torch.device("cpu"), shuffle_buffer=64, shard=(rank, 2))
+        drawn[rank] = list(source.batches(32, torch.Generator().manual_seed(7), drop_last=True))
+
+    assert set(read_by[0]).isdisjoint(read_by[1]) and set(read_by[0]) | set(read_by[1]) == groups_with_rows
+    assert len(drawn[0]) == len(drawn[1]) >= 1  # DDP hangs if one rank steps more often than another
+    assert all(len(labels) == 16 for rank in (0, 1) for _, labels in drawn[rank])
+    seen = [{(int(images[i].sum()), int(images[i, 0].sum())) for images, labels in drawn[rank]
+             for i in range(len(labels))} for rank in (0, 1)]
+    assert seen[0].isdisjoint(seen[1])
+    # Dealt by rows, the ranks differ by at most one row group, so little of an epoch is left out.
+    assert 2 * 16 * len(drawn[0]) >= split.rows - 40 - 2 * 16
+
+
 @pytest.mark.device
 def test_streaming_onto_cuda_gives_the_images_the_cpu_decodes(shapes_dataset):
     """Decoded on a side stream and shuffled on the device: the same pixels, each image once."""

@@ -19,13 +19,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_config(path: Path, dataset: Path, root: Path) -> Path:
+def write_config(path: Path, dataset: Path, root: Path, **overrides) -> Path:
     # LRN rather than batch norm (SyncBatchNorm needs a GPU) and no dropout (its masks are
     # drawn per process), and fp32, whose noise is far smaller than bf16's on half batches, so
     # one process and two must agree up to floating-point noise.
     path.write_text(json.dumps({"dataset_dir": str(dataset), "epochs": 2, "batch_size": 32, "lr": 0.01,
                                 "norm": "lrn", "dropout": 0.0, "device": "cpu", "precision": "fp32",
-                                "checkpoint_root": str(root)}))
+                                "checkpoint_root": str(root), **overrides}))
     return path
 
 
@@ -48,3 +48,15 @@ def test_two_gloo_processes_match_one(shapes_dataset, tmp_path):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-2)
     assert one["history"][0]["train_loss"] != one["history"][1]["train_loss"]
     assert len(list((tmp_path / "ddp").rglob("epoch-*.pt"))) == 2  # the leader alone checkpoints
+
+
+def test_two_gloo_processes_streaming_a_split_each_decode_their_share_and_finish(shapes_dataset, tmp_path):
+    """A 1 MB budget streams the shapes; each rank then trains on its own row groups, in step."""
+    config = write_config(tmp_path / "ddp.json", shapes_dataset, tmp_path / "ddp", memory_budget_mb=1)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                          "-m", "cnn.train", str(config), str(tmp_path / "two.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    history = json.loads((tmp_path / "two.json").read_text())["history"]
+    assert len(history) == 2 and all(epoch["train_loss"] > 0 for epoch in history)

@@ -15,7 +15,7 @@ import torch
 from cnn import failpoints, train
 from cnn.checkpoint import (CheckpointError, CheckpointRefused, CheckpointWriter, checkpoints, load_checkpoint,
                             load_latest, restore_rng_state, rng_state, save_checkpoint)
-from cnn.data import Augment, ColourStats, ResidentImages
+from cnn.data import LIGHTING_STD, Augment, ColourStats, ResidentImages
 from cnn.train import TrainConfig, fit, load_trained_model
 
 
@@ -105,6 +105,16 @@ def test_precision_is_the_dtype_training_and_evaluation_compute_in(precision, dt
     assert seen == [dtype, dtype]
 
 
+def test_small_images_train_on_padded_crops_without_lighting_and_large_ones_as_in_the_paper():
+    stats = ColourStats(mean=[0.5] * 3, std=[0.25] * 3, eigenvalues=[0.2, 0.02, 0.002], eigenvectors=torch.eye(3).tolist())
+    small, large = train.augmentation(stats, 32, 32), train.augmentation(stats, 224, 256)
+    assert (small.pad, small.lighting) == (4, 0.0)
+    assert (large.pad, large.lighting) == (0, LIGHTING_STD)
+    images = torch.full((2, 3, 32, 32), 128, dtype=torch.uint8)
+    # Without lighting, a flat image stays flat whatever crop and flip it gets.
+    assert small(images, torch.Generator().manual_seed(0)).std() < 1e-5
+
+
 def test_a_training_step_copies_no_host_data_to_the_device(monkeypatch):
     """On CUDA a tensor built from Python data is a blocking copy; the colour statistics once
     cost four per step. Counted on the CPU: an epoch builds as many such tensors for 6 batches as for 2."""
@@ -160,7 +170,7 @@ def test_the_memory_budget_is_a_share_of_what_the_device_has_free_and_is_said(sh
 
     budgets = []
 
-    def first_split(split, size, device, budget_mb):
+    def first_split(split, size, device, budget_mb, shard=None):
         budgets.append(budget_mb)
         raise InterruptedError
 
