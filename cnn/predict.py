@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,8 +38,22 @@ class Predictor:
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Softmax outputs for a uint8 batch; halves the batch and retries when memory runs out."""
-        outputs, start, batch = [], 0, self.batch_size
+        """Softmax outputs for a uint8 batch, on the CPU; halves the batch and retries when memory runs out."""
+        chunks = list(self._softmax_chunks(images))
+        return torch.cat(chunks).cpu() if chunks else torch.empty((0, len(self.classes)))
+
+    @torch.no_grad()
+    def top_k(self, images: torch.Tensor, k: int = 5) -> PendingTopK:
+        """The `k` most probable classes of a uint8 batch, on their way to the host: the device
+        need not finish before the caller hands it the next batch."""
+        chunks = list(self._softmax_chunks(images))
+        if not chunks:
+            return PendingTopK(torch.empty((0, 0)), torch.empty((0, 0), dtype=torch.long))
+        top = torch.cat(chunks).topk(min(k, len(self.classes)), dim=1)
+        return PendingTopK(top.values, top.indices)
+
+    def _softmax_chunks(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
+        start, batch = 0, self.batch_size
         while start < len(images):
             chunk = images[start:start + batch].to(self.device, non_blocking=True)
             try:
@@ -51,6 +66,23 @@ class Predictor:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            outputs.append(logits.float().softmax(dim=1).cpu())
+            yield logits.float().softmax(dim=1)
             start += len(chunk)
-        return torch.cat(outputs) if outputs else torch.empty((0, len(self.classes)))
+
+
+class PendingTopK:
+    """Top-k probabilities and class indices copying into pinned host memory; `result()` waits for them."""
+
+    def __init__(self, values: torch.Tensor, indices: torch.Tensor):
+        on_cuda = values.device.type == "cuda"
+        self.values = torch.empty(values.shape, dtype=values.dtype, pin_memory=on_cuda).copy_(values, non_blocking=True)
+        self.indices = torch.empty(indices.shape, dtype=indices.dtype, pin_memory=on_cuda).copy_(indices,
+                                                                                              non_blocking=True)
+        self.ready = torch.cuda.Event() if on_cuda else None
+        if self.ready is not None:
+            self.ready.record()
+
+    def result(self) -> tuple[list[list[float]], list[list[int]]]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.values.tolist(), self.indices.tolist()

@@ -174,15 +174,9 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
         commit_parts(database, staging)
         summary.commit_seconds += time.perf_counter() - commit_started
 
-    threading.Thread(target=produce, name="cnnpipe-classify-read", daemon=True).start()
-    while (batch := batches.get()) is not None:
-        if isinstance(batch, BaseException):
-            raise batch
-        items, images = batch
-        probabilities = predictor.probabilities(images)
-        top = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
+    def add_rows(items: list[tuple], top) -> None:
         now = datetime.now(timezone.utc)
-        for (sha, path, width, height), values, indices in zip(items, top.values.tolist(), top.indices.tolist()):
+        for (sha, path, width, height), values, indices in zip(items, *top.result()):
             label = predictor.classes[indices[0]]
             counts[label] += 1
             for name, value in (("image_sha256", sha), ("source_uri", source.uri), ("member_path", path),
@@ -196,6 +190,20 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
         summary.classified += len(items)
         if len(rows["image_sha256"]) >= PART_ROWS:
             stage_and_commit()
+
+    threading.Thread(target=produce, name="cnnpipe-classify-read", daemon=True).start()
+    # Each batch's rows are written while the device computes the next one.
+    previous = None
+    while (batch := batches.get()) is not None:
+        if isinstance(batch, BaseException):
+            raise batch
+        items, images = batch
+        top = predictor.top_k(images, 5)
+        if previous is not None:
+            add_rows(*previous)
+        previous = (items, top)
+    if previous is not None:
+        add_rows(*previous)
     if rows["image_sha256"]:
         stage_and_commit()
     summary.seconds = time.perf_counter() - started

@@ -69,8 +69,8 @@ def test_a_name_that_is_not_utf8_is_rejected_and_the_rest_classified(tmp_path, s
 def test_images_reach_the_model_in_batches_of_the_batch_size_asked_for(inbox, shapes_checkpoints):
     predictor = Predictor(shapes_checkpoints[0], batch_size=8)
     sizes = []
-    classify = predictor.probabilities
-    predictor.probabilities = lambda images: (sizes.append(len(images)), classify(images))[1]
+    classify = predictor.top_k
+    predictor.top_k = lambda images, k: (sizes.append(len(images)), classify(images, k))[1]
     settings = get_settings()
     summary = classify_source(open_classify_source(str(inbox)), predictor, settings.predictions_db,
                               settings.staging_dir, "run")
