@@ -71,6 +71,18 @@ def local_api_url(settings: Settings | None = None) -> str | None:
     return api_url if _answers(f"{api_url}/health") else None
 
 
+def local_mlflow_url(settings: Settings | None = None) -> str | None:
+    """The MLflow UI of a `cnnpipe server` that serves this store and answers now, else None."""
+    settings = settings or get_settings()
+    if not _tracks_locally(settings) or not settings.mlflow_server_pid_file.exists():
+        return None
+    mlflow = _running(settings.mlflow_server_pid_file, MLFLOW_SERVER_MARK)
+    if mlflow is None:
+        return None
+    url = _mlflow_url(_port_of(mlflow))
+    return url if _answers(f"{url}/health") else None
+
+
 def ui_urls(settings: Settings | None = None) -> tuple[str, str | None] | None:
     """(Prefect UI, MLflow UI or None) of a running `cnnpipe server`, else None."""
     settings = settings or get_settings()

@@ -21,17 +21,17 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-
-import mlflow
-from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING
 
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.locks import file_lock
 from cnnpipe.majority import MAJORITY_ALPHA, majority_test
 from cnnpipe.predictions import connect_for_writing, set_champion, transaction
 from cnnpipe.settings import REGISTERED_MODEL, Settings, get_settings
+
+if TYPE_CHECKING:  # the mlflow package takes seconds to import: only the commands that need it pay
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger("cnnpipe.registry")
 
@@ -63,9 +63,25 @@ def parse_model_ref(text: str) -> ModelRef:
 
 
 def client(settings: Settings | None = None) -> MlflowClient:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
     settings = settings or get_settings()
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     return MlflowClient(settings.mlflow_tracking_uri)
+
+
+def light_client(settings: Settings):
+    """The registry through the MLflow UI of `cnnpipe server` when it serves this store, else MlflowClient."""
+    from cnnpipe.local_server import local_mlflow_url
+    from cnnpipe.registry_rest import RestRegistry
+
+    url = local_mlflow_url(settings)
+    return RestRegistry(url) if url else client(settings)
+
+
+def _not_found(exc: Exception) -> bool:
+    return getattr(exc, "error_code", None) in NOT_FOUND
 
 
 def resolve(mlflow_client: MlflowClient, ref: ModelRef) -> ModelVersion:
@@ -74,10 +90,10 @@ def resolve(mlflow_client: MlflowClient, ref: ModelRef) -> ModelVersion:
         if ref.alias:
             return mlflow_client.get_model_version_by_alias(ref.name, ref.alias)
         return mlflow_client.get_model_version(ref.name, ref.version)
-    except MlflowException as exc:
-        if exc.error_code not in NOT_FOUND:
+    except Exception as exc:  # MlflowException or RestError, by their shared error codes
+        if not _not_found(exc):
             raise
-        raise CnnpipeError(f"model {ref}: not in the registry at {mlflow.get_tracking_uri()} "
+        raise CnnpipeError(f"model {ref}: not in the registry at {mlflow_client.tracking_uri} "
                            "(`cnnpipe models` lists what is there; `cnnpipe train` registers one)") from None
 
 
@@ -89,8 +105,8 @@ def version_id(version: ModelVersion | None) -> str | None:
 def current_champion(mlflow_client: MlflowClient, name: str) -> ModelVersion | None:
     try:
         return mlflow_client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException as exc:
-        if exc.error_code in NOT_FOUND:
+    except Exception as exc:  # MlflowException or RestError
+        if _not_found(exc):
             return None
         raise
 
@@ -103,6 +119,9 @@ def latest_version(mlflow_client: MlflowClient, name: str) -> ModelVersion | Non
 
 def download_weights(version: ModelVersion, folder: Path) -> Path:
     """The version's `weights.pt`: a state_dict and metadata, never a pickled object."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     from cnnpipe.tracking import WEIGHTS_ARTIFACT  # with plotting: not for `models`, `promote`, `rollback`
 
     try:
@@ -286,7 +305,7 @@ def _move_by_hand(mlflow_client: MlflowClient, name: str, champion: ModelVersion
 def promote(name: str, version: str, reason: str = "manual", settings: Settings | None = None) -> GateDecision:
     """Make `version` the champion by hand; recorded in the history with `reason`."""
     settings = settings or get_settings()
-    mlflow_client = client(settings)
+    mlflow_client = light_client(settings)
     with _lock(name, settings):
         _settle_interrupted_move(mlflow_client, name, settings)
         target = resolve(mlflow_client, ModelRef(name, version=str(version)))
@@ -313,7 +332,7 @@ def champion_history(name: str, settings: Settings | None = None) -> list[str]:
 def rollback(name: str, settings: Settings | None = None) -> GateDecision:
     """Move `champion` back to the version that held it before the current one."""
     settings = settings or get_settings()
-    mlflow_client = client(settings)
+    mlflow_client = light_client(settings)
     with _lock(name, settings):
         _settle_interrupted_move(mlflow_client, name, settings)
         champion = current_champion(mlflow_client, name)
@@ -326,9 +345,9 @@ def rollback(name: str, settings: Settings | None = None) -> GateDecision:
         return _move_by_hand(mlflow_client, name, champion, target, "rollback", settings)
 
 
-def list_versions(name: str | None = None) -> list[tuple[ModelVersion, list[str]]]:
+def list_versions(name: str | None = None, settings: Settings | None = None) -> list[tuple[ModelVersion, list[str]]]:
     """Every version, newest first, with its aliases (a search does not return them)."""
-    mlflow_client = client()
+    mlflow_client = light_client(settings or get_settings())
     models = mlflow_client.search_registered_models()
     if name:
         models = [m for m in models if m.name == name]

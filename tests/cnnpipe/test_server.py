@@ -157,6 +157,41 @@ def test_a_flow_command_runs_on_the_server(server, tmp_path):
     assert [(run["parameters"]["dataset"], run["state_type"]) for run in runs] == [("tiny", "COMPLETED")]
 
 
+# Two versions registered straight into the store, then listed, promoted and rolled back as the
+# commands do it while the server runs: through its MLflow UI, without importing mlflow.
+REGISTRY_PROBE = """
+import json, sys
+from mlflow.tracking import MlflowClient
+from cnnpipe.settings import get_settings
+direct = MlflowClient(get_settings().mlflow_tracking_uri)
+direct.create_registered_model("rest")
+for top1 in ("0.5", "0.7"):
+    direct.create_model_version("rest", "file:///nowhere/weights", tags={"val_top1": top1})
+for name in [name for name in sys.modules if name.startswith("mlflow")]:
+    del sys.modules[name]
+from cnnpipe import registry
+client = registry.light_client(get_settings())
+steps = [registry.promote("rest", "1").challenger, registry.promote("rest", "2").challenger,
+         registry.rollback("rest").challenger]
+listed = [(v.version, aliases, v.tags["val_top1"]) for v, aliases in registry.list_versions("rest")]
+print(json.dumps([type(client).__name__, steps, listed, "mlflow" in sys.modules]))
+"""
+
+
+@pytest.mark.slow
+def test_registry_commands_go_through_the_servers_mlflow_ui_without_importing_mlflow(server):
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    done = subprocess.run([sys.executable, "-c", REGISTRY_PROBE], env={**env, "CNNPIPE_HOME": str(server.home)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, steps, listed, mlflow_imported = json.loads(done.stdout.splitlines()[-1])
+    assert client == "RestRegistry" and not mlflow_imported
+    assert steps == ["1", "2", "1"]
+    assert listed == [["2", [], "0.7"], ["1", ["champion"], "0.5"]]
+    missing = cnnpipe(server.home, "promote", "rest", "9")
+    assert missing.returncode == 1 and missing.stderr.strip().startswith("Error: model rest/9: not in the registry")
+
+
 def test_a_taken_port_is_one_line_naming_it(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
