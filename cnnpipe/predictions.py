@@ -66,6 +66,12 @@ CREATE TABLE IF NOT EXISTS promotions (
 CREATE TABLE IF NOT EXISTS champions (
     model_name VARCHAR PRIMARY KEY, model_version VARCHAR NOT NULL, updated_at TIMESTAMPTZ
 );
+-- The labels of every ingested image, by hash: what a prediction of the same image is scored
+-- against once its label arrives, however late. One dataset version at a time, the latest.
+CREATE TABLE IF NOT EXISTS ground_truth (
+    image_sha256 VARCHAR NOT NULL, label VARCHAR NOT NULL, dataset VARCHAR NOT NULL,
+    dataset_version VARCHAR NOT NULL, recorded_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (image_sha256, dataset)
+);
 CREATE OR REPLACE MACRO version_number(v) AS TRY_CAST(v AS BIGINT);
 -- One row per image: the champion's prediction, else the newest version's. Kept up to date
 -- by every insert and rebuilt when the champion changes, so that queries over it stay fast
@@ -78,6 +84,14 @@ CREATE OR REPLACE VIEW latest_predictions AS SELECT * EXCLUDE (champion) FROM la
 CREATE OR REPLACE VIEW class_counts AS
 SELECT CAST(predicted_at AS DATE) AS day, model_name, model_version, label, count(*) AS images
 FROM predictions GROUP BY ALL;
+-- An image labelled in several datasets is scored against the label recorded last.
+CREATE OR REPLACE VIEW production_accuracy AS
+SELECT p.model_name, p.model_version, CAST(p.predicted_at AS DATE) AS day, count(*) AS labelled,
+       avg(CAST(p.label = g.label AS DOUBLE)) AS top1
+FROM predictions p
+JOIN (SELECT image_sha256, arg_max(label, recorded_at) AS label FROM ground_truth GROUP BY image_sha256) g
+  USING (image_sha256)
+GROUP BY ALL;
 CREATE OR REPLACE VIEW low_confidence AS
 SELECT * FROM latest_predictions WHERE confidence < 0.5;
 CREATE OR REPLACE VIEW disagreements AS
@@ -260,3 +274,23 @@ def ensure_database(path: Path) -> None:
     """Create the file with its schema, so that read-only queries work before any classify run."""
     if not path.exists():
         connect_for_writing(path).close()
+
+
+def labelled_version(database: Path, dataset: str) -> str | None:
+    """The dataset version whose labels `ground_truth` holds, or None."""
+    with connect_for_writing(database) as connection:
+        found = connection.execute("SELECT any_value(dataset_version) FROM ground_truth WHERE dataset = ?",
+                                   [dataset]).fetchone()
+    return found[0] if found else None
+
+
+def record_ground_truth(database: Path, dataset: str, version_id: str, labels) -> int:
+    """Replace the dataset's labels with `labels` (an Arrow table of `sha256` and `label`), those of
+    version `version_id`, in one transaction. Returns how many images are labelled."""
+    with transaction(database) as connection:
+        connection.register("labels", labels)
+        connection.execute("DELETE FROM ground_truth WHERE dataset = ?", [dataset])
+        connection.execute("INSERT INTO ground_truth SELECT sha256, any_value(label), ?, ?, now() FROM labels "
+                           "GROUP BY sha256", [dataset, version_id])
+        connection.unregister("labels")
+    return len(labels)

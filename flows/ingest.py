@@ -6,7 +6,8 @@ from cnnpipe.settings import get_settings
 from cnnpipe.sources import open_source
 from cnnpipe.store import DatasetStore, IngestOptions, IngestSummary, StagedRun, resolve_options
 from flows.sharding import cluster_cpus, ray_task_runner, run_shards
-from tasks.ingest import commit_version, merge_shards, recover_dataset, report_ingest, stage_images, stage_shard
+from tasks.ingest import (commit_version, merge_shards, record_labels, recover_dataset, report_ingest, stage_images,
+                          stage_shard)
 
 
 @flow(name="ingest")
@@ -38,6 +39,7 @@ def ingest(
         else:
             staged = stage_images(source, dataset, options)
         summary = commit_version(staged)
+        record_labels(dataset)
     return report_ingest(summary, max_reject_fraction)
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.predictions import labelled_version, record_ground_truth
 from cnnpipe.progress import progress_bar
 from cnnpipe.reports import ingest_markdown
+from cnnpipe.settings import get_settings
 from cnnpipe.sources import open_source
 from cnnpipe.store import DatasetStore, IngestOptions, IngestSummary, StagedRun
 from tasks.retry import is_transient_io_error
@@ -45,6 +47,24 @@ def merge_shards(dataset: str, shards: list[StagedRun]) -> StagedRun:
 @task(name="commit-version")
 def commit_version(staged: StagedRun) -> IngestSummary:
     return DatasetStore(staged.dataset).commit(staged)
+
+
+# Only when the dataset has a version whose labels are not in yet, so a rerun costs one query.
+@task(name="record-labels", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=is_transient_io_error)
+def record_labels(dataset: str) -> int:
+    """Write the labels of the dataset's current version into the predictions database, where
+    `production_accuracy` scores predictions of the same images; returns how many were written."""
+    store = DatasetStore(dataset)
+    if not store.exists():
+        return 0
+    database, version_id = get_settings().predictions_db, store.manifest()["version_id"]
+    try:
+        if labelled_version(database, dataset) == version_id:
+            return 0
+        return record_ground_truth(database, dataset, version_id, store.read_table(["sha256", "label"]))
+    except CnnpipeError as exc:  # e.g. a long query holds the database: the images themselves are in
+        get_run_logger().warning("%s; the labels of %s are recorded by the next ingest into it", exc, dataset)
+        return 0
 
 
 @task(name="report-ingest")
