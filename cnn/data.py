@@ -89,6 +89,20 @@ class StoreSplit:
             counted.append((path, group, splits.to_pylist().count(self.split)))
         return counted
 
+    def image_sizes(self) -> tuple[list[int], list[int]]:
+        """The stored width and height of every image of this split."""
+        widths, heights = [], []
+        for path in self.files:
+            try:
+                table = _opened(path).read(columns=["width", "height", "split"])
+            except (pa.ArrowException, OSError) as exc:
+                raise UnreadablePart(path, f"does not read: {_first_line(exc)}") from None
+            for width, height, split in zip(*(table.column(name).to_pylist() for name in ("width", "height", "split"))):
+                if split == self.split:
+                    widths.append(width)
+                    heights.append(height)
+        return widths, heights
+
     def read_group(self, path: Path, group: int) -> tuple[list[bytes], list[int]]:
         parquet = _opened(path)
         try:

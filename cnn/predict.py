@@ -10,6 +10,7 @@ import torch
 
 from cnn.data import ColourStats, centre_crop, normalise
 from cnn.model import decode_size, input_size
+from cnn.monitoring import brightness, calibrate
 from cnn.train import autocast, load_trained_model
 
 
@@ -35,24 +36,34 @@ class Predictor:
         self.version = version or hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:12]
         self.name = name or f"{Path(state['config']['dataset_dir']).name}__{state['config']['model']}"
         self.run_id = run_id
+        # Set from the version's reference profile to calibrate confidences (`cnn.monitoring`); None: not known.
+        self.temperature: float | None = None
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Softmax outputs for a uint8 batch, on the CPU; halves the batch and retries when memory runs out."""
-        chunks = list(self._softmax_chunks(images))
+        chunks = [probabilities for probabilities, _ in self._softmax_chunks(images)]
         return torch.cat(chunks).cpu() if chunks else torch.empty((0, len(self.classes)))
 
     @torch.no_grad()
     def top_k(self, images: torch.Tensor, k: int = 5) -> PendingTopK:
-        """The `k` most probable classes of a uint8 batch, on their way to the host: the device
-        need not finish before the caller hands it the next batch."""
-        chunks = list(self._softmax_chunks(images))
-        if not chunks:
-            return PendingTopK(torch.empty((0, 0)), torch.empty((0, 0), dtype=torch.long))
-        top = torch.cat(chunks).topk(min(k, len(self.classes)), dim=1)
-        return PendingTopK(top.values, top.indices)
+        """The `k` most probable classes of a uint8 batch, with each image's calibrated confidence
+        (NaN without a temperature) and mean brightness, on their way to the host: the device need
+        not finish before the caller hands it the next batch."""
+        probabilities, brightness = [], []
+        for chunk_probabilities, chunk_brightness in self._softmax_chunks(images):
+            probabilities.append(chunk_probabilities)
+            brightness.append(chunk_brightness)
+        if not probabilities:
+            empty = torch.empty(0)
+            return PendingTopK(torch.empty((0, 0)), torch.empty((0, 0), dtype=torch.long), empty, empty)
+        probabilities = torch.cat(probabilities)
+        top = probabilities.topk(min(k, len(self.classes)), dim=1)
+        calibrated = calibrate(probabilities, self.temperature).max(dim=1).values.float() if self.temperature \
+            else torch.full((len(probabilities),), float("nan"), device=probabilities.device)
+        return PendingTopK(top.values, top.indices, calibrated, torch.cat(brightness))
 
-    def _softmax_chunks(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
+    def _softmax_chunks(self, images: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         start, batch = 0, self.batch_size
         while start < len(images):
             chunk = images[start:start + batch].to(self.device, non_blocking=True)
@@ -66,23 +77,24 @@ class Predictor:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            yield logits.float().softmax(dim=1)
+            yield logits.float().softmax(dim=1), brightness(chunk)
             start += len(chunk)
 
 
 class PendingTopK:
     """Top-k probabilities and class indices copying into pinned host memory; `result()` waits for them."""
 
-    def __init__(self, values: torch.Tensor, indices: torch.Tensor):
+    def __init__(self, values: torch.Tensor, indices: torch.Tensor, calibrated: torch.Tensor, brightness: torch.Tensor):
         on_cuda = values.device.type == "cuda"
-        self.values = torch.empty(values.shape, dtype=values.dtype, pin_memory=on_cuda).copy_(values, non_blocking=True)
-        self.indices = torch.empty(indices.shape, dtype=indices.dtype, pin_memory=on_cuda).copy_(indices,
-                                                                                              non_blocking=True)
+        self.values, self.indices, self.calibrated, self.brightness = (
+            torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=on_cuda).copy_(tensor, non_blocking=True)
+            for tensor in (values, indices, calibrated, brightness))
         self.ready = torch.cuda.Event() if on_cuda else None
         if self.ready is not None:
             self.ready.record()
 
-    def result(self) -> tuple[list[list[float]], list[list[int]]]:
+    def result(self) -> tuple[list[list[float]], list[list[int]], list[float], list[float]]:
+        """Top-k probabilities, top-k classes, calibrated confidences and brightnesses, a row an image."""
         if self.ready is not None:
             self.ready.synchronize()
-        return self.values.tolist(), self.indices.tolist()
+        return self.values.tolist(), self.indices.tolist(), self.calibrated.tolist(), self.brightness.tolist()

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from cnn import monitoring
 from cnn import recipe as auto_recipe
 from cnn.checkpoint import (CheckpointError, CheckpointWriter, checkpoints, load_checkpoint, load_latest,
                             restore_rng_state, rng_state)
@@ -57,6 +58,8 @@ class FitResult:
     stopped_early: bool = False
     # The held-out split's most confident wrong predictions, each with its uint8 image.
     mistakes: list[dict] = field(default_factory=list)
+    # What drift is measured against: `cnn.monitoring.reference_profile` of the held-out split.
+    reference: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
 
@@ -448,15 +451,18 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
                 stopped_early = True
                 break
         # The held-out evaluation overlaps the last checkpoint's write; `done` waits for it.
-        held_out = evaluate(model, _load_split(held_out_split, stored, device, budget_mb)
-                            .batches(config.batch_size * 2), stats, crop, keep_predictions=True,
+        held_out_images = _load_split(held_out_split, stored, device, budget_mb)
+        held_out = evaluate(model, held_out_images.batches(config.batch_size * 2), stats, crop, keep_predictions=True,
                             mistakes=MISTAKES_KEPT, precision=config.precision)
-        report = classification_report(held_out.pop("probabilities"), held_out.pop("targets"), classes)
+        probabilities, targets = held_out.pop("probabilities"), held_out.pop("targets")
+        report = classification_report(probabilities, targets, classes)
         mistakes = held_out.pop("mistakes")
         if config.ten_crop:
-            ten = evaluate(model, _load_split(held_out_split, stored, device, budget_mb)
-                           .batches(config.batch_size * 2), stats, crop, ten_crop=True, precision=config.precision)
+            ten = evaluate(model, held_out_images.batches(config.batch_size * 2), stats, crop, ten_crop=True,
+                           precision=config.precision)
             held_out.update({"ten_crop_top1": ten["top1"], "ten_crop_top5": ten["top5"]})
+        reference = _reference_profile(model, val, held_out_split, held_out_images, probabilities, targets, stats,
+                                       crop, config.batch_size * 2, config.precision)
     if latest is None and leader:
         loaded = load_latest(run_dir)
         latest = loaded[1] if loaded else None
@@ -467,7 +473,19 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
         dist.destroy_process_group()
     return FitResult(str(run_dir), str(latest), classes, history, held_out, held_out_split.split, best,
                      len(history), config.seed, str(device), train_split.version_id, stopped_early, mistakes,
-                     extra={"report": report})
+                     reference, extra={"report": report})
+
+
+def _reference_profile(model: nn.Module, val, held_out_split: StoreSplit, held_out_images, probabilities: torch.Tensor,
+                       targets: torch.Tensor, stats: ColourStats, crop: int, batch_size: int, precision: str) -> dict:
+    """The model's held-out predictions as drift is measured against them, calibrated on validation."""
+    validation = evaluate(model, val.batches(batch_size), stats, crop, keep_predictions=True, precision=precision)
+    temperature = monitoring.fit_temperature(validation.get("probabilities", probabilities),
+                                             validation.get("targets", targets))
+    brightness = [monitoring.brightness(images).cpu() for images, _ in held_out_images.batches(batch_size)]
+    widths, heights = held_out_split.image_sizes()
+    return monitoring.reference_profile(probabilities, targets, held_out_split.classes, temperature, widths, heights,
+                                        torch.cat(brightness) if brightness else torch.empty(0))
 
 
 @dataclass
@@ -548,15 +566,41 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset_dir: str | os.Pat
                         device: str | torch.device = "cpu", batch_size: int = 512) -> dict:
     """A trained model's validation figures on a dataset's current version, as `fit` computes them."""
     device = torch.device(device)
+    model, state = _model_for(checkpoint, dataset_dir, device)
+    crop = input_size(model)
+    images = _load_split(validation_split(dataset_dir, state["classes"]), decode_size(crop), device,
+                         memory_budget(device)[0])
+    return evaluate(model, images.batches(batch_size), ColourStats(**state["colour_stats"]), crop,
+                    precision=state["config"].get("precision", "auto"))
+
+
+def profile_checkpoint(checkpoint: str | os.PathLike, dataset_dir: str | os.PathLike,
+                       device: str | torch.device = "cpu", batch_size: int = 512) -> dict:
+    """A trained model's reference profile on a dataset's current version, as `fit` computes it:
+    for versions trained before `fit` kept one."""
+    device = torch.device(device)
+    model, state = _model_for(checkpoint, dataset_dir, device)
+    classes, stats, crop = state["classes"], ColourStats(**state["colour_stats"]), input_size(model)
+    precision = state["config"].get("precision", "auto")
+    budget = memory_budget(device)[0]
+    test_split = StoreSplit.open(dataset_dir, "test", classes)
+    val_split = validation_split(dataset_dir, classes)
+    held_out_split = test_split if test_split.rows else val_split
+    held_out_images = _load_split(held_out_split, decode_size(crop), device, budget)
+    held_out = evaluate(model, held_out_images.batches(batch_size), stats, crop, keep_predictions=True,
+                        precision=precision)
+    return _reference_profile(model, _load_split(val_split, decode_size(crop), device, budget), held_out_split,
+                              held_out_images, held_out["probabilities"], held_out["targets"], stats, crop, batch_size,
+                              precision)
+
+
+def _model_for(checkpoint: str | os.PathLike, dataset_dir: str | os.PathLike,
+               device: torch.device) -> tuple[nn.Module, dict]:
     model, state = load_trained_model(checkpoint, device)
-    split = validation_split(dataset_dir, state["classes"])
     manifest_classes = PublishedDataset.open(dataset_dir).classes
     if sorted(manifest_classes) != sorted(state["classes"]):
         raise ValueError(f"the model knows classes {state['classes']}, the dataset has {manifest_classes}")
-    crop = input_size(model)
-    images = _load_split(split, decode_size(crop), device, memory_budget(device)[0])
-    return evaluate(model.to(memory_format=torch.channels_last), images.batches(batch_size),
-                    ColourStats(**state["colour_stats"]), crop, precision=state["config"].get("precision", "auto"))
+    return model.to(memory_format=torch.channels_last), state
 
 
 def load_trained_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

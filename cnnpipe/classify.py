@@ -32,7 +32,7 @@ from cnn.data import DECODE_THREADS, decode_images
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.images import RejectedImage, check_image
 from cnnpipe.locks import file_lock
-from cnnpipe.predictions import add_predictions, connect, retry_on_lock, transaction
+from cnnpipe.predictions import add_predictions, connect, reference_temperature, retry_on_lock, transaction
 from cnnpipe.sources import Source, open_source
 from cnnpipe.store import Reject, open_dataset_source
 
@@ -43,7 +43,8 @@ PART_SCHEMA = pa.schema([
     ("label", pa.string()), ("confidence", pa.float64()),
     ("top5", pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float64())]))),
     ("width", pa.int32()), ("height", pa.int32()), ("classify_run_id", pa.string()),
-    ("predicted_at", pa.timestamp("us", tz="UTC")),
+    ("predicted_at", pa.timestamp("us", tz="UTC")), ("calibrated_confidence", pa.float64()),
+    ("brightness", pa.float64()),
 ])
 
 
@@ -147,6 +148,7 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
     if commit:
         commit_parts(database, staging)  # what a killed run staged but did not commit
     done = already_classified(database, predictor.name, predictor.version)
+    predictor.temperature = reference_temperature(database, predictor.name, predictor.version)
     batches: queue.Queue = queue.Queue(maxsize=2)
     counts: Counter[str] = Counter()
     rows: dict[str, list] = {name: [] for name in PART_SCHEMA.names}
@@ -176,7 +178,7 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
 
     def add_rows(items: list[tuple], top) -> None:
         now = datetime.now(timezone.utc)
-        for (sha, path, width, height), values, indices in zip(items, *top.result()):
+        for (sha, path, width, height), values, indices, calibrated, brightness in zip(items, *top.result()):
             label = predictor.classes[indices[0]]
             counts[label] += 1
             for name, value in (("image_sha256", sha), ("source_uri", source.uri), ("member_path", path),
@@ -185,7 +187,8 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
                                 ("top5", [{"label": predictor.classes[i], "probability": p}
                                           for i, p in zip(indices, values)]),
                                 ("width", width), ("height", height), ("classify_run_id", run_id),
-                                ("predicted_at", now)):
+                                ("predicted_at", now), ("calibrated_confidence", None if calibrated != calibrated
+                                                        else calibrated), ("brightness", brightness)):
                 rows[name].append(value)
         summary.classified += len(items)
         if len(rows["image_sha256"]) >= PART_ROWS:

@@ -14,6 +14,7 @@ checkpoint=True)`), so a log set aside never holds one.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ from typing import TypeVar
 import duckdb
 
 from cnn.failpoints import failpoint
+from cnnpipe.drift import DRIFT_SCHEMA
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.locks import file_lock
 
@@ -45,7 +47,11 @@ _PREDICTION_COLUMNS = """
     height INTEGER,
     classify_run_id VARCHAR,
     predicted_at TIMESTAMPTZ NOT NULL,
+    calibrated_confidence DOUBLE,
+    brightness DOUBLE,
 """
+# Columns added since the first release, added in place to an older database.
+_ADDED_COLUMNS = (("calibrated_confidence", "DOUBLE"), ("brightness", "DOUBLE"))
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS predictions (
 {_PREDICTION_COLUMNS}    PRIMARY KEY (image_sha256, model_name, model_version)
@@ -71,6 +77,22 @@ CREATE TABLE IF NOT EXISTS champions (
 CREATE TABLE IF NOT EXISTS ground_truth (
     image_sha256 VARCHAR NOT NULL, label VARCHAR NOT NULL, dataset VARCHAR NOT NULL,
     dataset_version VARCHAR NOT NULL, recorded_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (image_sha256, dataset)
+);
+-- Each registered version's reference profile (cnn.monitoring), what its drift is measured
+-- against: figures, then its class shares and confidence bins as rows, for SQL to join.
+CREATE TABLE IF NOT EXISTS reference_profiles (
+    model_name VARCHAR NOT NULL, model_version VARCHAR NOT NULL, dataset_version VARCHAR, images BIGINT,
+    temperature DOUBLE, top1 DOUBLE, mean_confidence DOUBLE, low_confidence_share DOUBLE, mean_width DOUBLE,
+    mean_height DOUBLE, mean_brightness DOUBLE, std_brightness DOUBLE, profile VARCHAR, created_at TIMESTAMPTZ,
+    PRIMARY KEY (model_name, model_version)
+);
+CREATE TABLE IF NOT EXISTS reference_classes (
+    model_name VARCHAR NOT NULL, model_version VARCHAR NOT NULL, label VARCHAR NOT NULL, predicted_share DOUBLE,
+    true_share DOUBLE, PRIMARY KEY (model_name, model_version, label)
+);
+CREATE TABLE IF NOT EXISTS reference_confidence (
+    model_name VARCHAR NOT NULL, model_version VARCHAR NOT NULL, bin INTEGER NOT NULL, low DOUBLE, high DOUBLE,
+    share DOUBLE, accuracy DOUBLE, PRIMARY KEY (model_name, model_version, bin)
 );
 CREATE OR REPLACE MACRO version_number(v) AS TRY_CAST(v AS BIGINT);
 -- One row per image: the champion's prediction, else the newest version's. Kept up to date
@@ -102,7 +124,7 @@ FROM predictions a JOIN predictions b
   ON a.image_sha256 = b.image_sha256 AND a.model_name = b.model_name
  AND coalesce(version_number(a.model_version) < version_number(b.model_version), a.model_version < b.model_version)
 WHERE a.label <> b.label;
-"""
+""" + DRIFT_SCHEMA
 
 T = TypeVar("T")
 LOCK_RETRIES = 40
@@ -180,6 +202,8 @@ def connect_for_writing(path: Path, retries: int = LOCK_RETRIES) -> duckdb.DuckD
     def open_with_schema() -> duckdb.DuckDBPyConnection:
         connection = connect(path)
         try:
+            connection.execute("".join(f"ALTER TABLE IF EXISTS {table} ADD COLUMN IF NOT EXISTS {name} {kind};"
+                                       for table in ("predictions", "latest_by_image") for name, kind in _ADDED_COLUMNS))
             connection.execute(SCHEMA)
             counts = connection.execute("SELECT (SELECT count(*) FROM predictions), "
                                         "(SELECT count(*) FROM latest_by_image)").fetchone()
@@ -294,3 +318,36 @@ def record_ground_truth(database: Path, dataset: str, version_id: str, labels) -
                            "GROUP BY sha256", [dataset, version_id])
         connection.unregister("labels")
     return len(labels)
+
+
+def record_reference_profile(database: Path, model_name: str, model_version: str, dataset_version: str,
+                             profile: dict) -> None:
+    """Keep a version's reference profile (`cnn.monitoring.reference_profile`), replacing an older one."""
+    key = [model_name, model_version]
+    with transaction(database) as connection:
+        for table in ("reference_profiles", "reference_classes", "reference_confidence"):
+            connection.execute(f"DELETE FROM {table} WHERE model_name = ? AND model_version = ?", key)
+        connection.execute("INSERT INTO reference_profiles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())", [
+            *key, dataset_version, profile["images"], profile["temperature"], _finite(profile["top1"]),
+            _finite(profile["mean_confidence"]), _finite(profile["low_confidence_share"]), profile["width"]["mean"],
+            profile["height"]["mean"], profile["brightness"]["mean"], profile["brightness"]["std"],
+            json.dumps(profile)])
+        connection.executemany("INSERT INTO reference_classes VALUES (?, ?, ?, ?, ?)", [
+            [*key, row["label"], row["predicted_share"], row["true_share"]] for row in profile["classes"]])
+        connection.executemany("INSERT INTO reference_confidence VALUES (?, ?, ?, ?, ?, ?, ?)", [
+            [*key, index, row["low"], row["high"], row["share"], row["accuracy"]]
+            for index, row in enumerate(profile["confidence_bins"])])
+
+
+def _finite(value: float) -> float | None:
+    return value if value == value else None  # NaN (no held-out images) is NULL in SQL
+
+
+def reference_temperature(database: Path, model_name: str, model_version: str) -> float | None:
+    """The temperature that calibrates a version's confidences, from its reference profile, if it has one."""
+    if not database.exists():
+        return None
+    with connect_for_writing(database) as connection:
+        found = connection.execute("SELECT temperature FROM reference_profiles WHERE model_name = ? AND "
+                                   "model_version = ?", [model_name, model_version]).fetchone()
+    return found[0] if found else None

@@ -192,6 +192,9 @@ def log_evaluation(result: FitResult) -> dict:
     summary = {**report, "mistakes": [{key: m[key] for key in ("target", "predicted", "confidence")} | {
         "true_label": classes[m["target"]], "predicted_label": classes[m["predicted"]]} for m in result.mistakes]}
     mlflow.log_dict(summary, "evaluation/report.json")
+    if result.reference:
+        mlflow.log_dict(result.reference, "monitoring/reference.json")
+        mlflow.log_metric("temperature", result.reference["temperature"])
     return metrics
 
 

@@ -10,7 +10,8 @@ from cnn.train import resolve_device
 from cnnpipe.classify import ClassifySummary
 from cnnpipe.settings import REGISTERED_MODEL, get_settings
 from flows.sharding import cluster_cpus, cluster_gpus, ray_task_runner, run_shards
-from tasks.classify import classify_images, classify_shard, commit_classified, pin_model, report_classify
+from tasks.classify import (classify_images, classify_shard, commit_classified, monitor_drift, pin_model,
+                            report_classify)
 
 
 @flow(name="classify")
@@ -27,13 +28,16 @@ def classify(source: str, model: str = f"{REGISTERED_MODEL}@champion", checkpoin
     run_id = flow_run.id or uuid.uuid4().hex
     address = ray_address or get_settings().ray_address
     if not address:
-        return report_classify(classify_images(source, model, checkpoint, str(resolve_device(device)), batch_size,
-                                               run_id))
-    started = time.perf_counter()
-    pinned = model if checkpoint else pin_model(model)
-    staged = classify_shards.with_options(task_runner=ray_task_runner(address))(
-        source, pinned, checkpoint, device, batch_size, run_id, shards)
-    return report_classify(commit_classified(staged, time.perf_counter() - started))
+        summary = classify_images(source, model, checkpoint, str(resolve_device(device)), batch_size, run_id)
+    else:
+        started = time.perf_counter()
+        pinned = model if checkpoint else pin_model(model)
+        staged = classify_shards.with_options(task_runner=ray_task_runner(address))(
+            source, pinned, checkpoint, device, batch_size, run_id, shards)
+        summary = commit_classified(staged, time.perf_counter() - started)
+    report_classify(summary)
+    monitor_drift(summary)
+    return summary
 
 
 @flow(name="classify-shards")

@@ -5,11 +5,13 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 
 from cnn.predict import Predictor
 from cnn.train import resolve_device
 from cnnpipe import registry
 from cnnpipe.classify import ClassifySummary, classify_source, commit_shards, open_classify_source
+from cnnpipe.drift import drift_markdown, run_drift
 from cnnpipe.progress import progress_bar
 from cnnpipe.reports import classify_markdown
 from cnnpipe.settings import get_settings
@@ -26,6 +28,8 @@ def classify_images(source: str, model: str, checkpoint: str | None, device: str
     settings = get_settings()
     # Resolved once per run: an alias that moves mid-run does not mix versions in the rows.
     predictor = _predictor(model, checkpoint, device, batch_size)
+    if not checkpoint:  # what its drift is measured against, derived once for a version that predates it
+        registry.ensure_reference_profile(predictor.name, predictor.version, settings, device)
     with progress_bar("classify") as update:
         return classify_source(open_classify_source(source), predictor, settings.predictions_db, settings.staging_dir,
                                run_id, on_progress=update)
@@ -59,3 +63,20 @@ def report_classify(summary: ClassifySummary) -> ClassifySummary:
     create_markdown_artifact(classify_markdown(summary), key="classify-summary",
                              description=f"Classification of {summary.source_uri}")
     return summary
+
+
+@task(name="monitor-drift", cache_policy=NO_CACHE)
+def monitor_drift(summary: ClassifySummary) -> dict | None:
+    """The run's drift against its model's reference: a Prefect artifact, and on an alert the event
+    `cnnpipe.model.drift`, which a deployment trigger can turn into a retraining."""
+    drift = run_drift(get_settings().predictions_db, summary.run_id)
+    if drift is None:
+        return None
+    create_markdown_artifact(drift_markdown(drift), key="classify-drift",
+                             description=f"Drift of {summary.model_name}/{summary.model_version}")
+    if drift["alert"]:
+        emit_event(event="cnnpipe.model.drift",
+                   resource={"prefect.resource.id": f"cnnpipe.model.{drift['model_name']}.{drift['model_version']}",
+                             "prefect.resource.name": drift["model_name"], "version": str(drift["model_version"])},
+                   payload={key: value for key, value in drift.items() if isinstance(value, (int, float, str, bool))})
+    return drift

@@ -21,9 +21,11 @@ from cnn.train import TrainConfig, fit, plan, resolve_device
 from cnnpipe import registry, tracking
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.outcomes import TrainingOutcome
+from cnnpipe.predictions import record_reference_profile
 from cnnpipe.progress import TrainingProgress
 from cnnpipe.registry import GateDecision
 from cnnpipe.reports import training_markdown
+from cnnpipe.settings import get_settings
 from cnnpipe.store import DatasetStore
 from tasks.retry import is_transient_io_error
 
@@ -86,6 +88,12 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
             f"{result.held_out_split}_top5": f"{result.held_out['top5']:.6f}",
             "model": config.model, "checkpoint": result.checkpoint,
         })
+    try:  # fit always profiles; a result read back from an older run may not have one
+        if result.reference:
+            record_reference_profile(get_settings().predictions_db, version.name, registry.version_id(version),
+                                     result.dataset_version, result.reference)
+    except CnnpipeError as exc:  # a long query holding the database; MLflow keeps the profile as well
+        logger.warning("%s; the reference profile is in MLflow as monitoring/reference.json", exc)
     result = replace(result, mistakes=[])  # images: logged as a grid, too heavy to pass on
     held = result.held_out
     logger.info("held-out %s split: top-1 %.1f%%, top-5 %.1f%% on %d images; MLflow run %s; registered %s/%s",

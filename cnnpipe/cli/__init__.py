@@ -3,7 +3,7 @@
     data.py       ingest, datasets
     training.py   train, retrain, serve (their options come from `cnnpipe.params` through knobs.py)
     models.py     models, promote, rollback
-    classify.py   classify, sql
+    classify.py   classify, sql, monitor
     server.py     server start/stop/status, demo
 
 Heavy imports (torch, prefect, mlflow) happen inside the commands that need them, so

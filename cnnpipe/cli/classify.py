@@ -1,4 +1,4 @@
-"""Commands over the predictions database: `classify` fills it, `sql` queries it read-only."""
+"""Commands over the predictions database: `classify` fills it, `sql` queries it read-only, `monitor` shows drift."""
 
 from __future__ import annotations
 
@@ -68,12 +68,16 @@ def sql(query: str, output_format: str, output: str | None, max_rows: int, timeo
     or change its settings; memory, threads and time are capped.
 
     \b
-    Tables: predictions, classify_runs, rejected_inputs, promotions, champions.
+    Tables: predictions, classify_runs, rejected_inputs, promotions, champions, ground_truth,
+    reference_profiles, reference_classes, reference_confidence, drift_thresholds.
     Views:
       latest_predictions  per image, the champion's prediction, else the newest version's
       class_counts        images per day, model version and label
       low_confidence      latest predictions with confidence below 0.5
       disagreements       images that two versions of one model label differently
+      production_accuracy measured top-1 per model version and day, from labels ingested later
+      drift_by_run        drift of each classify run against the model's reference (cnnpipe monitor)
+      drift_daily         the same per model version and day
 
     \b
     Examples:
@@ -96,4 +100,64 @@ def sql(query: str, output_format: str, output: str | None, max_rows: int, timeo
                    f"({output_format})")
 
 
-COMMANDS = (classify, sql)
+@click.command()
+@click.option("--model", "model_ref", default=None,
+              help="NAME, NAME/VERSION or NAME@champion [default: every model with a reference profile].")
+@click.option("--since", type=click.DateTime(["%Y-%m-%d"]), default=None, help="Only batches from this day on.")
+@click.option("--daily", is_flag=True, help="One row per model version and day instead of one per classify run.")
+@click.option("--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table",
+              show_default=True)
+def monitor(model_ref: str | None, since, daily: bool, output_format: str) -> None:
+    """Drift of each classify run (or day) against the model's reference profile.
+
+    Columns as in the views drift_by_run and drift_daily: the population stability index
+    and Jensen-Shannon distance of the predicted classes, the accuracy estimated from
+    calibrated confidence, confidence, rejected-input, size and brightness shifts, and
+    `alert` when one passes its threshold in the table drift_thresholds.
+
+    \b
+    Examples:
+      cnnpipe monitor
+      cnnpipe monitor --model cnn-classifier@champion --since 2026-12-01
+      cnnpipe monitor --daily --format csv | grep true
+    """
+    from cnnpipe.output import write_result
+    from cnnpipe.registry import parse_model_ref
+    from cnnpipe.settings import get_settings
+    from cnnpipe.sql import QueryLimits, run_query
+
+    view, key = ("drift_daily", "day") if daily else ("drift_by_run", "classify_run_id")
+    conditions = []
+    if model_ref:
+        ref = parse_model_ref(model_ref) if "@" in model_ref or "/" in model_ref else None
+        name = ref.name if ref else model_ref
+        conditions.append(f"d.model_name = {_quoted(name)}")
+        if ref and ref.version:
+            conditions.append(f"d.model_version = {_quoted(ref.version)}")
+        elif ref and ref.alias == "champion":
+            conditions.append("d.model_version = (SELECT model_version FROM champions c WHERE c.model_name = "
+                              f"{_quoted(name)})")
+        elif ref:
+            raise CnnpipeError(f"--model {model_ref}: give NAME, NAME/VERSION or NAME@champion")
+    if since:
+        time = "day" if daily else "(SELECT finished_at FROM classify_runs r WHERE r.classify_run_id = d.classify_run_id)"
+        conditions.append(f"{time} >= DATE '{since:%Y-%m-%d}'")
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    query = (f"SELECT {key}, model_name AS model, model_version AS version, images, round(psi, 3) AS psi, "
+             "round(js_distance, 3) AS js, round(estimated_accuracy, 3) AS est_accuracy, "
+             "round(confidence_shift, 3) AS confidence_shift, round(low_confidence_share, 3) AS low_confidence, "
+             "round(rejected_rate, 3) AS rejected, round(size_shift, 3) AS size_shift, "
+             f"round(brightness_shift, 3) AS brightness_shift, alert FROM {view} d {where} ORDER BY {key}")
+    result = run_query(query, get_settings().predictions_db, QueryLimits(), cap_rows=False)
+    if not result.rows and output_format == "table":
+        click.echo("No drift to show: classify with a model registered since monitoring began (it keeps a "
+                   "reference profile).")
+        return
+    write_result(result, output_format, None, count_rows=False)
+
+
+def _quoted(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+COMMANDS = (classify, sql, monitor)

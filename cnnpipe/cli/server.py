@@ -70,6 +70,7 @@ def demo() -> None:
     from cnnpipe.demo import write_demo_images
     from cnnpipe.output import write_result
     from cnnpipe.params import TrainingParams
+    from cnnpipe.drift import drift_markdown, run_drift
     from cnnpipe.reports import classify_markdown, ingest_markdown
     from cnnpipe.settings import get_settings
     from cnnpipe.sql import run_query
@@ -91,10 +92,14 @@ def demo() -> None:
              "FROM latest_predictions GROUP BY label ORDER BY label")
     click.echo(f'\n$ cnnpipe sql "{query}"')
     write_result(run_query(query, settings.predictions_db), "table", None)
+    drift = run_drift(settings.predictions_db, summary.run_id)
+    if drift:  # none when the gate kept an older champion registered before monitoring
+        print_markdown(drift_markdown(drift))
     files = f"{DatasetStore('shapes').root}/**/*.parquet"
     click.echo(f"""
 Where to look next:
   cnnpipe models {DEMO_MODEL}        versions, figures, aliases and gate decisions
+  cnnpipe monitor                      drift of each classify run against the model's reference
   cnnpipe datasets show shapes
 The dataset is plain Parquet; DuckDB reads it with no cnnpipe involved:
   SELECT split, label, count(*) FROM '{files}' GROUP BY ALL ORDER BY ALL;""")

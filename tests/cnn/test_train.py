@@ -300,6 +300,14 @@ def test_smoke_training_learns_clearly_above_chance(shapes_dataset, tmp_path):
     wrong = round((1 - result.held_out["top1"]) * 80)
     assert len(result.mistakes) == min(wrong, 25) and "mistakes" not in report
     assert all(m["predicted"] != m["target"] and m["image"].dtype == torch.uint8 for m in result.mistakes)
+    # The reference profile drift is measured against: the same 80 held-out images, calibrated on val.
+    reference = result.reference
+    assert reference["images"] == 80 and 0.05 < reference["temperature"] < 20
+    assert sum(row["true_share"] for row in reference["classes"]) == pytest.approx(1)
+    assert [row["true_share"] for row in reference["classes"]] == pytest.approx(
+        [sum(row) / 80 for row in report["confusion_matrix"]])
+    assert sum(row["share"] for row in reference["confidence_bins"]) == pytest.approx(1)
+    assert reference["width"]["p50"] > 0 and 0 < reference["brightness"]["mean"] < 1
 
 
 def _fit_script(dataset: Path, root: Path, epochs: int, device: str) -> str:

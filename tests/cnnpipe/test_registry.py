@@ -352,3 +352,26 @@ def test_concurrent_gates_leave_one_champion_on_the_better_model(cnnpipe_home, s
     # Either the better one came first and the other was rejected, or it replaced the first champion.
     assert history[-1][1] == better and len(history) in (1, 2)
     assert history[0][0] is None and all(row[0] == prev[1] for prev, row in zip(history, history[1:]))
+
+
+def test_a_version_registered_before_monitoring_gets_its_reference_profile_on_demand(register_version,
+                                                                                    shapes_dataset, monkeypatch):
+    import shutil
+
+    import mlflow
+
+    from cnn import train
+    from cnnpipe.predictions import reference_temperature
+
+    settings = get_settings()
+    version = register_version("premonitoring", 0.5)
+    assert reference_temperature(settings.predictions_db, "premonitoring", "1") is None
+    assert not registry.ensure_reference_profile("premonitoring", "1", settings)  # its dataset is not here
+    shutil.copytree(shapes_dataset, settings.datasets_dir / "shapes")
+    assert registry.ensure_reference_profile("premonitoring", "1", settings)
+    temperature = reference_temperature(settings.predictions_db, "premonitoring", "1")
+    assert 0.05 < temperature < 20
+    logged = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/monitoring/reference.json")
+    assert logged["images"] == 80 and logged["temperature"] == pytest.approx(temperature)
+    monkeypatch.setattr(train, "profile_checkpoint", lambda *args, **kwargs: pytest.fail("derived twice"))
+    assert registry.ensure_reference_profile("premonitoring", "1", settings)

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import json
 import shutil
 
+import duckdb
 import mlflow
 import pytest
 import torch
@@ -61,6 +63,15 @@ def test_train_flow_logs_a_complete_mlflow_run_and_registers_a_loadable_model(sh
             assert image.format == "PNG" and image.size[0] > 300
     per_class = (tmp_path / "artifacts" / "evaluation" / "per_class_metrics.csv").read_text().splitlines()
     assert per_class[0] == "class,precision,recall,f1,support" and len(per_class) == 5
+    reference = json.loads((tmp_path / "artifacts" / "monitoring" / "reference.json").read_text())
+    assert reference == json.loads(json.dumps(result.reference)) and reference["images"] == result.held_out["images"]
+    with duckdb.connect(str(get_settings().predictions_db), read_only=True) as connection:
+        kept = connection.execute("SELECT model_version, images, temperature FROM reference_profiles "
+                                  "WHERE model_name = 'flowtest'").fetchall()
+        shares = connection.execute("SELECT sum(true_share), count(*) FROM reference_classes "
+                                    "WHERE model_name = 'flowtest'").fetchone()
+    assert kept == [("1", reference["images"], pytest.approx(reference["temperature"]))]
+    assert shares == (pytest.approx(1), 4)
 
     assert (outcome.model_name, outcome.model_version) == ("flowtest", "1")
     # Crowned only if it clearly beats the majority class of the validation split, as the tags record.

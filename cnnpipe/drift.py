@@ -1,0 +1,131 @@
+"""Drift views: what a model predicted in a classify run, or on a day, against its reference profile.
+
+For each batch of predictions by a version with a reference profile (`reference_profiles`,
+written when the version was registered):
+- `psi` and `js_distance`: the population stability index and the Jensen-Shannon distance
+  (base 2, in [0, 1]) between the predicted-class shares and the reference's, with shares
+  floored at 1e-4 so that a class never predicted is a large shift, not a division by zero;
+  `psi_limit`, what PSI must pass to alert: its threshold, or what chance alone reaches one
+  time in 1,000 between a batch and a reference of these sizes, whichever is larger (a small
+  held-out split makes a noisy reference);
+- `estimated_accuracy`: the mean calibrated confidence, which estimates accuracy without
+  labels when confidences are calibrated (the idea behind NannyML's CBPE), and
+  `confidence_shift`, its distance from the reference's;
+- `low_confidence_share` (calibrated confidence below 0.5) and its shift;
+- `rejected_rate`: inputs rejected as unreadable or unsafe, of all inputs;
+- `size_shift`: the relative change of the mean width or height, whichever is larger;
+  `brightness_shift`: the change of mean brightness (0-1);
+- `alert`: true when any figure passes its threshold in `drift_thresholds`.
+Predictions made before a version had a temperature fall back to their raw confidence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Thresholds a team may change in its database (UPDATE drift_thresholds ...); the defaults fire on
+# under 5% of in-distribution batches of 1,000 images and on over 95% of shifted ones (tests/cnnpipe/test_drift.py).
+DEFAULT_THRESHOLDS = {
+    "psi": (0.1, "population stability index of the predicted classes above this, and above chance"),
+    "confidence_drop": (0.1, "mean calibrated confidence this far below the reference"),
+    "low_confidence_rise": (0.15, "share of low-confidence predictions this far above the reference"),
+    "rejected_rate": (0.1, "share of inputs rejected above this"),
+    "size_shift": (0.25, "mean width or height this far from the reference, relatively"),
+    "brightness_shift": (0.1, "mean brightness (0-1) this far from the reference"),
+}
+SMALLEST_SHARE = 1e-4
+
+
+def _drift_view(name: str, key: str, key_column: str, runs_key: str) -> str:
+    """One view keyed by `key` (an expression over `predictions`, named `key_column`), with
+    `runs_key` the same key over `classify_runs` for the rejected inputs."""
+    return f"""
+CREATE OR REPLACE VIEW {name} AS
+WITH batches AS (
+    SELECT {key} AS {key_column}, model_name, model_version, count(*) AS images,
+           avg(coalesce(calibrated_confidence, confidence)) AS mean_confidence,
+           avg(CAST(coalesce(calibrated_confidence, confidence) < 0.5 AS DOUBLE)) AS low_confidence_share,
+           avg(width) AS mean_width, avg(height) AS mean_height, avg(brightness) AS mean_brightness
+    FROM predictions p
+    WHERE EXISTS (SELECT 1 FROM reference_profiles r
+                  WHERE r.model_name = p.model_name AND r.model_version = p.model_version)
+    GROUP BY ALL
+), shares AS (
+    SELECT {key} AS {key_column}, model_name, model_version, label, count(*) AS predicted
+    FROM predictions GROUP BY ALL
+), divergence AS (
+    SELECT {key_column}, model_name, model_version, sum((q - p) * ln(q / p)) AS psi,
+           sqrt(greatest(0.0, sum(0.5 * p * ln(2 * p / (p + q)) + 0.5 * q * ln(2 * q / (p + q))) / ln(2)))
+               AS js_distance,
+           -- What PSI reaches by chance alone, 1 time in 1,000, between samples of these two sizes: a
+           -- chi-square quantile (Wilson-Hilferty) with classes - 1 degrees of freedom, times 1/n + 1/m.
+           (count(*) - 1) * pow(1 - 2 / (9 * (count(*) - 1)) + 3.09 * sqrt(2 / (9 * (count(*) - 1))), 3)
+               * (1 / any_value(reference_images) + 1 / any_value(images)) AS psi_noise
+    FROM (SELECT b.{key_column}, b.model_name, b.model_version, b.images, r.images AS reference_images,
+                 greatest(c.predicted_share, {SMALLEST_SHARE}) AS p,
+                 greatest(coalesce(s.predicted, 0) / b.images, {SMALLEST_SHARE}) AS q
+          FROM batches b JOIN reference_classes c USING (model_name, model_version)
+          JOIN reference_profiles r USING (model_name, model_version)
+          LEFT JOIN shares s ON s.{key_column} = b.{key_column} AND s.model_name = b.model_name
+                            AND s.model_version = b.model_version AND s.label = c.label)
+    GROUP BY ALL
+), rejected AS (
+    SELECT {runs_key} AS {key_column}, model_name, model_version,
+           sum(rejected) / nullif(sum(classified + rejected), 0) AS rejected_rate
+    FROM classify_runs GROUP BY ALL
+), limits AS (
+    SELECT {", ".join(f"max(threshold) FILTER (WHERE metric = '{metric}') AS {metric}" for metric in DEFAULT_THRESHOLDS)}
+    FROM drift_thresholds
+)
+SELECT b.{key_column}, b.model_name, b.model_version, b.images, d.psi, d.js_distance,
+       b.mean_confidence AS estimated_accuracy, b.mean_confidence - r.mean_confidence AS confidence_shift,
+       b.low_confidence_share, b.low_confidence_share - r.low_confidence_share AS low_confidence_shift,
+       coalesce(j.rejected_rate, 0.0) AS rejected_rate,
+       greatest(abs(b.mean_width / r.mean_width - 1), abs(b.mean_height / r.mean_height - 1)) AS size_shift,
+       b.mean_brightness - r.mean_brightness AS brightness_shift,
+       greatest(l.psi, d.psi_noise) AS psi_limit,
+       coalesce(d.psi > greatest(l.psi, d.psi_noise), false)
+       OR coalesce(r.mean_confidence - b.mean_confidence > l.confidence_drop, false)
+       OR coalesce(b.low_confidence_share - r.low_confidence_share > l.low_confidence_rise, false)
+       OR coalesce(j.rejected_rate > l.rejected_rate, false)
+       OR coalesce(greatest(abs(b.mean_width / r.mean_width - 1), abs(b.mean_height / r.mean_height - 1))
+                   > l.size_shift, false)
+       OR coalesce(abs(b.mean_brightness - r.mean_brightness) > l.brightness_shift, false) AS alert
+FROM batches b
+JOIN reference_profiles r USING (model_name, model_version)
+LEFT JOIN divergence d USING ({key_column}, model_name, model_version)
+LEFT JOIN rejected j USING ({key_column}, model_name, model_version)
+CROSS JOIN limits l;
+"""
+
+
+DRIFT_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS drift_thresholds (metric VARCHAR PRIMARY KEY, threshold DOUBLE NOT NULL, meaning VARCHAR);
+INSERT OR IGNORE INTO drift_thresholds VALUES {", ".join(
+    f"('{metric}', {threshold}, '{meaning}')" for metric, (threshold, meaning) in DEFAULT_THRESHOLDS.items())};
+{_drift_view("drift_by_run", "classify_run_id", "classify_run_id", "classify_run_id")}
+{_drift_view("drift_daily", "CAST(predicted_at AS DATE)", "day", "CAST(finished_at AS DATE)")}
+"""
+
+
+def run_drift(database: Path, classify_run_id: str) -> dict | None:
+    """The `drift_by_run` row of one classify run, or None when its model has no reference profile."""
+    from cnnpipe.predictions import connect_for_writing
+
+    with connect_for_writing(database) as connection:
+        cursor = connection.execute("SELECT * FROM drift_by_run WHERE classify_run_id = ?", [classify_run_id])
+        row = cursor.fetchone()
+        return dict(zip([column[0] for column in cursor.description], row)) if row else None
+
+
+def drift_markdown(drift: dict) -> str:
+    """A classify run's drift figures for its Prefect artifact."""
+    verdict = "**alert**: a figure passed its threshold" if drift["alert"] else "no alert"
+    rows = [("PSI, predicted classes", drift["psi"]), ("Jensen-Shannon distance", drift["js_distance"]),
+            ("estimated accuracy", drift["estimated_accuracy"]), ("confidence shift", drift["confidence_shift"]),
+            ("low-confidence share", drift["low_confidence_share"]), ("rejected inputs", drift["rejected_rate"]),
+            ("size shift", drift["size_shift"]), ("brightness shift", drift["brightness_shift"])]
+    return "\n".join([f"### Drift of `{drift['model_name']}` version `{drift['model_version']}`: {verdict}", "",
+                      f"{drift['images']:,} images against the version's reference profile "
+                      "(`cnnpipe monitor`, thresholds in `drift_thresholds`).", "", "| figure | value |", "|---|---:|",
+                      *(f"| {name} | {'' if value is None else f'{value:.3f}'} |" for name, value in rows)]) + "\n"
