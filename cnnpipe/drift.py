@@ -26,7 +26,7 @@ from pathlib import Path
 # Thresholds a team may change in its database (UPDATE drift_thresholds ...); the defaults fire on
 # under 5% of in-distribution batches of 1,000 images and on over 95% of shifted ones (tests/cnnpipe/test_drift.py).
 DEFAULT_THRESHOLDS = {
-    "psi": (0.1, "population stability index of the predicted classes above this, and above chance"),
+    "psi": (0.05, "population stability index of the predicted classes above this, and above chance"),
     "confidence_drop": (0.1, "mean calibrated confidence this far below the reference"),
     "low_confidence_rise": (0.15, "share of low-confidence predictions this far above the reference"),
     "rejected_rate": (0.1, "share of inputs rejected above this"),

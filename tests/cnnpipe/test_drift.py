@@ -117,12 +117,14 @@ def test_alerts_are_quiet_in_distribution_and_fire_on_shifted_classes_or_inputs(
         rates = dict(connection.execute(
             "SELECT split_part(classify_run_id, '-', 1), avg(CAST(alert AS DOUBLE)) FROM drift_by_run "
             "GROUP BY ALL").fetchall())
+        psi_range = connection.execute("SELECT split_part(classify_run_id, '-', 1), min(psi), max(psi), "
+                                       "any_value(psi_limit) FROM drift_by_run GROUP BY ALL").fetchall()
         clean_figures = connection.execute(
             "SELECT avg(psi), avg(js_distance), avg(estimated_accuracy), avg(abs(brightness_shift)) "
             "FROM drift_by_run WHERE classify_run_id LIKE 'clean-%'").fetchone()
         daily = connection.execute("SELECT count(*), sum(images) FROM drift_daily").fetchone()
-    assert rates["clean"] <= 0.05, rates
-    assert all(rates[kind] >= 0.95 for kind in ("prior", *SHIFTS)), rates
+    assert rates["clean"] <= 0.05, (rates, psi_range)
+    assert all(rates[kind] >= 0.95 for kind in ("prior", *SHIFTS)), (rates, psi_range)
     psi, js_distance, estimated, brightness_shift = clean_figures
     assert psi < 0.1 and js_distance < 0.1 and brightness_shift < 0.05
     # Calibrated confidence estimates the accuracy the batch really has, without its labels.
@@ -163,3 +165,14 @@ def test_a_classify_run_that_drifted_emits_the_event_a_retraining_trigger_waits_
                if event.event == "cnnpipe.model.drift" and event.resource.id == resource]
     assert len(emitted) == 1 and emitted[0].payload["classify_run_id"] == "dark"
     assert monitor_drift.fn(ClassifySummary("inbox", "no-reference", "1", "other")) is None
+
+    from click.testing import CliRunner
+
+    from cnnpipe.cli import cli
+
+    shown = CliRunner().invoke(cli, ["monitor", "--model", predictor.name, "--format", "csv"])
+    assert shown.exit_code == 0, shown.output
+    rows = [line.split(",") for line in shown.output.strip().splitlines()]
+    assert rows[0][0] == "classify_run_id" and rows[0][-1] == "alert"
+    assert {(row[0], row[-1]) for row in rows[1:]} >= {("quiet", "False"), ("dark", "True")}
+    assert CliRunner().invoke(cli, ["monitor", "--model", "nobody"]).output.startswith("No drift to show")
