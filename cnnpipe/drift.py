@@ -41,18 +41,24 @@ def _drift_view(name: str, key: str, key_column: str, runs_key: str) -> str:
     `runs_key` the same key over `classify_runs` for the rejected inputs."""
     return f"""
 CREATE OR REPLACE VIEW {name} AS
-WITH batches AS (
-    SELECT {key} AS {key_column}, model_name, model_version, count(*) AS images,
-           avg(coalesce(calibrated_confidence, confidence)) AS mean_confidence,
-           avg(CAST(coalesce(calibrated_confidence, confidence) < 0.5 AS DOUBLE)) AS low_confidence_share,
-           avg(width) AS mean_width, avg(height) AS mean_height, avg(brightness) AS mean_brightness
+WITH per_label AS (  -- one scan of predictions: every figure below is a sum of these
+    SELECT {key} AS {key_column}, model_name, model_version, label, count(*) AS predicted,
+           sum(coalesce(calibrated_confidence, confidence)) AS confidence_sum,
+           count_if(coalesce(calibrated_confidence, confidence) < 0.5) AS low_confidence,
+           sum(width) AS width_sum, count(width) AS sized, sum(height) AS height_sum,
+           sum(brightness) AS brightness_sum, count(brightness) AS measured
     FROM predictions p
     WHERE EXISTS (SELECT 1 FROM reference_profiles r
                   WHERE r.model_name = p.model_name AND r.model_version = p.model_version)
     GROUP BY ALL
-), shares AS (
-    SELECT {key} AS {key_column}, model_name, model_version, label, count(*) AS predicted
-    FROM predictions GROUP BY ALL
+), batches AS (
+    SELECT {key_column}, model_name, model_version, sum(predicted) AS images,
+           sum(confidence_sum) / sum(predicted) AS mean_confidence,
+           sum(low_confidence) / sum(predicted) AS low_confidence_share,
+           sum(width_sum) / nullif(sum(sized), 0) AS mean_width,
+           sum(height_sum) / nullif(sum(sized), 0) AS mean_height,
+           sum(brightness_sum) / nullif(sum(measured), 0) AS mean_brightness
+    FROM per_label GROUP BY ALL
 ), divergence AS (
     SELECT {key_column}, model_name, model_version, sum((q - p) * ln(q / p)) AS psi,
            sqrt(greatest(0.0, sum(0.5 * p * ln(2 * p / (p + q)) + 0.5 * q * ln(2 * q / (p + q))) / ln(2)))
@@ -66,8 +72,8 @@ WITH batches AS (
                  greatest(coalesce(s.predicted, 0) / b.images, {SMALLEST_SHARE}) AS q
           FROM batches b JOIN reference_classes c USING (model_name, model_version)
           JOIN reference_profiles r USING (model_name, model_version)
-          LEFT JOIN shares s ON s.{key_column} = b.{key_column} AND s.model_name = b.model_name
-                            AND s.model_version = b.model_version AND s.label = c.label)
+          LEFT JOIN per_label s ON s.{key_column} = b.{key_column} AND s.model_name = b.model_name
+                               AND s.model_version = b.model_version AND s.label = c.label)
     GROUP BY ALL
 ), rejected AS (
     SELECT {runs_key} AS {key_column}, model_name, model_version,

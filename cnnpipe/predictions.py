@@ -73,10 +73,11 @@ CREATE TABLE IF NOT EXISTS champions (
     model_name VARCHAR PRIMARY KEY, model_version VARCHAR NOT NULL, updated_at TIMESTAMPTZ
 );
 -- The labels of every ingested image, by hash: what a prediction of the same image is scored
--- against once its label arrives, however late. One dataset version at a time, the latest.
+-- against once its label arrives, however late. An image in several datasets keeps the label
+-- recorded last, so that scoring is a plain join.
 CREATE TABLE IF NOT EXISTS ground_truth (
     image_sha256 VARCHAR NOT NULL, label VARCHAR NOT NULL, dataset VARCHAR NOT NULL,
-    dataset_version VARCHAR NOT NULL, recorded_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (image_sha256, dataset)
+    dataset_version VARCHAR NOT NULL, recorded_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (image_sha256)
 );
 -- Each registered version's reference profile (cnn.monitoring), what its drift is measured
 -- against: figures, then its class shares and confidence bins as rows, for SQL to join.
@@ -106,13 +107,10 @@ CREATE OR REPLACE VIEW latest_predictions AS SELECT * EXCLUDE (champion) FROM la
 CREATE OR REPLACE VIEW class_counts AS
 SELECT CAST(predicted_at AS DATE) AS day, model_name, model_version, label, count(*) AS images
 FROM predictions GROUP BY ALL;
--- An image labelled in several datasets is scored against the label recorded last.
 CREATE OR REPLACE VIEW production_accuracy AS
 SELECT p.model_name, p.model_version, CAST(p.predicted_at AS DATE) AS day, count(*) AS labelled,
        avg(CAST(p.label = g.label AS DOUBLE)) AS top1
-FROM predictions p
-JOIN (SELECT image_sha256, arg_max(label, recorded_at) AS label FROM ground_truth GROUP BY image_sha256) g
-  USING (image_sha256)
+FROM predictions p JOIN ground_truth g USING (image_sha256)
 GROUP BY ALL;
 CREATE OR REPLACE VIEW low_confidence AS
 SELECT * FROM latest_predictions WHERE confidence < 0.5;
@@ -274,6 +272,9 @@ def add_predictions(connection: duckdb.DuckDBPyConnection, select: str, paramete
     there, and fold them into `latest_by_image`. Returns how many were new. Run it inside
     the caller's transaction, so both tables change together or not at all."""
     connection.execute(f"CREATE OR REPLACE TEMP TABLE incoming AS {select}", parameters or [])
+    # Parts staged before a column was added (a run killed across an upgrade) still commit.
+    for name, kind in _ADDED_COLUMNS:
+        connection.execute(f"ALTER TABLE incoming ADD COLUMN IF NOT EXISTS {name} {kind}")
     before = connection.execute("SELECT count(*) FROM predictions").fetchone()[0]
     connection.execute("INSERT INTO predictions BY NAME SELECT * FROM incoming ON CONFLICT DO NOTHING")
     inserted = connection.execute("SELECT count(*) FROM predictions").fetchone()[0] - before
@@ -314,8 +315,8 @@ def record_ground_truth(database: Path, dataset: str, version_id: str, labels) -
     with transaction(database) as connection:
         connection.register("labels", labels)
         connection.execute("DELETE FROM ground_truth WHERE dataset = ?", [dataset])
-        connection.execute("INSERT INTO ground_truth SELECT sha256, any_value(label), ?, ?, now() FROM labels "
-                           "GROUP BY sha256", [dataset, version_id])
+        connection.execute("INSERT OR REPLACE INTO ground_truth SELECT sha256, any_value(label), ?, ?, now() "
+                           "FROM labels GROUP BY sha256", [dataset, version_id])
         connection.unregister("labels")
     return len(labels)
 
