@@ -4,13 +4,15 @@
 
 In a temporary $CNNPIPE_HOME, times `cnnpipe ingest` of an empty folder on Prefect's
 ephemeral API (no server) and on a running `cnnpipe server`, against the floor any flow
-command pays, `python -c "import prefect, cnnpipe.store"`; then `--help`, `server status`
-and `sql`. Runs are interleaved so that load from other processes falls on all of them
+command pays, `python -c "import prefect, cnnpipe.store"`; then `--help`, `server status`,
+`sql`, `models`, `promote` and `rollback` (over two versions trained, untimed, on a few
+demo shapes) and `classify` of 10 new images with the server. Runs are interleaved so that load from other processes falls on all of them
 alike; the table gives medians of wall time and of CPU time (user + system, the command
 and its children), and each wall time as a multiple of the import floor.
 
 Targets (issue 15): ingest with the server at most 2.5x the import floor; `--help`,
-`sql` and `server status` under 1 s.
+`sql` and `server status` under 1 s; `models`, `promote` and `rollback` under 2 s;
+`classify` of 10 images with the server under 8 s.
 """
 
 from __future__ import annotations
@@ -26,8 +28,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from cnnpipe.demo import SHAPES, encode, render_shape, write_demo_images  # noqa: E402
+
 CNNPIPE = [sys.executable, "-m", "cnnpipe.cli"]
+MODEL = "bench-cli"
+
+
+def ten_new_images(folder: Path, seed: int) -> Path:
+    """Ten shapes no earlier run has seen, so `classify` classifies rather than skips them."""
+    rng = np.random.default_rng(1000 + seed)
+    folder.mkdir(parents=True)
+    for index in range(10):
+        (folder / f"{index}.png").write_bytes(encode(render_shape(SHAPES[index % 4], rng), "PNG"))
+    return folder
 
 
 def free_port() -> int:
@@ -61,6 +78,7 @@ def main() -> None:
     alone = {**base, "CNNPIPE_HOME": str(scratch / "alone"), "PREFECT_HOME": str(scratch / "ephemeral-prefect")}
     served = {**base, "CNNPIPE_HOME": str(scratch / "served")}
     ingest = [*CNNPIPE, "ingest", str(empty), "--dataset", "empty", "--workers", "0"]
+    shapes, _ = write_demo_images(scratch / "demo", per_class=20, archive_per_class=0)
     cases = {
         'python -c "import prefect, cnnpipe.store"': ([sys.executable, "-c", "import prefect, cnnpipe.store"], base),
         "cnnpipe ingest EMPTY, ephemeral API": (ingest, alone),
@@ -68,7 +86,13 @@ def main() -> None:
         "cnnpipe --help": ([*CNNPIPE, "--help"], served),
         "cnnpipe server status": ([*CNNPIPE, "server", "status"], served),
         'cnnpipe sql "SELECT 42"': ([*CNNPIPE, "sql", "SELECT 42"], served),
+        "cnnpipe models": ([*CNNPIPE, "models"], served),
+        "cnnpipe promote MODEL 1": ([*CNNPIPE, "promote", MODEL, "1"], served),
+        "cnnpipe rollback MODEL": ([*CNNPIPE, "rollback", MODEL], served),
     }
+    new_images = iter(ten_new_images(scratch / f"inbox-{index}", index) for index in range(args.repeats))
+    cases["cnnpipe classify 10 new images, cnnpipe server"] = (
+        lambda: [*CNNPIPE, "classify", str(next(new_images)), "--model", f"{MODEL}/2"], served)
 
     began = time.perf_counter()
     timed([*CNNPIPE, "server", "start", "--port", str(free_port()), "--mlflow-port", str(free_port())], served)
@@ -77,11 +101,16 @@ def main() -> None:
         # Not timed: the first ephemeral run migrates a new database, the first served one warms the server.
         timed(ingest, alone)
         timed(ingest, served)
+        # Two registered versions, version 2 the champion, so `promote MODEL 1` then `rollback` each move it.
+        timed([*CNNPIPE, "ingest", str(shapes), "--dataset", "shapes"], served)
+        for _ in range(2):
+            timed([*CNNPIPE, "train", "--dataset", "shapes", "--epochs", "1", "--registered-model", MODEL], served)
+        subprocess.run([*CNNPIPE, "promote", MODEL, "2"], env=served, cwd=REPO, capture_output=True)  # unless the gate did
         walls: dict[str, list[float]] = {name: [] for name in cases}
         cpus: dict[str, list[float]] = {name: [] for name in cases}
         for _ in range(args.repeats):
             for name, (argv, env) in cases.items():
-                wall, cpu = timed(argv, env)
+                wall, cpu = timed(argv() if callable(argv) else argv, env)
                 walls[name].append(wall)
                 cpus[name].append(cpu)
     finally:

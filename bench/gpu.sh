@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure of the product in one command, meant to finish in under 6 minutes on an H100/H200:
-#   training throughput    bench/train.py: model-only, the pipeline (resident store), the
-#                          ImageFolder + DataLoader baseline, LRN against batch norm, model-only alexnet at 224
+#   training throughput    bench/train.py: model-only, the pipeline (resident and streaming), the
+#                          ImageFolder + DataLoader baseline, LRN against batch norm, alexnet at 224
+#                          model-only and through the pipeline, and the 256-px decode ceilings
 #   time to accuracy       bench/time_to_accuracy.py: the default recipe on CIFAR-10, 3 seeds
 #   classification         bench/classify.py: into DuckDB, against model-only and the baseline
 #   device tests           pytest -m device, over the test files that carry the mark
@@ -34,7 +35,7 @@ if $dry_run; then
   # A few hundred images keep every step to seconds on a 2-core CPU; without ../shared they are noise.
   "$PY" bench/mini_cifar.py "$scratch/shared/data/cifar10-jpeg.tar.gz" --train-per-class 30 --test-per-class 10 \
     || exit 1
-  train_sizes=(--subset 20 --batch-size 32 --steps 3)
+  train_sizes=(--subset 20 --batch-size 32 --steps 3 --alexnet-per-class 2)
   classify_sizes=(--images 100 --batch-size 50)
   accuracy_sizes=(--seeds 1 --epochs 1 --train-per-class 30 --test-per-class 10)
   report_flags=(--dry-run)

@@ -3,23 +3,32 @@
     python bench/train.py --device cpu              # 5,000-image CIFAR-10 subset, on this machine
     python bench/train.py --device cuda --subset 0  # all 50,000 training images (bench/gpu.sh)
 
-Figures, all in training images per second (forward, backward and SGD step), measured in
-the same run with the same batch size, precision and model:
+Figures, all in training images per second (forward, backward and SGD step) unless said
+otherwise, measured in the same run with the same batch size, precision and model:
 - model-only: random tensors already on the device;
-- pipeline: one epoch from the Parquet store through cnn.train (decode once, augment on
-  the device); the first-epoch figure includes decoding the split;
+- pipeline: a steady epoch (after 3 warm-up batches) from the Parquet store through cnn.train
+  (decode once, augment on the device); the first-epoch figure adds decoding the split;
+- pipeline, streaming: the same steady epoch from `StreamingImages`, the path a split
+  larger than the memory budget takes (row groups decoded every epoch, in the background);
 - baseline: torchvision ImageFolder + DataLoader (num_workers = cores - 1, PIL
   transforms: RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize)
   over the same JPEGs extracted to a folder;
-- norm=lrn with our LRN and with torch.nn.LocalResponseNorm, against norm=batch.
+- norm=lrn with our LRN and with torch.nn.LocalResponseNorm, against norm=batch;
+- alexnet at 224, on its own smaller subset (--alexnet-per-class) ingested with
+  `--resize 256`: model-only, the pipeline's steady epoch over the split kept resident at
+  256, and the decode ceilings, images/s of `decode_images` at 256 px over the same
+  JPEGs (CPU threads; nvJPEG too on CUDA). These rows' ratios are against model-only
+  alexnet 224, with half the batch on CUDA and an eighth on a CPU.
 
 Targets: pipeline >= 85% of model-only and >= 5x the baseline on a GPU; on this 2-core
-CPU, the pipeline no slower than the baseline; lrn >= 70% of batch.
+CPU, the pipeline no slower than the baseline; lrn >= 70% of batch; alexnet 224 through
+the pipeline >= min(80% of its model-only, 90% of the decode ceiling of its device).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -35,8 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 CIFAR = Path(os.environ.get("CNNPIPE_SHARED", REPO.parent / "shared")) / "data" / "cifar10-jpeg.tar.gz"
 
-from cnn.data import Augment, ColourStats, ResidentImages, StoreSplit  # noqa: E402
-from cnn.model import LocalResponseNorm, build_model  # noqa: E402
+from cnn.data import Augment, ColourStats, ResidentImages, StoreSplit, StreamingImages, decode_images  # noqa: E402
+from cnn.model import LocalResponseNorm, build_model, decode_size  # noqa: E402
 from cnn.train import autocast, train_one_epoch  # noqa: E402
 
 
@@ -55,9 +64,13 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.T
     optimizer.step()
 
 
-def model_only(model: nn.Module, device: torch.device, batch: int, size: int, steps: int) -> float:
+def on_device(model: nn.Module, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
     model = model.to(device, memory_format=torch.channels_last).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+
+def model_only(model: nn.Module, device: torch.device, batch: int, size: int, steps: int) -> float:
+    model, optimizer = on_device(model, device)
     images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (batch,), device=device)
 
@@ -78,48 +91,103 @@ def with_torch_lrn(model: nn.Module) -> nn.Module:
     return model
 
 
-def ingest_subset(folder: Path, home: Path, per_class: int) -> Path:
-    """Ingest `per_class` training images per class (all if 0) plus the test split."""
+def ingest_subset(folder: Path, home: Path, per_class: int, dataset: str = "cifar10", **options) -> Path:
+    """Ingest `per_class` training images per class (all if 0) plus a fifth as many test images;
+    `options` are `IngestOptions` fields."""
     os.environ["CNNPIPE_HOME"] = str(home)
     from cnnpipe.sources import open_source
     from cnnpipe.store import DatasetStore, IngestOptions
 
-    subset = home / "subset"
+    subset = home / "subsets" / dataset
     for split in ("train", "test"):
         for class_dir in sorted((folder / split).iterdir()):
             target = subset / split / class_dir.name
             target.mkdir(parents=True)
             files = sorted(class_dir.iterdir())
-            keep = per_class if split == "train" else per_class // 5
+            keep = per_class if split == "train" else max(1, per_class // 5)
             # Hard links, not symbolic ones: ingest refuses a symbolic link that leaves the source.
             for path in files[:keep] if per_class else files:
                 (target / path.name).hardlink_to(path)
-    store = DatasetStore("cifar10")
+    store = DatasetStore(dataset)
     with store.lock():
-        store.commit(store.stage(open_source(str(subset)), IngestOptions()))
+        store.commit(store.stage(open_source(str(subset)), IngestOptions(**options)))
     return store.root
 
 
-def pipeline(dataset: Path, device: torch.device, batch: int) -> tuple[float, float, int]:
+def steady_epoch(model: nn.Module, source: ResidentImages | StreamingImages, augment: Augment, device: torch.device,
+                 batch: int) -> tuple[float, int]:
+    """Images/s and images of one epoch through cnn.train's loop, after the first batches of
+    another have warmed up the allocator and cuDNN's choice of kernels: a whole warm-up epoch
+    would add minutes on a CPU and measure nothing that three batches of one shape do not."""
+    model, optimizer = on_device(model, device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 10)
+    seen = 0
+
+    def counted():
+        nonlocal seen
+        for images, labels in source.batches(batch, generator, drop_last=True):
+            seen += len(labels)
+            yield images, labels
+
+    train_one_epoch(model, itertools.islice(counted(), 3), augment, optimizer, scheduler, generator)
+    synchronise(device)
+    seen = 0
+    started = time.perf_counter()
+    train_one_epoch(model, counted(), augment, optimizer, scheduler, generator)
+    synchronise(device)
+    return seen / (time.perf_counter() - started), seen
+
+
+def pipeline(dataset: Path, device: torch.device, batch: int) -> tuple[float, float, float, int]:
+    """Steady-epoch images/s resident, the same with decoding the split added, and streaming."""
     started = time.perf_counter()
     split = StoreSplit.open(dataset, "train")
     train = ResidentImages.load(split, 32, device)
     stats = ColourStats.from_images(train.images)
     load_seconds = time.perf_counter() - started
-    model = build_model("alexnet-cifar", 10, norm="batch").to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    generator = torch.Generator(device=device).manual_seed(0)
     augment = Augment(stats, 32, pad=4)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 10)
-    train_one_epoch(model, train.batches(batch, generator, drop_last=True), augment, optimizer, scheduler, generator)
+    steady, images = steady_epoch(build_model("alexnet-cifar", 10, norm="batch"), train, augment, device, batch)
+    streaming, _ = steady_epoch(build_model("alexnet-cifar", 10, norm="batch"), StreamingImages(split, 32, device),
+                                augment, device, batch)
+    return steady, images / (images / steady + load_seconds), streaming, images
+
+
+def decode_rate(groups: list[list[bytes]], device: torch.device) -> float:
+    """Images/s of `decode_images` at 256 px, one call per row group as `ResidentImages.load` makes them."""
+    decode_images(groups[0], 256, device)  # starts the thread pool or nvJPEG
     synchronise(device)
-    started = time.perf_counter()
-    metrics = train_one_epoch(model, train.batches(batch, generator, drop_last=True), augment, optimizer, scheduler,
-                              generator)
-    synchronise(device)
-    epoch_seconds = time.perf_counter() - started
-    images = len(train) - len(train) % batch
-    return images / epoch_seconds, images / (epoch_seconds + load_seconds), images if metrics else 0
+    decoded, started = 0, time.perf_counter()
+    while decoded == 0 or time.perf_counter() - started < 1.0:  # a small subset decodes in milliseconds
+        for blobs in groups:
+            decode_images(blobs, 256, device)
+            decoded += len(blobs)
+        synchronise(device)
+    return decoded / (time.perf_counter() - started)
+
+
+def alexnet_rows(folder: Path, home: Path, per_class: int, device: torch.device, batch: int,
+                 steps: int) -> list[tuple[str, float, float, str]]:
+    """Alexnet at 224 from a store resized to 256 on ingest, against its model-only rate and the decoders."""
+    model_rate = model_only(build_model("alexnet", 10), device, batch, 224, steps)
+    rows = [(f"model-only alexnet 224, norm=lrn, batch {batch}", model_rate, 1.0, "base of the alexnet 224 rows")]
+    # Every image in train: the source has no val/, and a tenth of train would become val.
+    dataset = ingest_subset(folder, home, per_class, "cifar10-256", resize=256, val_fraction=0.0)
+    split = StoreSplit.open(dataset, "train")
+    blobs = [split.read_group(*group)[0] for group in split.row_groups()]
+    ceilings = {"CPU threads": decode_rate(blobs, torch.device("cpu"))}
+    if device.type == "cuda":
+        ceilings["nvJPEG"] = decode_rate(blobs, device)
+    train = ResidentImages.load(split, decode_size(224), device)
+    augment = Augment(ColourStats.from_images(train.images), 224)
+    steady, images = steady_epoch(build_model("alexnet", 10), train, augment, device, batch)
+    # ResidentImages.load decodes with nvJPEG on CUDA, with the CPU threads elsewhere.
+    ceiling = ceilings["nvJPEG" if device.type == "cuda" else "CPU threads"]
+    target = min(0.80 * model_rate, 0.90 * ceiling)
+    rows.append((f"pipeline alexnet 224, steady epoch ({images:,} images)", steady, steady / model_rate,
+                 f">= min(0.80 of model-only, 0.90 of the decode ceiling) = {target:,.0f} images/s"))
+    rows += [(f"decode ceiling 256 px, {decoder}", rate, rate / model_rate, "") for decoder, rate in ceilings.items()]
+    return rows
 
 
 def baseline(folder: Path, device: torch.device, batch: int) -> float:
@@ -131,8 +199,7 @@ def baseline(folder: Path, device: torch.device, batch: int) -> float:
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
                                          num_workers=max(1, (os.cpu_count() or 2) - 1),
                                          pin_memory=device.type == "cuda", persistent_workers=False)
-    model = build_model("alexnet-cifar", 10, norm="batch").to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    model, optimizer = on_device(build_model("alexnet-cifar", 10, norm="batch"), device)
     seen = 0
     started = time.perf_counter()
     for images, labels in loader:
@@ -147,6 +214,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--subset", type=int, default=500, help="training images per class (0: all 5,000)")
+    parser.add_argument("--alexnet-per-class", type=int, default=None,
+                        help="training images per class for the alexnet 224 rows (default: 500 on CUDA, 8 on a CPU, "
+                             "where alexnet 224 trains tens of images a second; 0 skips the rows)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="model-only steps per figure")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
@@ -154,6 +224,8 @@ def main() -> None:
     device = torch.device(args.device)
     batch = args.batch_size or (512 if device.type == "cuda" else 128)
     steps = args.steps or (50 if device.type == "cuda" else 10)
+    alexnet_per_class = args.alexnet_per_class if args.alexnet_per_class is not None \
+        else 500 if device.type == "cuda" else 8
     if not CIFAR.exists():
         raise SystemExit(f"{CIFAR} is missing: this benchmark needs ../shared beside the checkout")
     rows = []
@@ -164,25 +236,28 @@ def main() -> None:
         dataset = ingest_subset(scratch / "cifar10", scratch / "home", args.subset)
         model_rate = model_only(build_model("alexnet-cifar", 10, norm="batch"), device, batch, 32, steps)
         rows.append(("model-only alexnet-cifar, norm=batch", model_rate, 1.0, ""))
-        steady, first, images = pipeline(dataset, device, batch)
+        steady, first, streaming, images = pipeline(dataset, device, batch)
         rows.append((f"pipeline, steady epoch ({images:,} images)", steady, steady / model_rate, ">= 0.85 of model-only"))
         rows.append(("pipeline, first epoch incl. decoding", first, first / model_rate, ""))
-        base = baseline(scratch / "home" / "subset" / "train", device, batch)
+        rows.append(("pipeline, streaming, steady epoch", streaming, streaming / model_rate, ""))
+        base = baseline(scratch / "home" / "subsets" / "cifar10" / "train", device, batch)
         rows.append(("baseline ImageFolder + DataLoader", base, base / model_rate,
                      f"pipeline {steady / base:.2f}x baseline (GPU >= 5x, CPU >= 1x)"))
         lrn = model_only(build_model("alexnet-cifar", 10, norm="lrn"), device, batch, 32, steps)
         rows.append(("model-only norm=lrn, ours", lrn, lrn / model_rate, ">= 0.70 of norm=batch"))
         torch_lrn = model_only(with_torch_lrn(build_model("alexnet-cifar", 10, norm="lrn")), device, batch, 32, steps)
         rows.append(("model-only norm=lrn, torch.nn.LRN", torch_lrn, torch_lrn / model_rate, ""))
-        if device.type == "cuda":
-            alexnet = model_only(build_model("alexnet", 10), device, batch // 2, 224, steps)
-            rows.append(("model-only alexnet 224, norm=lrn", alexnet, alexnet / model_rate, ""))
+        if alexnet_per_class:
+            # Alexnet 224 does ~50x alexnet-cifar's work per image: a smaller batch keeps a CPU's rows to seconds.
+            alexnet_batch = batch // 2 if device.type == "cuda" else batch // 8
+            rows += alexnet_rows(scratch / "cifar10", scratch / "home", alexnet_per_class, device, alexnet_batch, steps)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"\nTraining benchmark on {name}, batch {batch}, torch {torch.__version__}\n")
-    print(f"| {'figure':<42} | {'images/s':>10} | {'x model-only':>12} | target")
-    print(f"|{'-' * 44}|{'-' * 12}|{'-' * 14}|-------")
+    width = max(len(row[0]) for row in rows)
+    print(f"| {'figure':<{width}} | {'images/s':>10} | {'x model-only':>12} | target")
+    print(f"|{'-' * (width + 2)}|{'-' * 12}|{'-' * 14}|-------")
     for label, rate, ratio, target in rows:
-        print(f"| {label:<42} | {rate:>10,.0f} | {ratio:>12.2f} | {target}")
+        print(f"| {label:<{width}} | {rate:>10,.0f} | {ratio:>12.2f} | {target}")
     if args.json:
         args.json.write_text(json.dumps({
             "device": name, "batch": batch, "torch": torch.__version__, "baseline": "model-only alexnet-cifar",
