@@ -82,9 +82,10 @@ def baseline(folder: Path, predictor: Predictor, database: Path) -> float:
             for c, l in zip(confidence.tolist(), label.tolist()):
                 path = dataset.samples[index][0]
                 rows.append([path, "file://" + str(folder), path, "baseline", "1", None, predictor.classes[l], c,
-                             [{"label": predictor.classes[l], "probability": c}], 32, 32, "baseline", now])
+                             [{"label": predictor.classes[l], "probability": c}], 32, 32, "baseline", now, None,
+                             None])
                 index += 1
-            connection.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            connection.executemany(f"INSERT INTO predictions VALUES ({', '.join('?' * len(rows[0]))})", rows)
     return index / (time.perf_counter() - started)
 
 

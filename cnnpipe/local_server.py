@@ -31,6 +31,7 @@ DEFAULT_MLFLOW_PORT = 5000
 # A server on this machine answers in milliseconds; one that does not is taken as absent
 # rather than make every command wait on it.
 HEALTH_TIMEOUT_SECONDS = 0.5
+MLFLOW_HEALTH_TIMEOUT_SECONDS = 5.0
 # The first start on a busy 2-core machine migrates Prefect's database for half a minute or more.
 STARTUP_TIMEOUT_SECONDS = 180
 STOP_GRACE_SECONDS = 15
@@ -80,7 +81,9 @@ def local_mlflow_url(settings: Settings | None = None) -> str | None:
     if mlflow is None:
         return None
     url = _mlflow_url(_port_of(mlflow))
-    return url if _answers(f"{url}/health") else None
+    # Its process is alive, so a slow answer is load, not absence: worth waiting for rather than
+    # paying seconds to import mlflow instead.
+    return url if _answers(f"{url}/health", MLFLOW_HEALTH_TIMEOUT_SECONDS) else None
 
 
 def ui_urls(settings: Settings | None = None) -> tuple[str, str | None] | None:
@@ -320,13 +323,13 @@ def _tracks_locally(settings: Settings) -> bool:
     return not settings.mlflow_tracking_uri.startswith(("http://", "https://", "databricks"))
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, timeout: float = HEALTH_TIMEOUT_SECONDS) -> bool:
     import urllib.request
 
     # No proxy from the environment: these servers are on this machine.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(url, timeout=HEALTH_TIMEOUT_SECONDS) as response:
+        with opener.open(url, timeout=timeout) as response:
             return response.status == 200
     except (OSError, ValueError):
         return False
