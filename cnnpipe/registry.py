@@ -191,34 +191,6 @@ def champion_score(mlflow_client: MlflowClient, champion: ModelVersion, dataset_
     return figures["top1"], f"re-evaluated on dataset version {dataset_version_id}"
 
 
-def ensure_reference_profile(name: str, version: str, settings: Settings, device: str = "cpu") -> bool:
-    """Make sure a registered version has its reference profile in the predictions database: one
-    registered before monitoring gets it now, from its weights and its dataset's current version,
-    and in its MLflow run. False, with a warning, when that dataset is gone."""
-    from cnnpipe.predictions import record_reference_profile, reference_temperature
-
-    if reference_temperature(settings.predictions_db, name, str(version)) is not None:
-        return True
-    from cnn.train import profile_checkpoint
-    from cnnpipe.store import DatasetStore
-
-    mlflow_client = client(settings)
-    registered = resolve(mlflow_client, ModelRef(name, version=str(version)))
-    store = DatasetStore(registered.tags.get("dataset", ""), settings) if registered.tags.get("dataset") else None
-    if store is None or not store.exists():
-        log.warning("%s/%s has no reference profile, and its dataset %r is gone: its drift cannot be measured",
-                    name, version, registered.tags.get("dataset"))
-        return False
-    with tempfile.TemporaryDirectory(prefix="cnnpipe-profile-") as scratch:
-        profile = profile_checkpoint(download_weights(registered, Path(scratch)), store.local_copy(), device)
-    record_reference_profile(settings.predictions_db, name, str(version), store.manifest()["version_id"], profile)
-    if registered.run_id:
-        mlflow_client.log_dict(registered.run_id, profile, "monitoring/reference.json")
-    log.info("%s/%s: reference profile derived on dataset %s version %s (temperature %.3f)", name, version,
-             store.name, store.manifest()["version_id"], profile["temperature"])
-    return True
-
-
 def gate(mlflow_client: MlflowClient, challenger: ModelVersion, challenger_top1: float, dataset_dir: Path,
          dataset_version_id: str, min_improvement: float = 0.0, device: str = "cpu", *,
          alpha: float = MAJORITY_ALPHA, settings: Settings | None = None) -> GateDecision:

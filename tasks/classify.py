@@ -13,6 +13,7 @@ from cnnpipe import registry
 from cnnpipe.classify import ClassifySummary, classify_source, commit_shards, open_classify_source
 from cnnpipe.drift import drift_markdown, run_drift
 from cnnpipe.progress import progress_bar
+from cnnpipe.reference import ensure_reference_profile
 from cnnpipe.reports import classify_markdown
 from cnnpipe.settings import get_settings
 
@@ -29,7 +30,7 @@ def classify_images(source: str, model: str, checkpoint: str | None, device: str
     # Resolved once per run: an alias that moves mid-run does not mix versions in the rows.
     predictor = _predictor(model, checkpoint, device, batch_size)
     if not checkpoint:  # what its drift is measured against, derived once for a version that predates it
-        registry.ensure_reference_profile(predictor.name, predictor.version, settings, device)
+        ensure_reference_profile(predictor.name, predictor.version, settings, device)
     with progress_bar("classify") as update:
         return classify_source(open_classify_source(source), predictor, settings.predictions_db, settings.staging_dir,
                                run_id, on_progress=update)

@@ -362,16 +362,17 @@ def test_a_version_registered_before_monitoring_gets_its_reference_profile_on_de
 
     from cnn import train
     from cnnpipe.predictions import reference_temperature
+    from cnnpipe.reference import ensure_reference_profile
 
     settings = get_settings()
     version = register_version("premonitoring", 0.5)
     assert reference_temperature(settings.predictions_db, "premonitoring", "1") is None
-    assert not registry.ensure_reference_profile("premonitoring", "1", settings)  # its dataset is not here
+    assert not ensure_reference_profile("premonitoring", "1", settings)  # its dataset is not here
     shutil.copytree(shapes_dataset, settings.datasets_dir / "shapes")
-    assert registry.ensure_reference_profile("premonitoring", "1", settings)
+    assert ensure_reference_profile("premonitoring", "1", settings)
     temperature = reference_temperature(settings.predictions_db, "premonitoring", "1")
     assert 0.05 < temperature < 20
     logged = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/monitoring/reference.json")
     assert logged["images"] == 80 and logged["temperature"] == pytest.approx(temperature)
     monkeypatch.setattr(train, "profile_checkpoint", lambda *args, **kwargs: pytest.fail("derived twice"))
-    assert registry.ensure_reference_profile("premonitoring", "1", settings)
+    assert ensure_reference_profile("premonitoring", "1", settings)
