@@ -39,6 +39,13 @@ class Server:
     starts: list[subprocess.CompletedProcess]
 
 
+def _clean_environment() -> dict[str, str]:
+    """This process's environment without PREFECT_API_URL, and without the MLFLOW_TRACKING_URI that an
+    earlier test's in-process mlflow.set_tracking_uri may have left: the server serves $CNNPIPE_HOME's store."""
+    return {key: value for key, value in os.environ.items()
+            if key not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -46,14 +53,14 @@ def free_port() -> int:
 
 
 def cnnpipe(home: Path, *argv: str, timeout: float = 400, **extra_env: str) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env = _clean_environment()
     env.update(CNNPIPE_HOME=str(home), **extra_env)
     return subprocess.run([sys.executable, "-m", "cnnpipe.cli", *argv], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
 def probe_main(home: Path, **extra_env: str) -> tuple[str, bool, float]:
-    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env = _clean_environment()
     env.update(CNNPIPE_HOME=str(home), **extra_env)
     done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
     url, imported, seconds = done.stdout.split()[-3:]
@@ -95,7 +102,7 @@ def server(tmp_path_factory) -> Server:
     (home / "prefect" / "server.pid").write_text(str(_reaped_pid()))
     (home / "server").mkdir()
     (home / "server" / "mlflow.pid").write_text(str(_reaped_pid()))
-    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env = _clean_environment()
     env["CNNPIPE_HOME"] = str(home)
     argv = [sys.executable, "-m", "cnnpipe.cli", "server", "start", "--port", str(port), "--mlflow-port",
             str(mlflow_port)]
@@ -180,9 +187,11 @@ print(json.dumps([type(client).__name__, steps, listed, "mlflow" in sys.modules]
 
 @pytest.mark.slow
 def test_registry_commands_go_through_the_servers_mlflow_ui_without_importing_mlflow(server):
-    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    done = subprocess.run([sys.executable, "-c", REGISTRY_PROBE], env={**env, "CNNPIPE_HOME": str(server.home)},
-                          capture_output=True, text=True, timeout=300)
+    # The store the server serves, named outright: earlier tests in a session may leave MLflow's own
+    # MLFLOW_TRACKING_URI behind (mlflow.set_tracking_uri sets it), pointing elsewhere.
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL" and not key.startswith("MLFLOW_")}
+    env.update(CNNPIPE_HOME=str(server.home), MLFLOW_TRACKING_URI=f"sqlite:///{server.home / 'mlflow.db'}")
+    done = subprocess.run([sys.executable, "-c", REGISTRY_PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     client, steps, listed, mlflow_imported = json.loads(done.stdout.splitlines()[-1])
     assert client == "RestRegistry" and not mlflow_imported
