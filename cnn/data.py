@@ -80,39 +80,30 @@ class StoreSplit:
 
     def group_rows(self) -> list[tuple[Path, int, int]]:
         """Every row group with its number of rows in this split, from the split column alone."""
-        counted = []
-        for path, group in self.row_groups():
-            try:
-                splits = _opened(path).read_row_group(group, columns=["split"]).column("split")
-            except (pa.ArrowException, OSError) as exc:
-                raise UnreadablePart(path, f"row group {group} does not read: {_first_line(exc)}") from None
-            counted.append((path, group, splits.to_pylist().count(self.split)))
-        return counted
+        return [(path, group, len(self._rows(path, group, ["split"])["split"])) for path, group in self.row_groups()]
 
     def image_sizes(self) -> tuple[list[int], list[int]]:
         """The stored width and height of every image of this split."""
         widths, heights = [], []
-        for path in self.files:
-            try:
-                table = _opened(path).read(columns=["width", "height", "split"])
-            except (pa.ArrowException, OSError) as exc:
-                raise UnreadablePart(path, f"does not read: {_first_line(exc)}") from None
-            for width, height, split in zip(*(table.column(name).to_pylist() for name in ("width", "height", "split"))):
-                if split == self.split:
-                    widths.append(width)
-                    heights.append(height)
+        for path, group in self.row_groups():
+            rows = self._rows(path, group, ["width", "height"])
+            widths += rows["width"]
+            heights += rows["height"]
         return widths, heights
 
     def read_group(self, path: Path, group: int) -> tuple[list[bytes], list[int]]:
-        parquet = _opened(path)
+        index = {label: i for i, label in enumerate(self.classes)}
+        rows = self._rows(path, group, ["image", "label"])
+        return rows["image"], [index[label] for label in rows["label"]]
+
+    def _rows(self, path: Path, group: int, columns: list[str]) -> dict[str, list]:
+        """`columns` of this split's rows in one row group, naming the part if it does not read."""
         try:
-            table = parquet.read_row_group(group, columns=["image", "label", "split"])
+            table = _opened(path).read_row_group(group, columns=list(dict.fromkeys([*columns, "split"])))
         except (pa.ArrowException, OSError) as exc:
             raise UnreadablePart(path, f"row group {group} does not read: {_first_line(exc)}") from None
-        index = {label: i for i, label in enumerate(self.classes)}
         keep = [i for i, split in enumerate(table.column("split").to_pylist()) if split == self.split]
-        images, labels = table.column("image").to_pylist(), table.column("label").to_pylist()
-        return [images[i] for i in keep], [index[labels[i]] for i in keep]
+        return {name: [values[i] for i in keep] for name in columns for values in [table.column(name).to_pylist()]}
 
 
 def _opened(path: Path) -> pq.ParquetFile:
