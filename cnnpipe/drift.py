@@ -122,16 +122,3 @@ def run_drift(database: Path, classify_run_id: str) -> dict | None:
         cursor = connection.execute("SELECT * FROM drift_by_run WHERE classify_run_id = ?", [classify_run_id])
         row = cursor.fetchone()
         return dict(zip([column[0] for column in cursor.description], row)) if row else None
-
-
-def drift_markdown(drift: dict) -> str:
-    """A classify run's drift figures for its Prefect artifact."""
-    verdict = "**alert**: a figure passed its threshold" if drift["alert"] else "no alert"
-    rows = [("PSI, predicted classes", drift["psi"]), ("Jensen-Shannon distance", drift["js_distance"]),
-            ("estimated accuracy", drift["estimated_accuracy"]), ("confidence shift", drift["confidence_shift"]),
-            ("low-confidence share", drift["low_confidence_share"]), ("rejected inputs", drift["rejected_rate"]),
-            ("size shift", drift["size_shift"]), ("brightness shift", drift["brightness_shift"])]
-    return "\n".join([f"### Drift of `{drift['model_name']}` version `{drift['model_version']}`: {verdict}", "",
-                      f"{drift['images']:,} images against the version's reference profile "
-                      "(`cnnpipe monitor`, thresholds in `drift_thresholds`).", "", "| figure | value |", "|---|---:|",
-                      *(f"| {name} | {'' if value is None else f'{value:.3f}'} |" for name, value in rows)]) + "\n"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -329,8 +330,8 @@ def record_reference_profile(database: Path, model_name: str, model_version: str
         for table in ("reference_profiles", "reference_classes", "reference_confidence"):
             connection.execute(f"DELETE FROM {table} WHERE model_name = ? AND model_version = ?", key)
         connection.execute("INSERT INTO reference_profiles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())", [
-            *key, dataset_version, profile["images"], profile["temperature"], _finite(profile["top1"]),
-            _finite(profile["mean_confidence"]), _finite(profile["low_confidence_share"]), profile["width"]["mean"],
+            *key, dataset_version, profile["images"], profile["temperature"], finite_or_null(profile["top1"]),
+            finite_or_null(profile["mean_confidence"]), finite_or_null(profile["low_confidence_share"]), profile["width"]["mean"],
             profile["height"]["mean"], profile["brightness"]["mean"], profile["brightness"]["std"],
             json.dumps(profile)])
         connection.executemany("INSERT INTO reference_classes VALUES (?, ?, ?, ?, ?)", [
@@ -340,8 +341,9 @@ def record_reference_profile(database: Path, model_name: str, model_version: str
             for index, row in enumerate(profile["confidence_bins"])])
 
 
-def _finite(value: float) -> float | None:
-    return value if value == value else None  # NaN (no held-out images) is NULL in SQL
+def finite_or_null(value: float | None) -> float | None:
+    """A figure as SQL keeps it: NaN and infinities (nothing measured) become NULL."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def reference_temperature(database: Path, model_name: str, model_version: str) -> float | None:

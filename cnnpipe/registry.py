@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.locks import file_lock
 from cnnpipe.majority import MAJORITY_ALPHA, majority_test
-from cnnpipe.predictions import connect_for_writing, set_champion, transaction
+from cnnpipe.predictions import connect_for_writing, finite_or_null, set_champion, transaction
 from cnnpipe.settings import REGISTERED_MODEL, Settings, get_settings
 
 if TYPE_CHECKING:  # the mlflow package takes seconds to import: only the commands that need it pay
@@ -255,7 +255,7 @@ def _move_champion(mlflow_client: MlflowClient, name: str, expected: ModelVersio
     with transaction(database, checkpoint=True) as connection:
         connection.execute("INSERT INTO promotions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                            [promoted_at, name, version_id(expected), str(to_version), GATE_METRIC,
-                            _finite(from_value), _finite(to_value), reason])
+                            finite_or_null(from_value), finite_or_null(to_value), reason])
         set_champion(connection, name, str(to_version))
     try:
         mlflow_client.set_registered_model_alias(name, CHAMPION, to_version)
@@ -282,10 +282,6 @@ def _settle_interrupted_move(mlflow_client: MlflowClient, name: str, settings: S
     _take_back(settings.predictions_db, name, last[0], champion)
     log.warning("%s: the move of champion from %s to %s was interrupted before the alias moved; took it out of "
                 "the history", name, last[1] or "none", last[2])
-
-
-def _finite(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
 
 
 def _tagged_top1(version: ModelVersion | None) -> float | None:

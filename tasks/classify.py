@@ -11,10 +11,10 @@ from cnn.predict import Predictor
 from cnn.train import resolve_device
 from cnnpipe import registry
 from cnnpipe.classify import ClassifySummary, classify_source, commit_shards, open_classify_source
-from cnnpipe.drift import drift_markdown, run_drift
+from cnnpipe.drift import run_drift
 from cnnpipe.progress import progress_bar
 from cnnpipe.reference import ensure_reference_profile
-from cnnpipe.reports import classify_markdown
+from cnnpipe.reports import classify_markdown, drift_markdown
 from cnnpipe.settings import get_settings
 
 

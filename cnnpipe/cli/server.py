@@ -70,8 +70,8 @@ def demo() -> None:
     from cnnpipe.demo import write_demo_images
     from cnnpipe.output import write_result
     from cnnpipe.params import TrainingParams
-    from cnnpipe.drift import drift_markdown, run_drift
-    from cnnpipe.reports import classify_markdown, ingest_markdown
+    from cnnpipe.drift import run_drift
+    from cnnpipe.reports import classify_markdown, drift_markdown, ingest_markdown
     from cnnpipe.settings import get_settings
     from cnnpipe.sql import run_query
     from cnnpipe.store import DatasetStore
