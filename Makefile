@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export CNNPIPE_HOME ?= $(CURDIR)/.cnnpipe
 
-.PHONY: install demo stop test test-fast bench-ingest bench-train bench-recipe bench-classify bench-views clean
+.PHONY: install demo stop test test-fast bench-ingest bench-train bench-recipe bench-classify bench-views bench-monitor clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,9 @@ bench-classify: install
 
 bench-views: install
 	$(PY) bench/views.py
+
+bench-monitor: install
+	$(PY) bench/monitor.py
 
 # bench/gpu.sh's wheelhouse: what the GPU box (Python 3.12 on x86-64 Linux, with torch, torchvision,
 # pyarrow and numpy alone) lacks to run it, at this venv's versions, and CIFAR-10, since ../shared

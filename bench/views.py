@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from cnnpipe.drift import rebuild_summary  # noqa: E402
 from cnnpipe.predictions import connect_for_writing, set_champion  # noqa: E402
 from cnnpipe.sql import run_query  # noqa: E402
 
@@ -79,6 +80,7 @@ def build(database: Path, rows: int) -> None:
                                             TIMESTAMPTZ '2026-11-01 00:00:00+00'
             FROM range(0, {images}, 2) AS images(i)
         """)
+        rebuild_summary(connection)  # what add_predictions and record_ground_truth keep up to date
         connection.execute("CHECKPOINT")
 
 

@@ -34,6 +34,62 @@ DEFAULT_THRESHOLDS = {
     "brightness_shift": (0.1, "mean brightness (0-1) this far from the reference"),
 }
 SMALLEST_SHARE = 1e-4
+# A calibrated confidence under this is a low-confidence prediction, in every view and command.
+LOW_CONFIDENCE = 0.5
+
+
+# What every monitoring view sums, kept per classify run, day, model version and predicted label as
+# predictions arrive (`fold_into_summary`) and labels change (`rescore_summary`): the views then
+# read thousands of rows instead of scanning tens of millions of predictions (bench/monitor.py).
+_SUMMARY_KEY = "classify_run, day, model_name, model_version, label"
+_SUMMARY_FIGURES = f"""
+    coalesce(p.classify_run_id, '') AS classify_run, CAST(p.predicted_at AS DATE) AS day, p.model_name,
+    p.model_version, p.label, count(*) AS predicted, sum(coalesce(p.calibrated_confidence, p.confidence)) AS
+    confidence_sum, count_if(coalesce(p.calibrated_confidence, p.confidence) < {LOW_CONFIDENCE}) AS low_confidence,
+    sum(p.width) AS width_sum, count(p.width) AS sized, sum(p.height) AS height_sum,
+    sum(p.brightness) AS brightness_sum, count(p.brightness) AS measured"""
+SUMMARY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS prediction_summary (
+    classify_run VARCHAR NOT NULL, day DATE NOT NULL, model_name VARCHAR NOT NULL, model_version VARCHAR NOT NULL,
+    label VARCHAR NOT NULL, predicted BIGINT, confidence_sum DOUBLE, low_confidence BIGINT, width_sum HUGEINT,
+    sized BIGINT, height_sum HUGEINT, brightness_sum DOUBLE, measured BIGINT, labelled BIGINT, correct BIGINT,
+    PRIMARY KEY (classify_run, day, model_name, model_version, label)
+);
+"""
+_ADDED = ("predicted", "confidence_sum", "low_confidence", "width_sum", "sized", "height_sum", "brightness_sum",
+          "measured", "labelled", "correct")
+_FOLD = f"""
+INSERT INTO prediction_summary BY NAME
+SELECT {_SUMMARY_FIGURES}, count(g.label) AS labelled, count_if(g.label = p.label) AS correct
+FROM {{rows}} p LEFT JOIN ground_truth g USING (image_sha256)
+GROUP BY ALL
+ON CONFLICT ({_SUMMARY_KEY}) DO UPDATE SET {", ".join(f"{c} = prediction_summary.{c} + EXCLUDED.{c}" for c in _ADDED)}
+"""
+_RESCORE = """
+UPDATE prediction_summary SET labelled = 0, correct = 0 WHERE labelled > 0;
+UPDATE prediction_summary s SET labelled = a.labelled, correct = a.correct
+FROM (SELECT coalesce(p.classify_run_id, '') AS classify_run, CAST(p.predicted_at AS DATE) AS day, p.model_name,
+             p.model_version, p.label, count(*) AS labelled, count_if(g.label = p.label) AS correct
+      FROM predictions p JOIN ground_truth g USING (image_sha256) GROUP BY ALL) a
+WHERE s.classify_run = a.classify_run AND s.day = a.day AND s.model_name = a.model_name
+  AND s.model_version = a.model_version AND s.label = a.label;
+"""
+
+
+def fold_into_summary(connection, rows: str) -> None:
+    """Add the predictions in relation `rows` (new ones, never seen before) to the summary."""
+    connection.execute(_FOLD.format(rows=rows))
+
+
+def rescore_summary(connection) -> None:
+    """Recount labelled and correct predictions after `ground_truth` changed."""
+    connection.execute(_RESCORE)
+
+
+def rebuild_summary(connection) -> None:
+    """The summary from every prediction, for a database written before it existed."""
+    connection.execute("DELETE FROM prediction_summary")
+    fold_into_summary(connection, "predictions")
 
 
 def _drift_view(name: str, key: str, key_column: str, runs_key: str) -> str:
@@ -41,13 +97,12 @@ def _drift_view(name: str, key: str, key_column: str, runs_key: str) -> str:
     `runs_key` the same key over `classify_runs` for the rejected inputs."""
     return f"""
 CREATE OR REPLACE VIEW {name} AS
-WITH per_label AS (  -- one scan of predictions: every figure below is a sum of these
-    SELECT {key} AS {key_column}, model_name, model_version, label, count(*) AS predicted,
-           sum(coalesce(calibrated_confidence, confidence)) AS confidence_sum,
-           count_if(coalesce(calibrated_confidence, confidence) < 0.5) AS low_confidence,
-           sum(width) AS width_sum, count(width) AS sized, sum(height) AS height_sum,
-           sum(brightness) AS brightness_sum, count(brightness) AS measured
-    FROM predictions p
+WITH per_label AS (  -- every figure below is a sum of these
+    SELECT {key} AS {key_column}, model_name, model_version, label, sum(predicted) AS predicted,
+           sum(confidence_sum) AS confidence_sum, sum(low_confidence) AS low_confidence,
+           sum(width_sum) AS width_sum, sum(sized) AS sized, sum(height_sum) AS height_sum,
+           sum(brightness_sum) AS brightness_sum, sum(measured) AS measured
+    FROM prediction_summary p
     WHERE EXISTS (SELECT 1 FROM reference_profiles r
                   WHERE r.model_name = p.model_name AND r.model_version = p.model_version)
     GROUP BY ALL
@@ -105,20 +160,49 @@ CROSS JOIN limits l;
 """
 
 
-DRIFT_SCHEMA = f"""
+DRIFT_SCHEMA = f"""{SUMMARY_SCHEMA}
+CREATE OR REPLACE VIEW production_accuracy AS
+SELECT model_name, model_version, day, sum(labelled) AS labelled, sum(correct) / sum(labelled) AS top1
+FROM prediction_summary GROUP BY ALL HAVING sum(labelled) > 0;
 CREATE TABLE IF NOT EXISTS drift_thresholds (metric VARCHAR PRIMARY KEY, threshold DOUBLE NOT NULL, meaning VARCHAR);
 INSERT OR IGNORE INTO drift_thresholds VALUES {", ".join(
     f"('{metric}', {threshold}, '{meaning}')" for metric, (threshold, meaning) in DEFAULT_THRESHOLDS.items())};
-{_drift_view("drift_by_run", "classify_run_id", "classify_run_id", "classify_run_id")}
-{_drift_view("drift_daily", "CAST(predicted_at AS DATE)", "day", "CAST(finished_at AS DATE)")}
+{_drift_view("drift_by_run", "nullif(classify_run, '')", "classify_run_id", "classify_run_id")}
+{_drift_view("drift_daily", "day", "day", "CAST(finished_at AS DATE)")}
 """
 
 
 def run_drift(database: Path, classify_run_id: str) -> dict | None:
-    """The `drift_by_run` row of one classify run, or None when its model has no reference profile."""
+    """The `drift_by_run` row of one classify run, with what its picture shows under
+    `distributions`; None when its model has no reference profile."""
     from cnnpipe.predictions import connect_for_writing
 
     with connect_for_writing(database) as connection:
         cursor = connection.execute("SELECT * FROM drift_by_run WHERE classify_run_id = ?", [classify_run_id])
         row = cursor.fetchone()
-        return dict(zip([column[0] for column in cursor.description], row)) if row else None
+        if row is None:
+            return None
+        drift = dict(zip([column[0] for column in cursor.description], row))
+        drift["distributions"] = _distributions(connection, classify_run_id, drift["model_name"],
+                                                drift["model_version"])
+        return drift
+
+
+def _distributions(connection, classify_run_id: str, model_name: str, model_version: str) -> dict:
+    """The share of each class among a run's predictions, and of each reference confidence bin
+    among its calibrated confidences, beside the reference's own."""
+    key = [model_name, model_version]
+    connection.execute("CREATE OR REPLACE TEMP TABLE run_rows AS SELECT label, coalesce(calibrated_confidence, "
+                       "confidence) AS confidence FROM predictions WHERE classify_run_id = ? AND model_name = ? "
+                       "AND model_version = ?", [classify_run_id, *key])
+    total = max(1, connection.execute("SELECT count(*) FROM run_rows").fetchone()[0])
+    classes = connection.execute(
+        "SELECT c.label, (SELECT count(*) FROM run_rows r WHERE r.label = c.label) / ?, c.predicted_share "
+        "FROM reference_classes c WHERE model_name = ? AND model_version = ? ORDER BY c.label",
+        [total, *key]).fetchall()
+    bins = connection.execute(
+        "SELECT b.low, b.high, (SELECT count(*) FROM run_rows r WHERE r.confidence >= b.low AND (r.confidence "
+        "< b.high OR b.high >= 1)) / ?, b.share FROM reference_confidence b WHERE model_name = ? AND "
+        "model_version = ? ORDER BY b.bin", [total, *key]).fetchall()
+    connection.execute("DROP TABLE run_rows")
+    return {"classes": classes, "bins": bins}

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -28,7 +29,8 @@ from typing import TypeVar
 import duckdb
 
 from cnn.failpoints import failpoint
-from cnnpipe.drift import DRIFT_SCHEMA
+from cnnpipe.drift import (DRIFT_SCHEMA, LOW_CONFIDENCE, fold_into_summary, rebuild_summary,
+                           rescore_summary)
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.locks import file_lock
 
@@ -108,13 +110,8 @@ CREATE OR REPLACE VIEW latest_predictions AS SELECT * EXCLUDE (champion) FROM la
 CREATE OR REPLACE VIEW class_counts AS
 SELECT CAST(predicted_at AS DATE) AS day, model_name, model_version, label, count(*) AS images
 FROM predictions GROUP BY ALL;
-CREATE OR REPLACE VIEW production_accuracy AS
-SELECT p.model_name, p.model_version, CAST(p.predicted_at AS DATE) AS day, count(*) AS labelled,
-       avg(CAST(p.label = g.label AS DOUBLE)) AS top1
-FROM predictions p JOIN ground_truth g USING (image_sha256)
-GROUP BY ALL;
 CREATE OR REPLACE VIEW low_confidence AS
-SELECT * FROM latest_predictions WHERE confidence < 0.5;
+SELECT * FROM latest_predictions WHERE confidence < {LOW_CONFIDENCE};
 CREATE OR REPLACE VIEW disagreements AS
 SELECT a.image_sha256, a.member_path, a.model_name,
        a.model_version AS version_a, a.label AS label_a, a.confidence AS confidence_a,
@@ -204,11 +201,14 @@ def connect_for_writing(path: Path, retries: int = LOCK_RETRIES) -> duckdb.DuckD
             connection.execute("".join(f"ALTER TABLE IF EXISTS {table} ADD COLUMN IF NOT EXISTS {name} {kind};"
                                        for table in ("predictions", "latest_by_image") for name, kind in _ADDED_COLUMNS))
             connection.execute(SCHEMA)
-            counts = connection.execute("SELECT (SELECT count(*) FROM predictions), "
-                                        "(SELECT count(*) FROM latest_by_image)").fetchone()
-            if counts[0] and not counts[1]:  # a database from before latest_by_image existed
+            counts = connection.execute("SELECT (SELECT count(*) FROM predictions), (SELECT count(*) FROM "
+                                        "latest_by_image), (SELECT count(*) FROM prediction_summary)").fetchone()
+            if counts[0] and not (counts[1] and counts[2]):  # a database from before these tables existed
                 connection.execute("BEGIN")
-                rebuild_latest(connection)
+                if not counts[1]:
+                    rebuild_latest(connection)
+                if not counts[2]:
+                    rebuild_summary(connection)
                 connection.execute("COMMIT")
         except BaseException:
             connection.close()
@@ -242,6 +242,9 @@ def transaction(path: Path, retries: int = LOCK_RETRIES, checkpoint: bool = Fals
 
 
 _COLUMNS = tuple(line.split()[0] for line in _PREDICTION_COLUMNS.strip().splitlines())
+# What `prediction_summary` needs of each new row.
+_SUMMARISED = ("image_sha256", "classify_run_id", "predicted_at", "model_name", "model_version", "label", "confidence",
+               "calibrated_confidence", "width", "height", "brightness")
 # Versions that are not numbers (checkpoint hashes) rank below numbered ones.
 _PREFERRED = """(new.champion > old.champion OR (new.champion = old.champion AND (
     coalesce(version_number(new.model_version), -1) > coalesce(version_number(old.model_version), -1) OR (
@@ -276,12 +279,17 @@ def add_predictions(connection: duckdb.DuckDBPyConnection, select: str, paramete
     # Parts staged before a column was added (a run killed across an upgrade) still commit.
     for name, kind in _ADDED_COLUMNS:
         connection.execute(f"ALTER TABLE incoming ADD COLUMN IF NOT EXISTS {name} {kind}")
-    before = connection.execute("SELECT count(*) FROM predictions").fetchone()[0]
-    connection.execute("INSERT INTO predictions BY NAME SELECT * FROM incoming ON CONFLICT DO NOTHING")
-    inserted = connection.execute("SELECT count(*) FROM predictions").fetchone()[0] - before
+    cursor = connection.execute("INSERT INTO predictions BY NAME SELECT * FROM incoming ON CONFLICT DO NOTHING "
+                                f"RETURNING {', '.join(_SUMMARISED)}")
+    with warnings.catch_warnings():  # the copy it warns of is of one part's new rows, a few columns
+        warnings.filterwarnings("ignore", "Arrow output on a DB-API result")
+        new_rows = cursor.to_arrow_table()
+    connection.register("new_rows", new_rows)
+    fold_into_summary(connection, "new_rows")
+    connection.unregister("new_rows")
     connection.execute(_FOLD_INTO_LATEST)
     connection.execute("DROP TABLE incoming")
-    return inserted
+    return len(new_rows)
 
 
 def set_champion(connection: duckdb.DuckDBPyConnection, model_name: str, model_version: str | None) -> None:
@@ -319,6 +327,7 @@ def record_ground_truth(database: Path, dataset: str, version_id: str, labels) -
         connection.execute("INSERT OR REPLACE INTO ground_truth SELECT sha256, any_value(label), ?, ?, now() "
                            "FROM labels GROUP BY sha256", [dataset, version_id])
         connection.unregister("labels")
+        rescore_summary(connection)
     return len(labels)
 
 
@@ -339,6 +348,28 @@ def record_reference_profile(database: Path, model_name: str, model_version: str
         connection.executemany("INSERT INTO reference_confidence VALUES (?, ?, ?, ?, ?, ?, ?)", [
             [*key, index, row["low"], row["high"], row["share"], row["accuracy"]]
             for index, row in enumerate(profile["confidence_bins"])])
+
+
+def version_condition(model_ref: str, table: str) -> str:
+    """SQL keeping the rows of `table` (any with model_name and model_version) that one model
+    made: NAME (every version), NAME/VERSION, or NAME@champion (its version in `champions`)."""
+    from cnnpipe.registry import CHAMPION, parse_model_ref
+
+    ref = parse_model_ref(model_ref) if "@" in model_ref or "/" in model_ref else None
+    name = _quoted(ref.name if ref else model_ref.strip())
+    if ref is None:
+        return f"{table}.model_name = {name}"
+    if ref.version:
+        return f"{table}.model_name = {name} AND {table}.model_version = {_quoted(ref.version)}"
+    if ref.alias == CHAMPION:
+        return (f"{table}.model_name = {name} AND {table}.model_version = "
+                f"(SELECT model_version FROM champions c WHERE c.model_name = {name})")
+    raise CnnpipeError(f"--model {model_ref}: give NAME, NAME/VERSION or NAME@{CHAMPION}; the predictions "
+                       f"database knows no other alias")
+
+
+def _quoted(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def finite_or_null(value: float | None) -> float | None:

@@ -7,6 +7,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+from cnnpipe.errors import CnnpipeError
 from cnnpipe.registry import ModelRef, client, download_weights, resolve
 from cnnpipe.settings import Settings
 
@@ -15,8 +16,9 @@ log = logging.getLogger("cnnpipe.reference")
 
 def ensure_reference_profile(name: str, version: str, settings: Settings, device: str = "cpu") -> bool:
     """Make sure a registered version has its reference profile in the predictions database: one
-    registered before monitoring gets it now, from its weights and its dataset's current version,
-    and in its MLflow run. False, with a warning, when that dataset is gone."""
+    registered before monitoring gets it now, from its weights and the dataset version it was
+    trained on (the current one when that version is gone), and in its MLflow run. False, with a
+    warning, when the dataset is gone."""
     from cnnpipe.predictions import record_reference_profile, reference_temperature
 
     if reference_temperature(settings.predictions_db, name, str(version)) is not None:
@@ -31,11 +33,18 @@ def ensure_reference_profile(name: str, version: str, settings: Settings, device
         log.warning("%s/%s has no reference profile, and its dataset %r is gone: its drift cannot be measured",
                     name, version, registered.tags.get("dataset"))
         return False
+    trained_on = registered.tags.get("dataset_version_id", "")
+    try:
+        dataset_dir, dataset_version = store.as_of(trained_on), trained_on
+    except CnnpipeError as exc:
+        dataset_dir, dataset_version = store.local_copy(), store.manifest()["version_id"]
+        log.warning("%s/%s: %s; its reference profile is derived on the current version %s instead", name, version,
+                    exc, dataset_version)
     with tempfile.TemporaryDirectory(prefix="cnnpipe-profile-") as scratch:
-        profile = profile_checkpoint(download_weights(registered, Path(scratch)), store.local_copy(), device)
-    record_reference_profile(settings.predictions_db, name, str(version), store.manifest()["version_id"], profile)
+        profile = profile_checkpoint(download_weights(registered, Path(scratch)), dataset_dir, device)
+    record_reference_profile(settings.predictions_db, name, str(version), dataset_version, profile)
     if registered.run_id:
         mlflow_client.log_dict(registered.run_id, profile, "monitoring/reference.json")
     log.info("%s/%s: reference profile derived on dataset %s version %s (temperature %.3f)", name, version,
-             store.name, store.manifest()["version_id"], profile["temperature"])
+             store.name, dataset_version, profile["temperature"])
     return True

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+from pathlib import Path
+
 from cnnpipe.outcomes import TrainingOutcome
 from cnnpipe.store import DamagedPart, DatasetStore, IngestSummary
 
@@ -151,8 +154,9 @@ def training_markdown(outcome: TrainingOutcome) -> str:
     return "\n".join(lines) + "\n"
 
 
-def drift_markdown(drift: dict) -> str:
-    """A classify run's drift figures for its Prefect artifact."""
+def drift_markdown(drift: dict, picture: Path | None = None) -> str:
+    """A classify run's drift figures for its Prefect artifact, with its picture inline (the Prefect
+    UI cannot reach this machine's files), and where the picture is kept."""
     verdict = "**alert**: a figure passed its threshold" if drift["alert"] else "no alert"
     rows = [("PSI, predicted classes", drift["psi"]), ("Jensen-Shannon distance", drift["js_distance"]),
             ("estimated accuracy", drift["estimated_accuracy"]), ("confidence shift", drift["confidence_shift"]),
@@ -161,4 +165,7 @@ def drift_markdown(drift: dict) -> str:
     return "\n".join([f"### Drift of `{drift['model_name']}` version `{drift['model_version']}`: {verdict}", "",
                       f"{drift['images']:,} images against the version's reference profile "
                       "(`cnnpipe monitor`, thresholds in `drift_thresholds`).", "", "| figure | value |", "|---|---:|",
-                      *(f"| {name} | {'' if value is None else f'{value:.3f}'} |" for name, value in rows)]) + "\n"
+                      *(f"| {name} | {'' if value is None else f'{value:.3f}'} |" for name, value in rows),
+                      *(["", f"![predicted classes and confidence against the reference](data:image/png;base64,"
+                             f"{base64.b64encode(picture.read_bytes()).decode()})", "", f"Kept at `{picture}`."]
+                        if picture else [])]) + "\n"

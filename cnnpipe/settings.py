@@ -65,6 +65,11 @@ class Settings:
         return self.home / "predictions.duckdb"
 
     @property
+    def reports_dir(self) -> Path:
+        """Pictures the flows' Prefect artifacts show, kept as files too."""
+        return self.home / "reports"
+
+    @property
     def demo_dir(self) -> Path:
         return self.home / "demo"
 

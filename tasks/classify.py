@@ -70,10 +70,15 @@ def report_classify(summary: ClassifySummary) -> ClassifySummary:
 def monitor_drift(summary: ClassifySummary) -> dict | None:
     """The run's drift against its model's reference: a Prefect artifact, and on an alert the event
     `cnnpipe.model.drift`, which a deployment trigger can turn into a retraining."""
-    drift = run_drift(get_settings().predictions_db, summary.run_id)
+    settings = get_settings()
+    drift = run_drift(settings.predictions_db, summary.run_id)
     if drift is None:
         return None
-    create_markdown_artifact(drift_markdown(drift), key="classify-drift",
+    from cnnpipe.plots import drift_distributions  # matplotlib, only for a run with a reference to draw
+
+    picture = drift_distributions(drift["distributions"], f"{drift['model_name']}/{drift['model_version']}, "
+                                  f"{drift['images']:,} images", settings.reports_dir / "drift" / f"{summary.run_id}.png")
+    create_markdown_artifact(drift_markdown(drift, picture), key="classify-drift",
                              description=f"Drift of {summary.model_name}/{summary.model_version}")
     if drift["alert"]:
         emit_event(event="cnnpipe.model.drift",

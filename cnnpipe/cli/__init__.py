@@ -4,6 +4,7 @@
     training.py   train, retrain, serve (their options come from `cnnpipe.params` through knobs.py)
     models.py     models, promote, rollback
     classify.py   classify, sql, monitor
+    review.py     review export
     server.py     server start/stop/status, demo
 
 Heavy imports (torch, prefect, mlflow) happen inside the commands that need them, so
@@ -50,6 +51,7 @@ def cli() -> None:
       cnnpipe models
       cnnpipe classify ./inbox                       # with cnn-classifier@champion
       cnnpipe sql "SELECT label, count(*) FROM latest_predictions GROUP BY label"
+      cnnpipe review export review/                  # least confident, to correct and ingest
       cnnpipe serve --dataset cifar10 --source ./incoming --inbox ./inbox
     """
 
@@ -86,8 +88,8 @@ def _ensure_prefect_home() -> None:
 
 
 # Each module lists its commands; `cnnpipe --help` shows them by name.
-from cnnpipe.cli import classify, data, models, server, training  # noqa: E402
+from cnnpipe.cli import classify, data, models, review, server, training  # noqa: E402
 
-for _module in (data, training, models, classify, server):
+for _module in (data, training, models, classify, review, server):
     for _command in _module.COMMANDS:
         cli.add_command(_command)

@@ -122,23 +122,12 @@ def monitor(model_ref: str | None, since, daily: bool, output_format: str) -> No
       cnnpipe monitor --daily --format csv | grep true
     """
     from cnnpipe.output import write_result
-    from cnnpipe.registry import parse_model_ref
+    from cnnpipe.predictions import version_condition
     from cnnpipe.settings import get_settings
     from cnnpipe.sql import QueryLimits, run_query
 
     view, key = ("drift_daily", "day") if daily else ("drift_by_run", "classify_run_id")
-    conditions = []
-    if model_ref:
-        ref = parse_model_ref(model_ref) if "@" in model_ref or "/" in model_ref else None
-        name = ref.name if ref else model_ref
-        conditions.append(f"d.model_name = {_quoted(name)}")
-        if ref and ref.version:
-            conditions.append(f"d.model_version = {_quoted(ref.version)}")
-        elif ref and ref.alias == "champion":
-            conditions.append("d.model_version = (SELECT model_version FROM champions c WHERE c.model_name = "
-                              f"{_quoted(name)})")
-        elif ref:
-            raise CnnpipeError(f"--model {model_ref}: give NAME, NAME/VERSION or NAME@champion")
+    conditions = [version_condition(model_ref, "d")] if model_ref else []
     if since:
         time = "day" if daily else "(SELECT finished_at FROM classify_runs r WHERE r.classify_run_id = d.classify_run_id)"
         conditions.append(f"{time} >= DATE '{since:%Y-%m-%d}'")
@@ -154,10 +143,6 @@ def monitor(model_ref: str | None, since, daily: bool, output_format: str) -> No
                    "reference profile).")
         return
     write_result(result, output_format, None, count_rows=False)
-
-
-def _quoted(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 COMMANDS = (classify, sql, monitor)

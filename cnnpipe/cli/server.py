@@ -95,6 +95,8 @@ def demo() -> None:
     drift = run_drift(settings.predictions_db, summary.run_id)
     if drift:  # none when the gate kept an older champion registered before monitoring
         print_markdown(drift_markdown(drift))
+        click.echo(f"Its picture, classes and confidence against the reference: "
+                   f"{settings.reports_dir / 'drift' / f'{summary.run_id}.png'}")
     files = f"{DatasetStore('shapes').root}/**/*.parquet"
     click.echo(f"""
 Where to look next:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cnn.failpoints import failpoint
+from cnn.layout import MANIFEST
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsutil import atomic_write_json
 from cnnpipe.locations import DamagedJson, Folder, location
@@ -158,6 +159,31 @@ class DatasetStore:
             os.replace(partial, local)
         atomic_write_json(target / "manifest.json", manifest)
         return target
+
+    def as_of(self, version_id: str) -> Path:
+        """A local folder that reads as this dataset did at `version_id`, for work that must see
+        the images a model was trained on: the local copy itself at the current version, else a
+        folder under the cache with that version's manifest and links to its version folders
+        (a committed version never changes, so the folder stays right once written)."""
+        root, manifest = self.local_copy(), self.manifest()
+        if manifest["version_id"] == version_id:
+            return root
+        number = next((v["version"] for v in manifest["versions"] if v["version_id"] == version_id), None)
+        if number is None:
+            raise CnnpipeError(f"dataset {self.name} has no version {version_id} (its versions are "
+                               f"{', '.join(v['version_id'] for v in manifest['versions'])})")
+        pinned = self.settings.dataset_cache_dir / "as-of" / self.name / version_id
+        if not (pinned / MANIFEST).exists():
+            building = pinned.with_name(f"{version_id}.{os.getpid()}.tmp")
+            shutil.rmtree(building, ignore_errors=True)
+            building.mkdir(parents=True)
+            for version in manifest["versions"]:
+                if version["version"] <= number:
+                    (building / version_folder(version["version"])).symlink_to(root / version_folder(version["version"]))
+            atomic_write_json(building / MANIFEST, derive_manifest(self.name, self.location, up_to=number))
+            shutil.rmtree(pinned, ignore_errors=True)
+            os.replace(building, pinned)
+        return pinned
 
     # ---- writing -------------------------------------------------------------------
 

@@ -53,12 +53,15 @@ def lists_every_version(manifest: dict | None, location: Folder | ObjectStore) -
             and [version_folder(v["version"]) for v in manifest["versions"]] == location.versions())
 
 
-def derive_manifest(name: str, location: Folder | ObjectStore) -> dict:
-    """The manifest that the committed versions' `version.json` files add up to."""
+def derive_manifest(name: str, location: Folder | ObjectStore, up_to: int | None = None) -> dict:
+    """The manifest that the committed versions' `version.json` files add up to, or only those
+    up to version `up_to`: the dataset as it was then."""
     manifest = _empty_manifest(name)
     counts: defaultdict[str, Counter] = defaultdict(Counter)
     for directory in location.versions():
         info = location.read_json(f"{directory}/version.json")
+        if up_to is not None and info["version"] > up_to:
+            break
         manifest["files"] += [{"path": f"{directory}/{f['path']}", "rows": f["rows"], "version": info["version"]}
                               for f in info["files"]]
         manifest["versions"].append({k: info[k] for k in ("version", "version_id", "created_at", "source_uri", "rows")})

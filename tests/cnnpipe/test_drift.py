@@ -164,6 +164,17 @@ def test_a_classify_run_that_drifted_emits_the_event_a_retraining_trigger_waits_
     emitted = [event for client in AssertingEventsClient.all for event in client.events
                if event.event == "cnnpipe.model.drift" and event.resource.id == resource]
     assert len(emitted) == 1 and emitted[0].payload["classify_run_id"] == "dark"
+    # Its artifact shows the figures and one picture: class shares and confidence against the reference.
+    from prefect.artifacts import Artifact
+
+    assert "data:image/png;base64," in Artifact.get("classify-drift").data
+    assert (get_settings().reports_dir / "drift" / "dark.png").read_bytes().startswith(b"\x89PNG")
+    drawn = dark["distributions"]
+    assert [(label, reference_share) for label, _, reference_share in drawn["classes"]] == \
+        [(row["label"], pytest.approx(row["predicted_share"])) for row in sorted(reference["classes"],
+                                                                                   key=lambda row: row["label"])]
+    assert sum(share for _, share, _ in drawn["classes"]) == pytest.approx(1)
+    assert sum(share for _, _, share, _ in drawn["bins"]) == pytest.approx(1)
     assert monitor_drift.fn(ClassifySummary("inbox", "no-reference", "1", "other")) is None
 
     from click.testing import CliRunner

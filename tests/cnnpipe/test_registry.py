@@ -22,6 +22,9 @@ from cnnpipe import registry
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.registry import ModelRef, parse_model_ref
 from cnnpipe.settings import get_settings
+from cnnpipe.sources import open_source
+from cnnpipe.store import DatasetStore, IngestOptions
+from tests.imagefactory import write_class_folders
 
 pytestmark = pytest.mark.slow
 
@@ -355,7 +358,8 @@ def test_concurrent_gates_leave_one_champion_on_the_better_model(cnnpipe_home, s
 
 
 def test_a_version_registered_before_monitoring_gets_its_reference_profile_on_demand(register_version,
-                                                                                    shapes_dataset, monkeypatch):
+                                                                                    shapes_dataset, monkeypatch,
+                                                                                    tmp_path):
     import shutil
 
     import mlflow
@@ -369,10 +373,19 @@ def test_a_version_registered_before_monitoring_gets_its_reference_profile_on_de
     assert reference_temperature(settings.predictions_db, "premonitoring", "1") is None
     assert not ensure_reference_profile("premonitoring", "1", settings)  # its dataset is not here
     shutil.copytree(shapes_dataset, settings.datasets_dir / "shapes")
+    # Images added since it was trained must not enter its profile: it is derived on its own version.
+    store = DatasetStore("shapes", settings)
+    trained_on = store.manifest()["version_id"]
+    write_class_folders(tmp_path / "later", {"circle": 30, "square": 30}, split="test")
+    with store.lock():
+        store.commit(store.stage(open_source(str(tmp_path / "later")), IngestOptions(workers=0)))
+    assert store.manifest()["version_id"] != trained_on
     assert ensure_reference_profile("premonitoring", "1", settings)
     temperature = reference_temperature(settings.predictions_db, "premonitoring", "1")
     assert 0.05 < temperature < 20
     logged = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/monitoring/reference.json")
     assert logged["images"] == 80 and logged["temperature"] == pytest.approx(temperature)
+    with duckdb.connect(str(settings.predictions_db), read_only=True) as connection:
+        assert connection.execute("SELECT dataset_version FROM reference_profiles").fetchall() == [(trained_on,)]
     monkeypatch.setattr(train, "profile_checkpoint", lambda *args, **kwargs: pytest.fail("derived twice"))
     assert ensure_reference_profile("premonitoring", "1", settings)

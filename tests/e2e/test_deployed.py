@@ -18,10 +18,12 @@ from collections import Counter
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import psutil
 import pytest
+from PIL import Image
 
-from cnnpipe.demo import write_demo_images
+from cnnpipe.demo import SHAPES, encode, render_shape, write_demo_images
 from tests.e2e.servers import BIN, http_ready, mlflow_server, postgres, prefect_server, process, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -73,6 +75,15 @@ def _scheduled_start_times(api: str, deployment_id: str) -> list[str]:
         "deployments": {"id": {"any_": [deployment_id]}},
         "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}, "limit": 200})
     return [run["expected_start_time"] for run in runs]
+
+
+def write_darkened_shapes(folder: Path, count: int) -> None:
+    """New demo shapes at a third of their brightness: what a camera with a failing exposure sends."""
+    rng = np.random.default_rng(7)
+    folder.mkdir(parents=True)
+    for index in range(count):
+        image = np.asarray(render_shape(SHAPES[index % len(SHAPES)], rng)) * 0.3
+        (folder / f"{index:04d}.png").write_bytes(encode(Image.fromarray(image.astype(np.uint8)), "PNG"))
 
 
 def test_the_deployed_pipeline_on_postgres_prefect_and_mlflow_servers(tmp_path):
@@ -149,7 +160,29 @@ def test_the_deployed_pipeline_on_postgres_prefect_and_mlflow_servers(tmp_path):
                     assert not [t for t, n in Counter(times).items() if n > 1], times
                 assert before, "the scheduler made no runs to compare"
 
-    # 6. Everything stopped: no child process and no server of this test is left.
+                # 6. Drift starts a retraining: with the documented trigger turned on, a classify run of
+                # darkened images emits cnnpipe.model.drift, and the trigger creates a retrain/nightly run.
+                enabled = tmp_path / "prefect-drift.yaml"
+                text = (REPO / "deploy" / "prefect.yaml").read_text()
+                assert text.count("enabled: false") == 1
+                enabled.write_text(text.replace("enabled: false", "enabled: true"))
+                _cli(env, "deploy", "--name", "nightly", "--prefect-file", str(enabled))
+                write_darkened_shapes(tmp_path / "dark", 100)
+                classified = subprocess.run([str(BIN / "cnnpipe"), "classify", str(tmp_path / "dark")], env=env,
+                                            capture_output=True, text=True, timeout=300)
+                assert classified.returncode == 0, classified.stdout + classified.stderr
+                drifted = _post_json(f"{api}/events/filter", {
+                    "filter": {"event": {"name": ["cnnpipe.model.drift"]}}, "limit": 10})["events"]
+                assert [event["resource"]["version"] for event in drifted] == [version["version"]]
+
+                def triggered():
+                    runs = _post_json(f"{api}/flow_runs/filter", {"deployments": {"id": {"any_": [nightly["id"]]}},
+                                                                   "limit": 200})
+                    return [run for run in runs if (run.get("created_by") or {}).get("type") == "AUTOMATION"]
+
+                assert len(wait_for(triggered, "a retrain/nightly run created by the drift trigger", 120)) == 1
+
+    # 7. Everything stopped: no child process and no server of this test is left.
     time.sleep(1)
     assert [c for c in psutil.Process().children(recursive=True) if c.pid not in already_running] == []
     leftovers = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])

@@ -1,0 +1,170 @@
+"""The review loop on real parts: predictions in DuckDB from a trained model, images re-read from a
+folder and a tar.gz, the store as fallback, and labels.csv ingested back into a dataset."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import shutil
+import tarfile
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+from cnn.predict import Predictor
+from cnnpipe.classify import classify_source
+from cnnpipe.demo import SHAPES, encode, render_shape
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.predictions import connect_for_writing, transaction
+from cnnpipe.review import choose, export_for_review
+from cnnpipe.settings import get_settings
+from cnnpipe.sources import open_source
+from cnnpipe.store import DatasetStore, IngestOptions
+from tasks.ingest import record_labels
+
+pytestmark = pytest.mark.slow
+
+
+def write_shapes(folder: Path, count: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        shape = SHAPES[index % len(SHAPES)]
+        (folder / shape).mkdir(parents=True, exist_ok=True)
+        (folder / shape / f"{seed}-{index}.png").write_bytes(encode(render_shape(shape, rng), "PNG"))
+
+
+def classify(source: Path, checkpoint: Path, version: str, run_id: str) -> None:
+    settings = get_settings()
+    classify_source(open_source(str(source)), Predictor(checkpoint, name="shapes", version=version),
+                    settings.predictions_db, settings.staging_dir, run_id)
+
+
+def rows_of(sql: str, parameters: list | None = None) -> list[tuple]:
+    with duckdb.connect(str(get_settings().predictions_db), read_only=True) as connection:
+        return connection.execute(sql, parameters or []).fetchall()
+
+
+def read_labels(folder: Path) -> list[dict]:
+    with open(folder / "labels.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture
+def classified(tmp_path, shapes_checkpoints) -> dict[str, Path]:
+    """40 new shapes in a folder and 40 in a tar.gz, classified by versions 1 and 2 (after one and
+    two epochs, so they are unsure of many and disagree on some)."""
+    inbox, packed = tmp_path / "inbox", tmp_path / "packed"
+    write_shapes(inbox, 40, seed=101)
+    write_shapes(packed, 40, seed=202)
+    archive = tmp_path / "archive.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(packed, arcname=".")
+    for version, checkpoint in (("1", shapes_checkpoints[0]), ("2", shapes_checkpoints[-1])):
+        for source in (inbox, archive):
+            classify(source, checkpoint, version, f"run-{version}-{source.name}")
+    return {"inbox": inbox, "archive": archive}
+
+
+def test_low_confidence_exports_the_least_confident_unlabelled_images_from_their_sources(classified, tmp_path):
+    database = get_settings().predictions_db
+    unsure = rows_of("SELECT image_sha256, coalesce(calibrated_confidence, confidence) AS c FROM predictions "
+                     "WHERE model_version = '1' AND c < 0.5 ORDER BY c, image_sha256")
+    assert len(unsure) > 5, "one epoch left too few unsure predictions to choose from"
+    labelled = unsure[0][0]
+    with transaction(database) as connection:
+        connection.execute("INSERT INTO ground_truth VALUES (?, 'circle', 'reviewed', 'v1', now())", [labelled])
+
+    chosen = choose(database, "shapes/1", "low-confidence", limit=5)
+    assert [row["image_sha256"] for row in chosen] == [sha for sha, _ in unsure[1:6]]
+
+    out = tmp_path / "review"
+    export = export_for_review(chosen, out, get_settings())
+    assert (export.from_source, export.from_store, export.unavailable) == (5, 0, [])
+    listed = read_labels(out)
+    assert [row["sha256"] for row in listed] == [row["image_sha256"] for row in chosen]
+    assert [row["label"] for row in listed] == [row["predicted"] for row in listed] == [row["label"] for row in chosen]
+    assert all(float(row["confidence"]) < 0.5 for row in listed)
+    # What `cnnpipe ingest` reads back: every listed image, hashing to the prediction's image.
+    entries = list(open_source(str(out / "labels.csv")).entries())
+    assert [hashlib.sha256(entry.data).hexdigest() for entry in entries] == [row["sha256"] for row in listed]
+    assert all(entry.reject_reason is None for entry in entries)
+    # A second export into the folder would overwrite a person's corrections: refused in one line.
+    with pytest.raises(CnnpipeError, match="labels.csv already exists"):
+        export_for_review(chosen, out, get_settings())
+
+
+def test_disagreements_are_the_images_other_versions_label_otherwise(classified, tmp_path):
+    expected = rows_of("SELECT DISTINCT a.image_sha256 FROM predictions a JOIN predictions b USING (image_sha256) "
+                       "WHERE a.model_version = '2' AND b.model_version = '1' AND a.label <> b.label")
+    chosen = choose(get_settings().predictions_db, "shapes/2", "disagreements", limit=1000)
+    assert sorted(row["image_sha256"] for row in chosen) == sorted(sha for (sha,) in expected)
+    confidences = [row["confidence"] for row in chosen]
+    assert confidences == sorted(confidences)
+
+
+def test_a_gone_or_changed_source_falls_back_to_the_store_else_says_why(classified, tmp_path):
+    settings = get_settings()
+    store = DatasetStore("kept", settings)
+    with store.lock():  # the archive's images were also ingested; the inbox's were not
+        store.commit(store.stage(open_source(str(classified["archive"])), IngestOptions(workers=0)))
+    chosen = choose(settings.predictions_db, "shapes/1", "low-confidence", limit=1000)
+    in_inbox = [row for row in chosen if row["source_uri"].endswith("inbox")]
+    assert in_inbox and len(in_inbox) < len(chosen)
+    changed = classified["inbox"] / in_inbox[0]["member_path"]
+    changed.write_bytes(b"another image now")
+    classified["archive"].unlink()
+
+    export = export_for_review(chosen, tmp_path / "review", settings)
+    assert export.from_store == len(chosen) - len(in_inbox)
+    assert export.from_source == len(in_inbox) - 1
+    assert [(row["member_path"], row["reason"].split(",")[0]) for row in export.unavailable] == \
+        [(in_inbox[0]["member_path"], "changed in its source since it was classified")]
+    listed = read_labels(tmp_path / "review")
+    assert len(listed) == len(chosen) - 1
+    for row in listed:
+        data = (tmp_path / "review" / row["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["sha256"]
+
+    shutil.rmtree(classified["inbox"])
+    again = export_for_review(chosen, tmp_path / "again", settings)
+    assert again.from_source == 0 and again.from_store == len(chosen) - len(in_inbox)
+    assert {row["reason"].split(" (")[0] for row in again.unavailable} == {"its source is gone"}
+    with open(tmp_path / "again" / "unavailable.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == len(in_inbox)
+
+
+def test_corrected_labels_ingested_back_are_scored_by_production_accuracy(classified, tmp_path):
+    settings = get_settings()
+    out = tmp_path / "review"
+    chosen = choose(settings.predictions_db, "shapes/2", "low-confidence", limit=8)
+    export_for_review(chosen, out, settings)
+    listed = read_labels(out)
+    truth = {}
+    for row in listed:  # a person corrects the label column to what each image shows
+        row["label"] = truth[row["sha256"]] = Path(row["member_path"]).parent.name
+    with open(out / "labels.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(listed[0]))
+        writer.writeheader()
+        writer.writerows(listed)
+
+    store = DatasetStore("reviewed", settings)
+    with store.lock():
+        summary = store.commit(store.stage(open_source(str(out / "labels.csv")), IngestOptions(workers=0)))
+    assert summary.added == len(listed) and not summary.rejected
+    assert record_labels.fn("reviewed") == len(listed)
+
+    right = sum(truth[row["image_sha256"]] == row["label"] for row in chosen)
+    measured = rows_of("SELECT sum(labelled), sum(top1 * labelled) FROM production_accuracy WHERE model_name = "
+                       "'shapes' AND model_version = '2'")
+    assert measured[0][0] == len(listed) and round(measured[0][1]) == right
+    assert choose(settings.predictions_db, "shapes/2", "low-confidence", limit=8) != chosen  # labelled now
+
+
+def test_a_model_reference_the_database_cannot_resolve_is_one_line(tmp_path):
+    database = get_settings().predictions_db
+    connect_for_writing(database).close()
+    with pytest.raises(CnnpipeError, match="NAME@champion"):
+        choose(database, "shapes@staging", "low-confidence", limit=5)
+    assert choose(database, "shapes@champion", "low-confidence", limit=5) == []
