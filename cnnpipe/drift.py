@@ -93,7 +93,7 @@ def rebuild_summary(connection) -> None:
 
 
 def _drift_view(name: str, key: str, key_column: str, runs_key: str) -> str:
-    """One view keyed by `key` (an expression over `predictions`, named `key_column`), with
+    """One view keyed by `key` (an expression over `prediction_summary`, named `key_column`), with
     `runs_key` the same key over `classify_runs` for the rejected inputs."""
     return f"""
 CREATE OR REPLACE VIEW {name} AS
