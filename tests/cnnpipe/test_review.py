@@ -162,6 +162,20 @@ def test_corrected_labels_ingested_back_are_scored_by_production_accuracy(classi
     assert choose(settings.predictions_db, "shapes/2", "low-confidence", limit=8) != chosen  # labelled now
 
 
+def test_the_command_says_what_it_wrote_and_refuses_to_overwrite_corrections(classified, tmp_path):
+    from click.testing import CliRunner
+
+    from cnnpipe.cli import cli
+
+    out = tmp_path / "review"
+    first = CliRunner().invoke(cli, ["review", "export", str(out), "--model", "shapes/1", "--limit", "3"])
+    assert first.exit_code == 0, first.output
+    assert "Wrote 3 image(s)" in first.output and f"cnnpipe ingest {out / 'labels.csv'}" in first.output
+    assert len(read_labels(out)) == 3
+    again = CliRunner().invoke(cli, ["review", "export", str(out), "--model", "shapes/1"])
+    assert again.exit_code == 1 and again.output.count("\n") == 1 and "already exists" in again.output
+
+
 def test_a_model_reference_the_database_cannot_resolve_is_one_line(tmp_path):
     database = get_settings().predictions_db
     connect_for_writing(database).close()
