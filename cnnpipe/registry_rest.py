@@ -1,5 +1,6 @@
-"""The model registry through MLflow's REST API, for `models`, `promote` and `rollback` while
-`cnnpipe server` serves the store: seconds faster than importing the mlflow package.
+"""The model registry through MLflow's REST API, for `models`, `promote`, `rollback` and loading a
+version to classify with while `cnnpipe server` serves the store: seconds faster than importing
+the mlflow package.
 
 Only the calls those commands make, with MlflowClient's names and the attributes of its
 results that `cnnpipe.registry` reads, so either client serves it.
@@ -12,6 +13,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # A registry call answers in milliseconds; this only bounds a server that stopped answering.
 TIMEOUT_SECONDS = 30
@@ -34,12 +36,13 @@ class Version:
     source: str | None
     tags: dict[str, str] = field(default_factory=dict)
     aliases: list[str] = field(default_factory=list)
+    model_id: str | None = None
 
     @classmethod
     def from_json(cls, body: dict) -> Version:
         return cls(body["name"], str(body["version"]), int(body.get("creation_timestamp", 0)), body.get("run_id"),
                    body.get("source"), {tag["key"]: tag.get("value", "") for tag in body.get("tags", [])},
-                   list(body.get("aliases", [])))
+                   list(body.get("aliases", [])), body.get("model_id"))
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,20 @@ class RestRegistry:
 
     def set_model_version_tag(self, name: str, version: str, key: str, value: str) -> None:
         self._call("POST", "model-versions/set-tag", name=name, version=str(version), key=key, value=value)
+
+    def artifact_file(self, version: Version, relative: str) -> Path | None:
+        """A file of the version's logged model, when its artifacts are on this machine's disk (a
+        store `cnnpipe server` serves is written directly by the commands): None otherwise."""
+        # MLflow 3 names the logged model in `source` (models:/m-...) where it leaves `model_id` out.
+        model_id = version.model_id or (version.source or "").removeprefix("models:/")
+        if not model_id.startswith("m-"):
+            return None
+        location = urllib.parse.urlparse(self._call("GET", f"logged-models/{model_id}")["model"]["info"]
+                                          .get("artifact_uri", ""))
+        if location.scheme not in ("file", ""):
+            return None
+        path = Path(urllib.parse.unquote(location.path)) / relative
+        return path if path.is_file() else None
 
     def _pages(self, endpoint: str, key: str, **query: str) -> list[dict]:
         found, token = [], None

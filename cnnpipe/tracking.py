@@ -40,13 +40,11 @@ from cnn.recipe import Recipe
 from cnn.train import FitResult, TrainConfig, inference_state, load_trained_model, uses_bf16
 from cnnpipe import plots
 from cnnpipe.locks import file_lock
+from cnnpipe.registry import WEIGHTS_FILE
 from cnnpipe.settings import MLFLOW_EXPERIMENT, Settings, get_settings
 
 log = logging.getLogger("cnnpipe.tracking")
 
-WEIGHTS_FILE = "weights.pt"
-# Where `log_model` keeps extra files inside the model's artifacts.
-WEIGHTS_ARTIFACT = f"extra_files/{WEIGHTS_FILE}"
 HOST_TAG, PID_TAG, PID_STARTED_TAG = "cnnpipe.host", "cnnpipe.pid", "cnnpipe.pid_started"
 
 

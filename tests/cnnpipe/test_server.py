@@ -174,6 +174,24 @@ direct = MlflowClient(get_settings().mlflow_tracking_uri)
 direct.create_registered_model("rest")
 for top1 in ("0.5", "0.7"):
     direct.create_model_version("rest", "file:///nowhere/weights", tags={"val_top1": top1})
+# A version whose logged model holds real weights, as `cnnpipe train` registers one.
+import tempfile, torch
+from pathlib import Path
+from cnn.model import build_model
+with tempfile.TemporaryDirectory() as scratch:
+    (Path(scratch) / "extra_files").mkdir()
+    torch.save({"model": build_model("alexnet-cifar", 3).state_dict(), "classes": ["a", "b", "c"],
+                "config": {"model": "alexnet-cifar", "norm": "lrn", "padding": "zeros", "pool": "max", "dropout": 0.5},
+                "colour_stats": {"mean": [0.5] * 3, "std": [0.25] * 3, "eigenvalues": [0.0] * 3,
+                                 "eigenvectors": torch.eye(3).tolist()}}, Path(scratch) / "extra_files" / "weights.pt")
+    from cnnpipe import tracking
+    tracking.connect()  # the experiment `cnnpipe train` logs into, its artifacts under the home
+    import mlflow
+    experiment = mlflow.get_experiment_by_name(tracking.MLFLOW_EXPERIMENT).experiment_id
+    logged = direct.create_logged_model(experiment, name="weights")
+    direct.log_model_artifacts(logged.model_id, scratch)
+direct.create_registered_model("served")
+direct.create_model_version("served", f"models:/{logged.model_id}", model_id=logged.model_id)
 for name in [name for name in sys.modules if name.startswith("mlflow")]:
     del sys.modules[name]
 from cnnpipe import registry
@@ -181,20 +199,23 @@ client = registry.light_client(get_settings())
 steps = [registry.promote("rest", "1").challenger, registry.promote("rest", "2").challenger,
          registry.rollback("rest").challenger]
 listed = [(v.version, aliases, v.tags["val_top1"]) for v, aliases in registry.list_versions("rest")]
-print(json.dumps([type(client).__name__, steps, listed, "mlflow" in sys.modules]))
+predictor = registry.load_predictor("served/1")
+print(json.dumps([type(client).__name__, steps, listed, [predictor.name, predictor.version, predictor.classes],
+                  "mlflow" in sys.modules]))
 """
 
 
 @pytest.mark.slow
-def test_registry_commands_go_through_the_servers_mlflow_ui_without_importing_mlflow(server):
+def test_registry_commands_and_loading_a_model_go_through_the_servers_mlflow_ui_without_importing_mlflow(server):
     # The store the server serves, named outright: earlier tests in a session may leave MLflow's own
     # MLFLOW_TRACKING_URI behind (mlflow.set_tracking_uri sets it), pointing elsewhere.
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL" and not key.startswith("MLFLOW_")}
     env.update(CNNPIPE_HOME=str(server.home), MLFLOW_TRACKING_URI=f"sqlite:///{server.home / 'mlflow.db'}")
     done = subprocess.run([sys.executable, "-c", REGISTRY_PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    client, steps, listed, mlflow_imported = json.loads(done.stdout.splitlines()[-1])
+    client, steps, listed, loaded, mlflow_imported = json.loads(done.stdout.splitlines()[-1])
     assert client == "RestRegistry" and not mlflow_imported
+    assert loaded == ["served", "1", ["a", "b", "c"]]
     assert steps == ["1", "2", "1"]
     assert listed == [["2", [], "0.7"], ["1", ["champion"], "0.5"]]
     missing = cnnpipe(server.home, "promote", "rest", "9")
