@@ -45,7 +45,9 @@ def export(out_dir: Path, model_ref: str, mode: str, limit: int) -> None:
     settings = get_settings()
     rows = choose(settings.predictions_db, model_ref, mode, limit)
     if not rows:
-        click.echo(f"Nothing to review: no unlabelled {mode} predictions of {model_ref}.")
+        chosen = ("low-confidence predictions (calibrated confidence under 0.5)" if mode == "low-confidence"
+                  else "predictions that another version labels otherwise")
+        click.echo(f"Nothing to review: {model_ref} has no {chosen} of images without a label.")
         return
     done = export_for_review(rows, out_dir, settings)
     click.echo(f"Wrote {done.from_source + done.from_store} image(s) to {out_dir / 'images'} "

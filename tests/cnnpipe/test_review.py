@@ -174,6 +174,9 @@ def test_the_command_says_what_it_wrote_and_refuses_to_overwrite_corrections(cla
     assert len(read_labels(out)) == 3
     again = CliRunner().invoke(cli, ["review", "export", str(out), "--model", "shapes/1"])
     assert again.exit_code == 1 and again.output.count("\n") == 1 and "already exists" in again.output
+    unknown = CliRunner().invoke(cli, ["review", "export", str(tmp_path / "none"), "--model", "shapes/9"])
+    assert unknown.exit_code == 0 and unknown.output.startswith("Nothing to review: shapes/9 has no low-confidence")
+    assert not (tmp_path / "none").exists()
 
 
 def test_a_model_reference_the_database_cannot_resolve_is_one_line(tmp_path):
