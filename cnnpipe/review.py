@@ -40,8 +40,6 @@ _SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "TIFF"
 
 @dataclass
 class ReviewExport:
-    folder: Path
-    chosen: int = 0
     from_source: int = 0
     from_store: int = 0
     unavailable: list[dict] = field(default_factory=list)
@@ -78,7 +76,7 @@ def export_for_review(rows: list[dict], folder: Path, settings: Settings) -> Rev
     if (folder / "labels.csv").exists():
         raise CnnpipeError(f"{folder / 'labels.csv'} already exists and may hold corrections: ingest it, "
                            "or export into another folder")
-    export = ReviewExport(folder, chosen=len(rows))
+    export = ReviewExport()
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
     found: dict[str, tuple[bytes, str]] = {}
@@ -94,7 +92,7 @@ def export_for_review(rows: list[dict], folder: Path, settings: Settings) -> Rev
             else:
                 problems[row["image_sha256"]] = problem or "no longer in its source"
     export.from_source = len(found)
-    from_store = _read_from_store({sha for sha in problems}, settings)
+    from_store = _read_from_store(set(problems), settings)
     export.from_store = len(from_store)
     found.update(from_store)
 
