@@ -56,8 +56,8 @@ def choose(database: Path, model_ref: str, mode: str, limit: int) -> list[dict]:
     if mode == "low-confidence":
         chosen = f"{confidence} < {LOW_CONFIDENCE}"
     else:
-        chosen = ("EXISTS (SELECT 1 FROM predictions o WHERE o.image_sha256 = p.image_sha256 AND "
-                  "o.model_name = p.model_name AND o.model_version <> p.model_version AND o.label <> p.label)")
+        chosen = ("EXISTS (SELECT 1 FROM disagreements d WHERE d.image_sha256 = p.image_sha256 AND "
+                  "d.model_name = p.model_name AND p.model_version IN (d.version_a, d.version_b))")
     query = (f"SELECT p.image_sha256, p.source_uri, p.member_path, p.model_name, p.model_version, p.label, "
              f"{confidence} AS confidence FROM predictions p WHERE {version_condition(model_ref, 'p')} AND {chosen} "
              "AND NOT EXISTS (SELECT 1 FROM ground_truth g WHERE g.image_sha256 = p.image_sha256) "
@@ -160,6 +160,7 @@ def _read_from_source(uri: str, wanted: dict[str, str]) -> tuple[dict[str, bytes
 
 def _read_from_store(shas: set[str], settings: Settings) -> dict[str, tuple[bytes, str]]:
     """The images with these hashes from any dataset of the store, reading only the row groups that hold one."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -175,7 +176,8 @@ def _read_from_store(shas: set[str], settings: Settings) -> dict[str, tuple[byte
                 parquet = pq.ParquetFile(path, filesystem=store.filesystem)
                 for group in range(parquet.num_row_groups):
                     hashes = parquet.read_row_group(group, columns=["sha256"]).column("sha256")
-                    if not pc.any(pc.is_in(hashes, value_set=_arrow_strings(shas - found.keys()))).as_py():
+                    missing = pa.array(sorted(shas - found.keys()), pa.string())
+                    if not pc.any(pc.is_in(hashes, value_set=missing)).as_py():
                         continue
                     for row in parquet.read_row_group(group, columns=["sha256", "image", "format"]).to_pylist():
                         if row["sha256"] in shas:
@@ -183,12 +185,6 @@ def _read_from_store(shas: set[str], settings: Settings) -> dict[str, tuple[byte
             if len(found) == len(shas):
                 return found
     return found
-
-
-def _arrow_strings(values: set[str]):
-    import pyarrow as pa
-
-    return pa.array(sorted(values), pa.string())
 
 
 def _suffix_of(member_path: str) -> str:
