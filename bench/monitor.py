@@ -43,7 +43,7 @@ from cnn.predict import Predictor  # noqa: E402
 from cnnpipe.classify import classify_source  # noqa: E402
 from cnnpipe.demo import SHAPES, encode, render_shape  # noqa: E402
 from cnnpipe.drift import run_drift  # noqa: E402
-from cnnpipe.plots import drift_distributions  # noqa: E402
+from cnnpipe.drift_picture import drift_distributions  # noqa: E402
 from cnnpipe.predictions import record_reference_profile  # noqa: E402
 from cnnpipe.reports import drift_markdown  # noqa: E402
 from cnnpipe.sources import open_source  # noqa: E402

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from cnn.data import DECODE_THREADS, decode_images
+from cnnpipe.arrow_rows import table_from_columns
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.images import RejectedImage, check_image
 from cnnpipe.locks import file_lock
@@ -166,7 +167,7 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
     def stage_and_commit() -> None:
         nonlocal part_index, rows
         tmp = staging / f"{prefix}-{part_index:05d}.parquet.tmp"
-        pq.write_table(pa.table(rows, schema=PART_SCHEMA), tmp)
+        pq.write_table(table_from_columns(rows, PART_SCHEMA), tmp)
         os.replace(tmp, tmp.with_suffix(""))
         part_index += 1
         rows = {name: [] for name in PART_SCHEMA.names}

@@ -8,8 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-# The object-oriented API without pyplot: no GUI backend to pick, and half a second less to import
-# for the drift picture every classify run draws.
+# The object-oriented API without pyplot: no GUI backend to pick, and half a second less to import.
 from matplotlib.figure import Figure
 
 DPI = 110
@@ -75,28 +74,6 @@ def reliability_diagram(bins: list[dict], ece: float, path: Path) -> Path:
     axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
              title=f"reliability (ECE {ece:.3f})")
     axes.legend(loc="upper left")
-    return _save(figure, path)
-
-
-def drift_distributions(distributions: dict, title: str, path: Path) -> Path:
-    """A classify run against its model's reference: predicted-class shares side by side, and the
-    calibrated-confidence histogram over the reference's bins (`cnnpipe.drift.run_drift`)."""
-    classes, bins = distributions["classes"], distributions["bins"]
-    figure, (class_axes, confidence_axes) = _subplots(1, 2, figsize=(min(6 + 0.3 * len(classes), 24), 3.8))
-    positions = range(len(classes))
-    class_axes.bar([p - 0.2 for p in positions], [c[2] for c in classes], width=0.4, label="reference")
-    class_axes.bar([p + 0.2 for p in positions], [c[1] for c in classes], width=0.4, label="this run")
-    if len(classes) <= 40:  # beyond that, names overlap into a black band
-        class_axes.set_xticks(list(positions), [c[0] for c in classes], rotation=60 if len(classes) > 6 else 0,
-                              ha="right" if len(classes) > 6 else "center")
-    class_axes.set(title="predicted classes", ylabel="share of predictions")
-    class_axes.legend()
-    for share, label, style in ((3, "reference", "-"), (2, "this run", "--")):
-        confidence_axes.stairs([b[share] for b in bins], [bins[0][0], *[b[1] for b in bins]] if bins else [0],
-                               label=label, linestyle=style, linewidth=2)
-    confidence_axes.set(title="calibrated confidence", xlabel="confidence", ylabel="share of predictions", xlim=(0, 1))
-    confidence_axes.legend()
-    figure.suptitle(title)
     return _save(figure, path)
 
 

@@ -12,6 +12,7 @@ from cnn.train import resolve_device
 from cnnpipe import registry
 from cnnpipe.classify import ClassifySummary, classify_source, commit_shards, open_classify_source
 from cnnpipe.drift import run_drift
+from cnnpipe.drift_picture import drift_distributions
 from cnnpipe.progress import progress_bar
 from cnnpipe.reference import ensure_reference_profile
 from cnnpipe.reports import classify_markdown, drift_markdown
@@ -74,8 +75,6 @@ def monitor_drift(summary: ClassifySummary) -> dict | None:
     drift = run_drift(settings.predictions_db, summary.run_id)
     if drift is None:
         return None
-    from cnnpipe.plots import drift_distributions  # matplotlib, only for a run with a reference to draw
-
     picture = drift_distributions(drift["distributions"], f"{drift['model_name']}/{drift['model_version']}, "
                                   f"{drift['images']:,} images", settings.reports_dir / "drift" / f"{summary.run_id}.png")
     create_markdown_artifact(drift_markdown(drift, picture), key="classify-drift",

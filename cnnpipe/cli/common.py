@@ -18,8 +18,18 @@ def print_markdown(text: str) -> None:
 def before_flows() -> None:
     """What every command that runs flows needs first, after its cheap one-line checks: starting
     Prefect prints lines of its own, which a bad argument should never be preceded by."""
+    collect_garbage()
     _errors_in_one_line()
     _start_prefect_in_turn()
+
+
+def collect_garbage() -> None:
+    """Turn the collector that `main` turned off back on, for a command whose imports are done;
+    what is alive now lives as long as the process, and freezing it keeps it out of every collection."""
+    import gc
+
+    gc.freeze()
+    gc.enable()
 
 
 class _NoFlowErrors:

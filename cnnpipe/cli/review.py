@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cnnpipe.cli.common import collect_garbage
 from cnnpipe.settings import REGISTERED_MODEL
 
 
@@ -42,6 +43,7 @@ def export(out_dir: Path, model_ref: str, mode: str, limit: int) -> None:
     from cnnpipe.review import choose, export_for_review
     from cnnpipe.settings import get_settings
 
+    collect_garbage()  # reading back many images is long work
     settings = get_settings()
     rows = choose(settings.predictions_db, model_ref, mode, limit)
     if not rows:
