@@ -60,7 +60,8 @@ def cli() -> None:
 def main() -> None:
     # Importing torch and Prefect builds a million objects, and the collector rescanning them
     # all, again and again as they arrive, cost a flow command about 0.5 s of start-up. Commands
-    # that run long turn it back on once imported (`common.collect_garbage`); the others end first.
+    # that run long turn it back on once imported (`common.collect_garbage`: every flow command,
+    # serve and review export); the others end before cyclic garbage could matter.
     gc.disable()
     # The pipeline makes no outbound calls of its own; Prefect's usage telemetry stays off
     # unless the user turns it on.

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cnnpipe.cli.common import before_flows, print_markdown
+from cnnpipe.cli.common import before_flows, collect_garbage, print_markdown
 from cnnpipe.cli.knobs import TrainingCommand, training_params
 
 if TYPE_CHECKING:
@@ -146,6 +146,7 @@ def serve(dataset: str, source: str | None, cron: str, timezone: str, inbox: str
 
     from flows.serve import build_deployments, serving_message
 
+    collect_garbage()  # it serves until stopped
     params = training_params(knobs)
     deployments = build_deployments(dataset, source, cron, timezone, inbox, inbox_cron,
                                     model_ref or f"{params.registered_model}@champion", params)

@@ -273,3 +273,28 @@ def test_a_write_ahead_log_duckdb_cannot_replay_is_set_aside_and_the_run_complet
     [warning] = [r.getMessage() for r in caplog.records if "write-ahead log" in r.getMessage()]
     assert str(database) in warning and aside.name in warning
     assert run_query("SELECT count(*) FROM predictions", database).rows == [(50,)]
+
+
+CLASSIFY_IMPORTS_PROBE = """
+import sys
+from pathlib import Path
+import tasks.classify  # everything a classify flow run imports before its first image
+from cnn.predict import Predictor
+from cnnpipe.classify import classify_source, open_classify_source
+from cnnpipe.drift_picture import drift_distributions
+from cnnpipe.settings import get_settings
+inbox, checkpoint = sys.argv[1:]
+settings = get_settings()
+summary = classify_source(open_classify_source(inbox), Predictor(checkpoint), settings.predictions_db,
+                          settings.staging_dir, "probe")
+drift_distributions({"classes": [("a", 0.5, 0.4)], "bins": [(0.0, 1.0, 1.0, 1.0)]}, "probe", Path(inbox) / "d.png")
+print(summary.classified, *[name for name in ("pandas", "matplotlib", "mlflow") if name in sys.modules])
+"""
+
+
+def test_a_classify_run_imports_neither_pandas_nor_matplotlib_nor_mlflow(inbox, shapes_checkpoints):
+    # Each took a small `cnnpipe classify` half a second or more to import (bench/cli.py).
+    done = subprocess.run([sys.executable, "-c", CLASSIFY_IMPORTS_PROBE, str(inbox), str(shapes_checkpoints[0])],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["50"]
