@@ -171,8 +171,10 @@ def test_the_deployed_pipeline_on_postgres_prefect_and_mlflow_servers(tmp_path):
                 classified = subprocess.run([str(BIN / "cnnpipe"), "classify", str(tmp_path / "dark")], env=env,
                                             capture_output=True, text=True, timeout=300)
                 assert classified.returncode == 0, classified.stdout + classified.stderr
-                drifted = _post_json(f"{api}/events/filter", {
-                    "filter": {"event": {"name": ["cnnpipe.model.drift"]}}, "limit": 10})["events"]
+                # The server stores the events it receives in batches, a few seconds apart.
+                drifted = wait_for(lambda: _post_json(f"{api}/events/filter", {
+                    "filter": {"event": {"name": ["cnnpipe.model.drift"]}}, "limit": 10})["events"],
+                    "the cnnpipe.model.drift event", 60)
                 assert [event["resource"]["version"] for event in drifted] == [version["version"]]
 
                 def triggered():
