@@ -54,12 +54,15 @@ def _class_shares(draw: ImageDraw.ImageDraw, classes: list, box: tuple[int, int,
     left, top, right, bottom = box
     scale = _axis(draw, max([max(c[1], c[2]) for c in classes] + [0.01]), box, font, "share of predictions")
     draw.text((left, top - 24), "predicted classes", font=font, fill=INK)
-    for row, (label, run_share, reference_share) in enumerate(classes):
-        y = top + row * ROW + (ROW - 2 * BAR) // 2
-        draw.text((left - 6, y + BAR), label, font=font, fill=INK, anchor="rm")
+    # A few classes spread over the panel's height rather than crowding its top.
+    row = (bottom - top) / max(1, len(classes))
+    bar = min(2 * BAR, int(row * 0.36))
+    for index, (label, run_share, reference_share) in enumerate(classes):
+        y = int(top + index * row + (row - 2 * bar) / 2)
+        draw.text((left - 6, y + bar), label, font=font, fill=INK, anchor="rm")
         for offset, (share, colour) in enumerate(((reference_share, REFERENCE), (run_share, THIS_RUN))):
             if share:
-                draw.rectangle((left, y + offset * BAR, left + share * scale, y + (offset + 1) * BAR - 1), fill=colour)
+                draw.rectangle((left, y + offset * bar, left + share * scale, y + (offset + 1) * bar - 1), fill=colour)
 
 
 def _confidence(draw: ImageDraw.ImageDraw, bins: list, box: tuple[int, int, int, int], font) -> None:
