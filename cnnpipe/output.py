@@ -1,12 +1,23 @@
-"""Query results to the terminal or a file: a table, CSV, JSON or Parquet."""
+"""Query results to the terminal or a file: a table, CSV, JSON or Parquet.
+
+A file is written beside its target under a temporary name and moved over it once complete,
+so that a failed write leaves the target as it was. It is never written inside
+$CNNPIPE_HOME: `--output $CNNPIPE_HOME/predictions.duckdb` once replaced the predictions
+database, promotions and all, with a six-byte CSV.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import secrets
 import sys
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
+from cnnpipe.errors import CnnpipeError
 from cnnpipe.sql import QueryResult
 
 
@@ -15,24 +26,71 @@ def write_rows(columns: list[str], rows: list[tuple], output_format: str) -> Non
     write_result(QueryResult(columns, rows, truncated=False), output_format, None, count_rows=False)
 
 
-def write_result(result: QueryResult, output_format: str, output: str | None, count_rows: bool = True) -> None:
-    if output_format == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist([dict(zip(result.columns, row)) for row in result.rows]), output)
-        return
-    if output_format == "table" and output is None:
-        _print_table(result, count_rows)
-        return
-    with (open(output, "w", newline="") if output else nullcontext(sys.stdout)) as handle:
-        if output_format == "json":
-            json.dump([dict(zip(result.columns, row)) for row in result.rows], handle, default=str, indent=1)
-            handle.write("\n")
+def write_result(result: QueryResult, output_format: str, output: str | None, count_rows: bool = True,
+                 force: bool = False) -> None:
+    """To stdout, or to the file `output` (a table goes there as CSV); over an existing file only with `force`."""
+    if output is None:
+        if output_format == "table":
+            _print_table(result, count_rows)
         else:
-            writer = csv.writer(handle)
-            writer.writerow(result.columns)
-            writer.writerows(result.rows)
+            _write_text(result, output_format, sys.stdout)
+        return
+    with _replacing(output, force) as temporary:
+        if output_format == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist([dict(zip(result.columns, row)) for row in result.rows]), temporary)
+        else:
+            with open(temporary, "w", newline="") as handle:
+                _write_text(result, output_format, handle)
+
+
+def check_output(output: str, force: bool) -> Path:
+    """The file `output` names, after symlinks and `..`: never inside $CNNPIPE_HOME, whose files
+    are the pipeline's state, and an existing file only with `force`."""
+    from cnnpipe.settings import get_settings
+
+    home, target = get_settings().home.resolve(), Path(output).resolve()
+    named = output if target == Path(output).absolute() else f"{output} (that is, {target})"
+    if target.is_relative_to(home):
+        raise CnnpipeError(f"{named}: will not write inside CNNPIPE_HOME ({home}), which holds the pipeline's "
+                           "state; write the result elsewhere")
+    if target.exists() and not force:
+        raise CnnpipeError(f"{named}: already exists; pass --force to replace it")
+    return target
+
+
+@contextmanager
+def _replacing(output: str, force: bool) -> Iterator[Path]:
+    """A new file beside `output` to write, moved over `output` once written."""
+    target = check_output(output, force)
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    temporary.touch(exist_ok=False)  # as a plain create would, with the umask's permissions
+    try:
+        yield temporary
+        if force:
+            os.replace(temporary, target)
+            return
+        try:
+            os.link(temporary, target)  # unlike a rename, fails if the target appeared meanwhile
+        except FileExistsError:
+            raise CnnpipeError(f"{output}: already exists; pass --force to replace it") from None
+        except OSError:  # a filesystem without hard links
+            check_output(output, force)
+            os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _write_text(result: QueryResult, output_format: str, handle) -> None:
+    if output_format == "json":
+        json.dump([dict(zip(result.columns, row)) for row in result.rows], handle, default=str, indent=1)
+        handle.write("\n")
+    else:
+        writer = csv.writer(handle)
+        writer.writerow(result.columns)
+        writer.writerows(result.rows)
 
 
 def table_console():

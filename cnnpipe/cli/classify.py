@@ -58,10 +58,12 @@ def classify(source: str, model_ref: str, checkpoint: str | None, device: str, b
 @click.argument("query")
 @click.option("--format", "output_format", type=click.Choice(["table", "csv", "json", "parquet"]), default="table",
               show_default=True)
-@click.option("--output", type=click.Path(dir_okay=False, writable=True), help="Write here instead of the terminal.")
+@click.option("--output", type=click.Path(dir_okay=False, writable=True),
+              help="Write here instead of the terminal; never inside $CNNPIPE_HOME.")
+@click.option("--force", is_flag=True, help="Replace --output if it exists.")
 @click.option("--max-rows", default=1000, show_default=True, help="Row cap for table output.")
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds before the query is stopped (its process is killed).")
-def sql(query: str, output_format: str, output: str | None, max_rows: int, timeout: float) -> None:
+def sql(query: str, output_format: str, output: str | None, force: bool, max_rows: int, timeout: float) -> None:
     """Run one read-only SELECT against the predictions database.
 
     The connection cannot write, read files, reach the network, load extensions
@@ -84,17 +86,19 @@ def sql(query: str, output_format: str, output: str | None, max_rows: int, timeo
       cnnpipe sql "SELECT label, sum(images) FROM class_counts WHERE day >= current_date - 7 GROUP BY label"
       cnnpipe sql "SELECT member_path, label, confidence FROM low_confidence ORDER BY confidence LIMIT 20"
       cnnpipe sql "SELECT * FROM disagreements" --format csv --output disagreements.csv
-      cnnpipe sql "SELECT * FROM predictions" --format parquet --output predictions.parquet
+      cnnpipe sql "SELECT * FROM predictions" --format parquet --output predictions.parquet --force
     """
-    from cnnpipe.output import write_result
+    from cnnpipe.output import check_output, write_result
     from cnnpipe.settings import get_settings
     from cnnpipe.sql import QueryLimits, run_query
 
     if output_format == "parquet" and not output:
         raise CnnpipeError("--format parquet needs --output FILE")
+    if output:
+        check_output(output, force)  # before the query, which may run for minutes
     limits = QueryLimits(timeout_seconds=timeout, max_rows=max_rows)
     result = run_query(query, get_settings().predictions_db, limits, cap_rows=output_format == "table")
-    write_result(result, output_format, output)
+    write_result(result, output_format, output, force=force)
     if output:
         click.echo(f"{len(result.rows):,} row{'s' if len(result.rows) != 1 else ''} written to {output} "
                    f"({output_format})")

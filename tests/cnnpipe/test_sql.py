@@ -2,18 +2,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
+import duckdb
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
 from cnnpipe.cli import cli
-from cnnpipe.predictions import add_predictions, connect_for_writing, set_champion
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.predictions import add_predictions, connect_for_writing, ensure_database, set_champion
 from cnnpipe.settings import get_settings
-from cnnpipe.sql import QueryLimits, run_query
+from cnnpipe.sql import QueryLimits, check_relations, run_query
 
 
 def add_prediction(connection, sha, version, label, confidence, day="2026-11-20", name="cnn-classifier"):
@@ -192,3 +197,134 @@ def test_latest_by_image_stays_equal_to_a_full_recomputation(cnnpipe_home):
         rebuild_latest(connection)
         assert connection.execute("SELECT * FROM latest_by_image ORDER BY image_sha256").fetchall() == incremental
     assert len(incremental) == len({row[0] for row in incremental}) > 3
+
+
+
+# System relations that disclose paths or settings, and the forms that name them.
+DISCLOSING_RELATIONS = ["pg_settings", "duckdb_settings", "duckdb_databases", "pragma_database_list", "pg_database",
+                        "duckdb_logs"]
+QUALIFIED = ["main.{}", "system.main.{}", "memory.main.{}", "temp.main.{}", "predictions.main.{}", '"pg_catalog".{}',
+             "system.pg_catalog.{}", "information_schema.{}"]
+# Each names the relation where a CTE of the same name is out of scope, so DuckDB reads the system view.
+SHADOWED = [
+    "SELECT * FROM (WITH {0} AS (SELECT 1) SELECT 1) a, {0}",
+    "SELECT * FROM {0} WHERE EXISTS (WITH {0} AS (SELECT 1) SELECT 1)",
+    "(WITH {0} AS (SELECT 1) SELECT 1) UNION ALL SELECT count(*) FROM {0}",
+    "WITH {0} AS (SELECT * FROM {0}) SELECT * FROM {0}",
+    "WITH a AS (SELECT * FROM {0}), {0} AS (SELECT 1) SELECT * FROM a",
+    "WITH RECURSIVE {0} AS (SELECT 1 FROM {0} UNION ALL SELECT 1 FROM {0} WHERE false) SELECT * FROM {0}",
+    "WITH q AS (SELECT (WITH {0} AS (SELECT 1) SELECT 1), * FROM {0}) SELECT * FROM q",
+]
+
+
+
+
+def test_system_relations_behind_a_cte_out_of_scope_are_refused():
+    # A CTE named after a system view once made that name readable anywhere in the query:
+    # the first showed DuckDB's settings (the temporary and secret directories), the second the database path.
+    for statement in ["SELECT name, setting FROM (WITH pg_settings AS (SELECT 1) SELECT 1) a, pg_settings",
+                      "SELECT path FROM (WITH duckdb_databases AS (SELECT 1) SELECT 1) a, duckdb_databases",
+                      "WITH pg_settings AS (SELECT * FROM pg_settings) SELECT * FROM pg_settings",
+                      "SELECT * FROM system.main.duckdb_databases"]:
+        result = sql(statement, "--format", "csv")
+        assert result.exit_code == 1 and result.output.startswith("Error: query refused: it may not read "), statement
+        assert result.output.count("\n") == 1 and str(get_settings().predictions_db) not in result.output
+
+
+def test_every_disclosing_relation_is_refused_in_every_form():
+    # The whole matrix on one connection: through the CLI it would cost a process per statement.
+    path = get_settings().predictions_db
+    ensure_database(path)
+    statements = [form.format(name) for name in DISCLOSING_RELATIONS
+                  for form in SHADOWED + [f"SELECT * FROM {qualified}" for qualified in QUALIFIED]]
+    with duckdb.connect(str(path), read_only=True) as connection:
+        allowed = [statement for statement in statements if not refuses(connection, statement)]
+    assert allowed == []
+
+
+def refuses(connection, statement: str) -> bool:
+    try:
+        check_relations(connection, statement)
+    except CnnpipeError as exc:
+        return str(exc).startswith("query refused: it may not read ")
+    return False
+
+
+def test_queries_with_ctes_in_scope_still_answer(database):
+    expected = {
+        "WITH a AS (SELECT 1 AS x), b AS (SELECT x + 1 AS x FROM a) SELECT * FROM b": [(2,)],
+        "WITH a AS (SELECT 1 AS x) SELECT * FROM (WITH b AS (SELECT x + 1 AS x FROM a) SELECT * FROM b)": [(2,)],
+        "WITH a AS (SELECT 1 AS x) SELECT (SELECT max(x) FROM a) AS m WHERE EXISTS (SELECT 1 FROM a)": [(1,)],
+        "WITH a AS (SELECT 1 AS x) SELECT x FROM a UNION ALL (WITH b AS (SELECT 2 AS x) SELECT a.x + b.x FROM a, b)":
+            [(1,), (3,)],
+        "WITH RECURSIVE n AS (SELECT 1 AS i UNION ALL SELECT i + 1 FROM n WHERE i < 3) SELECT sum(i) FROM n": [(6,)],
+        "WITH predictions AS (SELECT * FROM predictions WHERE label = 'cat') SELECT count(*) FROM predictions": [(3,)],
+        "WITH v AS MATERIALIZED (SELECT label FROM latest_predictions) SELECT count(*) FROM v, v AS w": [(9,)],
+    }
+    assert {statement: run_query(statement, database).rows for statement in expected} == expected
+
+
+# Released when the file argv[2] appears: a pipe would not do, the query's forked process holds its end too.
+HOLD_WRITE_LOCK = """import os, sys, time, duckdb
+connection = duckdb.connect(sys.argv[1])
+print("held", flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.02)
+connection.close()
+"""
+
+
+def test_a_query_waits_for_a_writer_to_let_go(database, tmp_path):
+    # A classify run commits by opening the file for writing; a poll of `cnnpipe sql` then failed
+    # with "Could not set lock" instead of waiting its turn.
+    release = tmp_path / "release"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITE_LOCK, str(database), str(release)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        held_throughout = sql("SELECT count(*) FROM predictions", "--timeout", "0.5")
+        assert held_throughout.exit_code == 1
+        assert held_throughout.output.startswith(f"Error: {database}: another process held it for the whole 0.5 s")
+        assert held_throughout.output.count("\n") == 1
+        threading.Timer(0.5, release.touch).start()
+        started = time.perf_counter()
+        answered = sql("SELECT count(*) AS n FROM predictions", "--format", "csv", "--timeout", "10")
+        assert answered.exit_code == 0, answered.output
+        assert answered.output == "n\n5\n" and time.perf_counter() - started >= 0.4
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_output_never_writes_inside_the_home(database, tmp_path):
+    # `--output $CNNPIPE_HOME/predictions.duckdb` replaced the database, promotions and all, with a CSV.
+    home, outside = database.parent, tmp_path / "outside"
+    outside.mkdir()
+    (outside / "database-link").symlink_to(database)
+    (outside / "home-link").symlink_to(home)
+    ways_in = [database, home / "new.csv", outside / ".." / home.name / "predictions.duckdb",
+               outside / "database-link", outside / "home-link" / "new.csv"]
+    before, listing = checksum(database), sorted(home.rglob("*"))
+    for output in ways_in:
+        for force in ([], ["--force"]):
+            result = sql("SELECT 1", "--format", "csv", "--output", str(output), *force)
+            assert result.exit_code == 1, (output, force, result.output)
+            assert result.output.startswith(f"Error: {output}") and "inside CNNPIPE_HOME" in result.output
+            assert result.output.count("\n") == 1
+            assert checksum(database) == before and sorted(home.rglob("*")) == listing
+
+
+def test_output_replaces_an_existing_file_only_with_force(database, tmp_path):
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    target = folder / "report.csv"
+    target.write_text("keep me\n")
+    refused = sql("SELECT 1 AS one", "--format", "csv", "--output", str(target))
+    assert refused.exit_code == 1
+    assert refused.output == f"Error: {target}: already exists; pass --force to replace it\n"
+    assert target.read_text() == "keep me\n"
+    for output_format in ("csv", "parquet"):
+        replaced = sql("SELECT 1 AS one", "--format", output_format, "--output", str(target), "--force")
+        assert replaced.exit_code == 0, replaced.output
+    assert pq.read_table(target).to_pylist() == [{"one": 1}]
+    assert list(folder.iterdir()) == [target]  # no temporary file left beside it
