@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import struct
 import tarfile
 import zipfile
 from collections.abc import Iterator
@@ -64,8 +65,10 @@ class ZipSource(Source):
 
     def explicit_splits(self) -> set[str]:
         found: set[str] = set()
-        with self.fs.open(self.path, "rb") as raw, zipfile.ZipFile(raw) as archive:
+        with self.fs.open(self.path, "rb") as raw, _ZipFile(raw) as archive:
             for info in archive.infolist():
+                if not _is_utf8(info.filename):
+                    continue
                 try:
                     split = None if info.is_dir() else self._split_of(safe_relative_path(info.filename))
                 except UnsafePath:
@@ -76,10 +79,13 @@ class ZipSource(Source):
 
     def entries(self) -> Iterator[Entry]:
         self.hidden_skipped = 0
-        with self.fs.open(self.path, "rb") as raw, zipfile.ZipFile(raw) as archive:
+        with self.fs.open(self.path, "rb") as raw, _ZipFile(raw) as archive:
             members = [info for info in archive.infolist() if not info.is_dir() and self._mine(info.filename)]
             self.total = len(members)
             for info in members:
+                if not _is_utf8(info.filename):
+                    yield _bad_name(info.filename)
+                    continue
                 try:
                     path = safe_relative_path(info.filename)
                 except UnsafePath as exc:
@@ -97,10 +103,85 @@ class ZipSource(Source):
                     with archive.open(info) as member:
                         # The declared size can lie: cap what is actually inflated.
                         data = member.read(self.max_image_bytes + 1)
-                except (zipfile.BadZipFile, RuntimeError, OSError, EOFError) as exc:
+                # UnicodeDecodeError: a local header that flags as UTF-8 a name its directory entry does not.
+                except (zipfile.BadZipFile, RuntimeError, OSError, EOFError, UnicodeDecodeError) as exc:
                     yield Entry(path, None, None, reject_reason="corrupt_member", reject_detail=str(exc))
                     continue
                 if len(data) > self.max_image_bytes:
                     yield self._too_large(path, len(data))
                     continue
                 yield self._labelled(path, data)
+
+
+# APPNOTE.TXT 4.3.12: a central directory record, then its name, extra field and comment.
+_CD_FLAGS, _CD_FLAGS_AT = 5, 8  # the field's index in the record, and its byte offset
+_CD_LENGTHS = slice(12, 15)
+_UTF8_FLAG = 0x800
+
+
+class _ZipFile(zipfile.ZipFile):
+    """A `ZipFile` that lists a member whose name is flagged UTF-8 but is not, where
+    `zipfile` refuses the whole archive: its `filename` keeps the bytes that are not
+    UTF-8 as lone surrogates, as `os.fsdecode` would, for the source to reject it."""
+
+    def _RealGetContents(self) -> None:
+        try:
+            super()._RealGetContents()
+            return
+        except UnicodeDecodeError:
+            pass
+        # `start_dir` is set before any name is read. Read the directory again with the
+        # lying flags cleared, so that those names decode (as cp437) instead of failing.
+        real = self.fp
+        real.seek(self.start_dir)
+        directory, lying = _clear_lying_utf8_flags(real.read())
+        self.filelist, self.NameToInfo = [], {}
+        self.fp = _Overlaid(real, self.start_dir, directory)
+        try:
+            super()._RealGetContents()
+        finally:
+            self.fp = real
+        for index, name in lying.items():
+            info = self.filelist[index]
+            del self.NameToInfo[info.filename]
+            info.filename, info.flag_bits = name, info.flag_bits | _UTF8_FLAG
+            self.NameToInfo[name] = info
+
+
+def _clear_lying_utf8_flags(directory: bytes) -> tuple[bytes, dict[int, str]]:
+    """`directory` (the central directory and what follows it) with the UTF-8 flag cleared
+    on records whose names are not UTF-8, and those names by record index."""
+    patched, lying, offset, index = bytearray(directory), {}, 0, 0
+    while directory[offset:offset + 4] == zipfile.stringCentralDir:
+        record = struct.unpack_from(zipfile.structCentralDir, directory, offset)
+        name_length, extra_length, comment_length = record[_CD_LENGTHS]
+        name_at = offset + zipfile.sizeCentralDir
+        name = directory[name_at:name_at + name_length].decode("utf-8", "surrogateescape")
+        if record[_CD_FLAGS] & _UTF8_FLAG and not _is_utf8(name):
+            struct.pack_into("<H", patched, offset + _CD_FLAGS_AT, record[_CD_FLAGS] & ~_UTF8_FLAG)
+            lying[index] = name
+        offset = name_at + name_length + extra_length + comment_length
+        index += 1
+    return bytes(patched), lying
+
+
+class _Overlaid:
+    """A read-only file that reads as `raw`, except that from `start` on it reads as `tail`
+    (of the same length)."""
+
+    def __init__(self, raw, start: int, tail: bytes):
+        self.raw, self.start, self.tail = raw, start, tail
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        position = self.raw.tell()
+        data = self.raw.read(size)
+        before = max(self.start - position, 0)
+        if before >= len(data):
+            return data
+        return data[:before] + self.tail[position + before - self.start:position + len(data) - self.start]

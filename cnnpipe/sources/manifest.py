@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import os
@@ -23,7 +24,14 @@ class ManifestSource(Source):
         return {split for row in self._rows() if (split := SPLIT_NAMES.get((row.get("split") or "").strip().lower()))}
 
     def _rows(self) -> list[dict]:
-        text = with_retries(lambda: self.fs.cat_file(self.path)).decode("utf-8-sig")
+        raw = with_retries(lambda: self.fs.cat_file(self.path))
+        body = raw.removeprefix(codecs.BOM_UTF8)
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            at = exc.start + len(raw) - len(body)  # an offset into the file as saved, BOM included
+            raise CnnpipeError(f"{self.uri}: not UTF-8 text at byte {at} ({raw[at]:#04x}): "
+                               "save the manifest as UTF-8") from None
         rows = list(csv.DictReader(io.StringIO(text)))
         if rows and "path" not in rows[0]:
             raise CnnpipeError(f"{self.uri}: a manifest needs a 'path' column, found {list(rows[0])}")

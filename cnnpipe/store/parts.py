@@ -6,6 +6,7 @@ complete, since only `*.tmp` files are ever half-written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -52,6 +53,19 @@ class _PartWriter:
         self._write_group()
         self._publish()
 
+    def discard(self) -> Path | None:
+        """Remove the part being written, if any, after a failure; return its path. A `.tmp`
+        is never resumed from, and on a full disk it holds space the user needs back."""
+        partial, self.tmp_path = self.tmp_path, None
+        if self.writer is not None:
+            # Closing writes the footer, which fails again on a full disk: the file goes anyway.
+            with contextlib.suppress(Exception):
+                self.writer.close()
+            self.writer = None
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        return partial
+
     def _write_group(self, limit: int | None = None) -> None:
         rows = len(self.columns["sha256"])
         if limit is not None and self.group_bytes < ROW_GROUP_BYTES:
@@ -95,8 +109,12 @@ class _PartWriter:
 def publish_rows(part: Path, rows: list[int], target: Path) -> None:
     """Publish the `rows` (indices) of `part` as the part `target`. The caller fsyncs the folder."""
     partial = target.with_name(target.name + ".tmp")
-    pq.write_table(pq.read_table(part).take(rows), partial, row_group_size=ROW_GROUP_ROWS, **PARQUET_OPTIONS)
-    fsync_file(partial)
+    try:
+        pq.write_table(pq.read_table(part).take(rows), partial, row_group_size=ROW_GROUP_ROWS, **PARQUET_OPTIONS)
+        fsync_file(partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, target)
 
 
