@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cnn.layout import PublishedDataset
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.locks import file_lock
 from cnnpipe.majority import MAJORITY_ALPHA, majority_test
@@ -183,18 +184,27 @@ def _lock(name: str, settings: Settings):
 
 def champion_score(mlflow_client: MlflowClient, champion: ModelVersion, dataset_dir: Path,
                    dataset_version_id: str, device: str = "cpu") -> tuple[float, str]:
-    """The champion's validation top-1 on the dataset's current version, re-evaluated when it changed."""
+    """The champion's validation top-1 on this dataset version: as recorded only when it was measured
+    on this very dataset and version (ids of two datasets can match), else re-evaluated here.
+    A ValueError says why it cannot be measured here, e.g. it knows other classes."""
+    dataset = PublishedDataset.open(dataset_dir).name
     tags = champion.tags
-    if tags.get("dataset_version_id") == dataset_version_id and GATE_METRIC in tags:
+    same_dataset = tags.get("dataset") == dataset
+    if same_dataset and tags.get("dataset_version_id") == dataset_version_id and GATE_METRIC in tags:
         return float(tags[GATE_METRIC]), "as recorded"
     from cnn.train import evaluate_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="cnnpipe-champion-") as scratch:
         weights = download_weights(champion, Path(scratch))
         figures = evaluate_checkpoint(weights, dataset_dir, device)
-    log.info("re-evaluated champion %s/%s on dataset version %s: val top-1 %.4f", champion.name, champion.version,
-             dataset_version_id, figures["top1"])
-    return figures["top1"], f"re-evaluated on dataset version {dataset_version_id}"
+    log.info("re-evaluated champion %s/%s on dataset %s version %s: val top-1 %.4f", champion.name, champion.version,
+             dataset, dataset_version_id, figures["top1"])
+    where = "" if same_dataset else f", not {_trained_on(champion)} it was trained on"
+    return figures["top1"], f"re-evaluated on dataset {dataset} version {dataset_version_id}{where}"
+
+
+def _trained_on(version: ModelVersion) -> str:
+    return f"dataset {version.tags.get('dataset') or '?'} version {version.tags.get('dataset_version_id') or '?'}"
 
 
 def gate(mlflow_client: MlflowClient, challenger: ModelVersion, challenger_top1: float, dataset_dir: Path,
@@ -221,10 +231,10 @@ def gate(mlflow_client: MlflowClient, challenger: ModelVersion, challenger_top1:
         else:
             try:
                 champion_top1, how = champion_score(mlflow_client, champion, dataset_dir, dataset_version_id, device)
-            except ValueError as exc:  # the champion was trained on other classes
+            except ValueError as exc:  # the champion cannot be measured on this dataset
                 promoted = False
-                reason = (f"not comparable with champion {champion.version}: {exc}; "
-                          f"use `cnnpipe promote {name} {challenger.version}` to switch anyway")
+                reason = (f"not comparable with champion {champion.version}, trained on {_trained_on(champion)}: "
+                          f"{exc}; use `cnnpipe promote {name} {challenger.version}` to switch anyway")
             else:
                 gain = challenger_top1 - champion_top1
                 better = gain > 0 and gain >= min_improvement

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,8 +25,8 @@ from cnnpipe.locks import file_lock
 from cnnpipe.settings import Settings, get_settings
 from cnnpipe.sources import TRANSIENT_ERRORS
 from cnnpipe.store import staging
-from cnnpipe.store.format import (DATASET_NAME, SCHEMA, _empty_manifest, derive_manifest, iso_time,
-                                  lists_every_version, version_folder)
+from cnnpipe.store.format import (DATASET_NAME, SCHEMA, _empty_manifest, chained_version_id, derive_manifest,
+                                  iso_time, lists_every_version, version_folder)
 from cnnpipe.store.parts import _rows_in, part_problem
 from cnnpipe.store.records import DamagedPart, IngestSummary, StagedRun
 
@@ -227,12 +226,11 @@ class DatasetStore:
         if run.rows + run.adopted_rows > 0:
             version = run.base_version + 1
             previous_id = self.manifest()["version_id"] if run.base_version else ""
-            digest = hashlib.sha256(previous_id.encode() + run.content_sum.to_bytes(32, "big"))
             parts = sorted(self.staging.glob("part-*.parquet"))
             (self.staging / "base.json").unlink()
             atomic_write_json(self.staging / "version.json", {
                 "version": version,
-                "version_id": digest.hexdigest()[:16],
+                "version_id": chained_version_id(self.name, previous_id, run.content_sum),
                 "created_at": iso_time(time.time()),
                 "source_uri": run.source_uri,
                 "rows": run.rows + run.adopted_rows,

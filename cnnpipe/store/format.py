@@ -7,6 +7,7 @@ layout, lives in `cnn.layout`, the one reader of it.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
@@ -39,6 +40,16 @@ DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 def version_folder(version: int) -> str:
     return f"v{version:06d}"
+
+
+def chained_version_id(name: str, previous_id: str, content_sum: int) -> str:
+    """The id of the version that adds rows summing to `content_sum` (`StagedRun.content_sum`) to
+    version `previous_id` of dataset `name`: equal only for the same dataset holding the same images
+    under the same labels and splits, so it names one dataset version across machines and runs.
+    Ids committed before the name and the labels entered it hashed only the images; they are read
+    back from `version.json` as written, never computed again, and later versions chain on them."""
+    digest = hashlib.sha256(f"{name}\0{previous_id}\0".encode() + content_sum.to_bytes(32, "big"))
+    return digest.hexdigest()[:16]
 
 
 def _empty_manifest(name: str) -> dict:

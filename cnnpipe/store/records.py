@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,15 +36,17 @@ class StagedRun:
     duplicates: int = 0
     rejected: list[Reject] = field(default_factory=list)
     added_counts: dict[str, dict[str, int]] = field(default_factory=dict)
-    # Sum of the new images' hashes mod 2^256: an order-free digest of what this version adds.
+    # Sum of the new rows' digests (image hash, label, split) mod 2^256: an order-free digest of
+    # what this version adds, so that the same images under other labels or splits make another version id.
     content_sum: int = 0
     # The share of train/ images carved into val (0: none were), for the report.
     val_from_train: float = 0.0
     # Dot-files and __MACOSX/ members the source passed over by rule, for the report.
     hidden_skipped: int = 0
 
-    def add_content(self, sha256_hex: str) -> None:
-        self.content_sum = (self.content_sum + int(sha256_hex, 16)) % 2**256
+    def add_content(self, sha256_hex: str, label: str, split: str) -> None:
+        row = hashlib.sha256(f"{sha256_hex}\0{label}\0{split}".encode()).digest()
+        self.content_sum = (self.content_sum + int.from_bytes(row, "big")) % 2**256
 
     def add_count(self, split: str, label: str, count: int = 1) -> None:
         labels = self.added_counts.setdefault(split, {})

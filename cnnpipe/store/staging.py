@@ -44,9 +44,10 @@ def stage(store: DatasetStore, source: Source, options: IngestOptions,
     stager = _Stager(store, source, options, staging)
     try:
         stager.read(on_progress)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EFBIG):
-            raise CnnpipeError(f"disk full while writing {stager.writer.tmp_path or staging}: {exc.strerror}") from exc
+    except BaseException as exc:
+        partial = stager.writer.discard()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG):
+            raise CnnpipeError(f"disk full while writing {partial or staging}: {exc.strerror}") from exc
         raise
     if on_progress:
         on_progress(stager.done, source.total)
@@ -107,7 +108,7 @@ class _Stager:
         for item, _ in kept:
             self.added[item.split][item.label] += 1
         for item, _ in kept:
-            self.run.add_content(item.sha256)
+            self.run.add_content(item.sha256, item.label, item.split)
         self.run.rows += len(kept)
 
     def finish(self) -> StagedRun:
@@ -129,10 +130,8 @@ def _known_images(store: DatasetStore, run: StagedRun, staging: Path) -> _ImageI
             known.add(sha, label, split)
     for table in adopted:
         run.adopted_rows += table.num_rows
-        for sha in table.column("sha256").to_pylist():
-            run.add_content(sha)
-        labels, splits = table.column("label").to_pylist(), table.column("split").to_pylist()
-        for label, split in zip(labels, splits):
+        for sha, label, split in zip(*(table.column(c).to_pylist() for c in ("sha256", "label", "split"))):
+            run.add_content(sha, label, split)
             run.add_count(split, label)
     if run.adopted_rows:
         log.info("resuming: %d images were already staged by an interrupted run", run.adopted_rows)
@@ -191,7 +190,7 @@ def merge_shards(store: DatasetStore, shards: list[StagedRun], count: int) -> St
             if stored is None:
                 seen.add(sha, label, split)
                 keep.append(row)
-                merged.add_content(sha)
+                merged.add_content(sha, label, split)
                 merged.add_count(split, label)
             elif stored == (label, split):
                 merged.duplicates += 1

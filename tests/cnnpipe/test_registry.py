@@ -86,11 +86,12 @@ def test_gate_promotes_only_a_better_model(register_version, shapes_dataset):
 
 
 def _balanced_split(root: Path, per_class: int = 100) -> Path:
-    """A dataset folder holding only the manifest the gate reads: 4 classes, `per_class` validation images each."""
+    """A dataset folder holding only the manifest the gate reads: the shapes' 4 classes, `per_class`
+    validation images each."""
     root.mkdir(parents=True, exist_ok=True)
     classes = ["circle", "cross", "square", "triangle"]
     (root / "manifest.json").write_text(json.dumps({
-        "format": FORMAT, "name": "balanced", "version_id": "v-balanced", "classes": classes, "files": [],
+        "format": FORMAT, "name": "shapes", "version_id": "v-balanced", "classes": classes, "files": [],
         "counts": {"train": {c: 5 * per_class for c in classes}, "val": {c: per_class for c in classes}}}))
     return root
 
@@ -327,7 +328,8 @@ def _register_and_gate(home: str, tracking_uri: str, checkpoint: str, dataset: s
                        "cpu", version_id)
     with tracking.training_run("race", {}):
         version = tracking.log_model(result, "raced")
-    registry.describe_version(registry.client(), version, {"dataset_version_id": version_id, "val_top1": val_top1})
+    registry.describe_version(registry.client(), version,
+                              {"dataset": "shapes", "dataset_version_id": version_id, "val_top1": val_top1})
     barrier.wait(timeout=60)  # both versions exist; now both try to take the champion alias
     decision = registry.gate(registry.client(), version, val_top1, Path(dataset), version_id)
     results.put((str(version.version), val_top1, decision.promoted))

@@ -68,6 +68,35 @@ def test_rerun_adds_nothing_and_new_files_append_a_version(tmp_path):
     assert [v["rows"] for v in DatasetStore("pets").manifest()["versions"]] == [5, 1]
 
 
+def test_a_version_id_names_the_dataset_its_labels_and_splits_and_old_ids_stay_as_written(tmp_path, monkeypatch):
+    write_class_folders(tmp_path / "cats", {"cat": 4}, split="val")
+    write_class_folders(tmp_path / "dogs", {"dog": 4}, split="val")  # the same images under another label
+    write_class_folders(tmp_path / "tested", {"cat": 4}, split="test")  # ... or in another split
+
+    def version_id(machine: str, source: str, name: str = "pets") -> str:
+        monkeypatch.setenv("CNNPIPE_HOME", str(tmp_path / machine))
+        return ingest(tmp_path / source, name).version_id
+
+    cats = version_id("a", "cats")
+    assert version_id("b", "cats") == cats  # the same ingest on another machine
+    assert version_id("a", "cats") == cats  # a rerun that adds nothing
+    assert len({cats, version_id("c", "dogs"), version_id("d", "tested"), version_id("a", "cats", "pets-copy")}) == 4
+
+    # A dataset committed before the name and labels entered the id keeps the id it was given.
+    monkeypatch.setenv("CNNPIPE_HOME", str(tmp_path / "a"))
+    store = DatasetStore("pets")
+    content_only = sum(int(sha, 16) for sha in store.read_table(["sha256"]).column("sha256").to_pylist()) % 2**256
+    old_id = hashlib.sha256(content_only.to_bytes(32, "big")).hexdigest()[:16]
+    written = store.location.path / "v000001" / "version.json"
+    written.write_text(json.dumps({**json.loads(written.read_text()), "version_id": old_id}))
+    (store.location.path / "manifest.json").unlink()
+    assert store.manifest()["version_id"] == old_id and store.as_of(old_id) == store.location.path
+    write_class_folders(tmp_path / "more", {"cat": 2}, seed=1, split="val")
+    added = ingest(tmp_path / "more").version_id
+    assert [v["version_id"] for v in store.manifest()["versions"]] == [old_id, added]
+    assert json.loads((store.as_of(old_id) / "manifest.json").read_text())["num_rows"] == 4
+
+
 def test_identical_image_under_two_labels_or_splits_is_reported_not_kept(tmp_path):
     image = jpeg(7)
     for path in ("cat/a.jpg", "cat/copy.jpg", "dog/a.jpg"):
