@@ -20,13 +20,15 @@ import csv
 import hashlib
 import io
 import logging
+import os
 import posixpath
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.fsutil import atomic_write_bytes
+from cnnpipe.fsutil import fsync_dir
 from cnnpipe.drift import LOW_CONFIDENCE
 from cnnpipe.predictions import connect_for_writing, version_condition
 from cnnpipe.settings import Settings
@@ -69,16 +71,28 @@ def choose(database: Path, model_ref: str, mode: str, limit: int) -> list[dict]:
         return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
+def check_export_folder(folder: Path, settings: Settings) -> None:
+    """Refuse, before anything is written, a folder under the home (whichever symlink or `..` leads
+    there), where an export would mix with the pipeline's own files, the dataset store's above all;
+    a symlinked `images/` or file among those the export writes, which it would write or list through;
+    and a folder that holds a `labels.csv` already."""
+    home = settings.home.resolve()
+    if folder.resolve().is_relative_to(home):
+        raise CnnpipeError(f"{folder}: resolves to {folder.resolve()}, inside CNNPIPE_HOME ({home}), where the "
+                           "pipeline keeps its own files; export into a folder outside it")
+    _refuse_symlinks([folder / "images", folder / "labels.csv", folder / "unavailable.csv"])
+    if (folder / "labels.csv").exists():
+        raise CnnpipeError(f"{folder / 'labels.csv'} already exists and may hold corrections: ingest it, "
+                           "or export into another folder")
+
+
 def export_for_review(rows: list[dict], folder: Path, settings: Settings) -> ReviewExport:
     """Write the chosen predictions' images, `labels.csv` and `unavailable.csv` into `folder`.
     `labels.csv` comes last: a run that stopped before it can run again and keeps the images it
     wrote, while a folder that has one is refused, since it may hold a person's corrections."""
-    if (folder / "labels.csv").exists():
-        raise CnnpipeError(f"{folder / 'labels.csv'} already exists and may hold corrections: ingest it, "
-                           "or export into another folder")
+    check_export_folder(folder, settings)
     export = ReviewExport()
     images = folder / "images"
-    images.mkdir(parents=True, exist_ok=True)
     found: dict[str, tuple[bytes, str]] = {}
     problems: dict[str, str] = {}
     by_source: defaultdict[str, list[dict]] = defaultdict(list)
@@ -97,6 +111,7 @@ def export_for_review(rows: list[dict], folder: Path, settings: Settings) -> Rev
     found.update(from_store)
 
     listed = []
+    to_write: dict[Path, bytes] = {}
     for row in rows:
         sha = row["image_sha256"]
         if sha not in found:
@@ -106,14 +121,18 @@ def export_for_review(rows: list[dict], folder: Path, settings: Settings) -> Rev
             continue
         data, suffix = found[sha]
         path = images / f"{sha[:16]}{suffix}"
-        if not path.exists():
-            atomic_write_bytes(path, data)
+        to_write[path] = data
         # A copy the store resized no longer hashes to the prediction's image: ingest may not check it.
         same_image = hashlib.sha256(data).hexdigest() == sha
         listed.append({"path": f"images/{path.name}", "label": row["label"], "confidence": f"{row['confidence']:.4f}",
                        "predicted": row["label"], "model": f"{row['model_name']}/{row['model_version']}",
                        "sha256": sha if same_image else "", "source_uri": row["source_uri"],
                        "member_path": row["member_path"]})
+    _refuse_symlinks(to_write)  # known only now, and checked before the first write, so a refusal writes nothing
+    images.mkdir(parents=True, exist_ok=True)
+    for path, data in to_write.items():
+        if not path.exists():  # kept from a run that stopped before labels.csv
+            _write_file(path, data)
     _write_csv(folder / "labels.csv", LABELS_COLUMNS, listed)
     _write_csv(folder / "unavailable.csv", ["sha256", "source_uri", "member_path", "reason"], export.unavailable)
     return export
@@ -197,4 +216,24 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     writer = csv.DictWriter(text, columns)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_bytes(path, text.getvalue().encode())
+    _write_file(path, text.getvalue().encode())
+
+
+def _refuse_symlinks(paths: Iterable[Path]) -> None:
+    for path in paths:
+        if path.is_symlink():
+            raise CnnpipeError(f"{path} is a symlink (to {os.readlink(path)}): the export writes real files only, "
+                               "never through a link; remove it or export into another folder")
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """`atomic_write_bytes` that never writes through a link: one at the temporary name is removed
+    (and `O_EXCL` refuses one planted since), and the rename replaces one at `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)  # left by a run that stopped, or a link
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

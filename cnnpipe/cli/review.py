@@ -40,11 +40,12 @@ def export(out_dir: Path, model_ref: str, mode: str, limit: int) -> None:
       # edit review/labels.csv, then:
       cnnpipe ingest review/labels.csv --dataset cifar10
     """
-    from cnnpipe.review import choose, export_for_review
+    from cnnpipe.review import check_export_folder, choose, export_for_review
     from cnnpipe.settings import get_settings
 
     collect_garbage()  # reading back many images is long work
     settings = get_settings()
+    check_export_folder(out_dir, settings)  # before choosing, which can take long, and which export repeats
     rows = choose(settings.predictions_db, model_ref, mode, limit)
     if not rows:
         chosen = ("low-confidence predictions (calibrated confidence under 0.5)" if mode == "low-confidence"

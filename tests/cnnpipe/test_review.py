@@ -185,3 +185,56 @@ def test_a_model_reference_the_database_cannot_resolve_is_one_line(tmp_path):
     with pytest.raises(CnnpipeError, match="NAME@champion"):
         choose(database, "shapes@staging", "low-confidence", limit=5)
     assert choose(database, "shapes@champion", "low-confidence", limit=5) == []
+
+
+def snapshot(folder: Path) -> dict[str, bytes | str]:
+    """Every entry under a folder, links not followed: a file's bytes, a link's target, a folder as itself.
+    Leaves out the predictions, which choosing opens and may rewrite: none of the export's business."""
+    return {str(path.relative_to(folder)): str(path.readlink()) if path.is_symlink()
+            else path.read_bytes() if path.is_file() else "dir"
+            for path in sorted(folder.rglob("*")) if "predictions.duckdb" not in path.name}
+
+
+def test_the_command_refuses_a_folder_in_the_home_or_a_symlink_it_would_write_through(classified, tmp_path,
+                                                                                      cnnpipe_home):
+    from click.testing import CliRunner
+
+    from cnnpipe.cli import cli
+
+    def export(out: Path):
+        return CliRunner().invoke(cli, ["review", "export", str(out), "--model", "shapes/1", "--limit", "3"])
+
+    datasets = cnnpipe_home / "datasets"
+    (datasets / "kept").mkdir(parents=True)
+    (datasets / "kept" / "manifest.json").write_text("{}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.png").write_bytes(b"not an export")
+
+    into_datasets = tmp_path / "into-datasets"
+    into_datasets.symlink_to(datasets)
+    images_elsewhere = tmp_path / "images-elsewhere"
+    images_elsewhere.mkdir()
+    (images_elsewhere / "images").symlink_to(elsewhere)
+    image_elsewhere = tmp_path / "image-elsewhere"
+    (image_elsewhere / "images").mkdir(parents=True)
+    chosen = choose(get_settings().predictions_db, "shapes/1", "low-confidence", limit=3)
+    (image_elsewhere / "images" / f"{chosen[0]['image_sha256'][:16]}.png").symlink_to(elsewhere / "precious.png")
+    labels_elsewhere = tmp_path / "labels-elsewhere"
+    labels_elsewhere.mkdir()
+    (labels_elsewhere / "labels.csv").symlink_to(elsewhere / "labels.csv")
+
+    refusals = {cnnpipe_home / "x": "inside CNNPIPE_HOME",
+                tmp_path / "elsewhere" / ".." / "cnnpipe-home" / "reports": "inside CNNPIPE_HOME",
+                into_datasets: "inside CNNPIPE_HOME",
+                images_elsewhere: f"{images_elsewhere / 'images'} is a symlink",
+                image_elsewhere: f"{image_elsewhere / 'images' / chosen[0]['image_sha256'][:16]}.png is a symlink",
+                labels_elsewhere: f"{labels_elsewhere / 'labels.csv'} is a symlink"}
+    before = snapshot(tmp_path)  # the home, the folders refused and where their links lead
+    for out, reason in refusals.items():
+        refused = export(out)
+        assert refused.exit_code == 1 and refused.output.count("\n") == 1, (out, refused.output)
+        assert reason in refused.output, refused.output
+    nothing_chosen = CliRunner().invoke(cli, ["review", "export", str(cnnpipe_home / "x"), "--model", "shapes/9"])
+    assert nothing_chosen.exit_code == 1 and "inside CNNPIPE_HOME" in nothing_chosen.output  # refused first
+    assert snapshot(tmp_path) == before
