@@ -98,3 +98,36 @@ def test_ingest_on_a_full_disk_removes_its_partial_part_at_once_and_a_rerun_fini
     store = DatasetStore("pets")
     shas = store.read_table(["sha256"]).column("sha256").to_pylist()
     assert len(shas) == 5 == len(set(shas))
+
+
+def test_a_second_writer_says_in_one_line_that_it_waits_its_turn(tmp_path, prefect_harness):
+    """Two ingests into one dataset take turns; the second says so, rather than sit silent."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from cnnpipe.settings import get_settings
+
+    write_class_folders(tmp_path / "photos", {"cat": 2})
+    lock_path = get_settings().locks_dir / "dataset-pets.lock"
+    lock_path.parent.mkdir(parents=True)
+    with open(lock_path, "a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        second = subprocess.Popen([sys.executable, "-m", "cnnpipe.cli", "ingest", str(tmp_path / "photos"),
+                                   "--dataset", "pets", "--workers", "0"],
+                                  env={**os.environ, "PREFECT_API_URL": prefect_harness},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        silent_too_long = threading.Timer(90, second.kill)  # a command that waits without a word
+        silent_too_long.start()
+        before_release = []
+        for line in second.stdout:
+            before_release.append(line)
+            if "waiting for another writer of dataset pets" in line:
+                break
+        silent_too_long.cancel()
+    rest = second.stdout.read()
+    assert second.wait(timeout=120) == 0, "".join(before_release) + rest
+    assert "waiting for another writer of dataset pets" in before_release[-1]
+    assert "added" not in "".join(before_release) and "2 added" in rest
