@@ -1,9 +1,10 @@
 """`cnnpipe server`: the Prefect and MLflow UIs over the pipeline's state, and how commands find them.
 
 Prefect runs as its own `prefect server start --background`, with PREFECT_HOME under
-$CNNPIPE_HOME so that its database and PID file live there, and `prefect server stop`
-stops it. The MLflow UI is `mlflow server` on the tracking store the commands write to,
-in a session of its own with a PID file of ours. Both listen on 127.0.0.1 only.
+$CNNPIPE_HOME so that its database and PID file live there. The MLflow UI is `mlflow server`
+on the tracking store the commands write to, in a session of its own. Both listen on 127.0.0.1
+only. Each has a PID file of ours (see `cnnpipe.pidfiles`), and `stop` signals only the process
+it names: Prefect's own PID file holds a bare PID, which any program may have by now.
 
 `use_local_server` runs before every command, so this module imports only the standard
 library at load time.
@@ -17,12 +18,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.locks import file_lock
+from cnnpipe.pidfiles import Recorded, end, record, recorded
 from cnnpipe.settings import Settings, get_settings
 
 HOST = "127.0.0.1"
@@ -34,10 +35,7 @@ HEALTH_TIMEOUT_SECONDS = 0.5
 MLFLOW_HEALTH_TIMEOUT_SECONDS = 5.0
 # The first start on a busy 2-core machine migrates Prefect's database for half a minute or more.
 STARTUP_TIMEOUT_SECONDS = 180
-STOP_GRACE_SECONDS = 15
-# A recorded PID may have been reused by an unrelated process once ours is gone.
 PREFECT_SERVER_MARK = "prefect.server.api.server:create_app"
-MLFLOW_SERVER_MARK = "mlflow"
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ def local_mlflow_url(settings: Settings | None = None) -> str | None:
     settings = settings or get_settings()
     if not _tracks_locally(settings) or not settings.mlflow_server_pid_file.exists():
         return None
-    mlflow = _running(settings.mlflow_server_pid_file, MLFLOW_SERVER_MARK)
+    mlflow = recorded(settings.mlflow_server_pid_file).process
     if mlflow is None:
         return None
     url = _mlflow_url(_port_of(mlflow))
@@ -92,7 +90,7 @@ def ui_urls(settings: Settings | None = None) -> tuple[str, str | None] | None:
     api_url = local_api_url(settings)
     if api_url is None:
         return None
-    mlflow = _running(settings.mlflow_server_pid_file, MLFLOW_SERVER_MARK)
+    mlflow = recorded(settings.mlflow_server_pid_file).process
     return api_url.removesuffix("/api"), _mlflow_url(_port_of(mlflow)) if mlflow else None
 
 
@@ -105,12 +103,12 @@ def start(prefect_port: int = DEFAULT_PREFECT_PORT, mlflow_port: int = DEFAULT_M
     if prefect_port == mlflow_port:
         raise CnnpipeError(f"--port and --mlflow-port are both {prefect_port}; give them different ports")
     with file_lock(settings.locks_dir / "server.lock", waiting="another `cnnpipe server` command is running; waiting"):
-        prefect = _running(settings.prefect_server_pid_file, PREFECT_SERVER_MARK)
-        mlflow = _running(settings.mlflow_server_pid_file, MLFLOW_SERVER_MARK)
+        prefect = _recorded_prefect(settings).process
+        mlflow = recorded(settings.mlflow_server_pid_file).process
         wants_mlflow = _tracks_locally(settings)
-        # A PID file whose process is gone would make `prefect server start` refuse to start.
+        # A stale PID file would make `prefect server start` refuse to start; the process it names is left alone.
         if prefect is None:
-            settings.prefect_server_pid_file.unlink(missing_ok=True)
+            _forget_prefect(settings)
             _require_free(prefect_port, "--port")
         if wants_mlflow and mlflow is None:
             settings.mlflow_server_pid_file.unlink(missing_ok=True)
@@ -125,13 +123,13 @@ def start(prefect_port: int = DEFAULT_PREFECT_PORT, mlflow_port: int = DEFAULT_M
             waits = []
             if prefect is None:
                 _launch_prefect(settings, prefect_port)
-                waits.append((f"{_prefect_api_url(prefect_port)}/health", settings.prefect_server_pid_file,
-                              PREFECT_SERVER_MARK, _prefect_failure(settings, prefect_port)))
+                waits.append((f"{_prefect_api_url(prefect_port)}/health", _prefect_record_file(settings),
+                              _prefect_failure(settings, prefect_port)))
             if wants_mlflow and mlflow is None:
                 _launch_mlflow(settings, mlflow_port)
                 waits.append((f"{_mlflow_url(mlflow_port)}/health", settings.mlflow_server_pid_file,
-                              MLFLOW_SERVER_MARK, f"the MLflow UI on port {mlflow_port} exited while starting; "
-                                                  f"see {settings.mlflow_server_log}"))
+                              f"the MLflow UI on port {mlflow_port} exited while starting; "
+                              f"see {settings.mlflow_server_log}"))
             _wait_until_answering(waits)
         except BaseException:
             _stop(settings)
@@ -143,7 +141,10 @@ def stop(settings: Settings | None = None) -> list[str]:
     """Stop both servers and anything they started; return what was stopped."""
     settings = settings or get_settings()
     with file_lock(settings.locks_dir / "server.lock", waiting="another `cnnpipe server` command is running; waiting"):
-        return _stop(settings) or ["No cnnpipe server was running."]
+        said = _stop(settings)
+        if not any(line.startswith("Stopped") for line in said):
+            said.append("No cnnpipe server was running.")
+        return said
 
 
 def status(settings: Settings | None = None) -> list[str]:
@@ -152,30 +153,31 @@ def status(settings: Settings | None = None) -> list[str]:
 
 
 def _stop(settings: Settings) -> list[str]:
-    stopped = []
-    prefect = _running(settings.prefect_server_pid_file, PREFECT_SERVER_MARK)
-    if prefect is not None:
-        _end(prefect, lambda: subprocess.run(
-            [sys.executable, "-m", "prefect", "server", "stop"], env=_prefect_environment(settings, None),
-            stdin=subprocess.DEVNULL, capture_output=True, timeout=120))
-        stopped.append(f"Stopped the Prefect server (pid {prefect.pid}).")
-    settings.prefect_server_pid_file.unlink(missing_ok=True)
-    mlflow = _running(settings.mlflow_server_pid_file, MLFLOW_SERVER_MARK)
-    if mlflow is not None:
-        _end(mlflow, None)
-        stopped.append(f"Stopped the MLflow UI (pid {mlflow.pid}).")
-    settings.mlflow_server_pid_file.unlink(missing_ok=True)
+    """Stop the servers our PID files name, and only those; remove the files, saying which were stale."""
+    said = []
+    for name, found, forget in (
+            ("the Prefect server", _recorded_prefect(settings), lambda: _forget_prefect(settings)),
+            ("the MLflow UI", recorded(settings.mlflow_server_pid_file),
+             lambda: settings.mlflow_server_pid_file.unlink(missing_ok=True))):
+        if found.process is not None:
+            # What `prefect server stop` does too, but to the process we verified, not whatever its PID file names.
+            end(found.process)
+            said.append(f"Stopped {name} (pid {found.process.pid}).")
+        elif found.stale:
+            said.append(f"Removed the {found.stale}.")
+        forget()
     settings.server_state_file.unlink(missing_ok=True)
-    return stopped
+    return said
 
 
 def _describe(settings: Settings) -> list[str]:
     lines = []
-    prefect = _running(settings.prefect_server_pid_file, PREFECT_SERVER_MARK)
+    recorded_prefect = _recorded_prefect(settings)
+    prefect = recorded_prefect.process
     api_url = _prefect_api_url(_port_of(prefect)) if prefect else None
     prefect_answers = bool(api_url) and _answers(f"{api_url}/health")
     if prefect is None:
-        lines.append("Prefect UI:  not running (`cnnpipe server start` starts it)")
+        lines.append(f"Prefect UI:  {_not_running(recorded_prefect)}")
     else:
         answering = "" if prefect_answers else ", not answering yet"
         database = os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL") or settings.prefect_home / "prefect.db"
@@ -184,9 +186,10 @@ def _describe(settings: Settings) -> list[str]:
     if not _tracks_locally(settings):
         lines.append(f"MLflow UI:   {settings.mlflow_tracking_uri}  (MLFLOW_TRACKING_URI, a server of its own)")
     else:
-        mlflow = _running(settings.mlflow_server_pid_file, MLFLOW_SERVER_MARK)
+        recorded_mlflow = recorded(settings.mlflow_server_pid_file)
+        mlflow = recorded_mlflow.process
         if mlflow is None:
-            lines.append("MLflow UI:   not running (`cnnpipe server start` starts it)")
+            lines.append(f"MLflow UI:   {_not_running(recorded_mlflow)}")
         else:
             url = _mlflow_url(_port_of(mlflow))
             answering = "" if _answers(f"{url}/health") else ", not answering yet"
@@ -200,6 +203,12 @@ def _describe(settings: Settings) -> list[str]:
     else:
         lines.append("Flow commands run on Prefect's ephemeral API, started by each command.")
     return lines
+
+
+def _not_running(found: Recorded) -> str:
+    if found.stale:
+        return f"not running: {found.stale} (`cnnpipe server start` or `stop` removes it)"
+    return "not running (`cnnpipe server start` starts it)"
 
 
 def _moved(prefect, prefect_port: int, mlflow, mlflow_port: int) -> list[str]:
@@ -219,6 +228,11 @@ def _launch_prefect(settings: Settings, port: int) -> None:
     if started.returncode != 0:
         said = [line.strip() for line in (started.stdout + started.stderr).splitlines() if line.strip()]
         raise CnnpipeError(f"prefect server start on port {port} failed: {said[-1] if said else started.returncode}")
+    try:
+        launched = int(settings.prefect_server_pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return  # gone already: waiting for it says so
+    record(_prefect_record_file(settings), launched, PREFECT_SERVER_MARK)
 
 
 def _launch_mlflow(settings: Settings, port: int) -> None:
@@ -230,15 +244,13 @@ def _launch_mlflow(settings: Settings, port: int) -> None:
     with open(settings.mlflow_server_log, "ab") as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-    settings.mlflow_server_pid_file.write_text(str(process.pid))
+    record(settings.mlflow_server_pid_file, process.pid, "mlflow")
 
 
-def _prefect_environment(settings: Settings, port: int | None) -> dict[str, str]:
+def _prefect_environment(settings: Settings, port: int) -> dict[str, str]:
     env = {**os.environ, "PREFECT_HOME": str(settings.prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    if port is not None:
-        # The UI it serves talks to this API, not to one a PREFECT_API_URL in the shell names.
-        env["PREFECT_API_URL"] = _prefect_api_url(port)
+    # The UI it serves talks to this API, not to one a PREFECT_API_URL in the shell names.
+    env["PREFECT_API_URL"] = _prefect_api_url(port)
     return env
 
 
@@ -247,15 +259,15 @@ def _prefect_failure(settings: Settings, port: int) -> str:
             f"`PREFECT_HOME={settings.prefect_home} prefect server start --port {port}` shows why")
 
 
-def _wait_until_answering(waits: list[tuple[str, Path, str, str]]) -> None:
+def _wait_until_answering(waits: list[tuple[str, Path, str]]) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
     pending = list(waits)
     while pending:
         for wait in list(pending):
-            health_url, pid_file, mark, failure = wait
+            health_url, pid_file, failure = wait
             if _answers(health_url):
                 pending.remove(wait)
-            elif _running(pid_file, mark) is None:
+            elif recorded(pid_file).process is None:
                 raise CnnpipeError(failure)
         if pending and time.monotonic() > deadline:
             raise CnnpipeError(f"{pending[0][0]} did not answer within {STARTUP_TIMEOUT_SECONDS} s")
@@ -263,43 +275,18 @@ def _wait_until_answering(waits: list[tuple[str, Path, str, str]]) -> None:
             time.sleep(0.25)
 
 
-def _end(process, terminate: Callable[[], object] | None) -> None:
-    """Ask `process` to stop (by `terminate`, else SIGTERM to it and its children), then kill
-    whatever of them outlives the grace period."""
-    import psutil
-
-    try:
-        family = [process, *process.children(recursive=True)]
-    except psutil.Error:
-        return
-    if terminate is not None:
-        terminate()
-    else:
-        for member in family:
-            try:
-                member.terminate()
-            except psutil.Error:
-                pass
-    _, alive = psutil.wait_procs(family, timeout=STOP_GRACE_SECONDS)
-    for member in alive:
-        try:
-            member.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=STOP_GRACE_SECONDS)
+def _recorded_prefect(settings: Settings) -> Recorded:
+    return recorded(_prefect_record_file(settings), settings.prefect_server_pid_file)
 
 
-def _running(pid_file: Path, mark: str):
-    """The psutil.Process a PID file names, if it is alive and still ours; else None."""
-    import psutil
+def _forget_prefect(settings: Settings) -> None:
+    _prefect_record_file(settings).unlink(missing_ok=True)
+    settings.prefect_server_pid_file.unlink(missing_ok=True)
 
-    try:
-        process = psutil.Process(int(pid_file.read_text().strip()))
-        if process.status() != psutil.STATUS_ZOMBIE and mark in " ".join(process.cmdline()):
-            return process
-    except (OSError, ValueError, psutil.Error):
-        pass
-    return None
+
+def _prefect_record_file(settings: Settings) -> Path:
+    """Ours, beside Prefect's own PID file, which holds only the PID."""
+    return settings.server_dir / "prefect.pid"
 
 
 def _port_of(process) -> int:
@@ -324,6 +311,7 @@ def _tracks_locally(settings: Settings) -> bool:
 
 
 def _answers(url: str, timeout: float = HEALTH_TIMEOUT_SECONDS) -> bool:
+    import http.client
     import urllib.request
 
     # No proxy from the environment: these servers are on this machine.
@@ -331,7 +319,9 @@ def _answers(url: str, timeout: float = HEALTH_TIMEOUT_SECONDS) -> bool:
     try:
         with opener.open(url, timeout=timeout) as response:
             return response.status == 200
-    except (OSError, ValueError):
+    # HTTPException: with nothing listening on a port in the ephemeral range, a connection to it
+    # may be its own other end, and the request comes back as the reply.
+    except (OSError, ValueError, http.client.HTTPException):
         return False
 
 

@@ -39,7 +39,10 @@ def server_start(port: int, mlflow_port: int) -> None:
 
 @server.command("stop")
 def server_stop() -> None:
-    """Stop both servers."""
+    """Stop both servers.
+
+    Only a process whose PID, start time and command line match what `start` recorded is
+    stopped; a PID file naming anything else is stale, and is removed with the program left alone."""
     from cnnpipe.local_server import stop
 
     click.echo("\n".join(stop()))

@@ -107,12 +107,12 @@ def server(tmp_path_factory) -> Server:
     argv = [sys.executable, "-m", "cnnpipe.cli", "server", "start", "--port", str(port), "--mlflow-port",
             str(mlflow_port)]
     try:
-        launched = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        launched = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                     for _ in range(2)]
         starts = []
         for process in launched:
-            output, _ = process.communicate(timeout=400)
-            starts.append(subprocess.CompletedProcess(argv, process.returncode, output))
+            output, errors = process.communicate(timeout=400)
+            starts.append(subprocess.CompletedProcess(argv, process.returncode, output, errors))
         yield Server(home, port, mlflow_port, starts)
     finally:
         cnnpipe(home, "server", "stop", timeout=120)
@@ -123,7 +123,8 @@ def server(tmp_path_factory) -> Server:
 
 @pytest.mark.slow
 def test_two_starts_at_once_make_one_server_over_stale_pid_files(server):
-    assert [start.returncode for start in server.starts] == [0, 0], [start.stdout for start in server.starts]
+    assert [start.returncode for start in server.starts] == [0, 0], [start.stdout + start.stderr
+                                                                     for start in server.starts]
     first_lines = sorted(start.stdout.splitlines()[0] for start in server.starts)
     assert first_lines == ["Already running:", "Started:"]
     for start in server.starts:
