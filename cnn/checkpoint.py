@@ -9,16 +9,19 @@ renamed; the last `keep` epochs stay, so a corrupt latest file falls back to an 
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
 import re
 import threading
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cnn.config import TrainConfig, flag
 from cnn.failpoints import failpoint
 
 
@@ -59,13 +62,23 @@ def save_checkpoint(state: dict, run_dir: Path, epoch: int, keep: int = 3) -> Pa
     run_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(run_dir, epoch)
     tmp = run_dir / f".{final.name}.tmp"
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    failpoint("ckpt.after_tmp_write")
-    failpoint("ckpt.before_replace")
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        failpoint("ckpt.after_tmp_write")
+        failpoint("ckpt.before_replace")
+        os.replace(tmp, final)
+    except BaseException as exc:
+        # A partial checkpoint is never resumed from, and on a full disk its tens of MB are
+        # the space MLflow needs to record that the run failed.
+        tmp.unlink(missing_ok=True)
+        if full := _disk_full(exc):
+            raise CheckpointError(f"disk full while writing checkpoint {final} ({full.strerror}): the partial file "
+                                  "is removed and the checkpoints of finished epochs are intact; free space on that "
+                                  "disk and resume the run") from exc
+        raise
     directory = os.open(run_dir, os.O_RDONLY)
     try:
         os.fsync(directory)
@@ -75,6 +88,15 @@ def save_checkpoint(state: dict, run_dir: Path, epoch: int, keep: int = 3) -> Pa
         old.unlink()
     failpoint("ckpt.after_publish")
     return final
+
+
+def _disk_full(error: BaseException | None) -> OSError | None:
+    # torch.save may raise its own RuntimeError ("unexpected pos ...") over the write's OSError.
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class CheckpointWriter:
@@ -161,14 +183,13 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
 
 
-def load_latest(run_dir: Path) -> tuple[dict, Path] | None:
-    """The newest checkpoint that loads, falling back past corrupt ones; None if there is none."""
-    for stale in run_dir.glob(".*.tmp"):
-        stale.unlink()
+def newest_readable(run_dir: Path) -> tuple[dict, Path, list[str]] | None:
+    """The newest checkpoint that loads, falling back past corrupt ones, and why each newer one
+    was skipped; None if there is none."""
     errors = []
     for path in reversed(checkpoints(run_dir)):
         try:
-            return load_checkpoint(path), path
+            return load_checkpoint(path), path, errors
         except CheckpointRefused:
             raise
         except CheckpointError as exc:
@@ -176,3 +197,63 @@ def load_latest(run_dir: Path) -> tuple[dict, Path] | None:
     if errors:
         raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
     return None
+
+
+def load_latest(run_dir: Path) -> tuple[dict, Path] | None:
+    """The newest checkpoint that loads, falling back past corrupt ones; None if there is none."""
+    for stale in run_dir.glob(".*.tmp"):
+        stale.unlink()
+    found = newest_readable(run_dir)
+    return found[:2] if found else None
+
+
+# What a resumed run keeps from its start. Its weights, optimizer, scheduler and RNG states are
+# restored from the checkpoint, so another value of one of these would fail to load, crash the
+# schedule once its steps run out ("Tried to step 31 times"), or be silently ignored.
+RUN_DEFINING = ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "label_smoothing",
+                "norm", "padding", "pool", "dropout", "seed")
+
+
+@dataclass
+class Resumption:
+    """Where a resumed run really continues: its newest checkpoint that loads, and the newer ones skipped."""
+
+    run_dir: Path
+    checkpoint: Path
+    epoch: int
+    started_with: dict
+    dataset_version: str | None
+    skipped: list[str]
+
+    @classmethod
+    def of(cls, run_dir: Path) -> Resumption:
+        found = newest_readable(run_dir)
+        if found is None:
+            raise CheckpointError(f"nothing to resume: {run_dir} holds no checkpoint")
+        state, path, skipped = found
+        return cls(run_dir, path, state["epoch"], state.get("config", {}), state.get("dataset_version"), skipped)
+
+    def continued(self, config: TrainConfig, dataset_version: str) -> TrainConfig:
+        """`config` with the knobs it leaves unset taken from the run; raises ValueError, in one
+        line saying what the run was started with, for a knob set otherwise or a changed dataset."""
+        given = asdict(config)
+        knobs = [knob for knob in RUN_DEFINING if knob in self.started_with]
+        differing = [knob for knob in knobs if given[knob] is not None and given[knob] != self.started_with[knob]]
+        if differing:
+            def flags(values: dict) -> str:
+                return " ".join(f"{flag(knob)} {values[knob]}" for knob in differing)
+
+            raise ValueError(f"{self.run_dir} was started with {flags(self.started_with)}, not {flags(given)}: a "
+                             f"resumed run keeps the schedule and model it started with; resume with "
+                             f"{flags(self.started_with)}, or train without --resume to start a new run")
+        if self.dataset_version and self.dataset_version != dataset_version:
+            raise ValueError(f"{self.run_dir} was started on version {self.dataset_version} of "
+                             f"{config.dataset_name}, which is at {dataset_version} now: a resumed run keeps the "
+                             "images it started with; train without --resume to start a new run on them")
+        return replace(config, **{knob: self.started_with[knob] for knob in knobs if given[knob] is None})
+
+    def warnings(self) -> list[str]:
+        if not self.skipped:
+            return []
+        return [f"skipped {'; '.join(self.skipped)}: the run continues after epoch {self.epoch}, from "
+                f"{self.checkpoint.name}"]

@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cnn import monitoring
 from cnn import recipe as auto_recipe
-from cnn.checkpoint import (CheckpointError, CheckpointWriter, checkpoints, load_checkpoint, load_latest,
-                            restore_rng_state, rng_state)
+from cnn.checkpoint import (CheckpointError, CheckpointWriter, Resumption, checkpoints, load_checkpoint,
+                            load_latest, restore_rng_state, rng_state)
 from cnn.config import TrainConfig
 from cnn.data import (Augment, ColourStats, ResidentImages, StoreSplit, StreamingImages, centre_crop,
                       colour_stats_for, normalise, ten_crops)
@@ -281,13 +281,13 @@ def _run_dir(config: TrainConfig) -> tuple[Path, bool]:
     return family / stamp, False
 
 
-def resume_point(config: TrainConfig) -> tuple[Path, int] | None:
-    """The run folder a `resume` config continues and the last epoch it has finished;
-    None when the config starts afresh. Raises CheckpointError when there is nothing to resume."""
+def resume_point(config: TrainConfig) -> Resumption | None:
+    """Where a `resume` config really continues: the run folder and its newest checkpoint that
+    loads; None when the config starts afresh. Raises CheckpointError when there is nothing to resume."""
     if not config.resume:
         return None
     run_dir, _ = _run_dir(config)
-    return run_dir, int(checkpoints(run_dir)[-1].stem.removeprefix("epoch-"))
+    return Resumption.of(run_dir)
 
 
 def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -495,13 +495,13 @@ class TrainingPlan:
 
     config: TrainConfig
     recipe: auto_recipe.Recipe
-    resuming: tuple[Path, int] | None
+    resuming: Resumption | None
     warnings: list[str]
 
     def lines(self) -> list[str]:
         lines = [self.recipe.line(), precision_line(self.config), memory_budget_line(self.config)]
-        if self.resuming:
-            lines.append(f"resuming {self.resuming[0]} after epoch {self.resuming[1]} of {self.config.epochs}")
+        if resuming := self.resuming:
+            lines.append(f"resuming {resuming.run_dir} after epoch {resuming.epoch} of {self.config.epochs}")
         return lines
 
 
@@ -520,12 +520,17 @@ def precision_line(config: TrainConfig) -> str:
 
 def plan(config: TrainConfig) -> TrainingPlan:
     """Choose the unset knobs for the dataset's train split and check the run can start.
-    Raises ValueError (naming the flag) or CheckpointError (nothing to resume) in one line."""
+    Raises ValueError (naming the flag) or CheckpointError (nothing to resume) in one line.
+    A resumed run takes the knobs left unset from the run, and refuses one set otherwise."""
     require_two_train_classes(config.dataset_dir)
-    config, recipe = auto_recipe.apply(config, StoreSplit.open(config.dataset_dir, "train").rows)
+    train_split = StoreSplit.open(config.dataset_dir, "train")
+    resuming = resume_point(config)
+    if resuming:
+        config = resuming.continued(config, train_split.version_id)
+    config, recipe = auto_recipe.apply(config, train_split.rows)
     warnings = [text for text in (auto_recipe.few_steps_warning(recipe), validation_warning(config.dataset_dir))
                 if text]
-    return TrainingPlan(config, recipe, resume_point(config), warnings)
+    return TrainingPlan(config, recipe, resuming, warnings + (resuming.warnings() if resuming else []))
 
 
 def require_two_train_classes(dataset_dir: str | os.PathLike) -> None:

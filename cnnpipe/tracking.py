@@ -7,8 +7,9 @@
         tracking.log_evaluation(result)
         version = tracking.log_model(result, "cnn-classifier")
 
-A run ends FINISHED, FAILED, or KILLED on SIGTERM; one whose process died without a word
-(SIGKILL, power loss) is marked FAILED by the next `connect()` on the same host.
+A run ends FINISHED, FAILED with the reason in its `cnnpipe.failure` tag, or KILLED on SIGTERM;
+one whose process died without a word (SIGKILL, power loss) is marked FAILED by the next
+`connect()` on the same host.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from cnn.model import decode_size, input_size
 from cnn.recipe import Recipe
 from cnn.train import FitResult, TrainConfig, inference_state, load_trained_model, uses_bf16
 from cnnpipe import plots
+from cnnpipe.errors import CnnpipeError
 from cnnpipe.locks import file_lock
 from cnnpipe.registry import WEIGHTS_FILE
 from cnnpipe.settings import MLFLOW_EXPERIMENT, Settings, get_settings
@@ -46,6 +48,9 @@ from cnnpipe.settings import MLFLOW_EXPERIMENT, Settings, get_settings
 log = logging.getLogger("cnnpipe.tracking")
 
 HOST_TAG, PID_TAG, PID_STARTED_TAG = "cnnpipe.host", "cnnpipe.pid", "cnnpipe.pid_started"
+FAILURE_TAG = "cnnpipe.failure"
+# MLflow refuses longer tag values, and a stored SQL statement or traceback says nothing more.
+MAX_TAG_CHARACTERS = 5000
 
 
 def connect(settings: Settings | None = None) -> MlflowClient:
@@ -114,16 +119,42 @@ def training_run(run_name: str, tags: dict[str, str]) -> Iterator[Run]:
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
         previous = signal.signal(signal.SIGTERM, on_sigterm)
-    status = "FAILED"
+    status, failure = "FAILED", None
     try:
         yield run
         status = "FINISHED"
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
         if terminated.is_set():
             status = "KILLED"
-        mlflow.end_run(status=status)
+        _end_run(run, status, failure)
+
+
+def _end_run(run: Run, status: str, failure: BaseException | None) -> None:
+    """End the run with its status and, when it failed, the reason as the `cnnpipe.failure` tag."""
+    try:
+        try:
+            if failure is not None:
+                mlflow.set_tag(FAILURE_TAG, failure_reason(failure)[:MAX_TAG_CHARACTERS])
+        finally:
+            mlflow.end_run(status=status)
+    except Exception as closing:
+        if failure is None:
+            raise
+        # What failed the run (a full disk) may fail the tracking store too: the run's own error is the one to see.
+        log.warning("MLflow run %s could not be marked %s: %s", run.info.run_id, status, failure_reason(closing))
+
+
+def failure_reason(error: BaseException) -> str:
+    """Why a run failed, in one line: a CnnpipeError's message already says it for a user."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    if isinstance(error, CnnpipeError):
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def log_config(config: TrainConfig, manifest: dict, device: str, flow_run_id: str | None,

@@ -77,6 +77,8 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
                 result = fit(config, on_step=progress.on_step, on_epoch=on_epoch)
         except UnreadablePart as exc:
             raise DatasetStore(manifest["name"]).damaged_part_error(exc.path, exc.problem) from None
+        except CheckpointError as exc:  # a full disk, or no checkpoint left to resume from
+            raise CnnpipeError(str(exc)) from None
         finally:
             progress.close()
         tracking.log_evaluation(result)

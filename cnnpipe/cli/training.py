@@ -72,8 +72,9 @@ def retrain(dataset: str, source: str | None, force: bool, **knobs: Any) -> None
 
 
 def _check_training(dataset: str, params: TrainingParams) -> None:
-    """Refuse an impossible setting, or a --resume with nothing to resume, in one line
-    before any flow starts (inside a flow it would fail with tracebacks)."""
+    """Refuse an impossible setting, or a --resume with nothing to resume or with a flag that
+    would change the run it resumes, in one line before any flow starts (inside a flow it
+    would fail with tracebacks, the last after a wasted epoch)."""
     from cnn.checkpoint import CheckpointError
     from cnn.train import plan
     from cnnpipe.settings import get_settings
