@@ -23,11 +23,13 @@ demo: install
 stop:
 	$(VENV)/bin/cnnpipe server stop
 
+# Two workers, one a core: most of the suite waits on servers, subprocesses and disks, and the
+# session's trained models are built once for both (tests/conftest.py, built_once).
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 test-fast: install
-	$(PY) -m pytest -m "not slow and not crash"
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow and not crash"
 
 bench-ingest: install
 	$(PY) -m pip install --quiet -e '.[test,bench]'

@@ -35,7 +35,7 @@ if $dry_run; then
   # A few hundred images keep every step to seconds on a 2-core CPU; without ../shared they are noise.
   "$PY" bench/mini_cifar.py "$scratch/shared/data/cifar10-jpeg.tar.gz" --train-per-class 30 --test-per-class 10 \
     || exit 1
-  train_sizes=(--subset 20 --batch-size 32 --steps 3 --alexnet-per-class 1)
+  train_sizes=(--subset 10 --batch-size 16 --steps 2 --alexnet-per-class 1)
   classify_sizes=(--images 100 --batch-size 50)
   accuracy_sizes=(--seeds 1 --epochs 1 --train-per-class 30 --test-per-class 10)
   report_flags=(--dry-run)

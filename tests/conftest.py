@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,20 +53,65 @@ def prefect_harness():
         yield PREFECT_API_URL.value()
 
 
-@pytest.fixture(scope="session")
-def shapes_dataset(tmp_path_factory) -> Path:
-    """The demo's rendered shapes, ingested once for all training tests (800 images, 4 classes)."""
-    from cnnpipe.demo import write_demo_images
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> object:
+    """What `build(folder)` returns, built by the first pytest-xdist worker that asks and read
+    back by the others: a session fixture otherwise runs once in every worker."""
+    from cnnpipe.locks import file_lock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the base temp folder all of this run's workers share
+    folder, answer = root / name, root / f"{name}.pickle"
+    with file_lock(root / f"{name}.lock"):
+        if not answer.exists():
+            folder.mkdir(exist_ok=True)
+            value = build(folder)
+            answer.write_bytes(pickle.dumps(value))
+            return value
+    return pickle.loads(answer.read_bytes())
+
+
+def _ingest(home: Path, name: str, sources) -> Path:
     from cnnpipe.settings import Settings
     from cnnpipe.sources import open_source
     from cnnpipe.store import DatasetStore, IngestOptions
 
-    home = tmp_path_factory.mktemp("shapes-home")
-    store = DatasetStore("shapes", Settings(home=home, mlflow_tracking_uri=""))
-    for source in write_demo_images(home / "demo"):
+    store = DatasetStore(name, Settings(home=home, mlflow_tracking_uri=""))
+    for source in sources:
         with store.lock():
             store.commit(store.stage(open_source(str(source)), IngestOptions(workers=0)))
-    return home / "datasets" / "shapes"
+    return home / "datasets" / name
+
+
+@pytest.fixture(scope="session")
+def shapes_dataset(tmp_path_factory) -> Path:
+    """The demo's rendered shapes, ingested once for all training tests (800 images, 4 classes)."""
+    from cnnpipe.demo import write_demo_images
+
+    return built_once(tmp_path_factory, "shapes-home",
+                      lambda home: _ingest(home, "shapes", write_demo_images(home / "demo")))
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes_dataset(tmp_path_factory) -> Path:
+    """A dataset `shapes` of rendered shapes in train/val/test folders, 12/4/4 a class: two batches
+    of 32 an epoch, for tests of how training runs (seeds, resume, kills, DDP, flows) rather than of
+    how well it learns."""
+    from cnnpipe.demo import SHAPES, encode, render_shape
+
+    def build(home: Path) -> Path:
+        import numpy as np
+
+        rng = np.random.default_rng(7)
+        for split, count in (("train", 12), ("val", 4), ("test", 4)):
+            for shape in SHAPES:
+                folder = home / "source" / split / shape
+                folder.mkdir(parents=True)
+                for index in range(count):
+                    (folder / f"{index:02d}.png").write_bytes(encode(render_shape(shape, rng), "PNG"))
+        return _ingest(home, "shapes", [home / "source"])
+
+    return built_once(tmp_path_factory, "tiny-shapes-home", build)
 
 
 needs_cifar = pytest.mark.skipif(not CIFAR_TARBALL.exists(), reason=f"{CIFAR_TARBALL} is absent (fresh clone)")
@@ -75,10 +122,22 @@ def shapes_checkpoints(shapes_dataset, tmp_path_factory) -> list[Path]:
     """Two checkpoints (after epochs 1 and 2) of alexnet-cifar trained on the shapes."""
     from cnn.train import TrainConfig, fit
 
-    root = tmp_path_factory.mktemp("shapes-checkpoints")
-    result = fit(TrainConfig(dataset_dir=str(shapes_dataset), epochs=2, batch_size=32, lr=0.01, dropout=0.2,
-                             device="cpu", checkpoint_root=str(root)))
-    return sorted(Path(result.run_dir).glob("epoch-*.pt"))
+    def build(root: Path) -> list[Path]:
+        result = fit(TrainConfig(dataset_dir=str(shapes_dataset), epochs=2, batch_size=32, lr=0.01, dropout=0.2,
+                                 device="cpu", checkpoint_root=str(root)))
+        return sorted(Path(result.run_dir).glob("epoch-*.pt"))
+
+    return built_once(tmp_path_factory, "shapes-checkpoints", build)
+
+
+@pytest.fixture(scope="session")
+def trained_on_shapes(shapes_dataset, tmp_path_factory):
+    """`fit`'s result for alexnet-cifar trained on the shapes with the automatic recipe, 15 epochs:
+    a model that has learned them, for the tests that need one (training's own smoke test, drift)."""
+    from cnn.train import TrainConfig, fit
+
+    return built_once(tmp_path_factory, "trained-on-shapes", lambda root: fit(TrainConfig(
+        dataset_dir=str(shapes_dataset), device="cpu", epochs=15, checkpoint_root=str(root))))
 
 
 @pytest.fixture

@@ -29,9 +29,9 @@ def write_config(path: Path, dataset: Path, root: Path, **overrides) -> Path:
     return path
 
 
-def test_two_gloo_processes_match_one(shapes_dataset, tmp_path):
-    single_config = write_config(tmp_path / "single.json", shapes_dataset, tmp_path / "single")
-    ddp_config = write_config(tmp_path / "ddp.json", shapes_dataset, tmp_path / "ddp")
+def test_two_gloo_processes_match_one(tiny_shapes_dataset, tmp_path):
+    single_config = write_config(tmp_path / "single.json", tiny_shapes_dataset, tmp_path / "single")
+    ddp_config = write_config(tmp_path / "ddp.json", tiny_shapes_dataset, tmp_path / "ddp")
     single = subprocess.run([sys.executable, "-m", "cnn.train", str(single_config), str(tmp_path / "one.json")],
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]

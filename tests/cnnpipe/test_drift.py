@@ -14,7 +14,6 @@ from PIL import Image, ImageFilter
 from cnn import monitoring
 from cnn.data import decode_images
 from cnn.predict import Predictor
-from cnn.train import TrainConfig, fit
 from cnnpipe.classify import PART_SCHEMA
 from cnnpipe.demo import SHAPES, encode, render_shape
 from cnnpipe.predictions import add_predictions, connect_for_writing, record_reference_profile, transaction
@@ -32,13 +31,11 @@ SHIFTS = {
 
 
 @pytest.fixture(scope="module")
-def trained(shapes_dataset, tmp_path_factory):
+def trained(trained_on_shapes):
     """A model trained on the shapes with the automatic recipe, and its reference profile."""
-    result = fit(TrainConfig(dataset_dir=str(shapes_dataset), device="cpu", epochs=15,
-                             checkpoint_root=str(tmp_path_factory.mktemp("drift-checkpoints"))))
-    predictor = Predictor(result.checkpoint, batch_size=256)
-    predictor.temperature = result.reference["temperature"]
-    return predictor, result.reference
+    predictor = Predictor(trained_on_shapes.checkpoint, batch_size=256)
+    predictor.temperature = trained_on_shapes.reference["temperature"]
+    return predictor, trained_on_shapes.reference
 
 
 def pool(predictor: Predictor, count: int, seed: int, shift=None) -> dict[str, np.ndarray]:

@@ -42,8 +42,9 @@ def _wait_for_an_epoch(process: subprocess.Popen, seen: set[str]) -> str:
     raise AssertionError("training logged no epoch in time")
 
 
-def test_sigterm_ends_the_run_killed_and_sigkill_is_reconciled_later(shapes_dataset, cnnpipe_home, prefect_harness):
-    shutil.copytree(shapes_dataset, cnnpipe_home / "datasets" / "shapes")
+def test_sigterm_ends_the_run_killed_and_sigkill_is_reconciled_later(tiny_shapes_dataset, cnnpipe_home,
+                                                                     prefect_harness):
+    shutil.copytree(tiny_shapes_dataset, cnnpipe_home / "datasets" / "shapes")
     client = mlflow.MlflowClient(get_settings().mlflow_tracking_uri)
 
     terminated = _start_training(cnnpipe_home, prefect_harness)

@@ -22,7 +22,8 @@ from tests.e2e.servers import free_port
 from tests.imagefactory import jpeg, write_class_folders
 
 pytest.importorskip("prefect_ray", reason="the ray extra is not installed")
-pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
+# One worker runs the module: `ray stop --force` and the kill test's process search reach every Ray process here.
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 RAY = str(Path(sys.executable).parent / "ray")
 

@@ -20,7 +20,7 @@ from tests.imagefactory import write_class_folders
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 
-TINY = TrainingParams(epochs=1, batch_size=64, lr=0.01, device="cpu")
+TINY = TrainingParams(epochs=1, batch_size=32, lr=0.01, device="cpu")
 
 
 def _runs() -> int:
@@ -28,8 +28,9 @@ def _runs() -> int:
     return sum(len(client.search_runs([e.experiment_id])) for e in client.search_experiments())
 
 
-def test_retrain_trains_only_when_the_data_changed_since_the_latest_version(shapes_dataset, cnnpipe_home, tmp_path):
-    shutil.copytree(shapes_dataset, cnnpipe_home / "datasets" / "shapes")
+def test_retrain_trains_only_when_the_data_changed_since_the_latest_version(tiny_shapes_dataset, cnnpipe_home,
+                                                                          tmp_path):
+    shutil.copytree(tiny_shapes_dataset, cnnpipe_home / "datasets" / "shapes")
     first = retrain("shapes", params=TINY)
     assert first.model_version == "1" and "cnn-classifier has no registered version yet" in first.why
     # One epoch learns nothing: the challenger is not crowned, and the report says why.
