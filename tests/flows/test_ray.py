@@ -32,8 +32,11 @@ RAY = str(Path(sys.executable).parent / "ray")
 def ray_address(tmp_path_factory):
     port = free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # In a session of its own: Ray's raylet SIGKILLs the process group of a worker that dies, and a
+    # kill test makes one die; the group must never be pytest's.
     subprocess.run([RAY, "start", "--head", "--num-cpus", "2", "--port", str(port), "--include-dashboard=false",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120,
+                   start_new_session=True)
     try:
         yield f"127.0.0.1:{port}"
     finally:
@@ -69,7 +72,7 @@ def test_sharded_classification_writes_the_rows_of_a_local_run(ray_address, tmp_
 def _shard_workers(task: str = "classify-shard") -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
-        if task in " ".join(process.info["cmdline"] or []):
+        if task in " ".join(process.info["cmdline"] or []) and process.pid != os.getpid():
             found.append(process)
     return found
 
