@@ -34,11 +34,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 CIFAR = Path(os.environ.get("CNNPIPE_SHARED", REPO.parent / "shared")) / "data" / "cifar10-jpeg.tar.gz"
 
-from cnn.data import ColourStats  # noqa: E402
+from cnn.augment import ColourStats  # noqa: E402
 from cnn.model import build_model  # noqa: E402
 from cnn.predict import Predictor  # noqa: E402
-from cnnpipe.classify import classify_source  # noqa: E402
-from cnnpipe.predictions import connect_for_writing  # noqa: E402
+from cnnpipe.predictions.classify import classify_source  # noqa: E402
+from cnnpipe.predictions.database import connect_for_writing  # noqa: E402
 from cnnpipe.sources import open_source  # noqa: E402
 
 

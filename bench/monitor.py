@@ -38,14 +38,14 @@ from classify import CIFAR, make_checkpoint  # noqa: E402
 from views import QUERIES, build, timed  # noqa: E402
 
 from cnn import monitoring  # noqa: E402
-from cnn.data import decode_images  # noqa: E402
+from cnn.decoding import decode_images  # noqa: E402
 from cnn.predict import Predictor  # noqa: E402
-from cnnpipe.classify import classify_source  # noqa: E402
 from cnnpipe.demo import SHAPES, encode, render_shape  # noqa: E402
-from cnnpipe.drift import run_drift  # noqa: E402
-from cnnpipe.drift_picture import drift_distributions  # noqa: E402
-from cnnpipe.predictions import record_reference_profile  # noqa: E402
-from cnnpipe.reports import drift_markdown  # noqa: E402
+from cnnpipe.monitoring.drift import run_drift  # noqa: E402
+from cnnpipe.monitoring.drift_picture import drift_distributions  # noqa: E402
+from cnnpipe.predictions.classify import classify_source  # noqa: E402
+from cnnpipe.predictions.records import record_reference_profile  # noqa: E402
+from cnnpipe.reports.markdown import drift_markdown  # noqa: E402
 from cnnpipe.sources import open_source  # noqa: E402
 
 BASELINE = "baseline: full scan count + avg"

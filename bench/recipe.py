@@ -72,7 +72,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 CIFAR = Path(os.environ.get("CNNPIPE_SHARED", REPO.parent / "shared")) / "data" / "cifar10-jpeg.tar.gz"
 
-from cnn.train import TrainConfig, fit, plan, resolve_device, uses_bf16  # noqa: E402
+from cnn.config import TrainConfig  # noqa: E402
+from cnn.device import resolve_device, uses_bf16  # noqa: E402
+from cnn.train import fit, plan  # noqa: E402
 
 DATASETS = ("cifar-1k", "cifar-3k", "cifar-10k", "gray-1k", "px64-1k", "px96-1k", "shapes")
 DEFAULT_DATASETS = tuple(name for name in DATASETS if name != "cifar-10k")
@@ -221,7 +223,7 @@ def train(dataset: Path, checkpoints: Path, epochs: int, device: str, seed: int,
 
 def bench_dataset(name: str, dataset: Path, ingest_seconds: float, args, started: float,
                   checkpoints: Path) -> Outcome:
-    from cnn.data import StoreSplit
+    from cnn.splits import StoreSplit
 
     train_split = StoreSplit.open(dataset, "train")
     epochs = args.epochs or (1 if args.quick else DEFAULT_EPOCHS[name])

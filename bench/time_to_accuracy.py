@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.recipe import CIFAR, ingest, read_cifar, write_cifar_folder  # noqa: E402
-from cnn.train import TrainConfig, fit, plan  # noqa: E402
+from cnn.config import TrainConfig  # noqa: E402
+from cnn.train import fit, plan  # noqa: E402
 
 TARGET_TOP1 = 0.88
 TARGET_SECONDS = 30.0

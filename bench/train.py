@@ -6,7 +6,7 @@
 Figures, all in training images per second (forward, backward and SGD step) unless said
 otherwise, measured in the same run with the same batch size, precision and model:
 - model-only: random tensors already on the device;
-- pipeline: a steady epoch (after 3 warm-up batches) from the Parquet store through cnn.train
+- pipeline: a steady epoch (after 3 warm-up batches) from the Parquet store through cnn.loop
   (decode once, augment on the device); the first-epoch figure adds decoding the split;
 - pipeline, streaming: the same steady epoch from `StreamingImages`, the path a split
   larger than the memory budget takes (row groups decoded every epoch, in the background);
@@ -44,9 +44,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 CIFAR = Path(os.environ.get("CNNPIPE_SHARED", REPO.parent / "shared")) / "data" / "cifar10-jpeg.tar.gz"
 
-from cnn.data import Augment, ColourStats, ResidentImages, StoreSplit, StreamingImages, decode_images  # noqa: E402
+from cnn.augment import Augment, ColourStats  # noqa: E402
+from cnn.decoding import decode_images  # noqa: E402
+from cnn.device import autocast  # noqa: E402
+from cnn.loaders import ResidentImages, StreamingImages  # noqa: E402
+from cnn.loop import train_one_epoch  # noqa: E402
 from cnn.model import LocalResponseNorm, build_model, decode_size  # noqa: E402
-from cnn.train import autocast, train_one_epoch  # noqa: E402
+from cnn.splits import StoreSplit  # noqa: E402
 
 
 def synchronise(device: torch.device) -> None:
@@ -116,7 +120,7 @@ def ingest_subset(folder: Path, home: Path, per_class: int, dataset: str = "cifa
 
 def steady_epoch(model: nn.Module, source: ResidentImages | StreamingImages, augment: Augment, device: torch.device,
                  batch: int) -> tuple[float, int]:
-    """Images/s and images of one epoch through cnn.train's loop, after the first batches of
+    """Images/s and images of one epoch through cnn.loop's train_one_epoch, after the first batches of
     another have warmed up the allocator and cuDNN's choice of kernels: a whole warm-up epoch
     would add minutes on a CPU and measure nothing that three batches of one shape do not."""
     model, optimizer = on_device(model, device)

@@ -27,9 +27,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cnnpipe.drift import rebuild_summary  # noqa: E402
-from cnnpipe.predictions import connect_for_writing, set_champion  # noqa: E402
-from cnnpipe.sql import run_query  # noqa: E402
+from cnnpipe.predictions.database import connect_for_writing  # noqa: E402
+from cnnpipe.predictions.records import set_champion  # noqa: E402
+from cnnpipe.predictions.sql import run_query  # noqa: E402
+from cnnpipe.predictions.summary import rebuild_summary  # noqa: E402
 
 QUERIES = {
     "baseline: full scan count + avg": "SELECT count(*), avg(confidence) FROM predictions",

@@ -47,10 +47,10 @@ class TrainConfig:
     patience: int | None = None
     seed: int = 0
     device: Device = "auto"
-    # None: a share of the device's free memory, as `cnn.train.memory_budget` says.
+    # None: a share of the device's free memory, as `cnn.device.memory_budget` says.
     memory_budget_mb: int | None = None
     compile: bool = False
-    # auto: bf16 on CUDA and on CPUs with AMX, fp32 elsewhere (see `cnn.train.uses_bf16`).
+    # auto: bf16 on CUDA and on CPUs with AMX, fp32 elsewhere (see `cnn.device.uses_bf16`).
     precision: Precision = "auto"
     ten_crop: bool = False
     checkpoint_root: str | None = None

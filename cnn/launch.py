@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from cnn.train import FitResult, TrainConfig
+from cnn.config import TrainConfig
+from cnn.train import FitResult
 
 
 def fit_distributed(config: TrainConfig, nproc: int, on_epoch: Callable[[dict], None] | None = None) -> FitResult:

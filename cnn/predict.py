@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from cnn.data import ColourStats, centre_crop, normalise
+from cnn.augment import ColourStats, centre_crop, normalise
+from cnn.device import autocast
 from cnn.model import decode_size, input_size
 from cnn.monitoring import brightness, calibrate
-from cnn.train import autocast, load_trained_model
+from cnn.runs import load_trained_model
 
 
 class Predictor:

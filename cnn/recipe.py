@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from cnn.train import TrainConfig
+from cnn.config import TrainConfig
 
 REFERENCE = {"batch_size": 512, "lr": 0.2, "epochs": 30, "dropout": 0.5, "weight_decay": 5e-4,
              "label_smoothing": 0.1}

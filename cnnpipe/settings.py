@@ -6,7 +6,7 @@ MLflow honours
 `MLFLOW_TRACKING_URI` (default: a SQLite file under the home, with artifacts beside it);
 Prefect keeps its own rule (ephemeral API unless `PREFECT_API_URL` is set); `cnnpipe server`
 keeps its Prefect database under the home, and commands find that server through the files
-named here (cnnpipe/local_server.py).
+named here (cnnpipe/server/local_server.py).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ from dataclasses import replace
 
 from prefect import flow
 
-from cnnpipe.outcomes import TrainingOutcome
-from cnnpipe.params import TrainingParams
+from cnnpipe.models.params import TrainingParams
+from cnnpipe.reports.outcomes import TrainingOutcome
 from flows.ingest import ingest
 from flows.train import train
 from tasks.train import report_training, retraining_decision

@@ -12,7 +12,7 @@ from typing import Any
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
-from cnnpipe.params import TrainingParams
+from cnnpipe.models.params import TrainingParams
 from flows.classify import classify
 from flows.retrain import retrain
 

@@ -5,9 +5,9 @@ from dataclasses import replace
 from prefect import flow
 from prefect.runtime import flow_run
 
-from cnn.train import resolve_device
-from cnnpipe.outcomes import TrainingOutcome
-from cnnpipe.params import TrainingParams
+from cnn.device import resolve_device
+from cnnpipe.models.params import TrainingParams
+from cnnpipe.reports.outcomes import TrainingOutcome
 from cnnpipe.settings import get_settings
 from tasks.train import gate_champion, local_dataset, prepare_tracking, report_training, train_and_log
 

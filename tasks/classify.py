@@ -8,14 +8,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from cnn.predict import Predictor
-from cnn.train import resolve_device
-from cnnpipe import registry
-from cnnpipe.classify import ClassifySummary, classify_source, commit_shards, open_classify_source
-from cnnpipe.drift import run_drift
-from cnnpipe.drift_picture import drift_distributions
-from cnnpipe.progress import progress_bar
-from cnnpipe.reference import ensure_reference_profile
-from cnnpipe.reports import classify_markdown, drift_markdown
+from cnn.device import resolve_device
+from cnnpipe.models import refs, registry
+from cnnpipe.monitoring.drift import run_drift
+from cnnpipe.monitoring.drift_picture import drift_distributions
+from cnnpipe.monitoring.reference import ensure_reference_profile
+from cnnpipe.predictions.classify import ClassifySummary, classify_source, commit_shards, open_classify_source
+from cnnpipe.reports.markdown import classify_markdown, drift_markdown
+from cnnpipe.reports.progress import progress_bar
 from cnnpipe.settings import get_settings
 
 
@@ -40,7 +40,7 @@ def classify_images(source: str, model: str, checkpoint: str | None, device: str
 @task(name="pin-model", retries=2, retry_delay_seconds=5)
 def pin_model(model: str) -> str:
     """`NAME/VERSION` for a reference, so that every shard loads the same version."""
-    version = registry.resolve(registry.client(), registry.parse_model_ref(model))
+    version = registry.resolve(registry.client(), refs.parse_model_ref(model))
     return f"{version.name}/{version.version}"
 
 

@@ -8,9 +8,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.predictions import labelled_version, record_ground_truth
-from cnnpipe.progress import progress_bar
-from cnnpipe.reports import ingest_markdown
+from cnnpipe.predictions.records import labelled_version, record_ground_truth
+from cnnpipe.reports.markdown import ingest_markdown
+from cnnpipe.reports.progress import progress_bar
 from cnnpipe.settings import get_settings
 from cnnpipe.sources import open_source
 from cnnpipe.store import DatasetStore, IngestOptions, IngestSummary, StagedRun

@@ -14,17 +14,20 @@ import mlflow
 
 from cnn import recipe as auto_recipe
 from cnn.checkpoint import CheckpointError
-from cnn.data import UnreadablePart
+from cnn.config import TrainConfig
+from cnn.device import resolve_device
 from cnn.launch import fit_distributed
 from cnn.layout import LayoutError, PublishedDataset
-from cnn.train import TrainConfig, fit, plan, resolve_device
-from cnnpipe import registry, tracking
+from cnn.splits import UnreadablePart
+from cnn.train import fit, plan
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.outcomes import TrainingOutcome
-from cnnpipe.predictions import record_reference_profile
-from cnnpipe.progress import TrainingProgress
-from cnnpipe.registry import GateDecision
-from cnnpipe.reports import training_markdown
+from cnnpipe.models import refs, registry, tracking
+from cnnpipe.predictions import champions
+from cnnpipe.predictions.champions import GateDecision
+from cnnpipe.predictions.records import record_reference_profile
+from cnnpipe.reports.markdown import training_markdown
+from cnnpipe.reports.outcomes import TrainingOutcome
+from cnnpipe.reports.progress import TrainingProgress
 from cnnpipe.settings import get_settings
 from cnnpipe.store import DatasetStore
 from tasks.retry import is_transient_io_error
@@ -92,7 +95,7 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
         })
     try:  # fit always profiles; a result read back from an older run may not have one
         if result.reference:
-            record_reference_profile(get_settings().predictions_db, version.name, registry.version_id(version),
+            record_reference_profile(get_settings().predictions_db, version.name, refs.version_id(version),
                                      result.dataset_version, result.reference)
     except CnnpipeError as exc:  # a long query holding the database; MLflow keeps the profile as well
         logger.warning("%s; the reference profile is in MLflow as monitoring/reference.json", exc)
@@ -102,14 +105,14 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
                 result.held_out_split, 100 * held["top1"], 100 * held["top5"], held["images"], run.info.run_id,
                 version.name, version.version)
     return TrainingOutcome(result, run.info.run_id, tracking.run_url(run), version.name,
-                           registry.version_id(version), recipe=chosen, warnings=warnings)
+                           refs.version_id(version), recipe=chosen, warnings=warnings)
 
 
 @task(name="gate-champion", cache_policy=NO_CACHE)
 def gate_champion(outcome: TrainingOutcome, dataset_dir: str, min_improvement: float, device: str) -> GateDecision:
     mlflow_client = registry.client()
     version = mlflow_client.get_model_version(outcome.model_name, outcome.model_version)
-    return registry.gate(mlflow_client, version, outcome.fit.history[-1]["val_top1"], Path(dataset_dir),
+    return champions.gate(mlflow_client, version, outcome.fit.history[-1]["val_top1"], Path(dataset_dir),
                          outcome.fit.dataset_version, min_improvement, device)
 
 

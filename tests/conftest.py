@@ -56,7 +56,7 @@ def prefect_harness():
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> object:
     """What `build(folder)` returns, built by the first pytest-xdist worker that asks and read
     back by the others: a session fixture otherwise runs once in every worker."""
-    from cnnpipe.locks import file_lock
+    from cnnpipe.base.locks import file_lock
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -120,7 +120,8 @@ needs_cifar = pytest.mark.skipif(not CIFAR_TARBALL.exists(), reason=f"{CIFAR_TAR
 @pytest.fixture(scope="session")
 def shapes_checkpoints(shapes_dataset, tmp_path_factory) -> list[Path]:
     """Two checkpoints (after epochs 1 and 2) of alexnet-cifar trained on the shapes."""
-    from cnn.train import TrainConfig, fit
+    from cnn.config import TrainConfig
+    from cnn.train import fit
 
     def build(root: Path) -> list[Path]:
         result = fit(TrainConfig(dataset_dir=str(shapes_dataset), epochs=2, batch_size=32, lr=0.01, dropout=0.2,
@@ -134,7 +135,8 @@ def shapes_checkpoints(shapes_dataset, tmp_path_factory) -> list[Path]:
 def trained_on_shapes(shapes_dataset, tmp_path_factory):
     """`fit`'s result for alexnet-cifar trained on the shapes with the automatic recipe, 15 epochs:
     a model that has learned them, for the tests that need one (training's own smoke test, drift)."""
-    from cnn.train import TrainConfig, fit
+    from cnn.config import TrainConfig
+    from cnn.train import fit
 
     return built_once(tmp_path_factory, "trained-on-shapes", lambda root: fit(TrainConfig(
         dataset_dir=str(shapes_dataset), device="cpu", epochs=15, checkpoint_root=str(root))))
@@ -144,7 +146,7 @@ def trained_on_shapes(shapes_dataset, tmp_path_factory):
 def register_version(shapes_dataset, shapes_checkpoints):
     """Register a version of an alexnet-cifar trained on the shapes, with the figures a test chooses."""
     from cnn.train import FitResult
-    from cnnpipe import registry, tracking
+    from cnnpipe.models import registry, tracking
 
     def register(name: str, val_top1: float, dataset_version_id: str | None = None, checkpoint: Path | None = None):
         checkpoint = checkpoint or shapes_checkpoints[-1]

@@ -1,7 +1,7 @@
 """The `cnnpipe` command group, its one-line error boundary and `main`; each command group has its own module.
 
     data.py       ingest, datasets
-    training.py   train, retrain, serve (their options come from `cnnpipe.params` through knobs.py)
+    training.py   train, retrain, serve (their options come from `cnnpipe.models.params` through knobs.py)
     models.py     models, promote, rollback
     classify.py   classify, sql, monitor
     review.py     review export
@@ -9,6 +9,8 @@
 
 Heavy imports (torch, prefect, mlflow) happen inside the commands that need them, so
 `cnnpipe --help` answers at once.
+
+May import: base, demo, server, sources, store, models, predictions, monitoring, reports.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # A running `cnnpipe server` spares each flow command the ephemeral API's start-up; Prefect
     # reads PREFECT_API_URL once, when imported, so this comes first.
-    from cnnpipe.local_server import use_local_server
+    from cnnpipe.server.local_server import use_local_server
 
     use_local_server()
     _ensure_prefect_home()

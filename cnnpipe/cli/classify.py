@@ -40,9 +40,9 @@ def classify(source: str, model_ref: str, checkpoint: str | None, device: str, b
       cnnpipe classify archive.tar --ray-address 10.0.0.1:6379    # shards on a Ray cluster
       cnnpipe classify ./inbox --checkpoint .cnnpipe/checkpoints/cifar10__alexnet-cifar/RUN/epoch-0030.pt
     """
-    from cnnpipe.classify import open_classify_source
-    from cnnpipe.registry import parse_model_ref
-    from cnnpipe.reports import classify_markdown
+    from cnnpipe.models.refs import parse_model_ref
+    from cnnpipe.predictions.classify import open_classify_source
+    from cnnpipe.reports.markdown import classify_markdown
     from flows.classify import classify as classify_flow
 
     if not checkpoint:
@@ -88,9 +88,9 @@ def sql(query: str, output_format: str, output: str | None, force: bool, max_row
       cnnpipe sql "SELECT * FROM disagreements" --format csv --output disagreements.csv
       cnnpipe sql "SELECT * FROM predictions" --format parquet --output predictions.parquet --force
     """
-    from cnnpipe.output import check_output, write_result
+    from cnnpipe.predictions.sql import QueryLimits, run_query
+    from cnnpipe.reports.output import check_output, write_result
     from cnnpipe.settings import get_settings
-    from cnnpipe.sql import QueryLimits, run_query
 
     if output_format == "parquet" and not output:
         raise CnnpipeError("--format parquet needs --output FILE")
@@ -125,10 +125,10 @@ def monitor(model_ref: str | None, since, daily: bool, output_format: str) -> No
       cnnpipe monitor --model cnn-classifier@champion --since 2026-12-01
       cnnpipe monitor --daily --format csv | grep true
     """
-    from cnnpipe.output import write_result
-    from cnnpipe.predictions import version_condition
+    from cnnpipe.predictions.records import version_condition
+    from cnnpipe.predictions.sql import QueryLimits, run_query
+    from cnnpipe.reports.output import write_result
     from cnnpipe.settings import get_settings
-    from cnnpipe.sql import QueryLimits, run_query
 
     view, key = ("drift_daily", "day") if daily else ("drift_by_run", "classify_run_id")
     conditions = [version_condition(model_ref, "d")] if model_ref else []

@@ -64,7 +64,7 @@ def _start_prefect_in_turn() -> None:
     # talks to `cnnpipe server` never needs it.
     from prefect.server.api.server import SubprocessASGIServer
 
-    from cnnpipe.locks import file_lock
+    from cnnpipe.base.locks import file_lock
 
     with file_lock(Path(PREFECT_HOME.value()) / "cnnpipe-server-start.lock",
                    waiting="waiting for another cnnpipe command to start Prefect's server"):

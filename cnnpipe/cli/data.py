@@ -38,7 +38,7 @@ def ingest(source: str, dataset: str, val_fraction: float, test_fraction: float,
       cnnpipe ingest labels.csv --dataset pets --val-fraction 0.2 --test-fraction 0
       cnnpipe ingest s3://bucket/photos.tar --dataset pets --ray-address 10.0.0.1:6379
     """
-    from cnnpipe.reports import ingest_markdown
+    from cnnpipe.reports.markdown import ingest_markdown
     from cnnpipe.sources import open_source
     from flows.ingest import ingest as ingest_flow
 
@@ -58,7 +58,7 @@ def datasets(ctx: click.Context, output_format: str) -> None:
     `datasets verify NAME` to check every image."""
     if ctx.invoked_subcommand is not None:
         return
-    from cnnpipe.output import write_rows
+    from cnnpipe.reports.output import write_rows
     from cnnpipe.settings import get_settings
     from cnnpipe.store import list_datasets
 
@@ -79,7 +79,7 @@ def datasets(ctx: click.Context, output_format: str) -> None:
 def datasets_show(name: str) -> None:
     """Show one dataset: versions, classes, counts per split, rejected inputs, and any part
     whose Parquet footer does not read."""
-    from cnnpipe.reports import dataset_markdown
+    from cnnpipe.reports.markdown import dataset_markdown
 
     store = _stored_dataset(name)
     damaged = store.verify()
@@ -93,7 +93,7 @@ def datasets_verify(name: str) -> None:
     """Read every Parquet part of a dataset: its footer, and each row's image against its SHA-256.
 
     Reads the whole dataset. Exits 1 if a part is damaged, after saying how to repair it."""
-    from cnnpipe.reports import verification_markdown
+    from cnnpipe.reports.markdown import verification_markdown
 
     store = _stored_dataset(name)
     damaged = store.verify(read_rows=True)

@@ -1,4 +1,4 @@
-"""The training knobs as click options, generated from `cnnpipe.params.TrainingParams` when a command needs them."""
+"""The training knobs as click options, generated from `cnnpipe.models.params.TrainingParams` when a command needs them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import click
 if TYPE_CHECKING:
     from pydantic.fields import FieldInfo
 
-    from cnnpipe.params import TrainingParams
+    from cnnpipe.models.params import TrainingParams
 
 # `--resume` alone continues the latest unfinished run, `--resume PATH` the run at PATH.
 RESUME_LATEST = "latest"
@@ -36,7 +36,7 @@ class TrainingCommand(click.Command):
 def knob_options(without: tuple[str, ...] = (), flags: dict[str, str] | None = None) -> list[click.Option]:
     """One option per field of TrainingParams, in its order: flag, type or choices, default and help."""
     from cnn.config import flag
-    from cnnpipe.params import TrainingParams
+    from cnnpipe.models.params import TrainingParams
 
     return [click.Option([(flags or {}).get(name, flag(name)), name], **_settings(name, field))
             for name, field in TrainingParams.model_fields.items() if name not in without]
@@ -62,7 +62,7 @@ def _without_none(annotation: Any) -> Any:
 
 def training_params(knobs: dict[str, Any]) -> TrainingParams:
     """The TrainingParams of a command's knob options; an impossible setting fails in one line naming its flag."""
-    from cnnpipe.params import TrainingParams
+    from cnnpipe.models.params import TrainingParams
 
     resume = knobs.get("resume")
     params = TrainingParams(**{**knobs, "resume": True if resume == RESUME_LATEST else (resume or False)})

@@ -19,8 +19,8 @@ def models(name: str | None, output_format: str) -> None:
       cnnpipe models cnn-classifier
       cnnpipe models --format csv | grep champion
     """
-    from cnnpipe.output import write_rows
-    from cnnpipe.registry import list_versions
+    from cnnpipe.models.registry import list_versions
+    from cnnpipe.reports.output import write_rows
 
     versions = list_versions(name)
     if not versions:
@@ -87,7 +87,7 @@ def promote(name: str, version: str) -> None:
     Example:
       cnnpipe promote cnn-classifier 3
     """
-    from cnnpipe.registry import promote as promote_version
+    from cnnpipe.predictions.champions import promote as promote_version
 
     decision = promote_version(name, version)
     click.echo(f"{name}: champion is now version {decision.challenger} (was {decision.champion or 'none'})")
@@ -102,7 +102,7 @@ def rollback(name: str) -> None:
     Example:
       cnnpipe rollback cnn-classifier
     """
-    from cnnpipe.registry import rollback as rollback_champion
+    from cnnpipe.predictions.champions import rollback as rollback_champion
 
     decision = rollback_champion(name)
     click.echo(f"{name}: champion rolled back from version {decision.champion} to {decision.challenger}")

@@ -40,7 +40,7 @@ def export(out_dir: Path, model_ref: str, mode: str, limit: int) -> None:
       # edit review/labels.csv, then:
       cnnpipe ingest review/labels.csv --dataset cifar10
     """
-    from cnnpipe.review import check_export_folder, choose, export_for_review
+    from cnnpipe.monitoring.review import check_export_folder, choose, export_for_review
     from cnnpipe.settings import get_settings
 
     collect_garbage()  # reading back many images is long work

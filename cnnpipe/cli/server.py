@@ -32,7 +32,7 @@ def server() -> None:
 @click.option("--mlflow-port", default=5000, show_default=True, help="Port of the MLflow UI.")
 def server_start(port: int, mlflow_port: int) -> None:
     """Start both servers (whichever is not running) and print their URLs."""
-    from cnnpipe.local_server import start
+    from cnnpipe.server.local_server import start
 
     click.echo("\n".join(start(port, mlflow_port)))
 
@@ -43,7 +43,7 @@ def server_stop() -> None:
 
     Only a process whose PID, start time and command line match what `start` recorded is
     stopped; a PID file naming anything else is stale, and is removed with the program left alone."""
-    from cnnpipe.local_server import stop
+    from cnnpipe.server.local_server import stop
 
     click.echo("\n".join(stop()))
 
@@ -51,7 +51,7 @@ def server_stop() -> None:
 @server.command("status")
 def server_status() -> None:
     """Say what runs where: both UIs, and the Prefect API flow commands use."""
-    from cnnpipe.local_server import status
+    from cnnpipe.server.local_server import status
 
     click.echo("\n".join(status()))
 
@@ -71,12 +71,12 @@ def demo() -> None:
     """
     from cnnpipe.cli.training import print_training
     from cnnpipe.demo import write_demo_images
-    from cnnpipe.output import write_result
-    from cnnpipe.params import TrainingParams
-    from cnnpipe.drift import run_drift
-    from cnnpipe.reports import classify_markdown, drift_markdown, ingest_markdown
+    from cnnpipe.models.params import TrainingParams
+    from cnnpipe.monitoring.drift import run_drift
+    from cnnpipe.predictions.sql import run_query
+    from cnnpipe.reports.markdown import classify_markdown, drift_markdown, ingest_markdown
+    from cnnpipe.reports.output import write_result
     from cnnpipe.settings import get_settings
-    from cnnpipe.sql import run_query
     from cnnpipe.store import DatasetStore
     from flows.classify import classify as classify_flow
     from flows.ingest import ingest as ingest_flow
@@ -112,7 +112,7 @@ The dataset is plain Parquet; DuckDB reads it with no cnnpipe involved:
 
 
 def _demo_uis() -> str:
-    from cnnpipe.local_server import ui_urls
+    from cnnpipe.server.local_server import ui_urls
 
     urls = ui_urls()
     if urls is None:

@@ -11,8 +11,8 @@ from cnnpipe.cli.common import before_flows, collect_garbage, print_markdown
 from cnnpipe.cli.knobs import TrainingCommand, training_params
 
 if TYPE_CHECKING:
-    from cnnpipe.outcomes import TrainingOutcome
-    from cnnpipe.params import TrainingParams
+    from cnnpipe.models.params import TrainingParams
+    from cnnpipe.reports.outcomes import TrainingOutcome
 
 
 @click.command(cls=TrainingCommand)
@@ -92,7 +92,7 @@ def _check_training(dataset: str, params: TrainingParams) -> None:
 def print_training(outcome: TrainingOutcome) -> None:
     """What a training command ends with: what it ingested, held-out figures, the registered version, the gate."""
     if outcome.ingested is not None:
-        from cnnpipe.reports import ingest_markdown
+        from cnnpipe.reports.markdown import ingest_markdown
 
         print_markdown(ingest_markdown(outcome.ingested))
     if outcome.fit is None:

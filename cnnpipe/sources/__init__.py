@@ -20,7 +20,10 @@ without) reading its images: ingestion decides from it whether to carve a valida
 split out of `train`.
 
 Here `open_source` picks the kind for a URI; `base` holds what every kind shares, and
-`folder`, `archives` (tar and zip) and `manifest` one kind each.
+`folder`, `archives` (tar and zip) and `manifest` one kind each; `images` checks and normalises
+one encoded image, for the store's decoders and for classification alike.
+
+May import: base.
 """
 
 from __future__ import annotations

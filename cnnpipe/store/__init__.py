@@ -16,7 +16,7 @@ beside it as `manifest.json.corrupt-TIME`). Staged parts that were complete when
 are adopted by the next run, which then only reads what is still missing.
 
 The store can also live on object storage (`CNNPIPE_DATASETS_URL=s3://bucket/datasets`,
-or any fsspec URL), where `cnnpipe.locations` commits a version by its `version.json`
+or any fsspec URL), where `cnnpipe.base.locations` commits a version by its `version.json`
 instead of a rename. Staging stays local.
 
 On a Ray cluster, each shard of a source stages its own parts under
@@ -29,6 +29,8 @@ The modules, one job each: `format` (the written layout), `parts` (verified Parq
 `records` (what runs report) and `source` (a dataset as a classify source). Tunables such
 as `parts.ROW_GROUP_ROWS` or `decoders.CHUNK_TIMEOUT` are read in, and patched through,
 their own module: they are not re-exported here.
+
+May import: base, sources.
 """
 
 from cnnpipe.store.admission import IngestOptions, resolve_options, split_for, split_for_train

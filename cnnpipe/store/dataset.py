@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 
 from cnn.failpoints import failpoint
 from cnn.layout import MANIFEST
+from cnnpipe.base.fsutil import atomic_write_json
+from cnnpipe.base.locations import DamagedJson, Folder, location
+from cnnpipe.base.locks import file_lock
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.fsutil import atomic_write_json
-from cnnpipe.locations import DamagedJson, Folder, location
-from cnnpipe.locks import file_lock
 from cnnpipe.settings import Settings, get_settings
 from cnnpipe.sources import TRANSIENT_ERRORS
 from cnnpipe.store import staging

@@ -16,8 +16,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import active_children, get_context
 
-from cnnpipe.images import CheckedImage, check_batch
 from cnnpipe.sources import Entry
+from cnnpipe.sources.images import CheckedImage, check_batch
 
 VALIDATION_CHUNK = 256
 # A decoder that hangs must not hang the ingest: a chunk of images gets CHUNK_TIMEOUT

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 
 from cnn.layout import FORMAT
-from cnnpipe.locations import Folder, ObjectStore
+from cnnpipe.base.locations import Folder, ObjectStore
 
 SCHEMA = pa.schema([
     ("sha256", pa.string()),

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cnn.failpoints import failpoint
+from cnnpipe.base.fsutil import fsync_dir, fsync_file
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.fsutil import fsync_dir, fsync_file
 from cnnpipe.store.format import PARQUET_OPTIONS, SCHEMA
 
 # A row group is the unit a streaming reader fetches and shuffles: ~1,024 images (at most

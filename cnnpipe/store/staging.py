@@ -17,25 +17,40 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cnnpipe.base.fsutil import atomic_write_json, fsync_dir
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.fsutil import atomic_write_json, fsync_dir
 from cnnpipe.sources import Source
 from cnnpipe.store.admission import Admission, IngestOptions, _ImageIndex, reject_conflict, resolve_options
 from cnnpipe.store.decoders import VALIDATION_CHUNK, Result, _Pending, _Validator
 from cnnpipe.store.parts import _PartWriter, publish_rows
 from cnnpipe.store.records import StagedRun
 
-if TYPE_CHECKING:
-    from cnnpipe.store.dataset import DatasetStore
-
 log = logging.getLogger("cnnpipe.store")
 
 
-def stage(store: DatasetStore, source: Source, options: IngestOptions,
+class StagingStore(Protocol):
+    """What staging uses of a store; `DatasetStore` is one. Named here, not imported, so that only
+    dataset.py, which takes these functions as its methods, imports the other of the two."""
+
+    name: str
+    staging: Path
+    shards_staging: Path
+
+    def exists(self) -> bool: ...
+    def latest_version(self) -> int: ...
+    def read_table(self, columns: list[str] | None = None) -> pa.Table: ...
+    def keep_if_current(self, staging: Path) -> None: ...
+    def shard_staging(self, source_uri: str, count: int) -> Path: ...
+    def stage(self, source: Source, options: IngestOptions, on_progress: Callable[[int, int | None], None] | None = None,
+              staging: Path | None = None) -> StagedRun: ...
+
+
+def stage(store: StagingStore, source: Source, options: IngestOptions,
           on_progress: Callable[[int, int | None], None] | None = None,
           staging: Path | None = None) -> StagedRun:
     """Read, hash, deduplicate and validate `source` into staged parts. Call under `lock()`."""
@@ -57,7 +72,7 @@ def stage(store: DatasetStore, source: Source, options: IngestOptions,
 class _Stager:
     """One `stage()` run: admits the entries, sends new images to the decoders, writes the kept ones."""
 
-    def __init__(self, store: DatasetStore, source: Source, options: IngestOptions, staging: Path):
+    def __init__(self, store: StagingStore, source: Source, options: IngestOptions, staging: Path):
         self.source, self.options = source, options
         base_version = store.latest_version()
         self.run = StagedRun(store.name, source.uri, base_version, time.time(),
@@ -119,7 +134,7 @@ class _Stager:
         return self.run
 
 
-def _known_images(store: DatasetStore, run: StagedRun, staging: Path) -> _ImageIndex:
+def _known_images(store: StagingStore, run: StagedRun, staging: Path) -> _ImageIndex:
     """The images of the store and of the parts an interrupted run staged, which `run` adopts."""
     known = _ImageIndex()
     stored = store.read_table(["sha256", "label", "split"]) if store.exists() else None
@@ -141,13 +156,13 @@ def _known_images(store: DatasetStore, run: StagedRun, staging: Path) -> _ImageI
 # ---- sharded ingestion (one writer, many stagers) ------------------------------
 
 
-def shard_staging(store: DatasetStore, source_uri: str, count: int) -> Path:
+def shard_staging(store: StagingStore, source_uri: str, count: int) -> Path:
     # The same source and shard count find the same folders again after a crash.
     key = hashlib.sha256(f"{source_uri}\0{count}".encode()).hexdigest()[:16]
     return store.shards_staging / key
 
 
-def stage_shard(store: DatasetStore, source: Source, options: IngestOptions, index: int, count: int) -> StagedRun:
+def stage_shard(store: StagingStore, source: Source, options: IngestOptions, index: int, count: int) -> StagedRun:
     """Stage shard `index` of `count` of `source`, committing nothing. A shard that
     finished before a crash is not read again; one that died midway adopts its parts."""
     directory = store.shard_staging(source.uri, count) / f"shard-{index:05d}"
@@ -162,7 +177,7 @@ def stage_shard(store: DatasetStore, source: Source, options: IngestOptions, ind
     return run
 
 
-def merge_shards(store: DatasetStore, shards: list[StagedRun], count: int) -> StagedRun:
+def merge_shards(store: StagingStore, shards: list[StagedRun], count: int) -> StagedRun:
     """Join the shards' staged parts into `next/`, as one run would have staged them.
     Shards split a source by path, so identical images can reach two of them: the
     first shard keeps it and later copies count as duplicates, or conflicts when their

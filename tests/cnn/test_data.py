@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cnn.data import (Augment, ColourStats, ResidentImages, StoreSplit, StreamingImages, UnreadablePart, decode_images,
-                      normalise, ten_crops)
+from cnn.augment import Augment, ColourStats, normalise, ten_crops
+from cnn.decoding import decode_images
+from cnn.loaders import ResidentImages, StreamingImages
+from cnn.splits import StoreSplit, UnreadablePart
 from tests.imagefactory import encode, jpeg
 
 
@@ -175,7 +177,7 @@ def test_store_split_reads_only_its_rows(shapes_dataset, split):
 
 
 def test_undecodable_samples_are_skipped_and_counted():
-    from cnn.data import decode_labelled
+    from cnn.decoding import decode_labelled
 
     good = encode(Image.new("RGB", (8, 8), (1, 2, 3)), "PNG")
     with pytest.warns(RuntimeWarning, match="skipped 2"):
@@ -187,17 +189,17 @@ def test_undecodable_samples_are_skipped_and_counted():
 
 
 def test_a_batch_that_fails_whole_but_decodes_image_by_image_skips_nothing_and_says_nothing(monkeypatch, recwarn):
-    from cnn import data
+    from cnn import decoding
 
-    whole = data.decode_images
+    whole = decoding.decode_images
 
     def batches_fail(blobs, size, device="cpu"):
         if len(blobs) > 1:
             raise RuntimeError("the batched decoder gave up")
         return whole(blobs, size, device)
 
-    monkeypatch.setattr(data, "decode_images", batches_fail)
-    images, labels, skipped = data.decode_labelled([jpeg(0), jpeg(1)], [0, 1], 32)
+    monkeypatch.setattr(decoding, "decode_images", batches_fail)
+    images, labels, skipped = decoding.decode_labelled([jpeg(0), jpeg(1)], [0, 1], 32)
     assert skipped == 0 and labels.tolist() == [0, 1] and images.shape == (2, 3, 32, 32)
     assert not [w for w in recwarn if "skipped" in str(w.message)]
 
@@ -205,7 +207,7 @@ def test_a_batch_that_fails_whole_but_decodes_image_by_image_skips_nothing_and_s
 def test_a_failing_gpu_decode_waits_for_our_stream_falls_back_and_logs_once(monkeypatch, caplog):
     import torchvision.io
 
-    from cnn import data
+    from cnn import decoding
 
     calls = []
 
@@ -219,17 +221,17 @@ def test_a_failing_gpu_decode_waits_for_our_stream_falls_back_and_logs_once(monk
 
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     monkeypatch.setattr(torchvision.io, "decode_jpeg", refuse)
-    monkeypatch.setattr(data, "_gpu_fallback_logged", False)
-    with caplog.at_level(logging.WARNING, logger="cnn.data"):
+    monkeypatch.setattr(decoding, "_gpu_fallback_logged", False)
+    with caplog.at_level(logging.WARNING, logger="cnn.decoding"):
         for _ in range(2):
-            assert data._decode_on_gpu([jpeg(0), jpeg(1)], 32, torch.device("cuda")) is None
+            assert decoding._decode_on_gpu([jpeg(0), jpeg(1)], 32, torch.device("cuda")) is None
     assert calls == ["synchronize", "decode"] * 2
     assert [r.getMessage() for r in caplog.records] == [
         "nvJPEG failed (ValueError: unsupported JPEG); decoding on the CPU instead"]
 
 
 def test_colour_stats_are_computed_once_per_dataset_version(shapes_dataset):
-    from cnn.data import colour_stats_for
+    from cnn.augment import colour_stats_for
 
     split = StoreSplit.open(shapes_dataset, "train")
     images = ResidentImages.load(split, 32, torch.device("cpu")).images

@@ -5,9 +5,10 @@ import shutil
 
 import pytest
 
-from cnn.data import StoreSplit
+from cnn.config import TrainConfig
 from cnn.layout import FORMAT, LayoutError, PublishedDataset
-from cnn.train import TrainConfig, plan
+from cnn.splits import StoreSplit
+from cnn.train import plan
 
 
 @pytest.fixture

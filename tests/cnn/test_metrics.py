@@ -67,7 +67,7 @@ def test_confusion_matrix_counts_every_prediction():
 
 
 def test_mistake_collector_keeps_the_most_confident_wrong_predictions_across_batches():
-    from cnn.train import MistakeCollector
+    from cnn.loop import MistakeCollector
 
     collector = MistakeCollector(2)
     images = torch.arange(4, dtype=torch.uint8).reshape(4, 1, 1, 1)

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from cnn.train import TrainConfig, plan
+from cnn.config import TrainConfig
+from cnn.train import plan
 from cnnpipe.settings import Settings
 from cnnpipe.sources import open_source
 from cnnpipe.store import DatasetStore, IngestOptions

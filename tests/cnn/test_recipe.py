@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cnn import recipe
-from cnn.config import SCHEDULES
-from cnn.train import TrainConfig, _scheduler
+from cnn.config import SCHEDULES, TrainConfig
+from cnn.train import _scheduler
 
 
 def test_cifar10_sized_training_keeps_the_reference_recipe():

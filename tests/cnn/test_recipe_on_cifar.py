@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cnn.train import TrainConfig, fit, plan
+from cnn.config import TrainConfig
+from cnn.train import fit, plan
 from tests.conftest import CIFAR_TARBALL, needs_cifar
 
 pytestmark = [needs_cifar, pytest.mark.slow]

@@ -13,11 +13,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cnn import failpoints, train
+from cnn import device as device_module
+from cnn import failpoints, loop, runs, train
 from cnn.checkpoint import (CheckpointError, CheckpointRefused, CheckpointWriter, checkpoints, load_checkpoint,
                             load_latest, newest_readable, restore_rng_state, rng_state, save_checkpoint)
-from cnn.data import LIGHTING_STD, Augment, ColourStats, ResidentImages
-from cnn.train import TrainConfig, fit, load_trained_model
+from cnn.augment import LIGHTING_STD, Augment, ColourStats
+from cnn.config import TrainConfig
+from cnn.loaders import ResidentImages
+from cnn.runs import load_trained_model
+from cnn.train import fit
 
 
 def tiny_config(dataset: Path, root: Path, **overrides) -> TrainConfig:
@@ -83,8 +87,8 @@ def test_ten_patch_accuracy_is_close_to_the_centre_crop_on_a_trained_model(crop,
             torch.nn.functional.cross_entropy(model(augment(batch, generator)), targets).backward()
             optimizer.step()
     held_out = ResidentImages(*_brightness_classes(stored, 16, seed=2))
-    centre = train.evaluate(model, held_out.batches(32), stats, crop)["top1"]
-    ten = train.evaluate(model, held_out.batches(32), stats, crop, ten_crop=True)["top1"]
+    centre = loop.evaluate(model, held_out.batches(32), stats, crop)["top1"]
+    ten = loop.evaluate(model, held_out.batches(32), stats, crop, ten_crop=True)["top1"]
     assert centre > 0.9  # the model learned, so patches on the wrong scale would show
     assert abs(ten - centre) <= 0.05
 
@@ -100,9 +104,9 @@ def test_precision_is_the_dtype_training_and_evaluation_compute_in(precision, dt
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     generator = torch.Generator().manual_seed(0)
     batches = list(ResidentImages(images, labels).batches(16, generator))
-    train.train_one_epoch(model, batches, Augment(stats, 32, lighting=0.0), optimizer, None, generator,
-                          precision=precision)
-    train.evaluate(model, batches, stats, 32, precision=precision)
+    loop.train_one_epoch(model, batches, Augment(stats, 32, lighting=0.0), optimizer, None, generator,
+                         precision=precision)
+    loop.evaluate(model, batches, stats, 32, precision=precision)
     assert seen == [dtype, dtype]
 
 
@@ -138,19 +142,19 @@ def test_a_training_step_copies_no_host_data_to_the_device(monkeypatch):
         generator = torch.Generator().manual_seed(0)
         epoch = list(ResidentImages(images, labels).batches(8, generator))[:batches]
         built.clear()
-        train.train_one_epoch(model, epoch, Augment(stats, 32, pad=4), torch.optim.SGD(model.parameters(), lr=0.01),
-                              None, generator)
-        train.evaluate(model, epoch, stats, 32)
+        loop.train_one_epoch(model, epoch, Augment(stats, 32, pad=4), torch.optim.SGD(model.parameters(), lr=0.01),
+                             None, generator)
+        loop.evaluate(model, epoch, stats, 32)
         return len(built)
 
     assert tensors_built_in_an_epoch(6) == tensors_built_in_an_epoch(2)
 
 
 def test_the_precision_a_run_uses_is_said_and_a_bad_one_refused(tmp_path):
-    assert train.precision_line(TrainConfig(str(tmp_path), device="cpu", precision="fp32")) == \
+    assert device_module.precision_line(TrainConfig(str(tmp_path), device="cpu", precision="fp32")) == \
         "precision: fp32 on cpu (set)"
-    automatic = train.precision_line(TrainConfig(str(tmp_path), device="cpu"))
-    expected = "bf16 autocast on cpu (auto: this CPU has AMX)" if train.cpu_has_amx() else \
+    automatic = device_module.precision_line(TrainConfig(str(tmp_path), device="cpu"))
+    expected = "bf16 autocast on cpu (auto: this CPU has AMX)" if device_module.cpu_has_amx() else \
         "fp32 on cpu (auto: this CPU has no AMX)"
     assert automatic == f"precision: {expected}"
     with pytest.raises(ValueError, match="--precision must be one of auto, bf16, fp32, not 'fp16'"):
@@ -160,12 +164,12 @@ def test_the_precision_a_run_uses_is_said_and_a_bad_one_refused(tmp_path):
 def test_the_memory_budget_is_a_share_of_what_the_device_has_free_and_is_said(shapes_dataset, tmp_path,
                                                                               monkeypatch):
     gib = 2**30
-    monkeypatch.setattr(train.psutil, "virtual_memory", lambda: SimpleNamespace(available=10 * gib))
+    monkeypatch.setattr(device_module.psutil, "virtual_memory", lambda: SimpleNamespace(available=10 * gib))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * gib, 141 * gib))
-    assert train.memory_budget(torch.device("cpu")) == (4096, "auto: 40% of the 10.0 GB of RAM available")
-    assert train.memory_budget(torch.device("cuda", 0)) == (40960, "auto: 40% of the 100.0 GB free on cuda:0")
-    assert train.memory_budget(torch.device("cuda", 0), 2048) == (2048, "set")
-    assert train.memory_budget_line(TrainConfig(str(tmp_path), device="cpu")) == (
+    assert device_module.memory_budget(torch.device("cpu")) == (4096, "auto: 40% of the 10.0 GB of RAM available")
+    assert device_module.memory_budget(torch.device("cuda", 0)) == (40960, "auto: 40% of the 100.0 GB free on cuda:0")
+    assert device_module.memory_budget(torch.device("cuda", 0), 2048) == (2048, "set")
+    assert device_module.memory_budget_line(TrainConfig(str(tmp_path), device="cpu")) == (
         "memory budget: 4096 MB a split, decoded once into cpu memory within it and streamed from Parquet beyond "
         "it (auto: 40% of the 10.0 GB of RAM available)")
 
@@ -292,11 +296,11 @@ def test_resume_hands_the_rng_restore_cpu_byte_tensors_wherever_the_model_lives(
         handed.append(state)
         restore_rng_state(state, generator)
 
-    monkeypatch.setattr(train, "restore_rng_state", spy)
+    monkeypatch.setattr(runs, "restore_rng_state", spy)
     # A model on the meta device stands in for one on a GPU: a checkpoint loaded to where the
     # model lives hands the RNG setters tensors they refuse.
     on_meta = parts("meta")
-    train.restore_latest(tmp_path, *on_meta, torch.Generator())
+    runs.restore_latest(tmp_path, *on_meta, torch.Generator())
     (state,) = handed
     states = [state["torch"], state["generator"], *state["cuda"]]
     assert all(s.device.type == "cpu" and s.dtype == torch.uint8 for s in states)
@@ -329,7 +333,7 @@ def test_smoke_training_learns_clearly_above_chance(trained_on_shapes):
 def _fit_script(dataset: Path, root: Path, epochs: int, device: str) -> str:
     """A child process that trains, resuming when given an argument."""
     return (
-        "import sys\nfrom cnn.train import TrainConfig, fit\n"
+        "import sys\nfrom cnn.config import TrainConfig\nfrom cnn.train import fit\n"
         f"fit(TrainConfig(dataset_dir={str(dataset)!r}, epochs={epochs}, batch_size=32, lr=0.01, dropout=0.2,"
         f" device={device!r}, checkpoint_root={str(root)!r}, resume=len(sys.argv) > 1))\n"
     )

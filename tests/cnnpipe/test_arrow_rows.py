@@ -7,8 +7,8 @@ from datetime import datetime, timedelta, timezone
 import pyarrow as pa
 import pytest
 
-from cnnpipe.arrow_rows import table_from_columns
-from cnnpipe.classify import PART_SCHEMA
+from cnnpipe.predictions.arrow_rows import table_from_columns
+from cnnpipe.predictions.classify import PART_SCHEMA
 
 
 def part_rows(count: int, nulls: bool) -> dict[str, list]:

@@ -11,11 +11,11 @@ import duckdb
 import pytest
 
 from cnn.predict import Predictor
-from cnnpipe.classify import classify_source, open_classify_source
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.predictions import connect_for_writing
+from cnnpipe.predictions.classify import classify_source, open_classify_source
+from cnnpipe.predictions.database import connect_for_writing
+from cnnpipe.predictions.sql import run_query
 from cnnpipe.settings import get_settings
-from cnnpipe.sql import run_query
 from tests.imagefactory import png, write_class_folders
 
 pytestmark = pytest.mark.slow
@@ -113,7 +113,7 @@ def test_a_reader_holding_the_database_delays_but_never_breaks_a_run(inbox, shap
 _CLASSIFY_IN_PARTS_OF_16 = """
 import sys, time
 from pathlib import Path
-import cnnpipe.classify as c
+import cnnpipe.predictions.classify as c
 from cnn.predict import Predictor
 from cnnpipe.settings import get_settings
 from cnnpipe.sources import open_source
@@ -177,7 +177,7 @@ def test_a_dataset_of_the_store_is_a_source_keyed_by_its_stored_hashes(shapes_da
 
 _STAGE_THEN_COMMIT_UNDER_A_FILE_SIZE_LIMIT = """
 import resource, signal, sys
-import cnnpipe.classify as c
+import cnnpipe.predictions.classify as c
 from cnn.predict import Predictor
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.settings import get_settings
@@ -280,8 +280,8 @@ import sys
 from pathlib import Path
 import tasks.classify  # everything a classify flow run imports before its first image
 from cnn.predict import Predictor
-from cnnpipe.classify import classify_source, open_classify_source
-from cnnpipe.drift_picture import drift_distributions
+from cnnpipe.predictions.classify import classify_source, open_classify_source
+from cnnpipe.monitoring.drift_picture import drift_distributions
 from cnnpipe.settings import get_settings
 inbox, checkpoint = sys.argv[1:]
 settings = get_settings()

@@ -12,11 +12,12 @@ import torch
 from PIL import Image, ImageFilter
 
 from cnn import monitoring
-from cnn.data import decode_images
+from cnn.decoding import decode_images
 from cnn.predict import Predictor
-from cnnpipe.classify import PART_SCHEMA
 from cnnpipe.demo import SHAPES, encode, render_shape
-from cnnpipe.predictions import add_predictions, connect_for_writing, record_reference_profile, transaction
+from cnnpipe.predictions.classify import PART_SCHEMA
+from cnnpipe.predictions.database import connect_for_writing, transaction
+from cnnpipe.predictions.records import add_predictions, record_reference_profile
 from cnnpipe.settings import get_settings
 
 pytestmark = pytest.mark.slow
@@ -143,7 +144,7 @@ def test_a_classify_run_that_drifted_emits_the_event_a_retraining_trigger_waits_
     from prefect.events.clients import AssertingEventsClient
     from prefect.events.worker import EventsWorker
 
-    from cnnpipe.classify import ClassifySummary
+    from cnnpipe.predictions.classify import ClassifySummary
     from tasks.classify import monitor_drift
 
     predictor, reference = trained

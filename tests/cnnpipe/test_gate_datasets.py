@@ -10,14 +10,15 @@ import pytest
 from click.testing import CliRunner
 
 from cnn.layout import FORMAT
-from cnnpipe import registry
 from cnnpipe.cli import cli
+from cnnpipe.models import registry
+from cnnpipe.predictions import champions
 
 pytestmark = pytest.mark.slow
 
 
 def _gate(version, dataset_dir, dataset_version_id):
-    return registry.gate(registry.client(), version, float(version.tags["val_top1"]), dataset_dir, dataset_version_id)
+    return champions.gate(registry.client(), version, float(version.tags["val_top1"]), dataset_dir, dataset_version_id)
 
 
 def test_a_champion_trained_on_another_dataset_is_measured_on_this_one(register_version, shapes_dataset,
@@ -26,7 +27,7 @@ def test_a_champion_trained_on_another_dataset_is_measured_on_this_one(register_
     # Its dataset held the shapes' images under other labels, which once gave it the shapes' version id.
     champion = register_version("crossed", 0.99, checkpoint=shapes_checkpoints[0])
     registry.describe_version(registry.client(), champion, {"dataset": "shapes-relabelled"})
-    registry.promote("crossed", "1")
+    champions.promote("crossed", "1")
     decision = _gate(register_version("crossed", 0.98), shapes_dataset, shapes_id)
     assert decision.champion_top1 < 0.98 and decision.promoted  # its epoch-1 weights do not reach 99% here
     assert (f"(re-evaluated on dataset shapes version {shapes_id}, not dataset shapes-relabelled version "
@@ -42,7 +43,7 @@ def test_a_champion_that_cannot_be_measured_on_this_dataset_is_not_compared(regi
         "format": FORMAT, "name": "letters", "version_id": "same-id", "classes": classes, "files": [],
         "counts": {"train": {c: 500 for c in classes}, "val": {c: 100 for c in classes}}}))
     register_version("lettered", 0.30, dataset_version_id="same-id")  # trained on the shapes
-    registry.promote("lettered", "1")
+    champions.promote("lettered", "1")
     decision = _gate(register_version("lettered", 0.60, dataset_version_id="same-id"), letters, "same-id")
     assert not decision.promoted and decision.champion_top1 is None
     assert decision.reason == ("not comparable with champion 1, trained on dataset shapes version same-id: the model "

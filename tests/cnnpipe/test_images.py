@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from cnnpipe.images import ALPHA_BACKGROUND, RejectedImage, check_image
+from cnnpipe.sources.images import ALPHA_BACKGROUND, RejectedImage, check_image
 from tests.imagefactory import decode_rgb, encode, jpeg, noise_image, png
 
 
@@ -76,7 +76,7 @@ def test_decompression_bomb_stays_within_a_memory_limit():
     script = (
         "import resource, io;"
         "from PIL import Image;"
-        "from cnnpipe.images import check_image, RejectedImage;"
+        "from cnnpipe.sources.images import check_image, RejectedImage;"
         "b = io.BytesIO(); Image.new('1', (20000, 20000)).save(b, 'PNG');"
         "resource.setrlimit(resource.RLIMIT_AS, (600 << 20, 600 << 20));"
         "\ntry:\n    check_image(b.getvalue())\nexcept RejectedImage as e:\n    print(e.reason)"

@@ -8,7 +8,7 @@ from collections import Counter
 import fsspec
 import pytest
 
-from cnn.data import StoreSplit
+from cnn.splits import StoreSplit
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.sources import open_source
 from cnnpipe.store import DatasetSource, DatasetStore, IngestOptions, list_datasets

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cnn.layout import FORMAT
-from cnnpipe.majority import binomial_tail, majority_baseline, majority_test
+from cnnpipe.models.majority import binomial_tail, majority_baseline, majority_test
 
 
 @pytest.mark.parametrize(("k", "n", "p", "expected"), [

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from cnn.config import TrainConfig, flag
 from cnnpipe.cli import cli
-from cnnpipe.outcomes import TrainingOutcome
-from cnnpipe.params import KNOBS, PLACEMENT, TrainingParams
+from cnnpipe.models.params import KNOBS, PLACEMENT, TrainingParams
+from cnnpipe.reports.outcomes import TrainingOutcome
 
 RUN_LEVEL = ("registered_model", "min_improvement", "nproc")
 

@@ -17,10 +17,11 @@ import torch
 
 from cnn.layout import FORMAT
 from cnn.predict import Predictor
-from cnn.train import evaluate_checkpoint
-from cnnpipe import registry
+from cnn.runs import evaluate_checkpoint
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.registry import ModelRef, parse_model_ref
+from cnnpipe.models import registry
+from cnnpipe.predictions import champions
+from cnnpipe.models.refs import ModelRef, parse_model_ref
 from cnnpipe.settings import get_settings
 from cnnpipe.sources import open_source
 from cnnpipe.store import DatasetStore, IngestOptions
@@ -53,7 +54,7 @@ def _promotions() -> list[tuple]:
 
 
 def _gate(version, shapes_dataset, min_improvement=0.0):
-    return registry.gate(registry.client(), version, float(version.tags["val_top1"]), shapes_dataset,
+    return champions.gate(registry.client(), version, float(version.tags["val_top1"]), shapes_dataset,
                          version.tags["dataset_version_id"], min_improvement)
 
 
@@ -134,7 +135,7 @@ def test_a_clearly_better_first_version_is_crowned(register_version, tmp_path):
 def test_beating_a_weak_champion_is_not_enough(register_version, tmp_path):
     dataset = _balanced_split(tmp_path / "balanced")
     register_version("weak", 0.20)
-    registry.promote("weak", "1")  # by hand: the majority test applies only to the gate
+    champions.promote("weak", "1")  # by hand: the majority test applies only to the gate
     challenger = register_version("weak", 0.26)
     decision = _gate(challenger, dataset)
     assert not decision.promoted and _champion("weak") == "1" and decision.champion_top1 == pytest.approx(0.20)
@@ -185,13 +186,13 @@ def test_manual_promotion_and_rollback_walk_the_history(register_version):
     for top1 in (0.5, 0.6, 0.7):
         register_version("manual", top1)
     for version in ("1", "3", "2"):
-        registry.promote("manual", version)
+        champions.promote("manual", version)
     with pytest.raises(CnnpipeError, match="already the champion"):
-        registry.promote("manual", "2")
-    assert registry.rollback("manual").challenger == "3" and _champion("manual") == "3"
-    assert registry.rollback("manual").challenger == "1" and _champion("manual") == "1"
+        champions.promote("manual", "2")
+    assert champions.rollback("manual").challenger == "3" and _champion("manual") == "3"
+    assert champions.rollback("manual").challenger == "1" and _champion("manual") == "1"
     with pytest.raises(CnnpipeError, match="no earlier champion"):
-        registry.rollback("manual")
+        champions.rollback("manual")
     assert [row[4] for row in _promotions()] == ["manual", "manual", "manual", "rollback", "rollback"]
     with duckdb.connect(str(get_settings().predictions_db), read_only=True) as connection:
         assert connection.execute("SELECT model_version FROM champions WHERE model_name = 'manual'").fetchone() == ("1",)
@@ -199,8 +200,8 @@ def test_manual_promotion_and_rollback_walk_the_history(register_version):
 
 _PROMOTE = """
 import sys
-from cnnpipe import registry
-registry.promote(sys.argv[1], sys.argv[2])
+from cnnpipe.predictions import champions
+champions.promote(sys.argv[1], sys.argv[2])
 """
 
 
@@ -226,24 +227,24 @@ def _damage_the_log() -> Path:
 def test_a_promotion_killed_before_its_checkpoint_changes_nothing_when_its_log_is_lost(register_version):
     for top1 in (0.5, 0.6):
         register_version("durable", top1)
-    registry.promote("durable", "1")
+    champions.promote("durable", "1")
     _promote_killed_after_its_commit("durable", "2")
     database = _damage_the_log()
-    assert registry.champion_history("durable") == ["1"]  # the log was set aside...
+    assert champions.champion_history("durable") == ["1"]  # the log was set aside...
     assert list(database.parent.glob("predictions.duckdb.wal.corrupt-*"))
     assert _champion("durable") == "1"  # ...and the alias never moved past the history
-    registry.promote("durable", "2")
-    assert registry.rollback("durable").challenger == "1" and _champion("durable") == "1"
+    champions.promote("durable", "2")
+    assert champions.rollback("durable").challenger == "1" and _champion("durable") == "1"
 
 
 def test_a_promotion_killed_before_its_alias_moved_is_taken_out_of_the_history(register_version, caplog):
     for top1 in (0.5, 0.6):
         register_version("interrupted", top1)
-    registry.promote("interrupted", "1")
+    champions.promote("interrupted", "1")
     _promote_killed_after_its_commit("interrupted", "2")
     assert _champion("interrupted") == "1"
-    registry.promote("interrupted", "2")  # settles the interrupted move first, then makes it for real
-    assert registry.champion_history("interrupted") == ["1", "2"] and _champion("interrupted") == "2"
+    champions.promote("interrupted", "2")  # settles the interrupted move first, then makes it for real
+    assert champions.champion_history("interrupted") == ["1", "2"] and _champion("interrupted") == "2"
     assert [row[:2] for row in _promotions()] == [(None, "1"), ("1", "2")]
     assert "interrupted before the alias moved" in caplog.text
 
@@ -252,7 +253,7 @@ def test_registered_model_predicts_like_its_checkpoint(register_version, shapes_
     import mlflow
 
     register_version("same", 0.5)
-    registry.promote("same", "1")
+    champions.promote("same", "1")
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     from_registry = registry.load_predictor("same@champion")
     from_checkpoint = Predictor(shapes_checkpoints[-1])
@@ -297,7 +298,7 @@ def test_a_tampered_weights_artifact_is_refused_and_runs_no_code(register_versio
 
 
 def test_a_pickled_module_in_place_of_the_weights_is_refused(register_version, shapes_checkpoints):
-    from cnn.train import load_trained_model
+    from cnn.runs import load_trained_model
 
     register_version("pickled", 0.5)
     model, _ = load_trained_model(shapes_checkpoints[-1])
@@ -320,7 +321,7 @@ def _register_and_gate(home: str, tracking_uri: str, checkpoint: str, dataset: s
 
     os.environ["CNNPIPE_HOME"], os.environ["MLFLOW_TRACKING_URI"] = home, tracking_uri
     from cnn.train import FitResult
-    from cnnpipe import registry, tracking
+    from cnnpipe.models import registry, tracking
 
     version_id = json.loads((Path(dataset) / "manifest.json").read_text())["version_id"]
     tracking.connect()
@@ -331,12 +332,12 @@ def _register_and_gate(home: str, tracking_uri: str, checkpoint: str, dataset: s
     registry.describe_version(registry.client(), version,
                               {"dataset": "shapes", "dataset_version_id": version_id, "val_top1": val_top1})
     barrier.wait(timeout=60)  # both versions exist; now both try to take the champion alias
-    decision = registry.gate(registry.client(), version, val_top1, Path(dataset), version_id)
+    decision = champions.gate(registry.client(), version, val_top1, Path(dataset), version_id)
     results.put((str(version.version), val_top1, decision.promoted))
 
 
 def test_concurrent_gates_leave_one_champion_on_the_better_model(cnnpipe_home, shapes_dataset, shapes_checkpoints):
-    from cnnpipe import tracking
+    from cnnpipe.models import tracking
 
     tracking.connect()  # the store exists before the racers start, as a flow's first task makes sure
     context = multiprocessing.get_context("spawn")
@@ -366,9 +367,9 @@ def test_a_version_registered_before_monitoring_gets_its_reference_profile_on_de
 
     import mlflow
 
-    from cnn import train
-    from cnnpipe.predictions import reference_temperature
-    from cnnpipe.reference import ensure_reference_profile
+    from cnn import runs
+    from cnnpipe.monitoring.reference import ensure_reference_profile
+    from cnnpipe.predictions.records import reference_temperature
 
     settings = get_settings()
     version = register_version("premonitoring", 0.5)
@@ -389,5 +390,5 @@ def test_a_version_registered_before_monitoring_gets_its_reference_profile_on_de
     assert logged["images"] == 80 and logged["temperature"] == pytest.approx(temperature)
     with duckdb.connect(str(settings.predictions_db), read_only=True) as connection:
         assert connection.execute("SELECT dataset_version FROM reference_profiles").fetchall() == [(trained_on,)]
-    monkeypatch.setattr(train, "profile_checkpoint", lambda *args, **kwargs: pytest.fail("derived twice"))
+    monkeypatch.setattr(runs, "profile_checkpoint", lambda *args, **kwargs: pytest.fail("derived twice"))
     assert ensure_reference_profile("premonitoring", "1", settings)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from cnn.predict import Predictor
-from cnnpipe.classify import classify_source
 from cnnpipe.demo import SHAPES, encode, render_shape
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.predictions import connect_for_writing, transaction
-from cnnpipe.review import choose, export_for_review
+from cnnpipe.monitoring.review import choose, export_for_review
+from cnnpipe.predictions.classify import classify_source
+from cnnpipe.predictions.database import connect_for_writing, transaction
 from cnnpipe.settings import get_settings
 from cnnpipe.sources import open_source
 from cnnpipe.store import DatasetStore, IngestOptions

@@ -185,7 +185,7 @@ with tempfile.TemporaryDirectory() as scratch:
                 "config": {"model": "alexnet-cifar", "norm": "lrn", "padding": "zeros", "pool": "max", "dropout": 0.5},
                 "colour_stats": {"mean": [0.5] * 3, "std": [0.25] * 3, "eigenvalues": [0.0] * 3,
                                  "eigenvectors": torch.eye(3).tolist()}}, Path(scratch) / "extra_files" / "weights.pt")
-    from cnnpipe import tracking
+    from cnnpipe.models import tracking
     tracking.connect()  # the experiment `cnnpipe train` logs into, its artifacts under the home
     import mlflow
     experiment = mlflow.get_experiment_by_name(tracking.MLFLOW_EXPERIMENT).experiment_id
@@ -195,10 +195,11 @@ direct.create_registered_model("served")
 direct.create_model_version("served", f"models:/{logged.model_id}", model_id=logged.model_id)
 for name in [name for name in sys.modules if name.startswith("mlflow")]:
     del sys.modules[name]
-from cnnpipe import registry
+from cnnpipe.models import registry
+from cnnpipe.predictions import champions
 client = registry.light_client(get_settings())
-steps = [registry.promote("rest", "1").challenger, registry.promote("rest", "2").challenger,
-         registry.rollback("rest").challenger]
+steps = [champions.promote("rest", "1").challenger, champions.promote("rest", "2").challenger,
+         champions.rollback("rest").challenger]
 listed = [(v.version, aliases, v.tags["val_top1"]) for v, aliases in registry.list_versions("rest")]
 predictor = registry.load_predictor("served/1")
 print(json.dumps([type(client).__name__, steps, listed, [predictor.name, predictor.version, predictor.classes],

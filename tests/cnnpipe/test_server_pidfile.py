@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from cnnpipe.cli import cli
-from cnnpipe.pidfiles import record
+from cnnpipe.server.pidfiles import record
 from cnnpipe.settings import get_settings
 
 

@@ -375,7 +375,7 @@ def test_a_device_file_in_a_folder_is_refused_unopened(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_an_ingest_records_link_refusals_and_counts_hidden_files(tmp_path):
-    from cnnpipe.reports import ingest_markdown
+    from cnnpipe.reports.markdown import ingest_markdown
     from cnnpipe.settings import Settings
     from cnnpipe.store import DatasetStore, IngestOptions
 

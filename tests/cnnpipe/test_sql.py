@@ -16,9 +16,10 @@ from click.testing import CliRunner
 
 from cnnpipe.cli import cli
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.predictions import add_predictions, connect_for_writing, ensure_database, set_champion
+from cnnpipe.predictions.database import connect_for_writing, ensure_database
+from cnnpipe.predictions.records import add_predictions, set_champion
+from cnnpipe.predictions.sql import QueryLimits, check_relations, run_query
 from cnnpipe.settings import get_settings
-from cnnpipe.sql import QueryLimits, check_relations, run_query
 
 
 def add_prediction(connection, sha, version, label, confidence, day="2026-11-20", name="cnn-classifier"):
@@ -182,7 +183,7 @@ def test_an_empty_database_answers():
 def test_latest_by_image_stays_equal_to_a_full_recomputation(cnnpipe_home):
     import random
 
-    from cnnpipe.predictions import rebuild_latest
+    from cnnpipe.predictions.database import rebuild_latest
 
     rng = random.Random(5)
     path = get_settings().predictions_db

@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.reports.markdown import ingest_markdown
 from cnnpipe.sources import open_source
 from cnnpipe.store import decoders as decoders_module
 from cnnpipe.store import parts as parts_module
-from cnnpipe.reports import ingest_markdown
 from cnnpipe.store import (DatasetStore, IngestOptions, list_datasets, open_dataset_source, split_for,
                            split_for_train)
 from tests.imagefactory import jpeg, png, write_class_folders
@@ -347,7 +347,7 @@ def test_a_corrupted_manifest_is_kept_aside_and_rebuilt_and_the_other_datasets_s
 
 
 def test_training_reads_a_rebuilt_manifest_not_a_corrupted_one(tmp_path):
-    from cnn.data import StoreSplit
+    from cnn.splits import StoreSplit
 
     write_class_folders(tmp_path / "src", {"cat": 3}, split="train")
     ingest(tmp_path / "src")
@@ -357,7 +357,7 @@ def test_training_reads_a_rebuilt_manifest_not_a_corrupted_one(tmp_path):
 
 
 def test_training_reads_every_committed_version_when_a_crash_left_the_manifest_behind(tmp_path):
-    from cnn.data import StoreSplit
+    from cnn.splits import StoreSplit
 
     write_class_folders(tmp_path / "src", {"cat": 3}, split="train")
     ingest(tmp_path / "src")

@@ -10,7 +10,7 @@ import sys
 import mlflow
 import pytest
 
-from cnnpipe import tracking
+from cnnpipe.models import tracking
 from cnnpipe.settings import MLFLOW_EXPERIMENT, get_settings
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def _log_metrics(home: str, barrier, count: int) -> None:
     os.environ["CNNPIPE_HOME"] = home
-    from cnnpipe import tracking
+    from cnnpipe.models import tracking
 
     barrier.wait(timeout=60)  # both meet a store that does not exist yet
     tracking.connect()
@@ -53,7 +53,7 @@ def test_runs_left_running_by_a_dead_process_are_failed_and_nothing_else_is_touc
     live_run = live.__enter__()
     try:
         # A child process starts a run and dies without a word, as under kill -9.
-        code = ("import os\nfrom cnnpipe import tracking\ntracking.connect()\n"
+        code = ("import os\nfrom cnnpipe.models import tracking\ntracking.connect()\n"
                 "active = tracking.training_run('killed', {})\nrun = active.__enter__()\n"
                 "print(run.info.run_id, flush=True)\n"
                 "os._exit(9)\n")

@@ -13,9 +13,9 @@ import mlflow
 import pytest
 from click.testing import CliRunner
 
-from cnnpipe import tracking
 from cnnpipe.cli import cli
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.models import tracking
 from cnnpipe.settings import Settings
 from cnnpipe.sources import open_source
 from cnnpipe.store import DatasetStore, IngestOptions

@@ -12,7 +12,7 @@ import time
 import mlflow
 import pytest
 
-from cnnpipe import tracking
+from cnnpipe.models import tracking
 from cnnpipe.settings import get_settings
 
 pytestmark = [pytest.mark.crash, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]

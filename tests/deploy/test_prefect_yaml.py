@@ -12,7 +12,7 @@ from prefect import Flow
 from prefect.utilities.callables import parameter_schema
 from prefect.utilities.schema_tools import ValidationError, validate
 
-from cnnpipe.params import TrainingParams
+from cnnpipe.models.params import TrainingParams
 from flows.retrain import retrain
 
 PREFECT_YAML = Path(__file__).resolve().parents[2] / "deploy" / "prefect.yaml"

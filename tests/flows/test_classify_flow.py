@@ -3,8 +3,9 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from cnnpipe import registry
 from cnnpipe.cli import cli
+from cnnpipe.models import registry
+from cnnpipe.predictions import champions
 from flows.classify import classify
 from tests.imagefactory import write_class_folders
 
@@ -35,7 +36,7 @@ def test_classify_with_the_champion_then_a_new_version_adds_rows_and_views_follo
         tmp_path, register_version):
     write_class_folders(tmp_path / "inbox", {"x": 10})
     register_version("pets", 0.5)
-    registry.promote("pets", "1")
+    champions.promote("pets", "1")
     first = classify(str(tmp_path / "inbox"), model="pets@champion", device="cpu")
     assert (first.model_name, first.model_version, first.classified) == ("pets", "1", 10)
     assert classify(str(tmp_path / "inbox"), model="pets@champion", device="cpu").skipped == 10
@@ -54,6 +55,6 @@ def test_classify_with_the_champion_then_a_new_version_adds_rows_and_views_follo
     assert run_ids == ["1:true", "2:true"]
     # Version 1 is still the champion, so the latest predictions are its rows; after promotion, version 2's.
     assert query("SELECT DISTINCT model_version FROM latest_predictions") == ["1"]
-    registry.promote("pets", "2")
+    champions.promote("pets", "2")
     assert query("SELECT DISTINCT model_version FROM latest_predictions") == ["2"]
     assert query("SELECT to_version, reason FROM promotions ORDER BY promoted_at") == ["1,manual", "2,manual"]

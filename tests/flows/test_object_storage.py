@@ -15,7 +15,7 @@ import duckdb
 import pytest
 
 from cnnpipe.demo import write_demo_images
-from cnnpipe.params import TrainingParams
+from cnnpipe.models.params import TrainingParams
 from cnnpipe.settings import get_settings
 from cnnpipe.store import DatasetStore
 from flows.classify import classify

@@ -12,7 +12,7 @@ import pytest
 from prefect.artifacts import Artifact
 
 from cnnpipe.cli import cli
-from cnnpipe.params import TrainingParams
+from cnnpipe.models.params import TrainingParams
 from cnnpipe.settings import get_settings
 from flows.retrain import retrain
 from flows.serve import build_deployments

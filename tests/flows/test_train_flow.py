@@ -12,10 +12,10 @@ from PIL import Image
 
 from cnn.checkpoint import load_checkpoint
 from cnn.predict import Predictor
-from cnnpipe import registry
 from cnnpipe.cli import cli
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.params import TrainingParams
+from cnnpipe.models import registry
+from cnnpipe.models.params import TrainingParams
 from cnnpipe.settings import get_settings
 from flows.train import train
 

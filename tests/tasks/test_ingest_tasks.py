@@ -7,7 +7,8 @@ import duckdb
 import pytest
 
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.predictions import add_predictions, transaction
+from cnnpipe.predictions.database import transaction
+from cnnpipe.predictions.records import add_predictions
 from cnnpipe.settings import get_settings
 from cnnpipe.sources import FolderSource, open_source
 from cnnpipe.store import DatasetStore, IngestOptions, resolve_options

@@ -3,7 +3,7 @@ version to classify with while `cnnpipe server` serves the store: seconds faster
 the mlflow package.
 
 Only the calls those commands make, with MlflowClient's names and the attributes of its
-results that `cnnpipe.registry` reads, so either client serves it.
+results that `cnnpipe.models.registry` reads, so either client serves it.
 """
 
 from __future__ import annotations

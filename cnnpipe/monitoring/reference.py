@@ -8,7 +8,9 @@ import tempfile
 from pathlib import Path
 
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.registry import ModelRef, client, download_weights, resolve
+from cnnpipe.models.refs import ModelRef
+from cnnpipe.models.registry import client, download_weights, resolve
+from cnnpipe.predictions.records import record_reference_profile, reference_temperature
 from cnnpipe.settings import Settings
 
 log = logging.getLogger("cnnpipe.reference")
@@ -19,11 +21,10 @@ def ensure_reference_profile(name: str, version: str, settings: Settings, device
     registered before monitoring gets it now, from its weights and the dataset version it was
     trained on (the current one when that version is gone), and in its MLflow run. False, with a
     warning, when the dataset is gone."""
-    from cnnpipe.predictions import record_reference_profile, reference_temperature
-
     if reference_temperature(settings.predictions_db, name, str(version)) is not None:
         return True
-    from cnn.train import profile_checkpoint
+    # Only a version without a profile pays for torch and pyarrow.
+    from cnn.runs import profile_checkpoint
     from cnnpipe.store import DatasetStore
 
     mlflow_client = client(settings)

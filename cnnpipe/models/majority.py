@@ -56,10 +56,10 @@ def binomial_tail(k: int, n: int, p: float) -> float:
 def majority_baseline(dataset_dir: Path) -> tuple[int, float, str]:
     """(n, majority-class share, split name) of the split the gate's val top-1 was measured on.
 
-    The split is the one `cnn.train.validation_split` picks (`val`, or `test` without one);
+    The split is the one `cnn.splits.validation_split` picks (`val`, or `test` without one);
     the counts come from the dataset's manifest.
     """
-    from cnn.train import validation_split
+    from cnn.splits import validation_split
 
     dataset = PublishedDataset.open(dataset_dir)
     split = validation_split(dataset_dir, dataset.classes).split

@@ -1,4 +1,5 @@
-"""Drift views: what a model predicted in a classify run, or on a day, against its reference profile.
+"""The prediction summary and the drift views over it: what a model predicted in a classify run, or on a
+day, against its reference profile. Part of the predictions database's schema; `cnnpipe.monitoring` reads them.
 
 For each batch of predictions by a version with a reference profile (`reference_profiles`,
 written when the version was registered):
@@ -20,8 +21,6 @@ Predictions made before a version had a temperature fall back to their raw confi
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 # Thresholds a team may change in its database (UPDATE drift_thresholds ...); the defaults fire on
 # under 5% of in-distribution batches of 1,000 images and on over 95% of shifted ones (tests/cnnpipe/test_drift.py).
@@ -170,39 +169,3 @@ INSERT OR IGNORE INTO drift_thresholds VALUES {", ".join(
 {_drift_view("drift_by_run", "nullif(classify_run, '')", "classify_run_id", "classify_run_id")}
 {_drift_view("drift_daily", "day", "day", "CAST(finished_at AS DATE)")}
 """
-
-
-def run_drift(database: Path, classify_run_id: str) -> dict | None:
-    """The `drift_by_run` row of one classify run, with what its picture shows under
-    `distributions`; None when its model has no reference profile."""
-    from cnnpipe.predictions import connect_for_writing
-
-    with connect_for_writing(database) as connection:
-        cursor = connection.execute("SELECT * FROM drift_by_run WHERE classify_run_id = ?", [classify_run_id])
-        row = cursor.fetchone()
-        if row is None:
-            return None
-        drift = dict(zip([column[0] for column in cursor.description], row))
-        drift["distributions"] = _distributions(connection, classify_run_id, drift["model_name"],
-                                                drift["model_version"])
-        return drift
-
-
-def _distributions(connection, classify_run_id: str, model_name: str, model_version: str) -> dict:
-    """The share of each class among a run's predictions, and of each reference confidence bin
-    among its calibrated confidences, beside the reference's own."""
-    key = [model_name, model_version]
-    connection.execute("CREATE OR REPLACE TEMP TABLE run_rows AS SELECT label, coalesce(calibrated_confidence, "
-                       "confidence) AS confidence FROM predictions WHERE classify_run_id = ? AND model_name = ? "
-                       "AND model_version = ?", [classify_run_id, *key])
-    total = max(1, connection.execute("SELECT count(*) FROM run_rows").fetchone()[0])
-    classes = connection.execute(
-        "SELECT c.label, (SELECT count(*) FROM run_rows r WHERE r.label = c.label) / ?, c.predicted_share "
-        "FROM reference_classes c WHERE model_name = ? AND model_version = ? ORDER BY c.label",
-        [total, *key]).fetchall()
-    bins = connection.execute(
-        "SELECT b.low, b.high, (SELECT count(*) FROM run_rows r WHERE r.confidence >= b.low AND (r.confidence "
-        "< b.high OR b.high >= 1)) / ?, b.share FROM reference_confidence b WHERE model_name = ? AND "
-        "model_version = ? ORDER BY b.bin", [total, *key]).fetchall()
-    connection.execute("DROP TABLE run_rows")
-    return {"classes": classes, "bins": bins}

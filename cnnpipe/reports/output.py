@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.sql import QueryResult
+from cnnpipe.predictions.sql import QueryResult
+from cnnpipe.settings import get_settings
 
 
 def write_rows(columns: list[str], rows: list[tuple], output_format: str) -> None:
@@ -49,8 +50,6 @@ def write_result(result: QueryResult, output_format: str, output: str | None, co
 def check_output(output: str, force: bool) -> Path:
     """The file `output` names, after symlinks and `..`: never inside $CNNPIPE_HOME, whose files
     are the pipeline's state, and an existing file only with `force`."""
-    from cnnpipe.settings import get_settings
-
     home, target = get_settings().home.resolve(), Path(output).resolve()
     named = output if target == Path(output).absolute() else f"{output} (that is, {target})"
     if target.is_relative_to(home):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from cnnpipe.outcomes import TrainingOutcome
+from cnnpipe.reports.outcomes import TrainingOutcome
 from cnnpipe.store import DamagedPart, DatasetStore, IngestSummary
 
 MAX_CLASS_ROWS = 20

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from cnn.recipe import Recipe
     from cnn.train import FitResult
-    from cnnpipe.registry import GateDecision
+    from cnnpipe.predictions.champions import GateDecision
     from cnnpipe.store import IngestSummary
 
 

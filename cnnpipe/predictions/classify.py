@@ -28,13 +28,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cnn.data import DECODE_THREADS, decode_images
-from cnnpipe.arrow_rows import table_from_columns
+from cnn.decoding import DECODE_THREADS, decode_images
+from cnnpipe.base.locks import file_lock
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.images import RejectedImage, check_image
-from cnnpipe.locks import file_lock
-from cnnpipe.predictions import add_predictions, connect, reference_temperature, retry_on_lock, transaction
+from cnnpipe.predictions.arrow_rows import table_from_columns
+from cnnpipe.predictions.database import connect, retry_on_lock, transaction
+from cnnpipe.predictions.records import add_predictions, reference_temperature
 from cnnpipe.sources import Source, open_source
+from cnnpipe.sources.images import RejectedImage, check_image
 from cnnpipe.store import Reject, open_dataset_source
 
 PART_ROWS = 4096

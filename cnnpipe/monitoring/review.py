@@ -27,10 +27,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cnnpipe.base.fsutil import fsync_dir
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.fsutil import fsync_dir
-from cnnpipe.drift import LOW_CONFIDENCE
-from cnnpipe.predictions import connect_for_writing, version_condition
+from cnnpipe.predictions.database import connect_for_writing
+from cnnpipe.predictions.records import version_condition
+from cnnpipe.predictions.summary import LOW_CONFIDENCE
 from cnnpipe.settings import Settings
 
 log = logging.getLogger("cnnpipe.review")
@@ -141,6 +142,7 @@ def export_for_review(rows: list[dict], folder: Path, settings: Settings) -> Rev
 def _read_from_source(uri: str, wanted: dict[str, str]) -> tuple[dict[str, bytes], str | None]:
     """The wanted members (path -> sha256) of one source that still hold the image that was
     classified, and why the others could not be read."""
+    # Imported here: an export whose images all come from the store never opens a source.
     from cnnpipe.sources import FolderSource, ManifestSource, UnsafePath, open_source, safe_relative_path
 
     if uri.startswith("dataset:"):

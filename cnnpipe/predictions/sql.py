@@ -35,7 +35,7 @@ from pathlib import Path
 import duckdb
 
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.predictions import LOCK_BACKOFF_SECONDS, connect, ensure_database, is_lock_error
+from cnnpipe.predictions.database import LOCK_BACKOFF_SECONDS, connect, ensure_database, is_lock_error
 
 HARDENED = {
     "enable_external_access": False,

@@ -1,8 +1,8 @@
-"""The predictions database: its tables and the views users query with `cnnpipe sql`.
+"""The predictions database: its tables, the views users query with `cnnpipe sql`, and its connections.
 
 DuckDB allows one writing process, and a reader holding the file also blocks a writer,
 so writers open it only for short transactions and retry on the lock error. Rows go in
-through `add_predictions` and champions change through `set_champion`, which keep
+through `records.add_predictions` and champions change through `records.set_champion`, which keep
 `latest_by_image` (behind the `latest_predictions` view) consistent in the same transaction.
 
 Every row of `predictions` can be computed again, so a write-ahead log that DuckDB
@@ -14,12 +14,9 @@ checkpoint=True)`), so a log set aside never holds one.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -29,10 +26,9 @@ from typing import TypeVar
 import duckdb
 
 from cnn.failpoints import failpoint
-from cnnpipe.drift import (DRIFT_SCHEMA, LOW_CONFIDENCE, fold_into_summary, rebuild_summary,
-                           rescore_summary)
+from cnnpipe.base.locks import file_lock
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.locks import file_lock
+from cnnpipe.predictions.summary import DRIFT_SCHEMA, LOW_CONFIDENCE, rebuild_summary
 
 log = logging.getLogger("cnnpipe.predictions")
 
@@ -271,35 +267,6 @@ SELECT * EXCLUDE (preference) FROM (
 """
 
 
-def add_predictions(connection: duckdb.DuckDBPyConnection, select: str, parameters: list | None = None) -> int:
-    """Insert the rows of `select` (the predictions columns, by name), skipping ones already
-    there, and fold them into `latest_by_image`. Returns how many were new. Run it inside
-    the caller's transaction, so both tables change together or not at all."""
-    connection.execute(f"CREATE OR REPLACE TEMP TABLE incoming AS {select}", parameters or [])
-    # Parts staged before a column was added (a run killed across an upgrade) still commit.
-    for name, kind in _ADDED_COLUMNS:
-        connection.execute(f"ALTER TABLE incoming ADD COLUMN IF NOT EXISTS {name} {kind}")
-    cursor = connection.execute("INSERT INTO predictions BY NAME SELECT * FROM incoming ON CONFLICT DO NOTHING "
-                                f"RETURNING {', '.join(_SUMMARISED)}")
-    with warnings.catch_warnings():  # the copy it warns of is of one part's new rows, a few columns
-        warnings.filterwarnings("ignore", "Arrow output on a DB-API result")
-        new_rows = cursor.to_arrow_table()
-    connection.register("new_rows", new_rows)
-    fold_into_summary(connection, "new_rows")
-    connection.unregister("new_rows")
-    connection.execute(_FOLD_INTO_LATEST)
-    connection.execute("DROP TABLE incoming")
-    return len(new_rows)
-
-
-def set_champion(connection: duckdb.DuckDBPyConnection, model_name: str, model_version: str | None) -> None:
-    """Record the champion (None: no champion) and recompute which prediction is latest per image."""
-    connection.execute("DELETE FROM champions WHERE model_name = ?", [model_name])
-    if model_version is not None:
-        connection.execute("INSERT INTO champions VALUES (?, ?, now())", [model_name, model_version])
-    rebuild_latest(connection)
-
-
 def rebuild_latest(connection: duckdb.DuckDBPyConnection) -> None:
     connection.execute(_REBUILD_LATEST)
 
@@ -308,80 +275,3 @@ def ensure_database(path: Path) -> None:
     """Create the file with its schema, so that read-only queries work before any classify run."""
     if not path.exists():
         connect_for_writing(path).close()
-
-
-def labelled_version(database: Path, dataset: str) -> str | None:
-    """The dataset version whose labels `ground_truth` holds, or None."""
-    with connect_for_writing(database) as connection:
-        found = connection.execute("SELECT any_value(dataset_version) FROM ground_truth WHERE dataset = ?",
-                                   [dataset]).fetchone()
-    return found[0] if found else None
-
-
-def record_ground_truth(database: Path, dataset: str, version_id: str, labels) -> int:
-    """Replace the dataset's labels with `labels` (an Arrow table of `sha256` and `label`), those of
-    version `version_id`, in one transaction. Returns how many images are labelled."""
-    with transaction(database) as connection:
-        connection.register("labels", labels)
-        connection.execute("DELETE FROM ground_truth WHERE dataset = ?", [dataset])
-        connection.execute("INSERT OR REPLACE INTO ground_truth SELECT sha256, any_value(label), ?, ?, now() "
-                           "FROM labels GROUP BY sha256", [dataset, version_id])
-        connection.unregister("labels")
-        rescore_summary(connection)
-    return len(labels)
-
-
-def record_reference_profile(database: Path, model_name: str, model_version: str, dataset_version: str,
-                             profile: dict) -> None:
-    """Keep a version's reference profile (`cnn.monitoring.reference_profile`), replacing an older one."""
-    key = [model_name, model_version]
-    with transaction(database) as connection:
-        for table in ("reference_profiles", "reference_classes", "reference_confidence"):
-            connection.execute(f"DELETE FROM {table} WHERE model_name = ? AND model_version = ?", key)
-        connection.execute("INSERT INTO reference_profiles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())", [
-            *key, dataset_version, profile["images"], profile["temperature"], finite_or_null(profile["top1"]),
-            finite_or_null(profile["mean_confidence"]), finite_or_null(profile["low_confidence_share"]), profile["width"]["mean"],
-            profile["height"]["mean"], profile["brightness"]["mean"], profile["brightness"]["std"],
-            json.dumps(profile)])
-        connection.executemany("INSERT INTO reference_classes VALUES (?, ?, ?, ?, ?)", [
-            [*key, row["label"], row["predicted_share"], row["true_share"]] for row in profile["classes"]])
-        connection.executemany("INSERT INTO reference_confidence VALUES (?, ?, ?, ?, ?, ?, ?)", [
-            [*key, index, row["low"], row["high"], row["share"], row["accuracy"]]
-            for index, row in enumerate(profile["confidence_bins"])])
-
-
-def version_condition(model_ref: str, table: str) -> str:
-    """SQL keeping the rows of `table` (any with model_name and model_version) that one model
-    made: NAME (every version), NAME/VERSION, or NAME@champion (its version in `champions`)."""
-    from cnnpipe.registry import CHAMPION, parse_model_ref
-
-    ref = parse_model_ref(model_ref) if "@" in model_ref or "/" in model_ref else None
-    name = _quoted(ref.name if ref else model_ref.strip())
-    if ref is None:
-        return f"{table}.model_name = {name}"
-    if ref.version:
-        return f"{table}.model_name = {name} AND {table}.model_version = {_quoted(ref.version)}"
-    if ref.alias == CHAMPION:
-        return (f"{table}.model_name = {name} AND {table}.model_version = "
-                f"(SELECT model_version FROM champions c WHERE c.model_name = {name})")
-    raise CnnpipeError(f"--model {model_ref}: give NAME, NAME/VERSION or NAME@{CHAMPION}; the predictions "
-                       f"database knows no other alias")
-
-
-def _quoted(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def finite_or_null(value: float | None) -> float | None:
-    """A figure as SQL keeps it: NaN and infinities (nothing measured) become NULL."""
-    return value if value is not None and math.isfinite(value) else None
-
-
-def reference_temperature(database: Path, model_name: str, model_version: str) -> float | None:
-    """The temperature that calibrates a version's confidences, from its reference profile, if it has one."""
-    if not database.exists():
-        return None
-    with connect_for_writing(database) as connection:
-        found = connection.execute("SELECT temperature FROM reference_profiles WHERE model_name = ? AND "
-                                   "model_version = ?", [model_name, model_version]).fetchone()
-    return found[0] if found else None

@@ -19,7 +19,7 @@ PANEL_WIDTH, MARGIN = 420, 16
 
 
 def drift_distributions(distributions: dict, title: str, path: Path) -> Path:
-    """A classify run against its model's reference (`cnnpipe.drift.run_drift`): the share of each
+    """A classify run against its model's reference (`cnnpipe.monitoring.drift.run_drift`): the share of each
     predicted class, and the calibrated-confidence histogram over the reference's bins."""
     font, small = ImageFont.load_default(size=14), ImageFont.load_default(size=12)
     classes = [(_shortened(str(label)), run_share, reference_share) for label, run_share, reference_share

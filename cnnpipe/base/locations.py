@@ -19,8 +19,8 @@ from pathlib import Path
 import fsspec
 
 from cnn.failpoints import failpoint
+from cnnpipe.base.fsutil import atomic_write_json, fsync_dir
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.fsutil import atomic_write_json, fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -35,14 +35,17 @@ from mlflow.entities import Run
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from cnn.data import ColourStats, normalise
+from cnn.augment import ColourStats, normalise
+from cnn.config import TrainConfig
+from cnn.device import uses_bf16
 from cnn.model import decode_size, input_size
 from cnn.recipe import Recipe
-from cnn.train import FitResult, TrainConfig, inference_state, load_trained_model, uses_bf16
-from cnnpipe import plots
+from cnn.runs import inference_state, load_trained_model
+from cnn.train import FitResult
+from cnnpipe.base.locks import file_lock
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.locks import file_lock
-from cnnpipe.registry import WEIGHTS_FILE
+from cnnpipe.models import plots
+from cnnpipe.models.registry import WEIGHTS_FILE
 from cnnpipe.settings import MLFLOW_EXPERIMENT, Settings, get_settings
 
 log = logging.getLogger("cnnpipe.tracking")
@@ -231,7 +234,7 @@ def log_model(result: FitResult, registered_model: str) -> mlflow.entities.model
     """Log the model with its classes and preprocessing, and register it as a new version.
 
     The MLflow model is the `pt2` export (no pickle); beside it, `extra_files/weights.pt`
-    holds the state_dict and metadata that `cnnpipe.registry` loads with `weights_only=True`.
+    holds the state_dict and metadata that `cnnpipe.models.registry` loads with `weights_only=True`.
     """
     model, state = load_trained_model(result.checkpoint, "cpu")
     crop = input_size(model)

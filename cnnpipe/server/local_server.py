@@ -3,7 +3,7 @@
 Prefect runs as its own `prefect server start --background`, with PREFECT_HOME under
 $CNNPIPE_HOME so that its database and PID file live there. The MLflow UI is `mlflow server`
 on the tracking store the commands write to, in a session of its own. Both listen on 127.0.0.1
-only. Each has a PID file of ours (see `cnnpipe.pidfiles`), and `stop` signals only the process
+only. Each has a PID file of ours (see `cnnpipe.server.pidfiles`), and `stop` signals only the process
 it names: Prefect's own PID file holds a bare PID, which any program may have by now.
 
 `use_local_server` runs before every command, so this module imports only the standard
@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cnnpipe.base.locks import file_lock
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.locks import file_lock
-from cnnpipe.pidfiles import Recorded, end, record, recorded
+from cnnpipe.server.pidfiles import Recorded, end, record, recorded
 from cnnpipe.settings import Settings, get_settings
 
 HOST = "127.0.0.1"
