@@ -23,13 +23,15 @@ demo: install
 stop:
 	$(VENV)/bin/cnnpipe server stop
 
-# Two workers, one a core: most of the suite waits on servers, subprocesses and disks, and the
-# session's trained models are built once for both (tests/conftest.py, built_once).
+# Two workers, one a core (tests/conftest.py gives each torch one thread: two trainings at two
+# threads each on two cores ran several times slower than one after the other), and the session's
+# trained models built once for both (built_once). The few `serial` tests run alone afterwards.
 test: install
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not serial"
+	$(PY) -m pytest -m serial
 
 test-fast: install
-	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow and not crash"
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow and not crash and not serial"
 
 bench-ingest: install
 	$(PY) -m pip install --quiet -e '.[test,bench]'

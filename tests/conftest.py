@@ -13,6 +13,10 @@ import pytest
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cnnpipe-tests-prefect-")
 os.environ.pop("PREFECT_API_URL", None)
+# Under pytest-xdist two workers share two cores: torch at one thread a worker (and in the processes
+# tests start), since two trainings at two threads each ran several times slower than in turn.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("CNNPIPE_SHARED", REPO.parent / "shared"))
