@@ -21,8 +21,11 @@ def fsync_file(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Never through a link: one at the temporary name is removed (and `O_EXCL` refuses one planted
+    since), and the rename replaces one at `path` rather than writing where it points."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
+    tmp.unlink(missing_ok=True)  # left by a run that stopped, or a link
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cnnpipe.base.fsutil import fsync_dir
+from cnnpipe.base.fsutil import atomic_write_bytes
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.predictions.database import connect_for_writing
 from cnnpipe.predictions.records import version_condition
@@ -133,7 +133,7 @@ def export_for_review(rows: list[dict], folder: Path, settings: Settings) -> Rev
     images.mkdir(parents=True, exist_ok=True)
     for path, data in to_write.items():
         if not path.exists():  # kept from a run that stopped before labels.csv
-            _write_file(path, data)
+            atomic_write_bytes(path, data)
     _write_csv(folder / "labels.csv", LABELS_COLUMNS, listed)
     _write_csv(folder / "unavailable.csv", ["sha256", "source_uri", "member_path", "reason"], export.unavailable)
     return export
@@ -218,7 +218,7 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     writer = csv.DictWriter(text, columns)
     writer.writeheader()
     writer.writerows(rows)
-    _write_file(path, text.getvalue().encode())
+    atomic_write_bytes(path, text.getvalue().encode())
 
 
 def _refuse_symlinks(paths: Iterable[Path]) -> None:
@@ -226,16 +226,3 @@ def _refuse_symlinks(paths: Iterable[Path]) -> None:
         if path.is_symlink():
             raise CnnpipeError(f"{path} is a symlink (to {os.readlink(path)}): the export writes real files only, "
                                "never through a link; remove it or export into another folder")
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """`atomic_write_bytes` that never writes through a link: one at the temporary name is removed
-    (and `O_EXCL` refuses one planted since), and the rename replaces one at `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)  # left by a run that stopped, or a link
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
