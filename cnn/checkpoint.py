@@ -23,6 +23,7 @@ import torch
 
 from cnn.config import TrainConfig, flag
 from cnn.failpoints import failpoint
+from cnn.model import NATIVE_SIZES
 
 
 class CheckpointError(Exception):
@@ -211,7 +212,7 @@ def load_latest(run_dir: Path) -> tuple[dict, Path] | None:
 # restored from the checkpoint, so another value of one of these would fail to load, crash the
 # schedule once its steps run out ("Tried to step 31 times"), or be silently ignored.
 RUN_DEFINING = ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "label_smoothing",
-                "norm", "padding", "pool", "dropout", "seed")
+                "norm", "padding", "pool", "dropout", "seed", "image_size", "resize")
 
 
 @dataclass
@@ -250,7 +251,11 @@ class Resumption:
             raise ValueError(f"{self.run_dir} was started on version {self.dataset_version} of "
                              f"{config.dataset_name}, which is at {dataset_version} now: a resumed run keeps the "
                              "images it started with; train without --resume to start a new run on them")
-        return replace(config, **{knob: self.started_with[knob] for knob in knobs if given[knob] is None})
+        continued = replace(config, **{knob: self.started_with[knob] for knob in knobs if given[knob] is None})
+        if "image_size" not in self.started_with:  # a run from before input sizes: the model's own, cropped
+            continued = replace(continued, image_size=continued.image_size or NATIVE_SIZES.get(continued.model, 224),
+                                resize=continued.resize or "crop")
+        return continued
 
     def warnings(self) -> list[str]:
         if not self.skipped:

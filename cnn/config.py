@@ -17,12 +17,14 @@ Padding = Literal["zeros", "replicate"]
 Pool = Literal["max", "avg"]
 Precision = Literal["auto", "bf16", "fp32"]
 Device = Literal["auto", "cpu", "cuda"]
+Resize = Literal["crop", "squash"]
 
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 NORMS: tuple[str, ...] = get_args(Norm)
 PADDINGS: tuple[str, ...] = get_args(Padding)
 POOLS: tuple[str, ...] = get_args(Pool)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+RESIZES: tuple[str, ...] = get_args(Resize)
 
 
 @dataclass
@@ -31,6 +33,10 @@ class TrainConfig:
 
     dataset_dir: str
     model: str = "alexnet-cifar"
+    # Pixels a side the model sees; None: chosen from the images and the device by `cnn.recipe`.
+    image_size: int | None = None
+    # crop: shorter side to the size, centre crop (the paper's); squash: the whole frame, aspect ignored.
+    resize: Resize | None = None
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -61,11 +67,12 @@ class TrainConfig:
         """Refuse an impossible setting before anything starts, naming its flag."""
         for field_name, choices, optional in [("schedule", SCHEDULES, False), ("norm", NORMS, True),
                                               ("padding", PADDINGS, False), ("pool", POOLS, False),
-                                              ("precision", PRECISIONS, False)]:
+                                              ("precision", PRECISIONS, False), ("resize", RESIZES, True)]:
             value = getattr(self, field_name)
             if value not in choices and not (optional and value is None):
                 raise ValueError(f"{flag(field_name)} must be one of {', '.join(choices)}, not {value!r}")
         checks = [
+            ("image_size", lambda v: 16 <= v <= 1024, "between 16 and 1024"),
             ("epochs", lambda v: v >= 1, "at least 1"),
             ("batch_size", lambda v: v >= 1, "at least 1"),
             ("lr", lambda v: 0 < v < math.inf, "a positive number"),

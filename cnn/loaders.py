@@ -33,10 +33,10 @@ class ResidentImages:
         self.images, self.labels = images, labels
 
     @classmethod
-    def load(cls, split: StoreSplit, size: int, device: torch.device) -> ResidentImages:
+    def load(cls, split: StoreSplit, size: int, device: torch.device, fit: str = "crop") -> ResidentImages:
         images, labels = [], []
         for path, group in split.row_groups():
-            decoded, targets, _ = decode_labelled(*split.read_group(path, group), size, device)
+            decoded, targets, _ = decode_labelled(*split.read_group(path, group), size, device, fit)
             images.append(decoded)
             labels.append(targets)
         if not images:
@@ -72,8 +72,8 @@ class StreamingImages:
     """
 
     def __init__(self, split: StoreSplit, size: int, device: torch.device, shuffle_buffer: int = 8192,
-                 prefetch_groups: int = 2, shard: tuple[int, int] | None = None):
-        self.split, self.size, self.device = split, size, device
+                 prefetch_groups: int = 2, shard: tuple[int, int] | None = None, fit: str = "crop"):
+        self.split, self.size, self.device, self.fit = split, size, device, fit
         self.shuffle_buffer, self.prefetch_groups, self.shard = shuffle_buffer, prefetch_groups, shard
         self.groups = split.group_rows() if shard else [(path, group, 0) for path, group in split.row_groups()]
 
@@ -103,7 +103,7 @@ class StreamingImages:
                         if stop.is_set():
                             return
                         images, labels, _ = decode_labelled(*self.split.read_group(path, group), self.size,
-                                                            self.device)
+                                                            self.device, self.fit)
                         labels = labels.to(self.device, non_blocking=True)
                         ready = None
                         if side is not None:
@@ -181,7 +181,7 @@ def _deal(groups: list[tuple[Path, int, int]], rank: int, world: int,
 
 
 def _load_split(split: StoreSplit, size: int, device: torch.device, budget_mb: int,
-                shard: tuple[int, int] | None = None):
+                shard: tuple[int, int] | None = None, fit: str = "crop"):
     if split.rows * 3 * size * size <= budget_mb * 2**20:
-        return ResidentImages.load(split, size, device)
-    return StreamingImages(split, size, device, shard=shard)
+        return ResidentImages.load(split, size, device, fit)
+    return StreamingImages(split, size, device, shard=shard, fit=fit)

@@ -17,6 +17,19 @@ from cnn.metrics import topk_correct
 STEPS_PER_REPORT = 10
 
 
+class TrainingDiverged(ValueError):
+    """A loss, or the weights, became nan or infinite: every later step would be too. `step`,
+    when known, counts from 1 within the epoch; the caller knows which epoch it was."""
+
+    def __init__(self, what: str, step: int | None = None):
+        super().__init__(what if step is None else f"{what} at step {step} of the epoch")
+        self.what, self.step = what, step
+
+
+def _non_finite(value: float) -> str:
+    return "nan" if math.isnan(value) else "infinite"
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], augment: Callable,
                     optimizer: torch.optim.Optimizer, scheduler, generator: torch.Generator,
                     label_smoothing: float = 0.0, per_batch_scheduler: bool = False,
@@ -29,6 +42,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    # Steps before the first non-finite loss, counted on the device: a nan or inf loss leaves
+    # `loss_sum` non-finite for good, so it is read only where the loop reads the device anyway.
+    finite_steps = torch.zeros((), device=device, dtype=torch.long)
     seen = steps = reported = 0
     started = time.perf_counter()
     for images, labels in batches:
@@ -48,13 +64,22 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         if per_batch_scheduler:
             scheduler.step()
         loss_sum += loss.detach() * len(labels)
+        finite_steps += torch.isfinite(loss_sum)
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
         steps += 1
         # Reading the loss waits for the GPU, so progress is reported every few steps only.
         if on_step is not None and steps % STEPS_PER_REPORT == 0:
-            on_step({"images": seen - reported, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
+            latest, total, healthy = torch.stack([loss.detach().double(), loss_sum.double(),
+                                                  finite_steps.double()]).tolist()
+            # Under DDP every rank must stop together: the ranks check at the epoch's end.
+            if shard is None and not math.isfinite(total):
+                raise TrainingDiverged(f"the loss became {_non_finite(total)}", int(healthy) + 1)
+            on_step({"images": seen - reported, "loss": latest, "lr": optimizer.param_groups[0]["lr"]})
             reported = seen
+    # The last step's update is seen by no loss of this epoch; the checkpoint must not keep it if broken.
+    weights_finite = torch.stack([torch.isfinite(tensor).all() for tensor in (*model.parameters(), *model.buffers())
+                                  if tensor.is_floating_point()]).all()
     totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device).double()])
     if shard is not None:
         dist.all_reduce(totals)
@@ -63,6 +88,10 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     seconds = time.perf_counter() - started
     if seen == 0:
         raise ValueError("the training split has no batches: too few images for one batch")
+    if not math.isfinite(loss_total):
+        raise TrainingDiverged(f"the loss became {_non_finite(loss_total)}", min(int(finite_steps) + 1, steps))
+    if not weights_finite:  # the same on every rank: DDP keeps their weights equal
+        raise TrainingDiverged("the weights became nan or infinite", steps)
     return {"train_loss": loss_total / seen, "train_accuracy": correct_total / seen,
             "lr": optimizer.param_groups[0]["lr"], "images_per_second": seen / seconds}
 

@@ -3,7 +3,10 @@
 `alexnet` is the paper's network for 224x224 input on one device: the paper split conv2,
 conv4 and conv5 into two groups, one per GPU, which is why it counts 60 M parameters
 where this ungrouped network has 62.4 M at 1000 classes. `alexnet-cifar` keeps the design
-(five convolutions, overlapping pooling, normalisation, two dropout FC layers) at 32x32.
+(five convolutions, overlapping pooling, normalisation, two dropout FC layers) at the
+widths that suit 32x32. Both take any `image_size`: the stem's stride grows with it (the
+CIFAR-style 3x3 stride-1 stem at 32 px, the paper's 11x11 stride-4 one from 128 px), and
+adaptive pooling before the FC layers gives them the same grid at every size.
 Any torchvision classification model is available by name, with random weights.
 """
 
@@ -66,17 +69,30 @@ def _conv_block(c_in: int, c_out: int, kernel: int, stride: int, padding: int, p
     return [conv, nn.ReLU(inplace=True)] + ([_norm(norm, c_out)] if normalise and norm == "lrn" else [])
 
 
+# conv1's kernel and padding for each stem stride: 3x3 for 32 px, as CIFAR networks have it,
+# then about two pixels of kernel per pixel of stride, up to the paper's 11x11 at stride 4.
+STEMS = {1: (3, 1), 2: (5, 2), 3: (7, 3), 4: (11, 2)}
+MIN_IMAGE_SIZE = 16
+
+
+def stem_stride(image_size: int) -> int:
+    """conv1's stride: what brings the input to about 32 px, at most the paper's 4."""
+    return max(1, min(4, round(image_size / 32)))
+
+
 class AlexNet(nn.Module):
     def __init__(self, num_classes: int = 1000, *, widths=(96, 256, 384, 384, 256), fc: int = 4096,
-                 small_input: bool = False, padding: str = "zeros", pool: str = "max",
-                 norm: str = "lrn", dropout: float = 0.5):
+                 image_size: int = 224, grid: int = 6, pool_padding: int = 0, padding: str = "zeros",
+                 pool: str = "max", norm: str = "lrn", dropout: float = 0.5):
         super().__init__()
         _norm(norm, 1)  # validates the option before building anything
+        if image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"--image-size must be at least {MIN_IMAGE_SIZE}, not {image_size}")
         w1, w2, w3, w4, w5 = widths
-        if small_input:  # 32x32: 3x3 kernels, stride 1, pooling padded to halve exactly
-            geometry, pool_padding, grid = [(3, 1, 1), (3, 1, 1)], 1, 4
-        else:  # 224x224: 11x11 stride 4, then 5x5
-            geometry, pool_padding, grid = [(11, 4, 2), (5, 1, 2)], 0, 6
+        stride = stem_stride(image_size)
+        kernel, stem_padding = STEMS[stride]
+        # At stride 1 (CIFAR) conv2 stays 3x3; from stride 2 on it is the paper's 5x5.
+        geometry = [(kernel, stride, stem_padding), (3, 1, 1) if stride == 1 else (5, 1, 2)]
         (k1, s1, p1), (k2, s2, p2) = geometry
         self.features = nn.Sequential(
             *_conv_block(3, w1, k1, s1, p1, padding, norm, normalise=True), _pool(pool, pool_padding),
@@ -85,13 +101,15 @@ class AlexNet(nn.Module):
             *_conv_block(w3, w4, 3, 1, 1, padding, norm, normalise=False),
             *_conv_block(w4, w5, 3, 1, 1, padding, norm, normalise=False), _pool(pool, pool_padding),
         )
+        # An identity at the size each network was designed for (6 at 224, 4 at 32).
+        self.avgpool = nn.AdaptiveAvgPool2d(grid)
         self.classifier = nn.Sequential(
             nn.Flatten(),
             nn.Dropout(dropout), nn.Linear(w5 * grid * grid, fc), nn.ReLU(inplace=True),
             nn.Dropout(dropout), nn.Linear(fc, fc), nn.ReLU(inplace=True),
             nn.Linear(fc, num_classes),
         )
-        self.input_size = 32 if small_input else 224
+        self.input_size = image_size
         self._init_as_in_the_paper()
 
     def _init_as_in_the_paper(self) -> None:
@@ -114,14 +132,17 @@ class AlexNet(nn.Module):
                 layer.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        return self.classifier(self.avgpool(self.features(x)))
 
 
 MODELS = {
     "alexnet": lambda classes, **options: AlexNet(classes, **options),
+    # Pooling padded to halve exactly: 32 -> 16 -> 8 -> 4.
     "alexnet-cifar": lambda classes, **options: AlexNet(
-        classes, widths=(64, 192, 384, 256, 256), fc=1024, small_input=True, **options),
+        classes, widths=(64, 192, 384, 256, 256), fc=1024, grid=4, pool_padding=1, **{"image_size": 32, **options}),
 }
+# The size each AlexNet takes when none is given: the one it was designed for.
+NATIVE_SIZES = {"alexnet": 224, "alexnet-cifar": 32}
 
 
 def build_model(name: str, num_classes: int, **options) -> nn.Module:
@@ -134,7 +155,8 @@ def build_model(name: str, num_classes: int, **options) -> nn.Module:
         known = ", ".join([*MODELS, "or a torchvision classification model such as resnet18"])
         raise ValueError(f"unknown model {name!r}: use {known}")
     if options:
-        raise ValueError(f"{name} takes no AlexNet options ({', '.join(options)})")
+        raise ValueError(f"{name} takes no AlexNet options ({', '.join(options)}): it is a torchvision "
+                         "model, whose input is 224 px")
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 

@@ -12,7 +12,7 @@ from cnn.augment import ColourStats, centre_crop, normalise
 from cnn.device import autocast
 from cnn.model import decode_size, input_size
 from cnn.monitoring import brightness, calibrate
-from cnn.runs import load_trained_model
+from cnn.runs import load_trained_model, resize_mode
 
 
 class Predictor:
@@ -32,6 +32,7 @@ class Predictor:
         self.crop = input_size(self.model)
         # Images are decoded at this size, then centre-cropped to the model's input, as in training.
         self.decode_size = decode_size(self.crop)
+        self.resize = resize_mode(state["config"])
         self.batch_size = batch_size
         self.precision = precision or state["config"].get("precision", "auto")
         self.version = version or hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:12]

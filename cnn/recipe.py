@@ -16,13 +16,23 @@ A smaller training split gets:
 - less regularisation: dropout and label smoothing slow the few hundred steps of a small
   set more than they help it generalise (the demo's shapes: 72% with, 82% without).
 
+The input size (`choose_input`): images of about 32 px, or smaller, are seen at 32 px, as
+CIFAR-10 is. Larger ones get the largest of SIZES that the median image fills and whose
+training, timed on the device, fits RUN_BUDGET_SECONDS at the recipe's epochs, or costs at
+most SIZE_COST_SHARE times what 32 px would: on a 2-core CPU that is about 128 px for a few
+thousand photos, on a GPU 224. Photos that are not square are
+squashed whole to the square input rather than centre-cropped, so that an object near an
+edge is not cut away.
+
 An explicit value always wins; `Recipe.auto` names the knobs that were chosen here.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 from cnn.config import TrainConfig
 
@@ -42,6 +52,15 @@ FEW_STEPS = 100
 CHANCE_LOSS_SHARE = 0.97
 STALL_CHECK_STEPS = 50
 AUTO_KNOBS = tuple(REFERENCE)
+# Input sizes the recipe chooses among, and the models it chooses one for; others keep their own.
+SIZES = (32, 48, 64, 96, 128, 160, 192, 224)
+SIZED_MODELS = ("alexnet-cifar",)
+RUN_BUDGET_SECONDS = 600
+SIZE_COST_SHARE = 1.5
+# A median aspect ratio further than this from 1 means photos, squashed whole rather than cropped.
+SQUARE_TOLERANCE = 0.1
+# The stall check waits for the end of this share of the run, after the one-cycle warm-up.
+STALL_CHECK_SHARE = 0.3
 
 
 def _regularisation_rule(reference: float) -> str:
@@ -57,7 +76,28 @@ RULES = {
     "dropout": _regularisation_rule(REFERENCE["dropout"]),
     "weight_decay": f"{REFERENCE['weight_decay']:g}",
     "label_smoothing": _regularisation_rule(REFERENCE["label_smoothing"]),
+    "image_size": f"alexnet-cifar: 32 for images of about 32 px; for larger ones the largest of {SIZES[1]} to "
+                  f"{SIZES[-1]} that the median image fills and whose training fits {RUN_BUDGET_SECONDS // 60} "
+                  "minutes on the device; other models: their own",
+    "resize": f"squash when the median image is further than {SQUARE_TOLERANCE:.0%} from square, else crop",
 }
+
+
+@dataclass(frozen=True)
+class InputChoice:
+    """The size a model sees, how images are brought to it, and why."""
+
+    size: int
+    resize: str
+    reason: str
+    auto: tuple[str, ...] = ()
+    epoch_seconds: float | None = None
+    # The train images' median width and height; None where not known.
+    median: tuple[int, int] | None = None
+
+    def text(self) -> str:
+        how = "whole image squashed" if self.resize == "squash" else "centre crop"
+        return f"input {self.size} px, {how} ({self.reason})"
 
 
 @dataclass(frozen=True)
@@ -70,6 +110,7 @@ class Recipe:
     label_smoothing: float
     train_images: int
     auto: tuple[str, ...]
+    input: InputChoice | None = field(default=None)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -91,6 +132,8 @@ class Recipe:
             parts.append(f"{', '.join(chosen)} (auto for {self.train_images:,} train images)")
         if given:
             parts.append(f"{', '.join(given)} (set)")
+        if self.input is not None:
+            parts.insert(0, self.input.text())
         return (f"recipe: {'; '.join(parts)}; {self.steps_per_epoch:,} steps an epoch, "
                 f"{self.total_steps:,} in all")
 
@@ -100,7 +143,10 @@ class Recipe:
         return {**{f"recipe.{knob}": value for knob, value in values.items()},
                 **{f"recipe.{knob}.source": "auto" if knob in self.auto else "set" for knob in AUTO_KNOBS},
                 "recipe.train_images": self.train_images, "recipe.steps_per_epoch": self.steps_per_epoch,
-                "recipe.total_steps": self.total_steps}
+                "recipe.total_steps": self.total_steps,
+                **({"recipe.image_size": self.input.size, "recipe.resize": self.input.resize,
+                    "recipe.image_size.source": "auto" if "image_size" in self.input.auto else "set",
+                    "recipe.input": self.input.reason} if self.input else {})}
 
 
 def regularisation_share(train_images: int) -> float:
@@ -142,8 +188,50 @@ def choose(train_images: int, batch_size: int | None = None, lr: float | None = 
     return Recipe(batch_size, lr, epochs, dropout, weight_decay, label_smoothing, train_images, auto)
 
 
-def apply(config: TrainConfig, train_images: int) -> tuple[TrainConfig, Recipe]:
-    """`config` with every unset knob chosen for `train_images`, and the recipe that says so.
+def choose_input(model: str, native_size: int, train_images: int, epochs: int,
+                 sizes: tuple[Sequence[int], Sequence[int]] | None,
+                 seconds_per_image: Callable[[int], float] | None,
+                 image_size: int | None = None, resize: str | None = None) -> InputChoice:
+    """The input size and resize mode for `model`, keeping any given. `sizes` holds the train
+    images' widths and heights (None: not known); `seconds_per_image(size)` times a training
+    step on the device, and is called only when the images are larger than 32 px."""
+    auto = tuple(name for name, value in (("image_size", image_size), ("resize", resize)) if value is None)
+    median = None
+    if sizes and len(sizes[0]):
+        median = (round(statistics.median(sizes[0])), round(statistics.median(sizes[1])))
+    seen = f"median image {median[0]}x{median[1]}" if median else "image sizes not known"
+    if resize is None:
+        resize = "crop"
+        if median and abs(math.log(median[0] / median[1])) > math.log1p(SQUARE_TOLERANCE):
+            resize = "squash"
+    if image_size is not None:
+        return InputChoice(image_size, resize, f"set; {seen}", auto, median=median)
+    if model not in SIZED_MODELS or median is None:
+        return InputChoice(native_size, resize, f"{model}'s own; {seen}", auto, median=median)
+    fits = [size for size in SIZES if size <= min(median)] or [SIZES[0]]
+    if len(fits) == 1:
+        return InputChoice(fits[0], resize, seen, auto, median=median)
+    # Where 32 px alone nearly fills the budget (a CPU without AMX, a large split), a size costing
+    # a little more than 32 px is still worth it.
+    budget = max(RUN_BUDGET_SECONDS, SIZE_COST_SHARE * seconds_per_image(SIZES[0]) * train_images * epochs)
+    for size in reversed(fits):
+        epoch_seconds = seconds_per_image(size) * train_images
+        if size == SIZES[0] or epoch_seconds * epochs <= budget:
+            return InputChoice(size, resize, f"{seen}; {_duration(epoch_seconds)} an epoch estimated, "
+                                             f"{_duration(epoch_seconds * epochs)} for {epochs}", auto, epoch_seconds,
+                               median)
+    raise AssertionError("unreachable: the smallest size is always taken")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def apply(config: TrainConfig, train_images: int, sizes: tuple[Sequence[int], Sequence[int]] | None = None,
+          seconds_per_image: Callable[[int], float] | None = None,
+          native_size: int = 32) -> tuple[TrainConfig, Recipe]:
+    """`config` with every unset knob chosen for `train_images` (and input size for images of
+    `sizes`), and the recipe that says so.
 
     A batch larger than the train split is refused here, naming the flag: it would make
     epochs of no steps at all."""
@@ -151,7 +239,11 @@ def apply(config: TrainConfig, train_images: int) -> tuple[TrainConfig, Recipe]:
     if "batch_size" not in recipe.auto and config.batch_size > train_images:
         raise ValueError(f"--batch-size {config.batch_size} is larger than the {train_images:,} train images: "
                          f"use at most {train_images:,}, or leave it unset to choose automatically")
-    return replace(config, **{knob: getattr(recipe, knob) for knob in AUTO_KNOBS}), recipe
+    chosen = choose_input(config.model, native_size, train_images, recipe.epochs, sizes, seconds_per_image,
+                          config.image_size, config.resize)
+    recipe = replace(recipe, input=chosen)
+    return replace(config, **{knob: getattr(recipe, knob) for knob in AUTO_KNOBS}, image_size=chosen.size,
+                   resize=chosen.resize), recipe
 
 
 def few_steps_warning(recipe: Recipe) -> str | None:
@@ -168,9 +260,11 @@ def few_steps_warning(recipe: Recipe) -> str | None:
 
 
 def stall_check_epoch(recipe: Recipe) -> int:
-    """The epoch after which a loss at chance is worth a warning: the second, or the first with
+    """The epoch after which a loss at chance is worth a warning: past STALL_CHECK_SHARE of the run
+    (a slow start in the one-cycle warm-up is no stall), the second at the earliest, with at least
     STALL_CHECK_STEPS steps behind it (300 grayscale images make 7 steps an epoch), or the last."""
-    return min(recipe.epochs, max(2, math.ceil(STALL_CHECK_STEPS / recipe.steps_per_epoch)))
+    return min(recipe.epochs, max(2, math.ceil(STALL_CHECK_SHARE * recipe.epochs),
+                                  math.ceil(STALL_CHECK_STEPS / recipe.steps_per_epoch)))
 
 
 def stalled_warning(record: dict, num_classes: int, recipe: Recipe) -> str | None:
@@ -179,12 +273,28 @@ def stalled_warning(record: dict, num_classes: int, recipe: Recipe) -> str | Non
     if chance == 0.0 or record["train_loss"] < CHANCE_LOSS_SHARE * chance:
         return None
     causes = []
+    shrunk = _shrunk_images(recipe)
+    if shrunk:
+        causes.append(shrunk)
     if "lr" not in recipe.auto:
         causes.append(f"--lr {recipe.lr:g} may be too high or too low for batch {recipe.batch_size}")
     if "batch_size" not in recipe.auto and recipe.steps_per_epoch < STEPS_PER_EPOCH:
         causes.append(f"--batch-size {recipe.batch_size} leaves only {recipe.steps_per_epoch} steps an epoch")
-    if not causes:
+    if not causes or causes == [shrunk]:
         causes.append("the learning rate may not suit this data: try --lr at a tenth or ten times "
                       f"{recipe.lr:g}")
     return (f"training loss {record['train_loss']:.3f} after epoch {record['epoch']} is still about "
             f"ln({num_classes}) = {chance:.3f}, the loss of a model at chance: {'; '.join(causes)}")
+
+
+def _shrunk_images(recipe: Recipe) -> str | None:
+    """Why a model may see too little: images at least three times its input size."""
+    chosen = recipe.input
+    if chosen is None or chosen.median is None:
+        return None
+    width, height = chosen.median
+    if min(width, height) < 3 * chosen.size:
+        return None
+    larger = min(SIZES[-1], min(width, height) // 2)
+    return (f"the images (median {width}x{height}) are shrunk to {chosen.size} px, which may blur what tells "
+            f"the classes apart: try --image-size {larger}")

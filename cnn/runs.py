@@ -18,7 +18,7 @@ from cnn.device import memory_budget
 from cnn.layout import PublishedDataset, default_checkpoint_root
 from cnn.loaders import _load_split
 from cnn.loop import evaluate
-from cnn.model import build_model, decode_size, input_size
+from cnn.model import NATIVE_SIZES, build_model, decode_size, input_size
 from cnn.splits import StoreSplit, validation_split
 
 
@@ -67,12 +67,22 @@ def restore_latest(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optim
 
 
 def _build(config: dict, num_classes: int) -> nn.Module:
-    if not config["model"].startswith("alexnet"):
-        return build_model(config["model"], num_classes)
+    """The model a run's config describes; a config saved before `image_size` existed means the
+    model's native size."""
+    name, image_size = config["model"], config.get("image_size")
+    if not name.startswith("alexnet"):
+        model = build_model(name, num_classes)
+        model.input_size = image_size or input_size(model)
+        return model
     # The alexnet-cifar recipe uses batch norm; the 224 network keeps the paper's LRN.
-    norm = config["norm"] or ("batch" if config["model"] == "alexnet-cifar" else "lrn")
-    return build_model(config["model"], num_classes, padding=config["padding"], pool=config["pool"],
-                       dropout=config["dropout"], norm=norm)
+    norm = config["norm"] or ("batch" if name == "alexnet-cifar" else "lrn")
+    return build_model(name, num_classes, padding=config["padding"], pool=config["pool"],
+                       dropout=config["dropout"], norm=norm, image_size=image_size or NATIVE_SIZES[name])
+
+
+def resize_mode(config: dict) -> str:
+    """How a run's images are brought to the model's size: a config saved before `resize` existed cropped."""
+    return config.get("resize") or "crop"
 
 
 def load_trained_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -96,7 +106,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset_dir: str | os.Pat
     model, state = _model_for(checkpoint, dataset_dir, device)
     crop = input_size(model)
     images = _load_split(validation_split(dataset_dir, state["classes"]), decode_size(crop), device,
-                         memory_budget(device)[0])
+                         memory_budget(device)[0], fit=resize_mode(state["config"]))
     return evaluate(model, images.batches(batch_size), ColourStats(**state["colour_stats"]), crop,
                     precision=state["config"].get("precision", "auto"))
 
@@ -113,10 +123,11 @@ def profile_checkpoint(checkpoint: str | os.PathLike, dataset_dir: str | os.Path
     test_split = StoreSplit.open(dataset_dir, "test", classes)
     val_split = validation_split(dataset_dir, classes)
     held_out_split = test_split if test_split.rows else val_split
-    held_out_images = _load_split(held_out_split, decode_size(crop), device, budget)
+    fit = resize_mode(state["config"])
+    held_out_images = _load_split(held_out_split, decode_size(crop), device, budget, fit=fit)
     held_out = evaluate(model, held_out_images.batches(batch_size), stats, crop, keep_predictions=True,
                         precision=precision)
-    return _reference_profile(model, _load_split(val_split, decode_size(crop), device, budget), held_out_split,
+    return _reference_profile(model, _load_split(val_split, decode_size(crop), device, budget, fit=fit), held_out_split,
                               held_out_images, held_out["probabilities"], held_out["targets"], stats, crop, batch_size,
                               precision)
 

@@ -1,7 +1,7 @@
 """A dataset's splits in the Parquet store, and which of them a run trains and validates on.
 
 `StoreSplit` locates one split's rows without the store's code; `validation_split` picks the
-split a run validates on; `require_two_train_classes` and `validation_warning` say, before a
+split a run validates on; `require_trainable_split` and `validation_warning` say, before a
 run starts, why its splits would not train or would flatter the held-out figure.
 """
 
@@ -85,15 +85,42 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).strip() or type(exc).__name__).splitlines()[0]
 
 
-def require_two_train_classes(dataset_dir: str | os.PathLike) -> None:
-    """Refuse a train split of one class: the model would learn to answer that class always, score
-    100% on a validation split of the same class, and be crowned champion."""
-    counts = PublishedDataset.open(dataset_dir).counts("train")
+# Fewer train images of a class than this and a run has nothing to learn the class from: one or
+# two a class trained to a nan loss or crashed in evaluation. Five is a floor against a wrong
+# folder or a badly split source, not a recipe for accuracy (that takes hundreds a class), and
+# keeps the small sets tests and first tries train on (a dozen a class) trainable.
+MIN_TRAIN_IMAGES_PER_CLASS = 5
+# A message names at most this many classes' counts, the ones below the floor first.
+COUNTS_SHOWN = 10
+
+
+def require_trainable_split(dataset_dir: str | os.PathLike) -> None:
+    """Refuse, in one line naming the counts, a dataset a run could not learn from or report on:
+    a train split of one class (the model would learn to answer it always, score 100% on a
+    validation split of that class and be crowned champion), a class with fewer than
+    MIN_TRAIN_IMAGES_PER_CLASS train images, or no validation or test images at all."""
+    dataset = PublishedDataset.open(dataset_dir)
+    name = Path(dataset_dir).name
+    counts = dataset.counts("train")
     classes = sorted(label for label, images in counts.items() if images)
-    if len(classes) < 2:
+    if len(dataset.classes) < 2:
         found = f"only class {classes[0]!r}" if classes else "no images"
-        raise ValueError(f"the train split of {Path(dataset_dir).name} has {found}: a classifier needs images of "
+        raise ValueError(f"the train split of {name} has {found}: a classifier needs images of "
                          "at least two classes; ingest another class's images into it first")
+    per_class = {label: counts.get(label, 0) for label in dataset.classes}
+    short = [label for label, images in per_class.items() if images < MIN_TRAIN_IMAGES_PER_CLASS]
+    if short:
+        ranked = short + [label for label in per_class if label not in short]
+        named = ", ".join(f"{label} {per_class[label]}" for label in ranked[:COUNTS_SHOWN])
+        floor = f"at least {MIN_TRAIN_IMAGES_PER_CLASS} a class are needed"
+        if len(ranked) > COUNTS_SHOWN:
+            named += f" and {len(ranked) - COUNTS_SHOWN} more classes"
+            floor += f"; {len(short)} of {len(ranked)} classes have fewer"
+        raise ValueError(f"the train split of {name} has too few images to train on: {named} ({floor}); "
+                         "ingest more images")
+    if not dataset.rows("val") and not dataset.rows("test"):
+        raise ValueError(f"{name} has no validation or test images, so a run would have nothing to validate on "
+                         "or report: ingest more images (--val-fraction and --test-fraction of them are held out)")
 
 
 def validation_split(dataset_dir: str | os.PathLike, classes: list[str]) -> StoreSplit:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import random
 import subprocess
@@ -33,11 +34,12 @@ from cnn.config import TrainConfig
 from cnn.device import memory_budget, memory_budget_line, precision_line, resolve_device
 from cnn.failpoints import failpoint
 from cnn.loaders import ResidentImages, StreamingImages, _load_split
-from cnn.loop import evaluate, train_one_epoch
+from cnn.loop import TrainingDiverged, evaluate, train_one_epoch
 from cnn.metrics import classification_report
-from cnn.model import decode_size, input_size
+from cnn.model import NATIVE_SIZES, decode_size, input_size
 from cnn.runs import _build, _reference_profile, _run_dir, restore_latest, resume_point
-from cnn.splits import StoreSplit, require_two_train_classes, validation_split, validation_warning
+from cnn.splits import StoreSplit, require_trainable_split, validation_split, validation_warning
+from cnn.timing import seconds_per_image
 
 MISTAKES_KEPT = 25
 
@@ -132,7 +134,7 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     seed_everything(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     train_split = StoreSplit.open(config.dataset_dir, "train")
-    config, _ = auto_recipe.apply(config, train_split.rows)
+    config, _ = _chosen(config, train_split)
     classes = list(train_split.classes)
     val_split = validation_split(config.dataset_dir, classes)
     test_split = StoreSplit.open(config.dataset_dir, "test", classes)
@@ -143,15 +145,15 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     # Large models train on random 224 crops of 256 images, as in the paper; small ones on padded crops.
     stored = decode_size(crop)
     # Under DDP a streamed split is dealt out by row group, so that no rank decodes all of it.
-    train = _load_split(train_split, stored, device, budget_mb, shard)
+    train = _load_split(train_split, stored, device, budget_mb, shard, fit=config.resize)
     if len(train) == 0:
         raise ValueError(f"{config.dataset_dir}: the train split is empty")
     # The same first images on every rank, so that every rank normalises alike.
     sample = train.images if isinstance(train, ResidentImages) \
-        else next(iter(StreamingImages(train_split, stored, device).batches(4096)))[0]
+        else next(iter(StreamingImages(train_split, stored, device, fit=config.resize).batches(4096)))[0]
     stats = colour_stats_for(train_split, sample)
     augment = augmentation(stats, crop, stored)
-    val = _load_split(val_split, stored, device, budget_mb)
+    val = _load_split(val_split, stored, device, budget_mb, fit=config.resize)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=True)
@@ -195,6 +197,10 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
                                    f"try --batch-size {max(1, config.batch_size // 2)}; the checkpoints of finished "
                                    "epochs are intact") from None
             validation = evaluate(model, val.batches(config.batch_size * 2), stats, crop, precision=config.precision)
+            # No training loss sees the epoch's last updates; the validation loss does. Raised before
+            # the checkpoint, so that the last one kept, and resumed from, is of a model that still works.
+            if math.isnan(validation["loss"]) and not math.isnan(validation["top1"]):
+                raise TrainingDiverged("the validation loss became nan")
             if not per_batch:
                 scheduler.step(validation["top1"]) if config.schedule == "plateau" else scheduler.step()
             record = {"epoch": epoch + 1, **metrics, "val_loss": validation["loss"], "val_top1": validation["top1"],
@@ -219,7 +225,7 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
                 stopped_early = True
                 break
         # The held-out evaluation overlaps the last checkpoint's write; `done` waits for it.
-        held_out_images = _load_split(held_out_split, stored, device, budget_mb)
+        held_out_images = _load_split(held_out_split, stored, device, budget_mb, fit=config.resize)
         held_out = evaluate(model, held_out_images.batches(config.batch_size * 2), stats, crop, keep_predictions=True,
                             mistakes=MISTAKES_KEPT, precision=config.precision)
         probabilities, targets = held_out.pop("probabilities"), held_out.pop("targets")
@@ -265,15 +271,29 @@ def plan(config: TrainConfig) -> TrainingPlan:
     """Choose the unset knobs for the dataset's train split and check the run can start.
     Raises ValueError (naming the flag) or CheckpointError (nothing to resume) in one line.
     A resumed run takes the knobs left unset from the run, and refuses one set otherwise."""
-    require_two_train_classes(config.dataset_dir)
+    require_trainable_split(config.dataset_dir)
     train_split = StoreSplit.open(config.dataset_dir, "train")
     resuming = resume_point(config)
     if resuming:
         config = resuming.continued(config, train_split.version_id)
-    config, recipe = auto_recipe.apply(config, train_split.rows)
+    config, recipe = _chosen(config, train_split)
     warnings = [text for text in (auto_recipe.few_steps_warning(recipe), validation_warning(config.dataset_dir))
                 if text]
     return TrainingPlan(config, recipe, resuming, warnings + (resuming.warnings() if resuming else []))
+
+
+def _chosen(config: TrainConfig, train_split: StoreSplit) -> tuple[TrainConfig, auto_recipe.Recipe]:
+    """`config` with every knob left unset chosen by the recipe: for the size of the train split,
+    and the input size for its images and for how fast this device trains at each size."""
+    model_knobs = tuple({"model": config.model, "norm": config.norm, "padding": config.padding,
+                         "pool": config.pool, "dropout": 0.0}.items())
+    device = str(resolve_device(config.device))
+
+    def timed(size: int) -> float:
+        return seconds_per_image(model_knobs, max(2, len(train_split.classes)), size, device, config.precision)
+
+    sizes = train_split.image_sizes() if config.image_size is None or config.resize is None else None
+    return auto_recipe.apply(config, train_split.rows, sizes, timed, NATIVE_SIZES.get(config.model, 224))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,11 +13,13 @@ from prefect.logging import get_run_logger
 import mlflow
 
 from cnn import recipe as auto_recipe
-from cnn.checkpoint import CheckpointError
+from cnn.checkpoint import CheckpointError, checkpoint_path
 from cnn.config import TrainConfig
 from cnn.device import resolve_device
 from cnn.launch import fit_distributed
 from cnn.layout import LayoutError, PublishedDataset
+from cnn.loop import TrainingDiverged
+from cnn.runs import resume_point
 from cnn.splits import UnreadablePart
 from cnn.train import fit, plan
 from cnnpipe.errors import CnnpipeError
@@ -60,10 +62,13 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
         logger.warning(text)
     progress = TrainingProgress(config.epochs, chosen.train_images, logger)
     checked_epoch = auto_recipe.stall_check_epoch(chosen)
+    last_epoch = planned.resuming.epoch if planned.resuming else 0  # the newest with a checkpoint
 
     def on_epoch(record: dict) -> None:
+        nonlocal last_epoch
         progress.on_epoch(record)
         tracking.log_epoch(record)
+        last_epoch = record["epoch"]
         stalled = record["epoch"] == checked_epoch and auto_recipe.stalled_warning(
             record, len(manifest["classes"]), chosen)
         if stalled:
@@ -82,6 +87,8 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
             raise DatasetStore(manifest["name"]).damaged_part_error(exc.path, exc.problem) from None
         except CheckpointError as exc:  # a full disk, or no checkpoint left to resume from
             raise CnnpipeError(str(exc)) from None
+        except TrainingDiverged as exc:  # before `log_model`: nothing is registered, let alone promoted
+            raise CnnpipeError(diverged_line(exc, last_epoch, config)) from None
         finally:
             progress.close()
         tracking.log_evaluation(result)
@@ -106,6 +113,21 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
                 version.name, version.version)
     return TrainingOutcome(result, run.info.run_id, tracking.run_url(run), version.name,
                            refs.version_id(version), recipe=chosen, warnings=warnings)
+
+
+def diverged_line(diverged: TrainingDiverged, last_epoch: int, config: TrainConfig) -> str:
+    """Why a run stopped, in which epoch, what to try, and where its last good epoch is kept."""
+    kept = "no epoch finished before it, so no checkpoint predates it"
+    if last_epoch:
+        kept = "the checkpoints of the epochs before it are kept"
+        try:  # the run's own folder: the newest unfinished one, as `--resume` would find it
+            found = resume_point(replace(config, resume=config.resume or True))
+        except CheckpointError:
+            found = None
+        if found is not None and checkpoint_path(found.run_dir, last_epoch).exists():
+            kept = f"the checkpoint of epoch {last_epoch} is kept in {found.run_dir}"
+    return (f"training diverged in epoch {last_epoch + 1}: {diverged}; train again with --lr {config.lr / 10:g} "
+            f"(a tenth of {config.lr:g}); {kept}")
 
 
 @task(name="gate-champion", cache_policy=NO_CACHE)

@@ -104,27 +104,31 @@ def sql(query: str, output_format: str, output: str | None, force: bool, max_row
                    f"({output_format})")
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @click.option("--model", "model_ref", default=None,
               help="NAME, NAME/VERSION or NAME@champion [default: every model with a reference profile].")
 @click.option("--since", type=click.DateTime(["%Y-%m-%d"]), default=None, help="Only batches from this day on.")
 @click.option("--daily", is_flag=True, help="One row per model version and day instead of one per classify run.")
 @click.option("--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table",
               show_default=True)
-def monitor(model_ref: str | None, since, daily: bool, output_format: str) -> None:
+@click.pass_context
+def monitor(ctx: click.Context, model_ref: str | None, since, daily: bool, output_format: str) -> None:
     """Drift of each classify run (or day) against the model's reference profile.
 
     Columns as in the views drift_by_run and drift_daily: the population stability index
     and Jensen-Shannon distance of the predicted classes, the accuracy estimated from
     calibrated confidence, confidence, rejected-input, size and brightness shifts, and
-    `alert` when one passes its threshold in the table drift_thresholds.
+    `alert` when one passes its threshold (`cnnpipe monitor thresholds`).
 
     \b
     Examples:
       cnnpipe monitor
       cnnpipe monitor --model cnn-classifier@champion --since 2026-12-01
       cnnpipe monitor --daily --format csv | grep true
+      cnnpipe monitor thresholds --set psi=0.1
     """
+    if ctx.invoked_subcommand:
+        return
     from cnnpipe.predictions.records import version_condition
     from cnnpipe.predictions.sql import QueryLimits, run_query
     from cnnpipe.reports.output import write_result
@@ -146,6 +150,34 @@ def monitor(model_ref: str | None, since, daily: bool, output_format: str) -> No
         click.echo("No drift to show: classify with a model registered since monitoring began (it keeps a "
                    "reference profile).")
         return
+    write_result(result, output_format, None, count_rows=False)
+
+
+@monitor.command()
+@click.option("--set", "assignments", multiple=True, metavar="METRIC=VALUE",
+              help="Change one threshold; repeat for more. All are checked before any is written.")
+@click.option("--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table",
+              show_default=True)
+def thresholds(assignments: tuple[str, ...], output_format: str) -> None:
+    """The threshold past which each drift figure alerts, or change them with --set.
+
+    \b
+    Examples:
+      cnnpipe monitor thresholds
+      cnnpipe monitor thresholds --set psi=0.1 --set brightness_shift=0.05
+    """
+    from cnnpipe.predictions.database import set_drift_thresholds
+    from cnnpipe.predictions.sql import QueryLimits, run_query
+    from cnnpipe.reports.output import write_result
+    from cnnpipe.settings import get_settings
+
+    database = get_settings().predictions_db
+    if assignments:
+        for metric, old, new in set_drift_thresholds(database, assignments):
+            click.echo(f"{metric}: {old:g} -> {new:g}" if new != old else f"{metric}: {new:g} (unchanged)")
+        return
+    result = run_query("SELECT metric, threshold, meaning FROM drift_thresholds ORDER BY metric", database,
+                       QueryLimits(), cap_rows=False)
     write_result(result, output_format, None, count_rows=False)
 
 

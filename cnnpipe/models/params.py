@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cnn.config import Device, Norm, Padding, Pool, Precision, Schedule, TrainConfig, flag
+from cnn.config import Device, Norm, Padding, Pool, Precision, Resize, Schedule, TrainConfig, flag
 from cnn.recipe import RULES
 from cnnpipe.settings import REGISTERED_MODEL
 
@@ -42,8 +42,11 @@ class TrainingParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", field_title_generator=lambda name, _: name)
 
-    model: str = _knob("model", "alexnet (224x224), alexnet-cifar (32x32), or a torchvision model name such as "
-                                "resnet18.")
+    model: str = _knob("model", "alexnet (the paper's, 224 px), alexnet-cifar (32 px, or larger for larger "
+                                "images), or a torchvision model name such as resnet18.")
+    image_size: int | None = _auto("image_size", "Pixels a side the model sees, 16 to 1024")
+    resize: Resize | None = _auto("resize", "How images reach that size: crop (shorter side, centre crop) or "
+                                            "squash (the whole frame, aspect ignored)")
     epochs: int | None = _auto("epochs", "Passes over the train split")
     batch_size: int | None = _auto("batch_size", "Images per optimizer step")
     lr: float | None = _auto("lr", "Peak learning rate (one-cycle) or starting rate")

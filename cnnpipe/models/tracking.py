@@ -40,7 +40,7 @@ from cnn.config import TrainConfig
 from cnn.device import uses_bf16
 from cnn.model import decode_size, input_size
 from cnn.recipe import Recipe
-from cnn.runs import inference_state, load_trained_model
+from cnn.runs import inference_state, load_trained_model, resize_mode
 from cnn.train import FitResult
 from cnnpipe.base.locks import file_lock
 from cnnpipe.errors import CnnpipeError
@@ -246,7 +246,9 @@ def log_model(result: FitResult, registered_model: str) -> mlflow.entities.model
         output = model(normalised).softmax(1)
     preprocessing = {
         "input": "float32 NCHW, RGB scaled to [0, 1], minus mean, divided by std",
-        "decode_size": decode_size(crop), "input_size": crop, "crop": "centre",
+        "decode_size": decode_size(crop), "input_size": crop,
+        "resize": "shorter side to decode_size, centre crop" if resize_mode(state["config"]) == "crop"
+        else "the whole image to decode_size x decode_size",
         "mean": stats["mean"], "std": stats["std"], "output": "class probabilities, in the order of `classes`",
     }
     with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as scratch:

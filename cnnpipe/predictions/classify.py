@@ -159,7 +159,7 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
     def produce() -> None:
         try:
             for batch in _prepared_batches(source, done, summary, predictor.decode_size, predictor.batch_size,
-                                           on_progress, pin=predictor.device.type == "cuda"):
+                                           on_progress, pin=predictor.device.type == "cuda", fit=predictor.resize):
                 batches.put(batch)
             batches.put(None)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
@@ -219,7 +219,7 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
 
 
 def _prepared_batches(source: Source, done: set[str], summary: ClassifySummary, size: int, batch_size: int,
-                      on_progress, pin: bool) -> Iterator[tuple[list[tuple], torch.Tensor]]:
+                      on_progress, pin: bool, fit: str = "crop") -> Iterator[tuple[list[tuple], torch.Tensor]]:
     """Batches of `batch_size` new, valid images; one chunk decodes in the pool while the next is
     read and hashed."""
     pending, decoding, seen = [], None, 0
@@ -256,18 +256,18 @@ def _prepared_batches(source: Source, done: set[str], summary: ClassifySummary, 
             if len(pending) == batch_size:
                 if decoding is not None:
                     yield from collect(*decoding)
-                decoding = pending, pool.map(_checked_pixels, [data for *_, data in pending], repeat(size))
+                decoding = pending, pool.map(_checked_pixels, [data for *_, data in pending], repeat(size), repeat(fit))
                 pending = []
         if decoding is not None:
             yield from collect(*decoding)
-        yield from collect(pending, pool.map(_checked_pixels, [data for *_, data in pending], repeat(size)))
+        yield from collect(pending, pool.map(_checked_pixels, [data for *_, data in pending], repeat(size), repeat(fit)))
     if items:
         yield _batch(items, images, pin)
     if on_progress:
         on_progress(seen, source.total)
 
 
-def _checked_pixels(data: bytes, size: int) -> tuple[int, int, torch.Tensor] | RejectedImage:
+def _checked_pixels(data: bytes, size: int, fit: str = "crop") -> tuple[int, int, torch.Tensor] | RejectedImage:
     """(width, height, uint8 CHW pixels at `size`), validated exactly as ingestion does, or why not."""
     try:
         checked = check_image(data, keep_pixels=True)
@@ -275,7 +275,8 @@ def _checked_pixels(data: bytes, size: int) -> tuple[int, int, torch.Tensor] | R
         return exc
     if checked.pixels is not None and checked.pixels.shape[:2] == (size, size):
         return checked.width, checked.height, torch.from_numpy(checked.pixels).permute(2, 0, 1)  # decoded once
-    return checked.width, checked.height, decode_images([data if checked.encoded is None else checked.encoded], size)[0]
+    return checked.width, checked.height, decode_images([data if checked.encoded is None else checked.encoded], size,
+                                                               fit=fit)[0]
 
 
 def _batch(items: list[tuple], images: list[torch.Tensor], pin: bool) -> tuple[list[tuple], torch.Tensor]:

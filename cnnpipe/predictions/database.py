@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +28,8 @@ import duckdb
 from cnn.failpoints import failpoint
 from cnnpipe.base.locks import file_lock
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.predictions.summary import DRIFT_SCHEMA, LOW_CONFIDENCE, rebuild_summary
+from cnnpipe.predictions.summary import (DRIFT_SCHEMA, LOW_CONFIDENCE, change_thresholds, parse_thresholds,
+                                         rebuild_summary)
 
 log = logging.getLogger("cnnpipe.predictions")
 
@@ -235,6 +236,16 @@ def transaction(path: Path, retries: int = LOCK_RETRIES, checkpoint: bool = Fals
                 connection.execute("CHECKPOINT")
             except duckdb.Error as exc:
                 raise CnnpipeError(f"{path}: committed, but could not checkpoint ({_first_line(exc)})") from exc
+
+
+
+def set_drift_thresholds(path: Path, assignments: Iterable[str]) -> list[tuple[str, float, float]]:
+    """Change the drift thresholds from METRIC=VALUE assignments, all or none, and return (metric,
+    old, new) for each. Checked before the database opens, and checkpointed like promotions: a
+    team's thresholds cannot be computed again."""
+    thresholds = parse_thresholds(assignments)
+    with transaction(path, checkpoint=True) as connection:
+        return change_thresholds(connection, thresholds)
 
 
 _COLUMNS = tuple(line.split()[0] for line in _PREDICTION_COLUMNS.strip().splitlines())

@@ -22,7 +22,12 @@ Predictions made before a version had a temperature fall back to their raw confi
 
 from __future__ import annotations
 
-# Thresholds a team may change in its database (UPDATE drift_thresholds ...); the defaults fire on
+import math
+from collections.abc import Iterable
+
+from cnnpipe.errors import CnnpipeError
+
+# Thresholds a team may change in its database (`cnnpipe monitor thresholds --set`); the defaults fire on
 # under 5% of in-distribution batches of 1,000 images and on over 95% of shifted ones (tests/cnnpipe/test_drift.py).
 DEFAULT_THRESHOLDS = {
     "psi": (0.05, "population stability index of the predicted classes above this, and above chance"),
@@ -32,6 +37,11 @@ DEFAULT_THRESHOLDS = {
     "size_shift": (0.25, "mean width or height this far from the reference, relatively"),
     "brightness_shift": (0.1, "mean brightness (0-1) this far from the reference"),
 }
+# What a threshold can sensibly be: each is compared with a distance, so never below 0; the confidence,
+# share and brightness figures live in 0-1, so a threshold above 1 could never fire. PSI and the
+# relative size change have no upper bound.
+THRESHOLD_RANGES = {"psi": (0.0, math.inf), "confidence_drop": (0.0, 1.0), "low_confidence_rise": (0.0, 1.0),
+                    "rejected_rate": (0.0, 1.0), "size_shift": (0.0, math.inf), "brightness_shift": (0.0, 1.0)}
 SMALLEST_SHARE = 1e-4
 # A calibrated confidence under this is a low-confidence prediction, in every view and command.
 LOW_CONFIDENCE = 0.5
@@ -89,6 +99,40 @@ def rebuild_summary(connection) -> None:
     """The summary from every prediction, for a database written before it existed."""
     connection.execute("DELETE FROM prediction_summary")
     fold_into_summary(connection, "predictions")
+
+
+def parse_thresholds(assignments: Iterable[str]) -> dict[str, float]:
+    """New thresholds from METRIC=VALUE assignments, each checked before any is written."""
+    thresholds: dict[str, float] = {}
+    for assignment in assignments:
+        metric, equals, text = (part.strip() for part in assignment.partition("="))
+        if not equals:
+            raise CnnpipeError(f"--set {assignment}: expected METRIC=VALUE, e.g. psi=0.1")
+        if metric not in THRESHOLD_RANGES:
+            raise CnnpipeError(f"--set {assignment}: no threshold named {metric!r}; the thresholds are "
+                               f"{', '.join(sorted(THRESHOLD_RANGES))}")
+        try:
+            value = float(text)
+        except ValueError:
+            raise CnnpipeError(f"--set {assignment}: {metric} must be a number, not {text!r}") from None
+        low, high = THRESHOLD_RANGES[metric]
+        if not math.isfinite(value):
+            raise CnnpipeError(f"--set {assignment}: {metric} must be a finite number")
+        if not low <= value <= high:
+            raise CnnpipeError(f"--set {assignment}: {metric} must be between {low:g} and {high:g}" if high < math.inf
+                               else f"--set {assignment}: {metric} must be at least {low:g}")
+        if thresholds.get(metric, value) != value:
+            raise CnnpipeError(f"--set {assignment}: {metric} is set twice, to {thresholds[metric]:g} and {value:g}")
+        thresholds[metric] = value
+    return thresholds
+
+
+def change_thresholds(connection, thresholds: dict[str, float]) -> list[tuple[str, float, float]]:
+    """Write `thresholds`; returns (metric, old, new) for each, in the order given."""
+    old = dict(connection.execute("SELECT metric, threshold FROM drift_thresholds").fetchall())
+    connection.executemany("UPDATE drift_thresholds SET threshold = ? WHERE metric = ?",
+                           [[value, metric] for metric, value in thresholds.items()])
+    return [(metric, old[metric], value) for metric, value in thresholds.items()]
 
 
 def _drift_view(name: str, key: str, key_column: str, runs_key: str) -> str:

@@ -164,7 +164,7 @@ def drift_markdown(drift: dict, picture: Path | None = None) -> str:
             ("size shift", drift["size_shift"]), ("brightness shift", drift["brightness_shift"])]
     return "\n".join([f"### Drift of `{drift['model_name']}` version `{drift['model_version']}`: {verdict}", "",
                       f"{drift['images']:,} images against the version's reference profile "
-                      "(`cnnpipe monitor`, thresholds in `drift_thresholds`).", "", "| figure | value |", "|---|---:|",
+                      "(`cnnpipe monitor`; thresholds: `cnnpipe monitor thresholds`).", "", "| figure | value |", "|---|---:|",
                       *(f"| {name} | {'' if value is None else f'{value:.3f}'} |" for name, value in rows),
                       *(["", f"![predicted classes and confidence against the reference](data:image/png;base64,"
                              f"{base64.b64encode(picture.read_bytes()).decode()})", "", f"Kept at `{picture}`."]

@@ -193,10 +193,10 @@ def test_a_batch_that_fails_whole_but_decodes_image_by_image_skips_nothing_and_s
 
     whole = decoding.decode_images
 
-    def batches_fail(blobs, size, device="cpu"):
+    def batches_fail(blobs, size, device="cpu", fit="crop"):
         if len(blobs) > 1:
             raise RuntimeError("the batched decoder gave up")
-        return whole(blobs, size, device)
+        return whole(blobs, size, device, fit)
 
     monkeypatch.setattr(decoding, "decode_images", batches_fail)
     images, labels, skipped = decoding.decode_labelled([jpeg(0), jpeg(1)], [0, 1], 32)

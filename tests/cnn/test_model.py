@@ -88,3 +88,30 @@ def test_any_torchvision_model_by_name_and_clear_errors():
 def test_crop_224_means_decode_at_256_and_a_small_input_is_its_own_decode_size():
     assert (decode_size(224), decode_size(32)) == (256, 32)
     assert decode_size(input_size(build_model("alexnet-cifar", 5))) == 32
+
+
+@pytest.mark.parametrize("size", [16, 28, 32, 48, 64, 96, 100, 128, 160, 224])
+def test_the_alexnet_family_takes_any_input_size_with_a_stem_that_strides_more_as_it_grows(size):
+    # The paper's network is slow to build: two sizes of it are enough.
+    for name in ("alexnet-cifar", "alexnet") if size in (28, 100) else ("alexnet-cifar",):
+        model = build_model(name, 3, image_size=size).eval()
+        assert input_size(model) == size
+        with torch.no_grad():
+            assert model(torch.randn(2, 3, size, size)).shape == (2, 3)
+    conv1 = build_model("alexnet-cifar", 3, image_size=size).features[0]
+    expected = {16: 1, 28: 1, 32: 1, 48: 2, 64: 2, 96: 3, 100: 3}.get(size, 4)
+    assert conv1.stride == (expected, expected)
+
+
+def test_a_larger_input_never_costs_less_and_128_px_costs_under_twice_32_px():
+    # The recipe weighs sizes by their cost: a cheaper larger size would be an odd stem.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(size: int) -> int:
+        with FlopCounterMode(display=False) as counter:
+            build_model("alexnet-cifar", 10, image_size=size)(torch.randn(1, 3, size, size))
+        return counter.get_total_flops()
+
+    costs = [flops(size) for size in (64, 96, 128, 160, 224)]
+    assert costs == sorted(costs) and costs[2] < 2 * flops(32)
+

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -98,11 +99,14 @@ def test_too_few_steps_in_all_is_warned_before_training_with_the_flag_to_change(
     assert recipe.few_steps_warning(recipe.choose(3_000)) is None
 
 
-def test_a_loss_at_chance_is_checked_only_once_warm_up_has_had_some_steps():
-    assert recipe.stall_check_epoch(recipe.choose(50_000)) == 2
-    # 235 grayscale images: 7 steps an epoch; at epoch 2 the loss was still 1.089 = ln(3) in warm-up.
-    assert recipe.stall_check_epoch(recipe.choose(235)) == 8
+def test_a_loss_at_chance_is_checked_only_once_warm_up_is_over_and_has_had_some_steps():
+    # 30 epochs: after the ninth, past the one-cycle warm-up (a quarter of the run); photos at
+    # 32 px were still near ln(10) at epoch 2 while learning.
+    assert recipe.stall_check_epoch(recipe.choose(50_000)) == 9
+    # 235 grayscale images: 7 steps an epoch, 86 epochs; at epoch 2 the loss was still ln(3) in warm-up.
+    assert recipe.stall_check_epoch(recipe.choose(235)) == 26
     assert recipe.stall_check_epoch(recipe.choose(3_000, batch_size=512, epochs=5)) == 5
+    assert recipe.stall_check_epoch(recipe.choose(3_000, epochs=3)) == 2
     assert recipe.stall_check_epoch(recipe.choose(50_000, epochs=1)) == 1
 
 
@@ -112,3 +116,70 @@ def test_a_loss_still_at_chance_after_an_epoch_is_warned_naming_the_likely_cause
     assert "ln(10) = 2.303" in stalled and "--lr 0.2" in stalled and "--batch-size 512" in stalled
     assert recipe.stalled_warning({"epoch": 2, "train_loss": 1.5}, 10, chosen) is None
     assert recipe.stalled_warning({"epoch": 2, "train_loss": 0.7}, 1, chosen) is None
+
+
+def _never_timed(size: int) -> float:
+    raise AssertionError(f"images of about 32 px need no timing, but {size} px was timed")
+
+
+def _sizes(width: int, height: int, count: int = 5) -> tuple[list[int], list[int]]:
+    return [width] * count, [height] * count
+
+
+@pytest.mark.parametrize("width,height", [(32, 32), (28, 28), (8, 8), (40, 38)])
+def test_images_of_about_32_px_keep_32_px_cropped_without_timing_the_device(width, height):
+    chosen = recipe.choose_input("alexnet-cifar", 32, 50_000, 30, _sizes(width, height), _never_timed)
+    assert (chosen.size, chosen.resize, chosen.auto) == (32, "crop", ("image_size", "resize"))
+    assert f"median image {width}x{height}" in chosen.text()
+
+
+def test_photos_get_the_largest_size_whose_training_fits_the_budget_on_this_device():
+    def cost_of_pixels(per_pixel: float):
+        return lambda size: per_pixel * size * size
+
+    photos = _sizes(320, 240)
+    fast = recipe.choose_input("alexnet-cifar", 32, 3_000, 30, photos, cost_of_pixels(1e-9))
+    assert fast.size == 224  # the largest that the 240-px side fills; never upsampled
+    slow = recipe.choose_input("alexnet-cifar", 32, 3_000, 30, photos, cost_of_pixels(2e-7))
+    budget = recipe.RUN_BUDGET_SECONDS
+    assert 2e-7 * slow.size ** 2 * 3_000 * 30 <= budget
+    bigger = recipe.SIZES[recipe.SIZES.index(slow.size) + 1]
+    assert 2e-7 * bigger ** 2 * 3_000 * 30 > budget and 32 < slow.size < 224
+    assert slow.epoch_seconds == pytest.approx(2e-7 * slow.size ** 2 * 3_000)
+    assert f"input {slow.size} px, whole image squashed (median image 320x240; " in slow.text()
+    assert "an epoch estimated" in slow.text()
+
+
+@pytest.mark.parametrize("train_images", [3_000, 1_000_000])
+def test_where_32_px_nearly_fills_the_budget_a_size_costing_a_little_more_is_still_taken(train_images):
+    # On a 2-core CPU without AMX, 30 epochs of 3,000 images take about 10 minutes at 32 px already.
+    per_image = 600 / 30 / 3_000
+
+    def cost(size: int) -> float:
+        return {32: 1.0, 48: 1.05, 64: 1.1, 96: 1.3, 128: 1.45, 160: 1.7}.get(size, 3.0) * per_image
+
+    chosen = recipe.choose_input("alexnet-cifar", 32, train_images, 30, _sizes(500, 500), cost)
+    assert chosen.size == 128
+
+
+def test_square_photos_are_cropped_and_an_explicit_size_or_resize_wins():
+    square = recipe.choose_input("alexnet-cifar", 32, 3_000, 30, _sizes(256, 256), lambda size: 1e-9)
+    assert square.resize == "crop" and square.size == 224
+    given = recipe.choose_input("alexnet-cifar", 32, 3_000, 30, _sizes(320, 240), _never_timed, image_size=96,
+                                resize="crop")
+    assert (given.size, given.resize, given.auto) == (96, "crop", ())
+
+
+def test_models_the_recipe_does_not_size_keep_their_own_input():
+    paper = recipe.choose_input("alexnet", 224, 3_000, 30, _sizes(320, 240), _never_timed)
+    tv = recipe.choose_input("resnet18", 224, 3_000, 30, _sizes(32, 32), _never_timed)
+    assert (paper.size, tv.size) == (224, 224) and "alexnet's own" in paper.reason
+
+
+def test_a_stall_on_images_much_larger_than_the_input_points_at_the_input_size():
+    chosen = recipe.choose(3_000)
+    shrunk = replace(chosen, input=recipe.choose_input("alexnet-cifar", 32, 3_000, 30, _sizes(320, 240),
+                                                       _never_timed, image_size=32))
+    stalled = recipe.stalled_warning({"epoch": 9, "train_loss": 2.30}, 10, shrunk)
+    assert "(median 320x240) are shrunk to 32 px" in stalled and "--image-size 120" in stalled
+    assert "shrunk" not in recipe.stalled_warning({"epoch": 9, "train_loss": 2.30}, 10, chosen)

@@ -175,7 +175,7 @@ def test_the_memory_budget_is_a_share_of_what_the_device_has_free_and_is_said(sh
 
     budgets = []
 
-    def first_split(split, size, device, budget_mb, shard=None):
+    def first_split(split, size, device, budget_mb, shard=None, fit="crop"):
         budgets.append(budget_mb)
         raise InterruptedError
 
