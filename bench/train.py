@@ -14,6 +14,14 @@ otherwise, measured in the same run with the same batch size, precision and mode
   transforms: RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize)
   over the same JPEGs extracted to a folder;
 - norm=lrn with our LRN and with torch.nn.LocalResponseNorm, against norm=batch;
+- photo size: alexnet-cifar at 128 px (and 224 on CUDA) from bench/photos.py's 320x240
+  JPEGs generated in the run (10 classes; a tenth of --subset a class, 300 with --subset 0,
+  but at least four batches in all: 52 a class at a CPU's batch of 128): model-only at that
+  size, and the pipeline's steady epoch over the split kept resident, squashed to that size
+  (224 decoded at 256 and cropped, as `cnn.train.fit` does);
+  plus the decode rate of those JPEGs at 128 px with `decode_images` (CPU threads, whose
+  libjpeg-turbo decodes at a reduced scale where one is large enough; nvJPEG too on CUDA).
+  These rows' ratios are against model-only alexnet-cifar at the same size;
 - alexnet at 224, on its own smaller subset (--alexnet-per-class) ingested with
   `--resize 256`: model-only, the pipeline's steady epoch over the split kept resident at
   256, and the decode ceilings, images/s of `decode_images` at 256 px over the same
@@ -44,6 +52,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 CIFAR = Path(os.environ.get("CNNPIPE_SHARED", REPO.parent / "shared")) / "data" / "cifar10-jpeg.tar.gz"
 
+from bench.photos import write_photo_dataset  # noqa: E402
+from cnn import decoding  # noqa: E402
 from cnn.augment import Augment, ColourStats  # noqa: E402
 from cnn.decoding import decode_images  # noqa: E402
 from cnn.device import autocast  # noqa: E402
@@ -51,6 +61,14 @@ from cnn.loaders import ResidentImages, StreamingImages  # noqa: E402
 from cnn.loop import train_one_epoch  # noqa: E402
 from cnn.model import LocalResponseNorm, build_model, decode_size  # noqa: E402
 from cnn.splits import StoreSplit  # noqa: E402
+from cnn.train import augmentation  # noqa: E402
+
+PHOTO_SIZE = (320, 240)
+# Photos a class, of bench/photos.py's 10 classes, with --subset 0; otherwise a tenth of --subset.
+# Either way at least PHOTO_BATCHES whole batches in all, so that the steady epoch has some to time.
+PHOTOS_PER_CLASS_ALL = 300
+PHOTO_BATCHES = 4
+PHOTO_DECODE_SIZE = 128
 
 
 def synchronise(device: torch.device) -> None:
@@ -157,14 +175,14 @@ def pipeline(dataset: Path, device: torch.device, batch: int) -> tuple[float, fl
     return steady, images / (images / steady + load_seconds), streaming, images
 
 
-def decode_rate(groups: list[list[bytes]], device: torch.device) -> float:
-    """Images/s of `decode_images` at 256 px, one call per row group as `ResidentImages.load` makes them."""
-    decode_images(groups[0], 256, device)  # starts the thread pool or nvJPEG
+def decode_rate(groups: list[list[bytes]], device: torch.device, size: int = 256, fit: str = "crop") -> float:
+    """Images/s of `decode_images` at `size` px, one call per row group as `ResidentImages.load` makes them."""
+    decode_images(groups[0], size, device, fit)  # starts the thread pool or nvJPEG
     synchronise(device)
     decoded, started = 0, time.perf_counter()
     while decoded == 0 or time.perf_counter() - started < 1.0:  # a small subset decodes in milliseconds
         for blobs in groups:
-            decode_images(blobs, 256, device)
+            decode_images(blobs, size, device, fit)
             decoded += len(blobs)
         synchronise(device)
     return decoded / (time.perf_counter() - started)
@@ -191,6 +209,43 @@ def alexnet_rows(folder: Path, home: Path, per_class: int, device: torch.device,
     rows.append((f"pipeline alexnet 224, steady epoch ({images:,} images)", steady, steady / model_rate,
                  f">= min(0.80 of model-only, 0.90 of the decode ceiling) = {target:,.0f} images/s"))
     rows += [(f"decode ceiling 256 px, {decoder}", rate, rate / model_rate, "") for decoder, rate in ceilings.items()]
+    return rows
+
+
+def photo_rows(folder: Path, home: Path, per_class: int, device: torch.device, batch: int, steps: int,
+               sizes: tuple[int, ...]) -> list[tuple[str, float, float, str]]:
+    """alexnet-cifar at photo-size input from bench/photos.py's 320x240 JPEGs, squashed whole as the
+    recipe does for photos, through the pipeline against model-only at the same size; and the
+    decode rate of those JPEGs at PHOTO_DECODE_SIZE, against model-only there."""
+    write_photo_dataset(folder, per_class=per_class, test_per_class=1, size=PHOTO_SIZE)
+    # Every image in train, as for the alexnet 224 rows.
+    dataset = ingest_subset(folder, home, per_class, "photos", val_fraction=0.0)
+    split = StoreSplit.open(dataset, "train")
+    shown = f"{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}"
+    rows = []
+    for size in sizes:
+        model_rate = model_only(build_model("alexnet-cifar", 10, norm="batch", image_size=size), device, batch, size,
+                                steps)
+        rows.append((f"model-only alexnet-cifar {size} px, norm=batch", model_rate, 1.0,
+                     f"base of the {size} px photo rows"))
+        # As `cnn.train.fit` stores and augments them: 224 from 256 px, smaller sizes padded.
+        stored = decode_size(size)
+        train = ResidentImages.load(split, stored, device, fit="squash")
+        augment = augmentation(ColourStats.from_images(train.images), size, stored)
+        steady, images = steady_epoch(build_model("alexnet-cifar", 10, norm="batch", image_size=size), train, augment,
+                                      device, batch)
+        rows.append((f"pipeline alexnet-cifar {size} px from {shown} JPEGs, steady epoch ({images:,} images)", steady,
+                     steady / model_rate, ""))
+        if size != PHOTO_DECODE_SIZE:
+            continue
+        groups = [split.read_group(*group)[0] for group in split.row_groups()]
+        reduced = decoding._reduced_dims(*PHOTO_SIZE, decoding.resized_dims(*PHOTO_SIZE, size, "squash"))
+        decoders = {"CPU threads": torch.device("cpu"), **({"nvJPEG": device} if device.type == "cuda" else {})}
+        for decoder, on in decoders.items():
+            rate = decode_rate(groups, on, size, "squash")
+            scale = "full scale, as 1/2 is under the size" if reduced == PHOTO_SIZE else "reduced scale"
+            note = f"libjpeg-turbo decodes at {reduced[0]}x{reduced[1]}, {scale}" if on.type == "cpu" else ""
+            rows.append((f"decode {shown} JPEGs to {size} px, {decoder}", rate, rate / model_rate, note))
     return rows
 
 
@@ -251,6 +306,9 @@ def main() -> None:
         rows.append(("model-only norm=lrn, ours", lrn, lrn / model_rate, ">= 0.70 of norm=batch"))
         torch_lrn = model_only(with_torch_lrn(build_model("alexnet-cifar", 10, norm="lrn")), device, batch, 32, steps)
         rows.append(("model-only norm=lrn, torch.nn.LRN", torch_lrn, torch_lrn / model_rate, ""))
+        photos_per_class = max(args.subset // 10 or PHOTOS_PER_CLASS_ALL, -(-PHOTO_BATCHES * batch // 10))
+        photo_sizes = (PHOTO_DECODE_SIZE, 224) if device.type == "cuda" else (PHOTO_DECODE_SIZE,)
+        rows += photo_rows(scratch / "photos", scratch / "home", photos_per_class, device, batch, steps, photo_sizes)
         if alexnet_per_class:
             # Alexnet 224 does ~50x alexnet-cifar's work per image: a smaller batch keeps a CPU's rows to seconds.
             alexnet_batch = batch // 2 if device.type == "cuda" else batch // 8

@@ -27,6 +27,10 @@ def test_the_dry_run_runs_every_step_and_prints_one_table(tmp_path):
     assert [step["step"] for step in summary["steps"]] == STEPS
     assert all(step["exit_status"] == 0 for step in summary["steps"])
     assert summary["train"]["rows"][0]["figure"].startswith("model-only")
+    figures = [row["figure"] for row in summary["train"]["rows"]]
+    assert "model-only alexnet-cifar 128 px, norm=batch" in figures
+    assert "decode 320x240 JPEGs to 128 px, CPU threads" in figures
+    assert any(figure.startswith("pipeline alexnet-cifar 128 px from 320x240 JPEGs") for figure in figures)
     assert [row["figure"] for row in summary["classify"]["rows"]][1] == "cnnpipe classify into DuckDB"
     assert len(summary["time_to_accuracy"]["runs"]) == 1
     assert summary["device_tests"]["skipped"] >= 1  # no GPU here: the device tests are collected, then skipped
