@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,11 +20,13 @@ STEPS_PER_REPORT = 10
 
 class TrainingDiverged(ValueError):
     """A loss, or the weights, became nan or infinite: every later step would be too. `step`,
-    when known, counts from 1 within the epoch; the caller knows which epoch it was."""
+    when known, counts from 1 within the epoch; `fit` adds the epoch and the run's folder."""
 
     def __init__(self, what: str, step: int | None = None):
         super().__init__(what if step is None else f"{what} at step {step} of the epoch")
         self.what, self.step = what, step
+        self.epoch: int | None = None
+        self.run_dir: Path | None = None
 
 
 def _non_finite(value: float) -> str:

@@ -280,7 +280,7 @@ def stalled_warning(record: dict, num_classes: int, recipe: Recipe) -> str | Non
         causes.append(f"--lr {recipe.lr:g} may be too high or too low for batch {recipe.batch_size}")
     if "batch_size" not in recipe.auto and recipe.steps_per_epoch < STEPS_PER_EPOCH:
         causes.append(f"--batch-size {recipe.batch_size} leaves only {recipe.steps_per_epoch} steps an epoch")
-    if not causes or causes == [shrunk]:
+    if not causes:
         causes.append("the learning rate may not suit this data: try --lr at a tenth or ten times "
                       f"{recipe.lr:g}")
     return (f"training loss {record['train_loss']:.3f} after epoch {record['epoch']} is still about "

@@ -192,15 +192,19 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
                                           augment, optimizer, scheduler, generator, config.label_smoothing, per_batch,
                                           on_step if leader else None, shard, config.precision,
                                           local_batches=isinstance(train, StreamingImages) and shard is not None)
+                validation = evaluate(model, val.batches(config.batch_size * 2), stats, crop,
+                                      precision=config.precision)
+                # No training loss sees the epoch's last updates; the validation loss does. Raised before
+                # the checkpoint, so that the last one kept, and resumed from, is of a model that still works.
+                if math.isnan(validation["loss"]) and not math.isnan(validation["top1"]):
+                    raise TrainingDiverged("the validation loss became nan")
             except torch.OutOfMemoryError:
                 raise RuntimeError(f"out of device memory in epoch {epoch + 1} at batch size {config.batch_size}: "
                                    f"try --batch-size {max(1, config.batch_size // 2)}; the checkpoints of finished "
                                    "epochs are intact") from None
-            validation = evaluate(model, val.batches(config.batch_size * 2), stats, crop, precision=config.precision)
-            # No training loss sees the epoch's last updates; the validation loss does. Raised before
-            # the checkpoint, so that the last one kept, and resumed from, is of a model that still works.
-            if math.isnan(validation["loss"]) and not math.isnan(validation["top1"]):
-                raise TrainingDiverged("the validation loss became nan")
+            except TrainingDiverged as diverged:
+                diverged.epoch, diverged.run_dir = epoch + 1, run_dir
+                raise
             if not per_batch:
                 scheduler.step(validation["top1"]) if config.schedule == "plateau" else scheduler.step()
             record = {"epoch": epoch + 1, **metrics, "val_loss": validation["loss"], "val_top1": validation["top1"],

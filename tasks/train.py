@@ -19,7 +19,6 @@ from cnn.device import resolve_device
 from cnn.launch import fit_distributed
 from cnn.layout import LayoutError, PublishedDataset
 from cnn.loop import TrainingDiverged
-from cnn.runs import resume_point
 from cnn.splits import UnreadablePart
 from cnn.train import fit, plan
 from cnnpipe.errors import CnnpipeError
@@ -62,13 +61,10 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
         logger.warning(text)
     progress = TrainingProgress(config.epochs, chosen.train_images, logger)
     checked_epoch = auto_recipe.stall_check_epoch(chosen)
-    last_epoch = planned.resuming.epoch if planned.resuming else 0  # the newest with a checkpoint
 
     def on_epoch(record: dict) -> None:
-        nonlocal last_epoch
         progress.on_epoch(record)
         tracking.log_epoch(record)
-        last_epoch = record["epoch"]
         stalled = record["epoch"] == checked_epoch and auto_recipe.stalled_warning(
             record, len(manifest["classes"]), chosen)
         if stalled:
@@ -88,7 +84,7 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
         except CheckpointError as exc:  # a full disk, or no checkpoint left to resume from
             raise CnnpipeError(str(exc)) from None
         except TrainingDiverged as exc:  # before `log_model`: nothing is registered, let alone promoted
-            raise CnnpipeError(diverged_line(exc, last_epoch, config)) from None
+            raise CnnpipeError(diverged_line(exc, config)) from None
         finally:
             progress.close()
         tracking.log_evaluation(result)
@@ -115,18 +111,15 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
                            refs.version_id(version), recipe=chosen, warnings=warnings)
 
 
-def diverged_line(diverged: TrainingDiverged, last_epoch: int, config: TrainConfig) -> str:
+def diverged_line(diverged: TrainingDiverged, config: TrainConfig) -> str:
     """Why a run stopped, in which epoch, what to try, and where its last good epoch is kept."""
+    epoch = diverged.epoch or 1
     kept = "no epoch finished before it, so no checkpoint predates it"
-    if last_epoch:
+    if diverged.run_dir is not None and checkpoint_path(diverged.run_dir, epoch - 1).exists():
+        kept = f"the checkpoint of epoch {epoch - 1} is kept in {diverged.run_dir}"
+    elif epoch > 1:
         kept = "the checkpoints of the epochs before it are kept"
-        try:  # the run's own folder: the newest unfinished one, as `--resume` would find it
-            found = resume_point(replace(config, resume=config.resume or True))
-        except CheckpointError:
-            found = None
-        if found is not None and checkpoint_path(found.run_dir, last_epoch).exists():
-            kept = f"the checkpoint of epoch {last_epoch} is kept in {found.run_dir}"
-    return (f"training diverged in epoch {last_epoch + 1}: {diverged}; train again with --lr {config.lr / 10:g} "
+    return (f"training diverged in epoch {epoch}: {diverged}; train again with --lr {config.lr / 10:g} "
             f"(a tenth of {config.lr:g}); {kept}")
 
 
