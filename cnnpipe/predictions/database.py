@@ -238,7 +238,6 @@ def transaction(path: Path, retries: int = LOCK_RETRIES, checkpoint: bool = Fals
                 raise CnnpipeError(f"{path}: committed, but could not checkpoint ({_first_line(exc)})") from exc
 
 
-
 def set_drift_thresholds(path: Path, assignments: Iterable[str]) -> list[tuple[str, float, float]]:
     """Change the drift thresholds from METRIC=VALUE assignments, all or none, and return (metric,
     old, new) for each. Checked before the database opens, and checkpointed like promotions: a
