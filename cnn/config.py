@@ -60,6 +60,9 @@ class TrainConfig:
     precision: Precision = "auto"
     ten_crop: bool = False
     checkpoint_root: str | None = None
+    # Where the weights start: scratch, torchvision, or a checkpoint or weights.pt file (`cnn.warm_start`).
+    # Only a new run starts anywhere: a resumed one continues from its own checkpoint.
+    init: str = "scratch"
     resume: bool | str = False
     keep_checkpoints: int = 3
 

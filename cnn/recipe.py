@@ -24,6 +24,10 @@ thousand photos, on a GPU 224. Photos that are not square are
 squashed whole to the square input rather than centre-cropped, so that an object near an
 edge is not cut away.
 
+A run that starts from trained weights (`--init`) fine-tunes them: FINE_TUNE_EPOCH_SHARE of the
+epochs and FINE_TUNE_LR_SHARE of the peak learning rate a run from scratch would get, and the
+input size and resize mode the weights were trained at.
+
 An explicit value always wins; `Recipe.auto` names the knobs that were chosen here.
 """
 
@@ -61,6 +65,9 @@ SIZE_COST_SHARE = 1.5
 SQUARE_TOLERANCE = 0.1
 # The stall check waits for the end of this share of the run, after the one-cycle warm-up.
 STALL_CHECK_SHARE = 0.3
+# Fine-tuning trained weights: this share of the epochs and of the peak learning rate from scratch.
+FINE_TUNE_EPOCH_SHARE = 0.25
+FINE_TUNE_LR_SHARE = 0.1
 
 
 def _regularisation_rule(reference: float) -> str:
@@ -111,6 +118,7 @@ class Recipe:
     train_images: int
     auto: tuple[str, ...]
     input: InputChoice | None = field(default=None)
+    fine_tune: bool = False
 
     @property
     def steps_per_epoch(self) -> int:
@@ -132,6 +140,11 @@ class Recipe:
             parts.append(f"{', '.join(chosen)} (auto for {self.train_images:,} train images)")
         if given:
             parts.append(f"{', '.join(given)} (set)")
+        if self.fine_tune and {"epochs", "lr"} & set(self.auto):
+            shares = [share for knob, share in (("epochs", f"{FINE_TUNE_EPOCH_SHARE:.0%} of the epochs"),
+                                                ("lr", f"{FINE_TUNE_LR_SHARE:.0%} of the peak lr"))
+                      if knob in self.auto]
+            parts.append(f"fine-tuning its starting weights: {' and '.join(shares)} of a run from scratch")
         if self.input is not None:
             parts.insert(0, self.input.text())
         return (f"recipe: {'; '.join(parts)}; {self.steps_per_epoch:,} steps an epoch, "
@@ -143,7 +156,7 @@ class Recipe:
         return {**{f"recipe.{knob}": value for knob, value in values.items()},
                 **{f"recipe.{knob}.source": "auto" if knob in self.auto else "set" for knob in AUTO_KNOBS},
                 "recipe.train_images": self.train_images, "recipe.steps_per_epoch": self.steps_per_epoch,
-                "recipe.total_steps": self.total_steps,
+                "recipe.total_steps": self.total_steps, "recipe.fine_tune": self.fine_tune,
                 **({"recipe.image_size": self.input.size, "recipe.resize": self.input.resize,
                     "recipe.image_size.source": "auto" if "image_size" in self.input.auto else "set",
                     "recipe.input": self.input.reason} if self.input else {})}
@@ -162,8 +175,9 @@ def _power_of_two_at_most(value: float) -> int:
 
 def choose(train_images: int, batch_size: int | None = None, lr: float | None = None, epochs: int | None = None,
            dropout: float | None = None, weight_decay: float | None = None,
-           label_smoothing: float | None = None) -> Recipe:
-    """The recipe for a training split of `train_images`, keeping every value given."""
+           label_smoothing: float | None = None, fine_tune: bool = False) -> Recipe:
+    """The recipe for a training split of `train_images`, keeping every value given; `fine_tune`
+    when the run starts from trained weights."""
     if train_images < 1:
         raise ValueError("the train split is empty")
     given = {"batch_size": batch_size, "lr": lr, "epochs": epochs, "dropout": dropout,
@@ -175,9 +189,11 @@ def choose(train_images: int, batch_size: int | None = None, lr: float | None = 
         batch_size = min(batch_size, train_images)
     if lr is None:
         lr = REFERENCE["lr"] * math.sqrt(batch_size / REFERENCE["batch_size"])
+        lr *= FINE_TUNE_LR_SHARE if fine_tune else 1
     if epochs is None:
         steps_per_epoch = max(1, train_images // batch_size)
         epochs = min(MAX_EPOCHS, max(REFERENCE["epochs"], math.ceil(MIN_STEPS / steps_per_epoch)))
+        epochs = math.ceil(FINE_TUNE_EPOCH_SHARE * epochs) if fine_tune else epochs
     share = regularisation_share(train_images)
     if dropout is None:
         dropout = REFERENCE["dropout"] * share
@@ -185,7 +201,8 @@ def choose(train_images: int, batch_size: int | None = None, lr: float | None = 
         weight_decay = REFERENCE["weight_decay"]
     if label_smoothing is None:
         label_smoothing = REFERENCE["label_smoothing"] * share
-    return Recipe(batch_size, lr, epochs, dropout, weight_decay, label_smoothing, train_images, auto)
+    return Recipe(batch_size, lr, epochs, dropout, weight_decay, label_smoothing, train_images, auto,
+                  fine_tune=fine_tune)
 
 
 def choose_input(model: str, native_size: int, train_images: int, epochs: int,
@@ -228,22 +245,37 @@ def _duration(seconds: float) -> str:
 
 
 def apply(config: TrainConfig, train_images: int, sizes: tuple[Sequence[int], Sequence[int]] | None = None,
-          seconds_per_image: Callable[[int], float] | None = None,
-          native_size: int = 32) -> tuple[TrainConfig, Recipe]:
+          seconds_per_image: Callable[[int], float] | None = None, native_size: int = 32,
+          start_config: dict | None = None) -> tuple[TrainConfig, Recipe]:
     """`config` with every unset knob chosen for `train_images` (and input size for images of
-    `sizes`), and the recipe that says so.
+    `sizes`), and the recipe that says so. `start_config` is the training config of the weights
+    the run starts from, if any: the run then fine-tunes them, at the size they were trained at.
 
     A batch larger than the train split is refused here, naming the flag: it would make
     epochs of no steps at all."""
-    recipe = choose(train_images, **{knob: getattr(config, knob) for knob in AUTO_KNOBS})
+    recipe = choose(train_images, **{knob: getattr(config, knob) for knob in AUTO_KNOBS},
+                    fine_tune=start_config is not None)
     if "batch_size" not in recipe.auto and config.batch_size > train_images:
         raise ValueError(f"--batch-size {config.batch_size} is larger than the {train_images:,} train images: "
                          f"use at most {train_images:,}, or leave it unset to choose automatically")
-    chosen = choose_input(config.model, native_size, train_images, recipe.epochs, sizes, seconds_per_image,
-                          config.image_size, config.resize)
+    if start_config and start_config.get("image_size") and config.image_size is None:
+        chosen = _starting_input(config, start_config, sizes)
+    else:
+        chosen = choose_input(config.model, native_size, train_images, recipe.epochs, sizes, seconds_per_image,
+                              config.image_size, config.resize)
     recipe = replace(recipe, input=chosen)
     return replace(config, **{knob: getattr(recipe, knob) for knob in AUTO_KNOBS}, image_size=chosen.size,
                    resize=chosen.resize), recipe
+
+
+def _starting_input(config: TrainConfig, start_config: dict,
+                    sizes: tuple[Sequence[int], Sequence[int]] | None) -> InputChoice:
+    """The input of the weights a run starts from: what their layers were trained to see."""
+    seen = choose_input(config.model, start_config["image_size"], 0, 0, sizes, None, start_config["image_size"],
+                        config.resize or start_config.get("resize") or "crop")
+    auto = ("image_size",) + (("resize",) if config.resize is None else ())
+    return replace(seen, reason=f"as its starting weights were trained; {seen.reason.removeprefix('set; ')}",
+                   auto=auto)
 
 
 def few_steps_warning(recipe: Recipe) -> str | None:

@@ -40,6 +40,7 @@ from cnn.model import NATIVE_SIZES, decode_size, input_size
 from cnn.runs import _build, _reference_profile, _run_dir, restore_latest, resume_point
 from cnn.splits import StoreSplit, require_trainable_split, validation_split, validation_warning
 from cnn.timing import seconds_per_image
+from cnn.warm_start import ClassMatch, StartingWeights, check, starting_weights, transfer
 
 MISTAKES_KEPT = 25
 
@@ -134,13 +135,17 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     seed_everything(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     train_split = StoreSplit.open(config.dataset_dir, "train")
-    config, _ = _chosen(config, train_split)
+    # A resumed run continues from its own checkpoint, wherever it started.
+    start = None if config.resume else starting_weights(config.init, config.model)
+    config, _ = _chosen(config, train_split, start)
     classes = list(train_split.classes)
     val_split = validation_split(config.dataset_dir, classes)
     test_split = StoreSplit.open(config.dataset_dir, "test", classes)
     held_out_split = test_split if test_split.rows else val_split
 
-    model = _build(asdict(config), len(classes)).to(device, memory_format=torch.channels_last)
+    model = _build(asdict(config), len(classes))
+    init_match = transfer(model, start, classes, config.model) if start else None
+    model = model.to(device, memory_format=torch.channels_last)
     crop = input_size(model)
     # Large models train on random 224 crops of 256 images, as in the paper; small ones on padded crops.
     stored = decode_size(crop)
@@ -251,7 +256,7 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
         dist.destroy_process_group()
     return FitResult(str(run_dir), str(latest), classes, history, held_out, held_out_split.split, best,
                      len(history), config.seed, str(device), train_split.version_id, stopped_early, mistakes,
-                     reference, extra={"report": report})
+                     reference, extra={"report": report, "init": init_match.text() if init_match else None})
 
 
 @dataclass
@@ -263,6 +268,8 @@ class TrainingPlan:
     recipe: auto_recipe.Recipe
     resuming: Resumption | None
     warnings: list[str]
+    # How the classes of the weights the run starts from map onto the dataset's; None from scratch.
+    init: ClassMatch | None = None
 
     def lines(self) -> list[str]:
         lines = [self.recipe.line(), precision_line(self.config), memory_budget_line(self.config)]
@@ -280,15 +287,26 @@ def plan(config: TrainConfig) -> TrainingPlan:
     resuming = resume_point(config)
     if resuming:
         config = resuming.continued(config, train_split.version_id)
-    config, recipe = _chosen(config, train_split)
+    start = None if resuming else starting_weights(config.init, config.model)
+    config, recipe = _chosen(config, train_split, start)
+    match = check(_build(asdict(config), len(train_split.classes)), start, list(train_split.classes),
+                  config.model) if start else None
     warnings = [text for text in (auto_recipe.few_steps_warning(recipe), validation_warning(config.dataset_dir))
                 if text]
-    return TrainingPlan(config, recipe, resuming, warnings + (resuming.warnings() if resuming else []))
+    if resuming:
+        warnings += resuming.warnings()
+        if config.init != "scratch":
+            warnings.append(f"--init {config.init} is ignored: the resumed run continues from its own checkpoint")
+    return TrainingPlan(config, recipe, resuming, warnings, match)
 
 
-def _chosen(config: TrainConfig, train_split: StoreSplit) -> tuple[TrainConfig, auto_recipe.Recipe]:
+def _chosen(config: TrainConfig, train_split: StoreSplit,
+            start: StartingWeights | None = None) -> tuple[TrainConfig, auto_recipe.Recipe]:
     """`config` with every knob left unset chosen by the recipe: for the size of the train split,
-    and the input size for its images and for how fast this device trains at each size."""
+    and the input size for its images and for how fast this device trains at each size; or, for
+    a run that starts from trained weights, as those weights were trained."""
+    if start and config.norm is None and start.config.get("norm"):
+        config = replace(config, norm=start.config["norm"])
     model_knobs = tuple({"model": config.model, "norm": config.norm, "padding": config.padding,
                          "pool": config.pool, "dropout": 0.0}.items())
     device = str(resolve_device(config.device))
@@ -297,7 +315,8 @@ def _chosen(config: TrainConfig, train_split: StoreSplit) -> tuple[TrainConfig, 
         return seconds_per_image(model_knobs, max(2, len(train_split.classes)), size, device, config.precision)
 
     sizes = train_split.image_sizes() if config.image_size is None or config.resize is None else None
-    return auto_recipe.apply(config, train_split.rows, sizes, timed, NATIVE_SIZES.get(config.model, 224))
+    return auto_recipe.apply(config, train_split.rows, sizes, timed, NATIVE_SIZES.get(config.model, 224),
+                             start.config if start else None)
 
 
 def main(argv: list[str] | None = None) -> None:

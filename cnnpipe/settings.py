@@ -48,6 +48,11 @@ class Settings:
         return self.home / "cache" / "datasets"
 
     @property
+    def starting_weights_dir(self) -> Path:
+        """Registered versions' weights that runs started from (`--init`), fetched once each."""
+        return self.home / "cache" / "starting-weights"
+
+    @property
     def staging_dir(self) -> Path:
         # Outside datasets/ so that a glob over a dataset never sees staged parts.
         return self.home / "staging"

@@ -23,6 +23,7 @@ from cnn.splits import UnreadablePart
 from cnn.train import fit, plan
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import refs, registry, tracking
+from cnnpipe.models.warm_start import StartingPoint, nightly_start, resolve_start, version_tags
 from cnnpipe.predictions import champions
 from cnnpipe.predictions.champions import GateDecision
 from cnnpipe.predictions.records import record_reference_profile
@@ -40,11 +41,29 @@ def prepare_tracking() -> None:
     tracking.connect()
 
 
+# Fetching a registered version's weights can meet a tracking server that is restarting.
+@task(name="starting-point", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=is_transient_io_error,
+      cache_policy=NO_CACHE)
+def starting_point(init: str, registered_model: str) -> StartingPoint:
+    """Where the run's weights start: `--init` with a registered version fetched to a local file."""
+    return resolve_start(init, registered_model)
+
+
+@task(name="nightly-start", cache_policy=NO_CACHE)
+def nightly_init(registered_model: str, dataset: str, model: str, image_size: int | None,
+                 scratch_every: int) -> tuple[str, str]:
+    """retrain's `--init` when none is given: the champion when it fits, else scratch; and why."""
+    init, why = nightly_start(registered_model, dataset, model, image_size, scratch_every)
+    get_run_logger().info(why)
+    return init, why
+
+
 @task(name="train-and-log", cache_policy=NO_CACHE)
 def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str | None,
-                  nproc: int = 1) -> TrainingOutcome:
+                  nproc: int = 1, start: StartingPoint = StartingPoint()) -> TrainingOutcome:
     """One MLflow run around `fit` (DDP over `nproc` processes through torchrun when > 1):
-    params, per-epoch metrics, evaluation artifacts, the registered model."""
+    params, per-epoch metrics, evaluation artifacts, the registered model, and the run it
+    started from, linked as its parent."""
     logger = get_run_logger()
     try:
         manifest = PublishedDataset.open(config.dataset_dir).manifest
@@ -55,7 +74,10 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
     except (ValueError, CheckpointError) as exc:
         raise CnnpipeError(f"dataset {manifest['name']}: {exc}") from None
     config, chosen, warnings = planned.config, planned.recipe, planned.warnings
-    for line in planned.lines():
+    started_from = ""
+    if planned.init is not None:
+        started_from = f"init from {start.label}: {planned.init.text()}"
+    for line in planned.lines() + [started_from] * bool(started_from):
         logger.info(line)
     for text in warnings:
         logger.warning(text)
@@ -71,8 +93,10 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
             logger.warning(stalled)
             warnings.append(stalled)
 
-    with tracking.training_run(f"{manifest['name']} {config.model}", {"registered_model": registered_model}) as run:
+    with tracking.training_run(f"{manifest['name']} {config.model}", {"registered_model": registered_model,
+                                                                      **tracking.lineage_tags(start)}) as run:
         tracking.log_config(config, manifest, str(resolve_device(config.device)), flow_run_id, chosen)
+        mlflow.log_params(start.params())
         try:
             if nproc > 1:
                 mlflow.log_param("nproc", nproc)
@@ -94,7 +118,7 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
             registry.GATE_METRIC: f"{result.history[-1]['val_top1']:.6f}",
             f"{result.held_out_split}_top1": f"{result.held_out['top1']:.6f}",
             f"{result.held_out_split}_top5": f"{result.held_out['top5']:.6f}",
-            "model": config.model, "checkpoint": result.checkpoint,
+            "model": config.model, "checkpoint": result.checkpoint, **version_tags(start),
         })
     try:  # fit always profiles; a result read back from an older run may not have one
         if result.reference:
@@ -108,7 +132,7 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
                 result.held_out_split, 100 * held["top1"], 100 * held["top5"], held["images"], run.info.run_id,
                 version.name, version.version)
     return TrainingOutcome(result, run.info.run_id, tracking.run_url(run), version.name,
-                           refs.version_id(version), recipe=chosen, warnings=warnings)
+                           refs.version_id(version), recipe=chosen, warnings=warnings, started_from=started_from)
 
 
 def diverged_line(diverged: TrainingDiverged, config: TrainConfig) -> str:

@@ -21,8 +21,9 @@ from cnn.config import Device, Norm, Padding, Pool, Precision, Resize, Schedule,
 from cnn.recipe import RULES
 from cnnpipe.settings import REGISTERED_MODEL
 
-# Fields of TrainConfig that say where a run reads and writes, not how it trains: set by the flows.
-PLACEMENT = ("dataset_dir", "checkpoint_root", "keep_checkpoints")
+# Fields of TrainConfig that say where a run reads, writes and starts, not how it trains: set by the
+# flows (`init` from the `init` below, once a registered version is fetched to a file).
+PLACEMENT = ("dataset_dir", "checkpoint_root", "keep_checkpoints", "init")
 KNOBS = tuple(f.name for f in fields(TrainConfig) if f.name not in PLACEMENT)
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 
@@ -80,8 +81,19 @@ class TrainingParams(BaseModel):
                                                     "champion's by at least this.")
     nproc: int = Field(1, description="Train as DDP over N processes on this machine (torchrun): one per GPU, or "
                                       "gloo on CPUs.")
+    init: str | None = Field(None, description=(
+        "Where the weights start: scratch; champion, NAME@ALIAS or NAME/VERSION (a registered version, fine-tuned "
+        "with a shorter schedule and lower lr, classes matched by name); a checkpoint or weights.pt file; or "
+        "torchvision (a torchvision model's ImageNet weights, from torch's cache, $TORCH_HOME) [default: scratch "
+        "for train; retrain fine-tunes the champion when it has the same model and input size and was trained on "
+        "this dataset, see --scratch-every]."))
+    scratch_every: int = Field(7, ge=0, description=(
+        "retrain: every Nth version of the registered model trains from scratch, so that fine-tuning does not "
+        "drift; a warm start that does not beat the champion is also trained again from scratch. 1: always from "
+        "scratch; 0: only then."))
 
-    def config(self, dataset_dir: str, checkpoint_root: str | None = None) -> TrainConfig:
-        """The run's TrainConfig; raises ValueError naming the flag of an impossible setting."""
-        return TrainConfig(dataset_dir=dataset_dir, checkpoint_root=checkpoint_root,
+    def config(self, dataset_dir: str, checkpoint_root: str | None = None, init: str = "scratch") -> TrainConfig:
+        """The run's TrainConfig, starting from `init` (`init` above, resolved to weights on this
+        machine); raises ValueError naming the flag of an impossible setting."""
+        return TrainConfig(dataset_dir=dataset_dir, checkpoint_root=checkpoint_root, init=init,
                            **{name: getattr(self, name) for name in KNOBS})

@@ -34,6 +34,7 @@ import torch
 from mlflow.entities import Run
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from cnn.augment import ColourStats, normalise
 from cnn.config import TrainConfig
@@ -46,6 +47,7 @@ from cnnpipe.base.locks import file_lock
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import plots
 from cnnpipe.models.registry import WEIGHTS_FILE
+from cnnpipe.models.warm_start import StartingPoint
 from cnnpipe.settings import MLFLOW_EXPERIMENT, Settings, get_settings
 
 log = logging.getLogger("cnnpipe.tracking")
@@ -158,6 +160,15 @@ def failure_reason(error: BaseException) -> str:
     if isinstance(error, CnnpipeError):
         return text
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def lineage_tags(start: StartingPoint) -> dict[str, str]:
+    """Tags that link a run to the run of the registered version it started from: the MLflow UI
+    shows it nested under that parent, and says so in its description."""
+    if not start.run_id:
+        return {}
+    return {MLFLOW_PARENT_RUN_ID: start.run_id,
+            MLFLOW_RUN_NOTE: f"Fine-tuned from {start.model_version} (its run: {start.run_id})."}
 
 
 def log_config(config: TrainConfig, manifest: dict, device: str, flow_run_id: str | None,

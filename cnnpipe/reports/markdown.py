@@ -145,6 +145,8 @@ def training_markdown(outcome: TrainingOutcome) -> str:
         lines.append(f"| {split} top-1, ten patches | {100 * held['ten_crop_top1']:.2f}% |")
     if outcome.recipe is not None:
         lines += ["", f"Recipe: {outcome.recipe.line().removeprefix('recipe: ')}."]
+    if outcome.started_from:
+        lines += ["", f"Weights: {outcome.started_from}."]
     if outcome.warnings:
         lines += ["", "**Warnings**", "", *(f"- {warning}" for warning in outcome.warnings)]
     decision = outcome.decision

@@ -33,4 +33,6 @@ class TrainingOutcome:
     recipe: Recipe | None = None
     # Why the run may not have learnt, said before or during training.
     warnings: list[str] = field(default_factory=list)
+    # "init from shapes-classifier v3: 4 classes kept, 1 new, 0 dropped"; empty from scratch.
+    started_from: str = ""
     details: dict = field(default_factory=dict)

@@ -183,3 +183,24 @@ def test_a_stall_on_images_much_larger_than_the_input_points_at_the_input_size()
     stalled = recipe.stalled_warning({"epoch": 9, "train_loss": 2.30}, 10, shrunk)
     assert "(median 320x240) are shrunk to 32 px" in stalled and "--image-size 120" in stalled
     assert "shrunk" not in recipe.stalled_warning({"epoch": 9, "train_loss": 2.30}, 10, chosen)
+
+
+def test_fine_tuning_takes_a_shorter_schedule_at_a_lower_rate_and_says_so():
+    scratch, tuned = recipe.choose(3_000), recipe.choose(3_000, fine_tune=True)
+    assert tuned.batch_size == scratch.batch_size and tuned.epochs < scratch.epochs and tuned.lr < scratch.lr
+    assert tuned.epochs == math.ceil(recipe.FINE_TUNE_EPOCH_SHARE * scratch.epochs)
+    assert "fine-tuning its starting weights: 25% of the epochs and 10% of the peak lr" in tuned.line()
+    assert "fine-tuning" not in scratch.line() and tuned.params()["recipe.fine_tune"] is True
+    # What the user sets stays set, and the line says fine-tuning only of what it chose.
+    assert "fine-tuning" not in recipe.choose(3_000, lr=0.1, epochs=4, fine_tune=True).line()
+
+
+def test_a_fine_tuned_run_sees_what_its_starting_weights_were_trained_on_without_timing():
+    def untimed(size):
+        raise AssertionError("a fine-tuned run keeps its weights' input size; nothing to time")
+
+    config, chosen = recipe.apply(TrainConfig(dataset_dir="d"), 3_000, ([640] * 9, [480] * 9), untimed, 32,
+                                  start_config={"model": "alexnet-cifar", "image_size": 96, "resize": "squash"})
+    assert (config.image_size, config.resize, chosen.fine_tune) == (96, "squash", True)
+    assert chosen.input.text() == ("input 96 px, whole image squashed (as its starting weights were trained; "
+                                   "median image 640x480)")

@@ -15,7 +15,7 @@ from cnnpipe.cli import cli
 from cnnpipe.models.params import KNOBS, PLACEMENT, TrainingParams
 from cnnpipe.reports.outcomes import TrainingOutcome
 
-RUN_LEVEL = ("registered_model", "min_improvement", "nproc")
+RUN_LEVEL = ("registered_model", "min_improvement", "nproc", "init", "scratch_every")
 
 
 def test_training_params_are_train_configs_knobs_with_its_defaults_and_types():
