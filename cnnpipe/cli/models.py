@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from cnnpipe.cli.common import LISTING_FORMATS
@@ -26,13 +28,14 @@ def models(name: str | None, output_format: str) -> None:
     if not versions:
         click.echo("No registered models yet. `cnnpipe train --dataset NAME` registers one.")
         return
-    columns = ["model", "version", "aliases", "created", "dataset", "val top-1", "held-out top-1", "top-5",
-               "vs majority", "gate"]
+    columns = ["model", "version", "aliases", "created", "dataset", "started from", "val top-1", "held-out top-1",
+               "top-5", "vs majority", "gate"]
     rows = []
     for v, aliases in versions:
         tags = v.tags
         rows.append((v.name, str(v.version), ", ".join(aliases), _timestamp(v.creation_timestamp),
-                     f"{tags.get('dataset', '')} {tags.get('dataset_version_id', '')[:8]}", _percent(tags.get("val_top1")),
+                     f"{tags.get('dataset', '')} {tags.get('dataset_version_id', '')[:8]}", _started_from(v),
+                     _percent(tags.get("val_top1")),
                      _percent(tags.get("test_top1") or tags.get("val_top1")),
                      _percent(tags.get("test_top5") or tags.get("val_top5")), _versus_majority(tags),
                      _gate_column(tags, aliases)))
@@ -44,6 +47,15 @@ def models(name: str | None, output_format: str) -> None:
         click.echo("\nGate decisions:")
         for v, reason in gated:
             click.echo(f"  {v.name}/{v.version} {v.tags.get('gate.decision', '')}: {reason}")
+
+
+def _started_from(version) -> str:
+    """scratch, vN of the same model, NAME/VERSION of another, a file's name or torchvision; empty
+    for a version registered before warm starts."""
+    started = version.tags.get("init_model_version") or version.tags.get("init", "")
+    if started.startswith(f"{version.name}/"):
+        return "v" + started.rpartition("/")[2]
+    return started if version.tags.get("init_model_version") else Path(started).name
 
 
 def _gate_column(tags: dict, aliases: list[str]) -> str:

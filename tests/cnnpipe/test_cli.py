@@ -133,7 +133,8 @@ def test_models_promote_and_rollback_commands(register_version):
 def test_retrain_takes_every_training_option_of_train():
     train, retrain = cli.commands["train"], cli.commands["retrain"]
     train_options = {p.name for p in train.get_params(click.Context(train))} - {"dataset"}
-    retrain_options = {p.name for p in retrain.get_params(click.Context(retrain))} - {"dataset", "source", "force"}
+    retrain_options = {p.name for p in retrain.get_params(click.Context(retrain))} - {"dataset", "source", "force",
+                                                                                  "scratch_every"}
     assert train_options == retrain_options and {"epochs", "model", "device", "nproc", "resume"} <= train_options
 
 

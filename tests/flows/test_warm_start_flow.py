@@ -4,6 +4,8 @@ champion and links its run, falls back to scratch when that does not beat the ch
 
 from __future__ import annotations
 
+import csv
+import io
 import shutil
 from pathlib import Path
 
@@ -63,6 +65,9 @@ def test_retrain_fine_tunes_the_champion_links_its_run_and_falls_back_to_scratch
                                       "--batch-size", "64", "--lr", "0.01", "--device", "cpu",
                                       "--registered-model", "warm"])
     assert result.exit_code == 0 and "init from warm v1: 4 classes kept, 0 new, 0 dropped" in result.output
+    listed = csv.DictReader(io.StringIO(CliRunner().invoke(cli, ["models", "warm", "--format", "csv"]).output))
+    assert {row["version"]: row["started from"] for row in listed} == {
+        "7": "v1", "6": "scratch", "5": "scratch", "4": "v3", "3": "", "2": "v1", "1": ""}
 
 
 def test_cli_refuses_an_init_it_cannot_use_in_one_line(shapes_in_home):
