@@ -5,7 +5,7 @@
     python bench/warm_start.py --quick            # a smoke check: tiny sets, a few epochs
 
 Nightly cost. A dataset of CIFAR-10 images from ../shared/data/cifar10-jpeg.tar.gz, 300 train
-images a class and 100 test images a class (3,000 + 1,000), is ingested as version 1 and trained
+images a class and 300 test images a class (3,000 + 3,000), is ingested as version 1 and trained
 by the `retrain` flow with no training flags: the champion. 30 more train images a class (10%)
 are ingested as version 2, and on it:
 - nightly: `retrain` with no flags, which fine-tunes the champion (the default since issue 29);
@@ -17,8 +17,10 @@ nightly top-1 within 1 point of the baseline's, in at most 35% of its wall time.
 Transfer. alexnet-cifar is pretrained on CIFAR-10 (500 train images a class, --pretrain-epochs),
 then trained on 500 of scikit-learn's 8x8 digits (50 a class, upscaled to 28 px grayscale PNGs,
 with 200 more for test), from scratch and with `init` at the pretrained checkpoint, at equal
-epochs: 5 (a quick try) and the recipe's own for the digits from scratch. Both through
-`cnn.train.fit`, everything else automatic.
+epochs: 5 (a quick try), the recipe's own for a start from trained weights (a quarter of the
+next), and the recipe's own for the digits from scratch. Both through `cnn.train.fit`, everything
+else automatic: the run from CIFAR-10 weights, which know none of the digits' classes, takes the
+recipe's transfer learning rate.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.recipe import CIFAR, print_table, read_cifar, write_cifar_folder  # noqa: E402
 
-NIGHTLY = {"per_class": 300, "added_per_class": 30, "test_per_class": 100}
+NIGHTLY = {"per_class": 300, "added_per_class": 30, "test_per_class": 300}
 TRANSFER = {"pretrain_per_class": 500, "digits_per_class": 50, "digits_test_per_class": 20}
 QUICK = {"per_class": 30, "added_per_class": 3, "test_per_class": 10, "pretrain_per_class": 30,
          "digits_per_class": 10, "digits_test_per_class": 5}
@@ -85,7 +87,7 @@ def nightly(cifar: dict, scratch: Path, sizes: dict, epochs: int | None) -> list
     print_table(("run", "dataset version", "weights", "epochs", "test top-1", "wall s", "gate", "wall / baseline"),
                 rows)
     print(f"\nnightly - baseline top-1: {100 * gap:+.1f} points (target: no worse than {-100 * TARGET_GAP:.0f}): "
-          f"{'met' if gap >= -TARGET_GAP else 'missed'}")
+          f"{'met' if gap >= -TARGET_GAP - 1e-9 else 'missed'}")  # 0.701 - 0.711 is a hair under -0.01
     print(f"nightly wall / baseline wall: {share:.2f} (target: at most {TARGET_SHARE:.2f}): "
           f"{'met' if share <= TARGET_SHARE else 'missed'}")
     return rows
@@ -113,8 +115,9 @@ def write_digits(folder: Path, per_class: int, test_per_class: int) -> None:
         (target_folder / f"{index:04d}.png").write_bytes(buffer.getvalue())
 
 
-def transfer(cifar: dict, scratch: Path, sizes: dict, pretrain_epochs: int, epochs: list[int | None]
+def transfer(cifar: dict, scratch: Path, sizes: dict, pretrain_epochs: int, epochs: list[int | str]
              ) -> list[tuple[str, ...]]:
+    """Epochs given as "transfer" or "scratch" are the recipe's for that start."""
     from bench.recipe import ingest
     from cnn import recipe
     from cnn.config import TrainConfig
@@ -132,16 +135,19 @@ def transfer(cifar: dict, scratch: Path, sizes: dict, pretrain_epochs: int, epoc
           f"{100 * pretrained.held_out['top1']:.1f}% in {time.perf_counter() - started:.0f} s", flush=True)
     write_digits(scratch / "digits-source", sizes["digits_per_class"], sizes["digits_test_per_class"])
     digits = ingest("digits", [scratch / "digits-source"], home)
-    auto_epochs = recipe.choose(StoreSplit.open(str(digits), "train").rows).epochs
+    train_images = StoreSplit.open(str(digits), "train").rows
+    auto_epochs = {"transfer": recipe.choose(train_images, start="transfer").epochs,
+                   "scratch": recipe.choose(train_images).epochs}
     rows = []
     for count in epochs:
-        count = count or auto_epochs
+        count = auto_epochs.get(count, count)
         top1 = {}
         for init in ("scratch", pretrained.checkpoint):
             result = fit(TrainConfig(dataset_dir=str(digits), epochs=count, device="cpu", init=init,
                                      checkpoint_root=str(scratch / "checkpoints")))
             top1[init == "scratch"] = result.held_out["top1"]
-        rows.append((str(count), f"{100 * top1[True]:.1f}%", f"{100 * top1[False]:.1f}%",
+        rows.append((f"{count}" if count not in auto_epochs.values() else f"{count} (auto, "
+                     f"{next(k for k, v in auto_epochs.items() if v == count)})", f"{100 * top1[True]:.1f}%", f"{100 * top1[False]:.1f}%",
                      f"{100 * (top1[False] - top1[True]):+.1f}"))
         print(f"  {rows[-1]}", flush=True)
     print_table(("epochs (both)", "digits top-1 from scratch", "from CIFAR-10 weights", "gain, points"), rows)
@@ -164,6 +170,8 @@ def main() -> None:
         os.environ["CNNPIPE_HOME"] = str(scratch / "home")
         os.environ["PREFECT_HOME"] = str(scratch / "prefect")
         os.environ.pop("PREFECT_API_URL", None)
+        # Its telemetry writes race the flows' own on the ephemeral API's SQLite ("database is locked").
+        os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
         cifar = read_cifar(max(sizes["per_class"] + sizes["added_per_class"], sizes["pretrain_per_class"]),
                            sizes["test_per_class"])
         if args.only != "transfer":
@@ -171,7 +179,8 @@ def main() -> None:
             nightly(cifar, scratch, sizes, 2 if args.quick else None)
         if args.only != "nightly":
             print("\nTransfer: digits from scratch, and from alexnet-cifar pretrained on CIFAR-10", flush=True)
-            transfer(cifar, scratch, sizes, 1 if args.quick else args.pretrain_epochs, [2] if args.quick else [5, None])
+            transfer(cifar, scratch, sizes, 1 if args.quick else args.pretrain_epochs,
+                     [2] if args.quick else [5, "transfer", "scratch"])
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"\n{time.perf_counter() - started:.0f} s in all on {os.cpu_count()} CPUs")
 

@@ -315,8 +315,9 @@ def _chosen(config: TrainConfig, train_split: StoreSplit,
         return seconds_per_image(model_knobs, max(2, len(train_split.classes)), size, device, config.precision)
 
     sizes = train_split.image_sizes() if config.image_size is None or config.resize is None else None
+    known = len(set(train_split.classes) & set(start.classes)) / max(1, len(train_split.classes)) if start else 1.0
     return auto_recipe.apply(config, train_split.rows, sizes, timed, NATIVE_SIZES.get(config.model, 224),
-                             start.config if start else None)
+                             start.config if start else None, known)
 
 
 def main(argv: list[str] | None = None) -> None:

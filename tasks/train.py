@@ -74,10 +74,13 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
     except (ValueError, CheckpointError) as exc:
         raise CnnpipeError(f"dataset {manifest['name']}: {exc}") from None
     config, chosen, warnings = planned.config, planned.recipe, planned.warnings
-    started_from = ""
+    lines, started_from = planned.lines(), ""
     if planned.init is not None:
         started_from = f"init from {start.label}: {planned.init.text()}"
-    for line in planned.lines() + [started_from] * bool(started_from):
+        lines.append(started_from)
+    elif planned.resuming is not None:  # it continues from its own checkpoint, whatever --init says
+        start = StartingPoint()
+    for line in lines:
         logger.info(line)
     for text in warnings:
         logger.warning(text)

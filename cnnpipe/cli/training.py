@@ -33,7 +33,8 @@ def train(dataset: str, **knobs: Any) -> None:
 
     The weights start random, or with --init from a trained model: a registered version,
     a checkpoint, or torchvision's ImageNet weights. Classes are matched by name, and
-    the recipe then fine-tunes: a quarter of the epochs at a tenth of the peak lr.
+    the recipe then fine-tunes: a quarter of the epochs, at a tenth of the peak lr (half
+    of it when the weights know under half of the classes).
 
     \b
     Examples:

@@ -186,13 +186,17 @@ def test_a_stall_on_images_much_larger_than_the_input_points_at_the_input_size()
 
 
 def test_fine_tuning_takes_a_shorter_schedule_at_a_lower_rate_and_says_so():
-    scratch, tuned = recipe.choose(3_000), recipe.choose(3_000, fine_tune=True)
+    scratch, tuned = recipe.choose(3_000), recipe.choose(3_000, start="fine-tune")
+    transfer = recipe.choose(3_000, start="transfer")
     assert tuned.batch_size == scratch.batch_size and tuned.epochs < scratch.epochs and tuned.lr < scratch.lr
-    assert tuned.epochs == math.ceil(recipe.FINE_TUNE_EPOCH_SHARE * scratch.epochs)
-    assert "fine-tuning its starting weights: 25% of the epochs and 10% of the peak lr" in tuned.line()
-    assert "fine-tuning" not in scratch.line() and tuned.params()["recipe.fine_tune"] is True
-    # What the user sets stays set, and the line says fine-tuning only of what it chose.
-    assert "fine-tuning" not in recipe.choose(3_000, lr=0.1, epochs=4, fine_tune=True).line()
+    assert tuned.epochs == transfer.epochs == math.ceil(recipe.FINE_TUNE_EPOCH_SHARE * scratch.epochs)
+    assert tuned.lr < transfer.lr < scratch.lr  # a fresh classifier needs its features to move further
+    assert ("fine-tuning weights that know the classes: 25% of the epochs and 10% of the peak lr of a run from "
+            "scratch") in tuned.line()
+    assert "a fresh classifier learns them: 25% of the epochs and 50% of the peak lr" in transfer.line()
+    assert "fine-tuning" not in scratch.line() and tuned.params()["recipe.start"] == "fine-tune"
+    # What the user sets stays set, and the line speaks only of what it chose.
+    assert "fine-tuning" not in recipe.choose(3_000, lr=0.1, epochs=4, start="fine-tune").line()
 
 
 def test_a_fine_tuned_run_sees_what_its_starting_weights_were_trained_on_without_timing():
@@ -201,6 +205,9 @@ def test_a_fine_tuned_run_sees_what_its_starting_weights_were_trained_on_without
 
     config, chosen = recipe.apply(TrainConfig(dataset_dir="d"), 3_000, ([640] * 9, [480] * 9), untimed, 32,
                                   start_config={"model": "alexnet-cifar", "image_size": 96, "resize": "squash"})
-    assert (config.image_size, config.resize, chosen.fine_tune) == (96, "squash", True)
+    assert (config.image_size, config.resize, chosen.start) == (96, "squash", "fine-tune")
+    _, new_task = recipe.apply(TrainConfig(dataset_dir="d"), 3_000, None, untimed, 32, {"image_size": 32},
+                               known_classes=0.4)
+    assert new_task.start == "transfer"
     assert chosen.input.text() == ("input 96 px, whole image squashed (as its starting weights were trained; "
                                    "median image 640x480)")

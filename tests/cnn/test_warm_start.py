@@ -61,8 +61,7 @@ def test_another_model_or_an_incompatible_shape_is_refused_in_one_line(tmp_path)
     assert all("\n" not in str(error.value) for error in (refused, shaped, foreign, missing))
 
 
-@pytest.mark.slow
-def test_torchvision_weights_come_from_torch_home_and_train(tiny_shapes_dataset, tmp_path, monkeypatch):
+def test_torchvision_weights_missing_from_torch_home_are_named_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(InitError) as missing:
         starting_weights("torchvision", "resnet18")
@@ -70,6 +69,13 @@ def test_torchvision_weights_come_from_torch_home_and_train(tiny_shapes_dataset,
     assert str(missing.value) == (f"--init torchvision: ResNet18_Weights.IMAGENET1K_V1 is not in torch's cache: put "
                                   f"resnet18-f37072fd.pth (from https://download.pytorch.org/models/resnet18-f37072fd.pth)"
                                   f" in {cache}, or point TORCH_HOME at a folder whose hub/checkpoints holds it")
+    assert not (cache / "resnet18-f37072fd.pth").exists()  # nothing was downloaded, nor tried
+
+
+@pytest.mark.slow
+def test_torchvision_weights_in_torch_home_load_and_train(tiny_shapes_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.manual_seed(3)
     imagenet = build_model("resnet18", 1000).state_dict()
@@ -90,12 +96,12 @@ def test_a_resumed_run_ignores_init(tiny_shapes_dataset, tmp_path, monkeypatch):
     config = TrainConfig(dataset_dir=str(tiny_shapes_dataset), epochs=2, batch_size=32, lr=0.01, device="cpu",
                          checkpoint_root=str(tmp_path / "runs"))
     fresh = plan(replace(config, init=str(tmp_path / "weights.pt")))
-    assert fresh.init.text() == "4 classes kept, 0 new, 0 dropped" and fresh.recipe.fine_tune
+    assert fresh.init.text() == "4 classes kept, 0 new, 0 dropped" and fresh.recipe.start == "fine-tune"
     monkeypatch.setenv("FAILPOINT", "train.after_checkpoint")
     monkeypatch.setenv("FAILPOINT_ACTION", "raise")
     with pytest.raises(RuntimeError, match="failpoint"):
         fit(config)
     monkeypatch.delenv("FAILPOINT")
     resumed = plan(replace(config, resume=True, init=str(tmp_path / "weights.pt")))
-    assert resumed.init is None and resumed.resuming.epoch == 1 and not resumed.recipe.fine_tune
+    assert resumed.init is None and resumed.resuming.epoch == 1 and resumed.recipe.start == "scratch"
     assert any("--init" in warning and "ignored" in warning for warning in resumed.warnings)
