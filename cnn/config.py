@@ -19,6 +19,10 @@ Precision = Literal["auto", "bf16", "fp32"]
 Device = Literal["auto", "cpu", "cuda"]
 Resize = Literal["crop", "squash"]
 
+# Dimensions of the embeddings a model version gives its images (`cnn.embeddings`), which the
+# predictions database stores as FLOAT[EMBEDDING_DIM].
+EMBEDDING_DIM = 64
+
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 NORMS: tuple[str, ...] = get_args(Norm)
 PADDINGS: tuple[str, ...] = get_args(Padding)

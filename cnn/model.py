@@ -160,6 +160,15 @@ def build_model(name: str, num_classes: int, **options) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
+def head_name(model: nn.Module) -> str:
+    """The classifier's last layer, whose rows are the classes and whose input is what the model
+    sees: the last Linear, in AlexNet, ResNet, VGG and ViT alike."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no fully connected classifier layer")
+    return linears[-1]
+
+
 def input_size(model: nn.Module) -> int:
     return getattr(model, "input_size", 224)
 

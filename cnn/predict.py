@@ -12,7 +12,8 @@ from cnn.augment import ColourStats, centre_crop, normalise
 from cnn.device import autocast
 from cnn.model import decode_size, input_size
 from cnn.monitoring import brightness, calibrate
-from cnn.runs import load_trained_model, resize_mode
+from cnn.embeddings import Projection, classifier_inputs
+from cnn.runs import load_trained_model, projection_state, resize_mode
 
 
 class Predictor:
@@ -40,37 +41,42 @@ class Predictor:
         self.run_id = run_id
         # Set from the version's reference profile to calibrate confidences (`cnn.monitoring`); None: not known.
         self.temperature: float | None = None
+        # What `top_k` projects the classifier's inputs with (`cnn.embeddings`); None for a model
+        # trained before embeddings, or to leave them out.
+        self.projection = Projection.from_state(state.get("embedding") or projection_state(checkpoint))
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Softmax outputs for a uint8 batch, on the CPU; halves the batch and retries when memory runs out."""
-        chunks = [probabilities for probabilities, _ in self._softmax_chunks(images)]
+        chunks = [probabilities for probabilities, *_ in self._softmax_chunks(images)]
         return torch.cat(chunks).cpu() if chunks else torch.empty((0, len(self.classes)))
 
     @torch.no_grad()
     def top_k(self, images: torch.Tensor, k: int = 5) -> PendingTopK:
         """The `k` most probable classes of a uint8 batch, with each image's calibrated confidence
-        (NaN without a temperature) and mean brightness, on their way to the host: the device need
-        not finish before the caller hands it the next batch."""
-        probabilities, brightness = [], []
-        for chunk_probabilities, chunk_brightness in self._softmax_chunks(images):
+        (NaN without a temperature), mean brightness and embedding (empty without a projection), on
+        their way to the host: the device need not finish before the caller hands it the next batch."""
+        probabilities, brightness, embeddings = [], [], []
+        for chunk_probabilities, chunk_brightness, chunk_embeddings in self._softmax_chunks(images):
             probabilities.append(chunk_probabilities)
             brightness.append(chunk_brightness)
+            embeddings.append(chunk_embeddings)
         if not probabilities:
             empty = torch.empty(0)
-            return PendingTopK(torch.empty((0, 0)), torch.empty((0, 0), dtype=torch.long), empty, empty)
+            return PendingTopK(torch.empty((0, 0)), torch.empty((0, 0), dtype=torch.long), empty, empty,
+                               torch.empty((0, 0)))
         probabilities = torch.cat(probabilities)
         top = probabilities.topk(min(k, len(self.classes)), dim=1)
         calibrated = calibrate(probabilities, self.temperature).max(dim=1).values.float() if self.temperature \
             else torch.full((len(probabilities),), float("nan"), device=probabilities.device)
-        return PendingTopK(top.values, top.indices, calibrated, torch.cat(brightness))
+        return PendingTopK(top.values, top.indices, calibrated, torch.cat(brightness), torch.cat(embeddings))
 
-    def _softmax_chunks(self, images: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _softmax_chunks(self, images: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         start, batch = 0, self.batch_size
         while start < len(images):
             chunk = images[start:start + batch].to(self.device, non_blocking=True)
             try:
-                with autocast(self.device, self.precision):
+                with autocast(self.device, self.precision), classifier_inputs(self.model) as seen:
                     logits = self.model(normalise(centre_crop(chunk, self.crop), self.stats))
             except torch.OutOfMemoryError:
                 if batch == 1:
@@ -79,24 +85,29 @@ class Predictor:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            yield logits.float().softmax(dim=1), brightness(chunk)
+            embedding = self.projection(seen[-1]) if self.projection else torch.empty((len(chunk), 0))
+            yield logits.float().softmax(dim=1), brightness(chunk), embedding
             start += len(chunk)
 
 
 class PendingTopK:
     """Top-k probabilities and class indices copying into pinned host memory; `result()` waits for them."""
 
-    def __init__(self, values: torch.Tensor, indices: torch.Tensor, calibrated: torch.Tensor, brightness: torch.Tensor):
+    def __init__(self, values: torch.Tensor, indices: torch.Tensor, calibrated: torch.Tensor, brightness: torch.Tensor,
+                 embeddings: torch.Tensor):
         on_cuda = values.device.type == "cuda"
-        self.values, self.indices, self.calibrated, self.brightness = (
+        self.values, self.indices, self.calibrated, self.brightness, self.embeddings = (
             torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=on_cuda).copy_(tensor, non_blocking=True)
-            for tensor in (values, indices, calibrated, brightness))
+            for tensor in (values, indices, calibrated, brightness, embeddings))
         self.ready = torch.cuda.Event() if on_cuda else None
         if self.ready is not None:
             self.ready.record()
 
-    def result(self) -> tuple[list[list[float]], list[list[int]], list[float], list[float]]:
-        """Top-k probabilities, top-k classes, calibrated confidences and brightnesses, a row an image."""
+    def result(self) -> tuple[list[list[float]], list[list[int]], list[float], list[float], list[list[float] | None]]:
+        """Top-k probabilities, top-k classes, calibrated confidences, brightnesses and embeddings
+        (None without a projection), a row an image."""
         if self.ready is not None:
             self.ready.synchronize()
-        return self.values.tolist(), self.indices.tolist(), self.calibrated.tolist(), self.brightness.tolist()
+        embeddings = self.embeddings.tolist() if self.embeddings.shape[-1] else [None] * len(self.values)
+        return (self.values.tolist(), self.indices.tolist(), self.calibrated.tolist(), self.brightness.tolist(),
+                embeddings)

@@ -15,6 +15,7 @@ from cnn.augment import ColourStats
 from cnn.checkpoint import CheckpointError, Resumption, checkpoints, load_checkpoint, load_latest, restore_rng_state
 from cnn.config import TrainConfig
 from cnn.device import memory_budget
+from cnn.embeddings import PROJECTION_FILE
 from cnn.layout import PublishedDataset, default_checkpoint_root
 from cnn.loaders import _load_split
 from cnn.loop import evaluate
@@ -93,10 +94,20 @@ def load_trained_model(checkpoint: str | os.PathLike, device: str | torch.device
     return model.to(device).eval(), state
 
 
-def inference_state(checkpoint: dict) -> dict:
-    """What inference needs from a training checkpoint: weights, classes, preprocessing, config."""
+def inference_state(state: dict, checkpoint: str | os.PathLike) -> dict:
+    """What inference needs from a training checkpoint (`state`, loaded from `checkpoint`): weights,
+    classes, preprocessing, config, and the embedding projection its run saved (`cnn.embeddings`)."""
     keep = ("model", "config", "classes", "colour_stats", "dataset_version", "git_sha", "epoch")
-    return {key: checkpoint[key] for key in keep}
+    kept = {key: state[key] for key in keep}
+    if (embedding := projection_state(checkpoint)) is not None:
+        kept["embedding"] = embedding
+    return kept
+
+
+def projection_state(checkpoint: str | os.PathLike) -> dict | None:
+    """The embedding projection saved beside a checkpoint by its run; None for runs from before it."""
+    path = Path(checkpoint).parent / PROJECTION_FILE
+    return load_checkpoint(path) if path.exists() else None
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset_dir: str | os.PathLike,

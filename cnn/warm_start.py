@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cnn.checkpoint import load_checkpoint
-from cnn.model import MODELS
+from cnn.model import MODELS, head_name
 
 SCRATCH, TORCHVISION = "scratch", "torchvision"
 
@@ -95,14 +95,6 @@ def _torchvision_weights(model: str) -> StartingWeights:
     return StartingWeights(state, list(weights.meta["categories"]), {"model": model}, f"{weights} ({cached})")
 
 
-def head_name(model: nn.Module) -> str:
-    """The classifier's last layer: the last Linear, in AlexNet, ResNet, VGG and ViT alike."""
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not linears:
-        raise InitError(f"{type(model).__name__} has no fully connected classifier layer to match classes in")
-    return linears[-1]
-
-
 def transfer(model: nn.Module, start: StartingWeights, classes: list[str], model_name: str) -> ClassMatch:
     """Load `start` into `model` (built for `classes`), rows of the classifier matched by class name."""
     match, state = _matched_state(model, start, classes, model_name)
@@ -121,7 +113,10 @@ def _matched_state(model: nn.Module, start: StartingWeights, classes: list[str],
         raise InitError(f"--init {start.origin}: it is a {start.model}, this run trains a {model_name}; train "
                         f"with --model {start.model}, or start this one from scratch")
     target = model.state_dict()
-    head = head_name(model)
+    try:
+        head = head_name(model)
+    except ValueError as exc:
+        raise InitError(f"--init {start.origin}: {exc}") from None
     head_keys = (f"{head}.weight", f"{head}.bias")
     missing = [key for key in target if key not in start.state]
     if missing:

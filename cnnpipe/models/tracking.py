@@ -264,7 +264,7 @@ def log_model(result: FitResult, registered_model: str) -> mlflow.entities.model
     }
     with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as scratch:
         weights = Path(scratch) / WEIGHTS_FILE
-        torch.save(inference_state(state), weights)
+        torch.save(inference_state(state, result.checkpoint), weights)
         info = mlflow.pytorch.log_model(
             _Softmax(model).eval(), name="model", signature=infer_signature(normalised.numpy(), output.numpy()),
             input_example=normalised.numpy(), extra_files=[str(weights)], registered_model_name=registered_model,

@@ -47,6 +47,8 @@ PART_SCHEMA = pa.schema([
     ("width", pa.int32()), ("height", pa.int32()), ("classify_run_id", pa.string()),
     ("predicted_at", pa.timestamp("us", tz="UTC")), ("calibrated_confidence", pa.float64()),
     ("brightness", pa.float64()),
+    # The model version's view of the image (`cnn.embeddings`), committed into `embeddings` with its prediction.
+    ("embedding", pa.list_(pa.float32())),
 ])
 
 
@@ -180,7 +182,8 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
 
     def add_rows(items: list[tuple], top) -> None:
         now = datetime.now(timezone.utc)
-        for (sha, path, width, height), values, indices, calibrated, brightness in zip(items, *top.result()):
+        for (sha, path, width, height), values, indices, calibrated, brightness, embedding in zip(items,
+                                                                                                  *top.result()):
             label = predictor.classes[indices[0]]
             counts[label] += 1
             for name, value in (("image_sha256", sha), ("source_uri", source.uri), ("member_path", path),
@@ -190,7 +193,8 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
                                           for i, p in zip(indices, values)]),
                                 ("width", width), ("height", height), ("classify_run_id", run_id),
                                 ("predicted_at", now), ("calibrated_confidence", None if calibrated != calibrated
-                                                        else calibrated), ("brightness", brightness)):
+                                                        else calibrated), ("brightness", brightness),
+                                ("embedding", embedding)):
                 rows[name].append(value)
         summary.classified += len(items)
         if len(rows["image_sha256"]) >= PART_ROWS:

@@ -25,6 +25,8 @@ from typing import TypeVar
 
 import duckdb
 
+from cnn.config import EMBEDDING_DIM
+
 from cnn.failpoints import failpoint
 from cnnpipe.base.locks import file_lock
 from cnnpipe.errors import CnnpipeError
@@ -55,6 +57,10 @@ _ADDED_COLUMNS = (("calibrated_confidence", "DOUBLE"), ("brightness", "DOUBLE"))
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS predictions (
 {_PREDICTION_COLUMNS}    PRIMARY KEY (image_sha256, model_name, model_version)
+);
+CREATE TABLE IF NOT EXISTS embeddings (
+    image_sha256 VARCHAR, model_name VARCHAR, model_version VARCHAR, embedding FLOAT[{EMBEDDING_DIM}],
+    PRIMARY KEY (image_sha256, model_name, model_version)
 );
 CREATE TABLE IF NOT EXISTS classify_runs (
     classify_run_id VARCHAR PRIMARY KEY, source_uri VARCHAR, model_name VARCHAR, model_version VARCHAR,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import duckdb
 
+from cnn.config import EMBEDDING_DIM
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models.refs import CHAMPION, parse_model_ref
 from cnnpipe.predictions.database import (_ADDED_COLUMNS, _FOLD_INTO_LATEST, _SUMMARISED, connect_for_writing,
@@ -18,13 +19,18 @@ from cnnpipe.predictions.summary import fold_into_summary, rescore_summary
 
 
 def add_predictions(connection: duckdb.DuckDBPyConnection, select: str, parameters: list | None = None) -> int:
-    """Insert the rows of `select` (the predictions columns, by name), skipping ones already
-    there, and fold them into `latest_by_image`. Returns how many were new. Run it inside
+    """Insert the rows of `select` (the predictions columns, by name, and an `embedding` list
+    when the model has one) into `predictions` and `embeddings`, skipping ones already there,
+    and fold them into `latest_by_image`. Returns how many were new. Run it inside
     the caller's transaction, so both tables change together or not at all."""
     connection.execute(f"CREATE OR REPLACE TEMP TABLE incoming AS {select}", parameters or [])
     # Parts staged before a column was added (a run killed across an upgrade) still commit.
-    for name, kind in _ADDED_COLUMNS:
+    for name, kind in (*_ADDED_COLUMNS, ("embedding", "FLOAT[]")):
         connection.execute(f"ALTER TABLE incoming ADD COLUMN IF NOT EXISTS {name} {kind}")
+    connection.execute(f"INSERT INTO embeddings SELECT image_sha256, model_name, model_version, "
+                       f"embedding::FLOAT[{EMBEDDING_DIM}] FROM incoming WHERE embedding IS NOT NULL "
+                       "ON CONFLICT DO NOTHING")
+    connection.execute("ALTER TABLE incoming DROP COLUMN embedding")
     cursor = connection.execute("INSERT INTO predictions BY NAME SELECT * FROM incoming ON CONFLICT DO NOTHING "
                                 f"RETURNING {', '.join(_SUMMARISED)}")
     with warnings.catch_warnings():  # the copy it warns of is of one part's new rows, a few columns

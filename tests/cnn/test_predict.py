@@ -42,15 +42,15 @@ def test_out_of_memory_at_one_image_is_raised(predictor, monkeypatch):
 def test_top_k_reaches_the_host_as_the_k_most_probable_classes_of_every_image(predictor):
     images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     expected = predictor.probabilities(images).topk(3, dim=1)
-    values, indices, calibrated, brightness = predictor.top_k(images, 3).result()
+    values, indices, calibrated, brightness, _ = predictor.top_k(images, 3).result()
     assert indices == expected.indices.tolist()
     torch.testing.assert_close(torch.tensor(values), expected.values)
     torch.testing.assert_close(torch.tensor(brightness), images.float().mean(dim=(1, 2, 3)) / 255)
     assert all(c != c for c in calibrated)  # NaN: no temperature known
-    values, indices, _, _ = predictor.top_k(images, 99).result()  # more than there are classes: all of them
+    values, indices, _, _, _ = predictor.top_k(images, 99).result()  # more than there are classes: all of them
     assert len(indices) == 20 and all(sorted(row) == list(range(len(predictor.classes))) for row in indices)
     predictor.temperature = 2.0
-    _, _, calibrated, _ = predictor.top_k(images, 3).result()
+    _, _, calibrated, _, _ = predictor.top_k(images, 3).result()
     softened = torch.softmax(predictor.probabilities(images).log() / 2.0, dim=1).max(dim=1).values
     torch.testing.assert_close(torch.tensor(calibrated), softened, atol=1e-5, rtol=1e-4)
 
@@ -62,7 +62,7 @@ def test_top_k_on_cuda_lands_in_pinned_memory_and_matches_the_cpu(shapes_checkpo
     images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     pending = on_cuda.top_k(images, 3)
     assert pending.values.is_pinned() and pending.indices.is_pinned()
-    values, indices, _, _ = pending.result()
+    values, indices, _, _, _ = pending.result()
     expected_values, expected_indices, _, _ = on_cpu.top_k(images, 3).result()
     assert indices == expected_indices
     torch.testing.assert_close(torch.tensor(values), torch.tensor(expected_values), atol=1e-4, rtol=1e-3)

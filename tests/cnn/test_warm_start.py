@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from cnn.config import TrainConfig
-from cnn.model import build_model
+from cnn.model import build_model, head_name
 from cnn.runs import _build
 from cnn.train import fit, plan
-from cnn.warm_start import InitError, check, head_name, starting_weights, transfer
+from cnn.warm_start import InitError, check, starting_weights, transfer
 
 
 def _config(model_name: str, image_size: int = 32) -> dict:

@@ -50,6 +50,12 @@ def test_classify_writes_one_row_per_valid_image_and_reruns_add_nothing(inbox, s
     again = run(inbox, shapes_checkpoints[0], "again")
     assert (again.classified, again.skipped) == (0, 50)
     assert query("SELECT count(*) FROM predictions") == [(50,)]
+    # Every prediction has its embedding, once; an image's nearest neighbour is itself.
+    assert query("SELECT count(*), count(DISTINCT image_sha256) FROM embeddings JOIN predictions "
+                 "USING (image_sha256, model_name, model_version)") == [(50, 50)]
+    nearest = query("SELECT a.image_sha256, arg_min(b.image_sha256, array_cosine_distance(a.embedding, b.embedding)) "
+                    "FROM embeddings a, embeddings b GROUP BY ALL")
+    assert len(nearest) == 50 and all(sha == twin for sha, twin in nearest)
     assert query("SELECT classify_run_id, classified, skipped, rejected FROM classify_runs ORDER BY started_at") == [
         ("first", 50, 0, 1), ("again", 0, 50, 1)]
     assert query("SELECT member_path, reason FROM rejected_inputs WHERE classify_run_id = 'first'") == [
@@ -147,11 +153,13 @@ def test_sigkill_after_a_commit_then_rerun_gives_exactly_one_row_per_image(inbox
     env = {**os.environ, "FAILPOINT": "duckdb.after_commit", "FAILPOINT_AFTER": "2", "FAILPOINT_ACTION": "kill"}
     killed = subprocess.run([*arguments, "killed"], env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert query("SELECT count(*) FROM predictions") == [(32,)]  # two committed parts of 16
+    # Two committed parts of 16, each with its embeddings in the same transaction.
+    assert query("SELECT count(*) FROM predictions") == query("SELECT count(*) FROM embeddings") == [(32,)]
     clean_env = {k: v for k, v in os.environ.items() if not k.startswith("FAILPOINT")}
     rerun = subprocess.run([*arguments, "rerun"], env=clean_env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert query("SELECT count(*), count(DISTINCT image_sha256) FROM predictions") == [(50, 50)]
+    assert query("SELECT count(*), count(DISTINCT image_sha256) FROM embeddings") == [(50, 50)]
     assert not list((get_settings().staging_dir / "classify").iterdir())
 
 

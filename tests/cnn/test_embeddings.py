@@ -1,0 +1,45 @@
+"""What a model sees: classifier inputs projected by a PCA fitted on the train split, saved with the run."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+
+from cnn.config import EMBEDDING_DIM
+from cnn.embeddings import PROJECTION_FILE, fit_projection
+from cnn.predict import Predictor
+
+
+def test_the_projection_keeps_the_directions_the_features_vary_along():
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.linalg.qr(torch.randn(256, 3, generator=generator)).Q  # three orthonormal directions
+    features = 5 + torch.randn(500, 3, generator=generator) * torch.tensor([9.0, 4.0, 2.0]) @ directions.T
+    features += 0.01 * torch.randn(500, 256, generator=generator)
+    projection = fit_projection(features)
+    embedded = projection(features)
+    assert embedded.shape == (500, EMBEDDING_DIM)
+    # Distances between images survive the projection: nearly all the variance lies in the first components.
+    original, kept = torch.cdist(features, features), torch.cdist(embedded, embedded)
+    assert torch.allclose(kept, original, rtol=0.02, atol=0.3)
+    assert embedded[:, :3].var(0).sum() > 0.99 * embedded.var(0).sum()
+
+
+def test_fewer_images_than_dimensions_still_give_full_width_embeddings():
+    projection = fit_projection(torch.randn(10, 32))
+    assert projection(torch.randn(4, 32)).shape == (4, EMBEDDING_DIM)
+    assert projection.components[:, 10:].abs().sum() == 0
+
+
+def test_a_trained_run_embeds_images_and_one_from_before_embeddings_does_not(shapes_checkpoints, tmp_path):
+    assert (shapes_checkpoints[-1].parent / PROJECTION_FILE).exists()
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    images[3] = images[0]
+    *_, embeddings = Predictor(shapes_checkpoints[-1], batch_size=4).top_k(images, 3).result()
+    assert len(embeddings) == 6 and all(len(row) == EMBEDDING_DIM for row in embeddings)
+    assert embeddings[3] == embeddings[0] and embeddings[1] != embeddings[0]
+    older = tmp_path / "older" / shapes_checkpoints[-1].name
+    older.parent.mkdir()
+    shutil.copy(shapes_checkpoints[-1], older)
+    *_, none = Predictor(older).top_k(images, 3).result()
+    assert none == [None] * 6
