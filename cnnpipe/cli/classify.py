@@ -104,6 +104,46 @@ def sql(query: str, output_format: str, output: str | None, force: bool, max_row
                    f"({output_format})")
 
 
+@click.command()
+@click.argument("image")
+@click.option("--model", "model_ref", default=f"{REGISTERED_MODEL}@champion", show_default=True,
+              help="NAME@champion, NAME/VERSION or NAME (its newest version holding the image).")
+@click.option("--k", default=10, show_default=True, type=click.IntRange(1, 10_000), help="How many neighbours.")
+@click.option("--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table",
+              show_default=True)
+def similar(image: str, model_ref: str, k: int, output_format: str) -> None:
+    """The k classified images most like IMAGE (a file, or the SHA-256 of a classified image).
+
+    Distances are cosine distances between the embeddings one model version gave the images it
+    classified (`cnnpipe classify` stores them in the `embeddings` table), found by a full scan
+    in DuckDB. An image the model has not classified is embedded first, with the registered
+    version. In `cnnpipe sql`, the same search is the table macro
+    `similar_images(sha256, model_name, model_version, k)`.
+
+    \b
+    Examples:
+      cnnpipe similar ./inbox/cat.jpg
+      cnnpipe similar 3b1f...e9 --model cnn-classifier/4 --k 20 --format csv
+      cnnpipe sql "SELECT s.*, p.label FROM similar_images('3b1f...e9', 'cnn-classifier', '4', 5) s
+                   JOIN latest_predictions p USING (image_sha256)"
+    """
+    from cnnpipe.predictions.similar import embed_image, image_key, nearest, stored_version
+    from cnnpipe.reports.output import write_result
+    from cnnpipe.settings import get_settings
+
+    database = get_settings().predictions_db
+    sha, data = image_key(image)
+    stored = stored_version(database, sha, model_ref)
+    if stored is not None:
+        result = nearest(database, sha, *stored, k)
+    elif data is None:
+        raise click.ClickException(f"{sha}: {model_ref} has classified no image with this SHA-256; give the file")
+    else:
+        name, version, embedding = embed_image(data, model_ref)
+        result = nearest(database, sha, name, version, k, embedding)
+    write_result(result, output_format, None, count_rows=False)
+
+
 @click.group(invoke_without_command=True)
 @click.option("--model", "model_ref", default=None,
               help="NAME, NAME/VERSION or NAME@champion [default: every model with a reference profile].")
@@ -181,4 +221,4 @@ def thresholds(assignments: tuple[str, ...], output_format: str) -> None:
     write_result(result, output_format, None, count_rows=False)
 
 
-COMMANDS = (classify, sql, monitor)
+COMMANDS = (classify, sql, similar, monitor)

@@ -102,6 +102,14 @@ CREATE TABLE IF NOT EXISTS reference_confidence (
     share DOUBLE, accuracy DOUBLE, PRIMARY KEY (model_name, model_version, bin)
 );
 CREATE OR REPLACE MACRO version_number(v) AS TRY_CAST(v AS BIGINT);
+-- The k images whose embeddings by one model version lie nearest to a stored image's, by cosine
+-- distance in a full scan: `SELECT * FROM similar_images('<sha256>', 'cnn-classifier', '3', 10)`.
+CREATE OR REPLACE MACRO similar_images(query_sha, name, version, k) AS TABLE
+SELECT n.image_sha256, array_cosine_distance(q.embedding, n.embedding) AS distance
+FROM embeddings q JOIN embeddings n USING (model_name, model_version)
+WHERE q.image_sha256 = query_sha AND q.model_name = name AND q.model_version = version
+  AND n.image_sha256 <> query_sha
+ORDER BY distance, n.image_sha256 LIMIT k;
 -- One row per image: the champion's prediction, else the newest version's. Kept up to date
 -- by every insert and rebuilt when the champion changes, so that queries over it stay fast
 -- at tens of millions of predictions (bench/views.py).

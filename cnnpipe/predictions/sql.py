@@ -44,8 +44,10 @@ HARDENED = {
     "lock_configuration": True,
 }
 # Relations beyond the database's own that a query may read: they disclose nothing of the host.
+# similar_images is the database's own table macro over its embeddings table.
 ALLOWED_TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest", "duckdb_tables", "duckdb_views",
-                                     "duckdb_columns", "duckdb_types", "duckdb_functions", "duckdb_keywords"})
+                                     "duckdb_columns", "duckdb_types", "duckdb_functions", "duckdb_keywords",
+                                     "similar_images"})
 ALLOWED_INFORMATION_SCHEMA = frozenset({"tables", "columns"})
 ALLOWED_SHOWS = frozenset({"tables", "__show_tables_expanded"})  # SHOW TABLES, SHOW ALL TABLES
 # Settings include the temporary directory and home paths.
@@ -99,7 +101,8 @@ def check_relations(connection: duckdb.DuckDBPyConnection, sql: str) -> None:
     refused = _Allowlist(own, database).first_refused(tree.get("statements"), frozenset())
     if refused:
         raise CnnpipeError(f"query refused: it may not read {refused}; it may read the tables and views "
-                           "of the predictions database, range(), unnest() and the table and column catalogue")
+                           "of the predictions database, range(), unnest(), similar_images() and the table and "
+                           "column catalogue")
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def pool(predictor: Predictor, count: int, seed: int, shift=None) -> dict[str, n
         image = render_shape(SHAPES[shape], rng)
         blobs.append(encode(shift(image, rng) if shift else image, "JPEG" if index % 2 else "PNG"))
     images = decode_images(blobs, 32)
-    values, indices, calibrated, brightness = predictor.top_k(images, 4).result()
+    values, indices, calibrated, brightness, _ = predictor.top_k(images, 4).result()
     classes = predictor.classes
     return {"truth": np.array([classes.index(SHAPES[t]) for t in truth]), "images": images,
             "label": np.array([classes[row[0]] for row in indices]), "confidence": np.array([row[0] for row in values]),

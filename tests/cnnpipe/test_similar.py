@@ -1,0 +1,69 @@
+"""`cnnpipe similar` and the `similar_images` macro over the embeddings classify stores, on a real DuckDB file."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image, ImageEnhance
+
+from cnnpipe.cli import cli
+from cnnpipe.models.registry import load_predictor
+from cnnpipe.predictions.classify import classify_source, open_classify_source
+from cnnpipe.predictions.sql import run_query
+from cnnpipe.settings import get_settings
+from cnnpipe.demo import SHAPES, encode, render_shape
+
+pytestmark = pytest.mark.slow
+
+
+def _similar(*arguments: str) -> list[dict]:
+    result = CliRunner().invoke(cli, ["similar", *arguments, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_the_nearest_image_is_a_re_encoded_twin_and_sql_finds_the_same(register_version, tmp_path):
+    rng = np.random.default_rng(3)
+    inbox = tmp_path / "inbox"
+    for shape in SHAPES:
+        (inbox / shape).mkdir(parents=True)
+        for index in range(10):
+            (inbox / shape / f"{index}.png").write_bytes(encode(render_shape(shape, rng), "PNG"))
+    original = inbox / "circle" / "0.png"
+    # The same picture after JPEG at quality 75 and a slight brightening: another file, another hash.
+    twin = ImageEnhance.Brightness(Image.open(original).convert("RGB")).enhance(1.1)
+    buffer = io.BytesIO()
+    twin.save(buffer, "JPEG", quality=75)
+    (inbox / "circle" / "twin.jpg").write_bytes(buffer.getvalue())
+    register_version("shapes-model", 0.9)
+    settings = get_settings()
+    summary = classify_source(open_classify_source(str(inbox)), load_predictor("shapes-model/1"),
+                              settings.predictions_db, settings.staging_dir, "run")
+    assert summary.classified == 41
+
+    found = _similar(str(original), "--model", "shapes-model/1", "--k", "3")
+    assert len(found) == 3 and [row["distance"] for row in found] == sorted(row["distance"] for row in found)
+    assert found[0]["member_path"] == "circle/twin.jpg" and found[0]["predicted_label"] in SHAPES
+    original_sha = hashlib.sha256(original.read_bytes()).hexdigest()
+    assert _similar(original_sha, "--model", "shapes-model", "--k", "3") == found
+    macro = run_query(f"SELECT image_sha256 FROM similar_images('{original_sha}', 'shapes-model', '1', 3)",
+                      settings.predictions_db)
+    assert [row[0] for row in macro.rows] == [row["image_sha256"] for row in found]
+    # An image no run classified is embedded by the registered version first.
+    unseen = tmp_path / "unseen.png"
+    unseen.write_bytes(encode(render_shape("cross", rng), "PNG"))
+    nearest_to_unseen = _similar(str(unseen), "--model", "shapes-model/1", "--k", "5")
+    assert len(nearest_to_unseen) == 5 and nearest_to_unseen[0]["distance"] <= nearest_to_unseen[-1]["distance"]
+
+
+def test_similar_refuses_what_it_cannot_search_in_one_line(cnnpipe_home):
+    for argument, expected in [("nothing-here", "neither an image file nor a SHA-256"),
+                               ("ab" * 32, "has classified no image with this SHA-256")]:
+        result = CliRunner().invoke(cli, ["similar", argument, "--model", "m/1"])
+        assert result.exit_code == 1 and expected in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
