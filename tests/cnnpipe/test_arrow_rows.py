@@ -23,6 +23,7 @@ def part_rows(count: int, nulls: bool) -> dict[str, list]:
         "classify_run_id": ["run"] * count, "predicted_at": [now + timedelta(microseconds=i) for i in range(count)],
         "calibrated_confidence": [i / 7 for i in range(count)],
         "brightness": [i / 3 for i in range(count)],
+        "embedding": [[i + j / 8 for j in range(i % 4 + 1)] for i in range(count)],
     }
     if nulls:
         for name in rows:

@@ -75,7 +75,7 @@ def insert_run(run_id: str, predictor: Predictor, rows: dict[str, np.ndarray]) -
         "top5": [[{"label": label, "probability": p}] for label, p in zip(rows["label"], rows["confidence"])],
         "width": [32] * count, "height": [32] * count, "classify_run_id": [run_id] * count,
         "predicted_at": [now] * count, "calibrated_confidence": rows["calibrated"].tolist(),
-        "brightness": rows["brightness"].tolist()}, schema=PART_SCHEMA)
+        "brightness": rows["brightness"].tolist(), "embedding": [None] * count}, schema=PART_SCHEMA)
     with transaction(get_settings().predictions_db) as connection:
         connection.register("made", table)
         add_predictions(connection, "SELECT * FROM made")
