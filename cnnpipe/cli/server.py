@@ -63,12 +63,13 @@ def demo() -> None:
     Writes rendered shapes (JPEG and PNG in class folders, two deliberately broken
     files, and a tar archive of more images) under $CNNPIPE_HOME/demo, ingests the
     folder into the dataset `shapes`, and trains alexnet-cifar on it on the CPU with the
-    automatic recipe (no training flags: 34 epochs of batch 32, about a minute on a
+    automatic recipe (no training flags: 43 epochs of batch 32, about a minute on a
     2-core CPU with AMX), logs the run to MLflow and registers `shapes-classifier`, its
     first champion if it beats the majority class. It then runs the nightly retraining
     flow once: it ingests the archive and fine-tunes the champion on the new version, a
     quarter of the epochs, promoted only if it beats the champion. It classifies the
-    archive into DuckDB with the champion and ends with a SQL query and where to look next.
+    archive into DuckDB with the champion and ends with a SQL query, the images most like
+    one of the archive's (`cnnpipe similar`), and where to look next.
     """
     from cnnpipe.cli.training import print_training
     from cnnpipe.demo import write_demo_images
@@ -99,6 +100,7 @@ def demo() -> None:
              "FROM latest_predictions GROUP BY label ORDER BY label")
     click.echo(f'\n$ cnnpipe sql "{query}"')
     write_result(run_query(query, settings.predictions_db), "table", None)
+    _show_similar(settings.predictions_db, summary)
     drift = run_drift(settings.predictions_db, summary.run_id)
     if drift:  # none when the gate kept an older champion registered before monitoring
         print_markdown(drift_markdown(drift))
@@ -113,6 +115,23 @@ Where to look next:
 The dataset is plain Parquet; DuckDB reads it with no cnnpipe involved:
   SELECT split, label, count(*) FROM '{files}' GROUP BY ALL ORDER BY ALL;""")
     click.echo(f"\nSee it all in the UIs:\n{_demo_uis()}")
+
+
+def _show_similar(database, summary) -> None:
+    """The demo's `cnnpipe similar`: the images the champion sees as most like the archive's first circle."""
+    from cnnpipe.predictions.similar import nearest
+    from cnnpipe.predictions.sql import run_query
+    from cnnpipe.reports.output import write_result
+
+    first = run_query("SELECT image_sha256, member_path FROM embeddings JOIN predictions USING (image_sha256, "
+                      f"model_name, model_version) WHERE model_name = '{summary.model_name}' AND model_version = "
+                      f"'{summary.model_version}' ORDER BY member_path LIMIT 1", database).rows
+    if not first:  # a champion registered before embeddings
+        return
+    sha, path = first[0]
+    click.echo(f"\n$ cnnpipe similar {sha} --k 5      # {path}, in the archive")
+    write_result(nearest(database, sha, summary.model_name, summary.model_version, 5), "table", None,
+                 count_rows=False)
 
 
 def _demo_uis() -> str:

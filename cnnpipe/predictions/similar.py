@@ -52,7 +52,7 @@ def nearest(database: Path, sha: str, name: str, version: str, k: int,
                       f"WHERE model_name = {quoted['name']} AND model_version = {quoted['version']} "
                       f"AND image_sha256 <> '{sha}' ORDER BY distance, image_sha256 LIMIT {int(k)})")
     return run_query(
-        f"SELECT s.image_sha256, round(s.distance, 4) AS distance, p.label AS predicted_label, "
+        f"SELECT s.image_sha256, round(s.distance::DOUBLE, 4) AS distance, p.label AS predicted_label, "
         f"round(p.confidence, 3) AS confidence, p.source_uri, p.member_path FROM {neighbours} s "
         f"LEFT JOIN predictions p ON p.image_sha256 = s.image_sha256 AND p.model_name = {quoted['name']} "
         f"AND p.model_version = {quoted['version']} ORDER BY s.distance, s.image_sha256",
