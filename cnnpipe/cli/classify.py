@@ -124,8 +124,7 @@ def similar(image: str, model_ref: str, k: int, output_format: str) -> None:
     Examples:
       cnnpipe similar ./inbox/cat.jpg
       cnnpipe similar 3b1f...e9 --model cnn-classifier/4 --k 20 --format csv
-      cnnpipe sql "SELECT s.*, p.label FROM similar_images('3b1f...e9', 'cnn-classifier', '4', 5) s
-                   JOIN latest_predictions p USING (image_sha256)"
+      cnnpipe sql "SELECT s.*, p.label FROM similar_images('3b1f...e9', 'cnn-classifier', '4', 5) s JOIN latest_predictions p USING (image_sha256)"
     """
     from cnnpipe.predictions.similar import embed_image, image_key, nearest, stored_version
     from cnnpipe.reports.output import write_result
