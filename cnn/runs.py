@@ -15,7 +15,7 @@ from cnn.augment import ColourStats
 from cnn.checkpoint import CheckpointError, Resumption, checkpoints, load_checkpoint, load_latest, restore_rng_state
 from cnn.config import TrainConfig
 from cnn.device import memory_budget
-from cnn.embeddings import PROJECTION_FILE
+from cnn.embeddings import PROJECTION_FILE, features, fit_projection
 from cnn.layout import PublishedDataset, default_checkpoint_root
 from cnn.loaders import _load_split
 from cnn.loop import evaluate
@@ -141,6 +141,19 @@ def profile_checkpoint(checkpoint: str | os.PathLike, dataset_dir: str | os.Path
     return _reference_profile(model, _load_split(val_split, decode_size(crop), device, budget, fit=fit), held_out_split,
                               held_out_images, held_out["probabilities"], held_out["targets"], stats, crop, batch_size,
                               precision)
+
+
+def projection_for(checkpoint: str | os.PathLike, dataset_dir: str | os.PathLike,
+                   device: str | torch.device = "cpu", batch_size: int = 512) -> dict:
+    """The embedding projection `fit` now saves, for a model trained before it: fitted on the train
+    split of `dataset_dir`, as `fit` fits it."""
+    device = torch.device(device)
+    model, state = _model_for(checkpoint, dataset_dir, device)
+    crop = input_size(model)
+    train = _load_split(StoreSplit.open(dataset_dir, "train", state["classes"]), decode_size(crop), device,
+                        memory_budget(device)[0], fit=resize_mode(state["config"]))
+    return fit_projection(features(model, train.batches(batch_size), ColourStats(**state["colour_stats"]), crop,
+                                   state["config"].get("precision", "auto"))).state()
 
 
 def _model_for(checkpoint: str | os.PathLike, dataset_dir: str | os.PathLike,

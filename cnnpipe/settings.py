@@ -53,6 +53,11 @@ class Settings:
         return self.home / "cache" / "starting-weights"
 
     @property
+    def projections_dir(self) -> Path:
+        """Embedding projections derived for versions registered before embeddings, one file a version."""
+        return self.home / "cache" / "projections"
+
+    @property
     def staging_dir(self) -> Path:
         # Outside datasets/ so that a glob over a dataset never sees staged parts.
         return self.home / "staging"

@@ -10,6 +10,7 @@ from prefect.events import emit_event
 from cnn.predict import Predictor
 from cnn.device import resolve_device
 from cnnpipe.models import refs, registry
+from cnnpipe.models.projections import ensure_projection
 from cnnpipe.monitoring.drift import run_drift
 from cnnpipe.monitoring.drift_picture import drift_distributions
 from cnnpipe.monitoring.reference import ensure_reference_profile
@@ -30,8 +31,9 @@ def classify_images(source: str, model: str, checkpoint: str | None, device: str
     settings = get_settings()
     # Resolved once per run: an alias that moves mid-run does not mix versions in the rows.
     predictor = _predictor(model, checkpoint, device, batch_size)
-    if not checkpoint:  # what its drift is measured against, derived once for a version that predates it
+    if not checkpoint:  # what its drift and embeddings are measured with, derived once for a version that predates them
         ensure_reference_profile(predictor.name, predictor.version, settings, device)
+        ensure_projection(predictor, settings, device)
     with progress_bar("classify") as update:
         return classify_source(open_classify_source(source), predictor, settings.predictions_db, settings.staging_dir,
                                run_id, on_progress=update)

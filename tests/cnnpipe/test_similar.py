@@ -67,3 +67,34 @@ def test_similar_refuses_what_it_cannot_search_in_one_line(cnnpipe_home):
         result = CliRunner().invoke(cli, ["similar", argument, "--model", "m/1"])
         assert result.exit_code == 1 and expected in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_version_registered_before_embeddings_gets_its_projection_on_demand(register_version, shapes_checkpoints,
+                                                                              shapes_dataset, tmp_path):
+    import shutil
+
+    import mlflow
+    import torch
+
+    from cnn.embeddings import PROJECTION_FILE
+    from cnnpipe.models.projections import ensure_projection
+
+    settings = get_settings()
+    older = tmp_path / "older" / shapes_checkpoints[-1].name  # a run from before embeddings: no embedding.pt
+    older.parent.mkdir()
+    shutil.copy(shapes_checkpoints[-1], older)
+    version = register_version("preembedding", 0.5, checkpoint=older)
+    predictor = load_predictor("preembedding/1")
+    assert predictor.projection is None
+    ensure_projection(predictor, settings)  # its dataset is not here: it stays without, and writes none
+    assert predictor.projection is None
+    shutil.copytree(shapes_dataset, settings.datasets_dir / "shapes")
+    ensure_projection(predictor, settings)
+    fitted = predictor.projection
+    # The same projection fit fits: on the same train split, from the same weights.
+    expected = torch.load(shapes_checkpoints[-1].parent / PROJECTION_FILE, weights_only=True)
+    assert torch.allclose(fitted.mean, expected["mean"], atol=1e-4)
+    assert mlflow.artifacts.download_artifacts(f"runs:/{version.run_id}/embedding/1.pt", dst_path=str(tmp_path))
+    again = load_predictor("preembedding/1")
+    ensure_projection(again, settings)  # from the cache, the same
+    assert torch.equal(again.projection.components, fitted.components)
