@@ -8,7 +8,7 @@ version, so it must skip them), and their prediction rows. Then times, each the 
 runs after one warm-up, in one process:
 - full scan: `SELECT count(*), max(embedding[1]) FROM embeddings` over the whole table;
 - similar: the 10 nearest images to a stored one, as `cnnpipe similar` asks DuckDB for them
-  (`cnnpipe.predictions.similar.nearest`: the `similar_images` macro joined with predictions),
+  (`cnnpipe.predictions.similar.nearest`: cosine distances to the stored embedding, joined with predictions),
   without the command's process start-up.
 Target: similar < 1 s at 1,000,000 embeddings of the version queried.
 """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from cnnpipe.cli.common import before_flows, print_markdown
@@ -109,9 +111,14 @@ def sql(query: str, output_format: str, output: str | None, force: bool, max_row
 @click.option("--model", "model_ref", default=f"{REGISTERED_MODEL}@champion", show_default=True,
               help="NAME@champion, NAME/VERSION or NAME (its newest version holding the image).")
 @click.option("--k", default=10, show_default=True, type=click.IntRange(1, 10_000), help="How many neighbours.")
+@click.option("--dataset", default=None, help="Only images of this dataset, with their labels and split "
+              "(classify it first: `cnnpipe classify dataset:NAME`) [default: every classified image].")
 @click.option("--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table",
               show_default=True)
-def similar(image: str, model_ref: str, k: int, output_format: str) -> None:
+@click.option("--export", "export_to", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write the neighbours' images and labels.csv into this folder, as `review export` does.")
+def similar(image: str, model_ref: str, k: int, dataset: str | None, output_format: str,
+            export_to: Path | None) -> None:
     """The k classified images most like IMAGE (a file, or the SHA-256 of a classified image).
 
     Distances are cosine distances between the embeddings one model version gave the images it
@@ -123,24 +130,42 @@ def similar(image: str, model_ref: str, k: int, output_format: str) -> None:
     \b
     Examples:
       cnnpipe similar ./inbox/cat.jpg
+      cnnpipe similar ./inbox/cat.jpg --dataset pets --export ./look   # its twins in the training data
       cnnpipe similar 3b1f...e9 --model cnn-classifier/4 --k 20 --format csv
       cnnpipe sql "SELECT s.*, p.label FROM similar_images('3b1f...e9', 'cnn-classifier', '4', 5) s JOIN latest_predictions p USING (image_sha256)"
     """
-    from cnnpipe.predictions.similar import embed_image, image_key, nearest, stored_version
+    from cnnpipe.predictions.similar import dataset_images, embed_image, image_key, nearest, stored_version
     from cnnpipe.reports.output import write_result
     from cnnpipe.settings import get_settings
 
-    database = get_settings().predictions_db
+    settings = get_settings()
+    database = settings.predictions_db
     sha, data = image_key(image)
+    images = dataset_images(dataset, settings) if dataset else None
     stored = stored_version(database, sha, model_ref)
     if stored is not None:
-        result = nearest(database, sha, *stored, k)
+        name, version, embedding = *stored, None
     elif data is None:
         raise click.ClickException(f"{sha}: {model_ref} has classified no image with this SHA-256; give the file")
     else:
         name, version, embedding = embed_image(data, model_ref)
-        result = nearest(database, sha, name, version, k, embedding)
+    result = nearest(database, sha, name, version, k, embedding, images)
+    if dataset and not result.rows:
+        raise click.ClickException(f"no image of dataset {dataset} has an embedding by {name}/{version}: classify "
+                                   f"it first with `cnnpipe classify dataset:{dataset} --model {name}/{version}`")
     write_result(result, output_format, None, count_rows=False)
+    if export_to is not None:
+        _export_neighbours(result, name, version, export_to, settings)
+
+
+def _export_neighbours(result, name: str, version: str, folder: Path, settings) -> None:
+    from cnnpipe.monitoring.review import export_for_review
+    from cnnpipe.predictions.similar import prediction_rows
+
+    export = export_for_review(prediction_rows(settings.predictions_db, [row[0] for row in result.rows], name,
+                                               version), folder, settings)
+    click.echo(f"exported {export.from_source + export.from_store} images to {folder} (labels.csv lists them, "
+               f"nearest first){f'; {len(export.unavailable)} unavailable' if export.unavailable else ''}", err=True)
 
 
 @click.group(invoke_without_command=True)

@@ -8,11 +8,13 @@ import hashlib
 import re
 from pathlib import Path
 
+import pyarrow as pa
+
 from cnn.config import EMBEDDING_DIM
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.predictions.database import connect
+from cnnpipe.predictions.database import connect, retry_on_lock
 from cnnpipe.predictions.records import version_condition
-from cnnpipe.predictions.sql import QueryLimits, QueryResult, run_query
+from cnnpipe.predictions.sql import QueryResult
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -32,31 +34,81 @@ def stored_version(database: Path, sha: str, model_ref: str) -> tuple[str, str] 
     """The model version (name, version) of `model_ref` that holds an embedding of `sha`, if any."""
     if not database.exists():
         return None
-    with connect(database, read_only=True) as connection:
-        found = connection.execute(f"SELECT model_name, model_version FROM embeddings e WHERE e.image_sha256 = ? "
-                                   f"AND {version_condition(model_ref, 'e')} "
-                                   "ORDER BY version_number(model_version) DESC LIMIT 1", [sha]).fetchone()
+
+    def read():
+        with connect(database, read_only=True) as connection:
+            return connection.execute(f"SELECT model_name, model_version FROM embeddings e WHERE e.image_sha256 = ? "
+                                      f"AND {version_condition(model_ref, 'e')} "
+                                      "ORDER BY version_number(model_version) DESC LIMIT 1", [sha]).fetchone()
+
+    found = retry_on_lock(read, database)
     return tuple(found) if found else None
 
 
-def nearest(database: Path, sha: str, name: str, version: str, k: int,
-            embedding: list[float] | None = None) -> QueryResult:
+def stored_embedding(database: Path, sha: str, name: str, version: str) -> list[float]:
+    def read() -> list[float]:
+        with connect(database, read_only=True) as connection:
+            return connection.execute("SELECT embedding FROM embeddings WHERE image_sha256 = ? AND model_name = ? "
+                                      "AND model_version = ?", [sha, name, version]).fetchone()[0]
+
+    return retry_on_lock(read, database)
+
+
+def nearest(database: Path, sha: str, name: str, version: str, k: int, embedding: list[float] | None = None,
+            dataset: pa.Table | None = None) -> QueryResult:
     """The k nearest images to `sha` (stored) or to `embedding` (of an image not classified yet),
-    with their distance, predicted label and where each came from."""
-    quoted = {key: "'" + value.replace("'", "''") + "'" for key, value in (("name", name), ("version", version))}
-    if embedding is None:
-        neighbours = f"similar_images('{sha}', {quoted['name']}, {quoted['version']}, {int(k)})"
+    with their distance and predicted label, and where each came from; with `dataset` (its
+    `sha256`, `label`, `split` and `member_path`), only its images, with their true labels."""
+    vector = embedding if embedding is not None else stored_embedding(database, sha, name, version)
+    # The k nearest first, over the embeddings alone; only those k rows are then joined.
+    within = " AND e.image_sha256 IN (SELECT sha256 FROM dataset_images)" if dataset is not None else ""
+    top = (f"SELECT e.image_sha256, e.model_name, e.model_version, round(array_cosine_distance("
+           f"?::FLOAT[{EMBEDDING_DIM}], e.embedding)::DOUBLE, 4) AS distance FROM embeddings e "
+           f"WHERE e.model_name = ? AND e.model_version = ? AND e.image_sha256 <> ?{within} "
+           f"ORDER BY distance, e.image_sha256 LIMIT {int(k)}")
+    if dataset is None:
+        columns = "p.label AS predicted_label, round(p.confidence, 3) AS confidence, p.source_uri, p.member_path"
+        joins = ""
     else:
-        vector = "[" + ", ".join(f"{value:.7g}" for value in embedding) + f"]::FLOAT[{EMBEDDING_DIM}]"
-        neighbours = (f"(SELECT image_sha256, array_cosine_distance({vector}, embedding) AS distance FROM embeddings "
-                      f"WHERE model_name = {quoted['name']} AND model_version = {quoted['version']} "
-                      f"AND image_sha256 <> '{sha}' ORDER BY distance, image_sha256 LIMIT {int(k)})")
-    return run_query(
-        f"SELECT s.image_sha256, round(s.distance::DOUBLE, 4) AS distance, p.label AS predicted_label, "
-        f"round(p.confidence, 3) AS confidence, p.source_uri, p.member_path FROM {neighbours} s "
-        f"LEFT JOIN predictions p ON p.image_sha256 = s.image_sha256 AND p.model_name = {quoted['name']} "
-        f"AND p.model_version = {quoted['version']} ORDER BY s.distance, s.image_sha256",
-        database, QueryLimits(), cap_rows=False)
+        columns = "d.label, d.split, p.label AS predicted_label, d.member_path"
+        joins = " JOIN dataset_images d ON d.sha256 = n.image_sha256"
+    sql = (f"SELECT n.image_sha256, n.distance, {columns} FROM ({top}) n{joins} LEFT JOIN predictions p "
+           "USING (image_sha256, model_name, model_version) ORDER BY n.distance, n.image_sha256")
+
+    def read() -> QueryResult:
+        with connect(database, read_only=True) as connection:
+            if dataset is not None:
+                connection.register("dataset_images", dataset)
+            cursor = connection.execute(sql, [vector, name, version, sha])
+            rows = cursor.fetchall()
+            return QueryResult([column[0] for column in cursor.description], rows, truncated=False)
+
+    return retry_on_lock(read, database)  # a classify run committing holds the file for a moment
+
+
+def dataset_images(dataset: str, settings) -> pa.Table:
+    """A dataset's images as `--dataset` searches them: hash, label, split and member path."""
+    from cnnpipe.store import DatasetStore
+
+    store = DatasetStore(dataset, settings)
+    if not store.exists():
+        raise CnnpipeError(f"no dataset named {dataset!r}")
+    return store.read_table(["sha256", "label", "split", "member_path"])
+
+
+def prediction_rows(database: Path, shas: list[str], name: str, version: str) -> list[dict]:
+    """The prediction rows of `shas` by one version, in the order given, as `review export` takes them."""
+    def read() -> list[dict]:
+        with connect(database, read_only=True) as connection:
+            cursor = connection.execute(
+                "SELECT image_sha256, source_uri, member_path, model_name, model_version, label, confidence "
+                "FROM predictions WHERE model_name = ? AND model_version = ? AND list_contains(?, image_sha256)",
+                [name, version, shas])
+            columns = [column[0] for column in cursor.description]
+            return [dict(zip(columns, row)) for row in cursor.fetchall()]
+
+    found = {row["image_sha256"]: row for row in retry_on_lock(read, database)}
+    return [found[sha] for sha in shas if sha in found]
 
 
 def embed_image(data: bytes, model_ref: str) -> tuple[str, str, list[float]]:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 def _similar(*arguments: str) -> list[dict]:
     result = CliRunner().invoke(cli, ["similar", *arguments, "--format", "json"])
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    return json.loads(result.stdout)  # --export says what it wrote on stderr
 
 
 def test_the_nearest_image_is_a_re_encoded_twin_and_sql_finds_the_same(register_version, tmp_path):
@@ -98,3 +98,27 @@ def test_a_version_registered_before_embeddings_gets_its_projection_on_demand(re
     again = load_predictor("preembedding/1")
     ensure_projection(again, settings)  # from the cache, the same
     assert torch.equal(again.projection.components, fitted.components)
+
+
+def test_similar_within_a_dataset_names_labels_and_splits_and_exports_the_images(register_version, shapes_dataset,
+                                                                                tmp_path):
+    import csv
+    import shutil
+
+    settings = get_settings()
+    shutil.copytree(shapes_dataset, settings.datasets_dir / "shapes")
+    register_version("shapes-model", 0.9)
+    result = CliRunner().invoke(cli, ["similar", "ab" * 32, "--model", "shapes-model/1", "--dataset", "ghost"])
+    assert result.exit_code == 1 and "no dataset named 'ghost'" in result.output
+    summary = classify_source(open_classify_source("dataset:shapes/test"), load_predictor("shapes-model/1"),
+                              settings.predictions_db, settings.staging_dir, "run")
+    query = run_query("SELECT image_sha256, label FROM predictions ORDER BY member_path LIMIT 1",
+                      settings.predictions_db).rows[0][0]
+    found = _similar(query, "--model", "shapes-model/1", "--dataset", "shapes", "--k", "4", "--export",
+                     str(tmp_path / "look"))
+    assert len(found) == 4 and {row["split"] for row in found} == {"test"} and summary.classified == 80
+    assert all(row["label"] in SHAPES and row["image_sha256"] != query for row in found)
+    with open(tmp_path / "look" / "labels.csv") as handle:
+        exported = list(csv.DictReader(handle))
+    assert [row["sha256"] for row in exported] == [row["image_sha256"] for row in found]
+    assert all((tmp_path / "look" / row["path"]).exists() for row in exported)
