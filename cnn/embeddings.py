@@ -97,3 +97,36 @@ def features(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     finally:
         model.train(was_training)
     return torch.cat(kept)[:limit] if kept else torch.empty(0)
+
+
+# Points in the picture of a run's validation embeddings: enough to see the classes' clusters.
+MAP_IMAGES = 2_000
+
+
+@torch.no_grad()
+def embedding_map(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], stats: ColourStats,
+                  crop: int, projection: Projection, precision: str = "auto", limit: int = MAP_IMAGES) -> dict:
+    """Up to `limit` images of `batches` on the projection's two leading directions (the train
+    split's first two principal components), with their true and predicted classes."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    points, targets, predicted, seen = [], [], [], 0
+    try:
+        with classifier_inputs(model) as captured:
+            for images, labels in batches:
+                with autocast(device, precision):
+                    logits = model(normalise(centre_crop(images, crop), stats))
+                points.append(projection(captured.pop().float())[:, :2].cpu())
+                targets.append(labels.cpu())
+                predicted.append(logits.argmax(1).cpu())
+                seen += len(images)
+                if seen >= limit:
+                    break
+    finally:
+        model.train(was_training)
+    if not points:
+        return {"x": [], "y": [], "target": [], "predicted": []}
+    xy = torch.cat(points)[:limit]
+    return {"x": xy[:, 0].tolist(), "y": xy[:, 1].tolist(), "target": torch.cat(targets)[:limit].tolist(),
+            "predicted": torch.cat(predicted)[:limit].tolist()}

@@ -32,7 +32,7 @@ from cnn.augment import Augment, ColourStats, colour_stats_for
 from cnn.checkpoint import CheckpointWriter, Resumption, load_latest, rng_state
 from cnn.config import TrainConfig
 from cnn.device import memory_budget, memory_budget_line, precision_line, resolve_device
-from cnn.embeddings import fit_projection, features, save_projection
+from cnn.embeddings import embedding_map, features, fit_projection, save_projection
 from cnn.failpoints import failpoint
 from cnn.loaders import ResidentImages, StreamingImages, _load_split
 from cnn.loop import TrainingDiverged, evaluate, train_one_epoch
@@ -247,9 +247,13 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
             held_out.update({"ten_crop_top1": ten["top1"], "ten_crop_top5": ten["top5"]})
         reference = _reference_profile(model, val, held_out_split, held_out_images, probabilities, targets, stats,
                                        crop, config.batch_size * 2, config.precision)
+        embeddings = {}
         if leader:
-            save_projection(fit_projection(features(model, train.batches(config.batch_size * 2), stats, crop,
-                                                    config.precision)), run_dir)
+            projection = fit_projection(features(model, train.batches(config.batch_size * 2), stats, crop,
+                                                 config.precision))
+            save_projection(projection, run_dir)
+            embeddings = embedding_map(model, val.batches(config.batch_size * 2), stats, crop, projection,
+                                       config.precision)
     if latest is None and leader:
         loaded = load_latest(run_dir)
         latest = loaded[1] if loaded else None
@@ -260,7 +264,8 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
         dist.destroy_process_group()
     return FitResult(str(run_dir), str(latest), classes, history, held_out, held_out_split.split, best,
                      len(history), config.seed, str(device), train_split.version_id, stopped_early, mistakes,
-                     reference, extra={"report": report, "init": init_match.text() if init_match else None})
+                     reference, extra={"report": report, "init": init_match.text() if init_match else None,
+                                       "embedding_map": embeddings})
 
 
 @dataclass

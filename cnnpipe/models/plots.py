@@ -1,4 +1,5 @@
-"""The pictures a training run leaves in MLflow: curves, confusion matrix, reliability, mistakes.
+"""The pictures a training run leaves in MLflow: curves, confusion matrix, reliability, mistakes,
+and the map of what the model sees in the validation images.
 
 Each function writes one PNG and returns its path. matplotlib runs headless (Agg).
 """
@@ -91,4 +92,25 @@ def mistakes_grid(mistakes: list[dict], classes: list[str], path: Path) -> Path:
     if not mistakes:
         grid[0][0].text(0, 0.5, "no mistakes", fontsize=12)
     figure.suptitle("most confident mistakes: true → predicted")
+    return _save(figure, path)
+
+
+def embedding_map(points: dict, classes: list[str], path: Path) -> Path:
+    """Validation images on the first two principal components of the train split's embeddings,
+    coloured by true class; the misclassified ones ringed in black."""
+    from matplotlib import colormaps
+
+    figure, axes = _subplots(1, 1, figsize=(7.5, 6))
+    palette = colormaps["tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "turbo"]
+    for index, name in enumerate(classes):
+        members = [i for i, target in enumerate(points["target"]) if target == index]
+        axes.scatter([points["x"][i] for i in members], [points["y"][i] for i in members], s=10, alpha=0.8,
+                     color=palette(index if len(classes) <= 20 else index / max(1, len(classes) - 1)),
+                     label=name if len(classes) <= 20 else None)
+    wrong = [i for i, (target, guess) in enumerate(zip(points["target"], points["predicted"])) if target != guess]
+    axes.scatter([points["x"][i] for i in wrong], [points["y"][i] for i in wrong], s=28, facecolors="none",
+                 edgecolors="black", linewidths=0.8, label=f"misclassified ({len(wrong)} of {len(points['x'])})")
+    axes.legend(fontsize=7, loc="best")
+    axes.set(title="validation images: what the model sees (PCA of its embeddings)", xlabel="component 1",
+             ylabel="component 2")
     return _save(figure, path)

@@ -222,6 +222,8 @@ def log_evaluation(result: FitResult) -> dict:
         plots.confusion_matrix(report["confusion_matrix"], classes, folder / "confusion_matrix.png")
         plots.reliability_diagram(report["reliability"], report["ece"], folder / "reliability_diagram.png")
         plots.mistakes_grid(result.mistakes, classes, folder / "confident_mistakes.png")
+        if result.extra.get("embedding_map", {}).get("x"):
+            plots.embedding_map(result.extra["embedding_map"], classes, folder / "embedding_map.png")
         mlflow.log_artifacts(str(folder), "plots")
     rows = report["per_class"]
     with tempfile.TemporaryDirectory(prefix="cnnpipe-artifacts-") as scratch:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 
 from cnn.config import EMBEDDING_DIM
@@ -43,3 +44,12 @@ def test_a_trained_run_embeds_images_and_one_from_before_embeddings_does_not(sha
     shutil.copy(shapes_checkpoints[-1], older)
     *_, none = Predictor(older).top_k(images, 3).result()
     assert none == [None] * 6
+
+
+def test_the_map_of_validation_embeddings_agrees_with_the_runs_own_evaluation(trained_on_shapes):
+    points = trained_on_shapes.extra["embedding_map"]
+    count = len(points["x"])
+    assert count == len(points["y"]) == len(points["target"]) == len(points["predicted"]) > 0
+    right = sum(target == guess for target, guess in zip(points["target"], points["predicted"]))
+    assert right / count == pytest.approx(trained_on_shapes.history[-1]["val_top1"])
+    assert set(points["target"]) == set(range(len(trained_on_shapes.classes)))

@@ -57,7 +57,7 @@ def test_train_flow_logs_a_complete_mlflow_run_and_registers_a_loadable_model(sh
     assert "test_top5_error" in run.data.metrics and "test_ece" in run.data.metrics
 
     artifacts = mlflow.artifacts.download_artifacts(run_id=outcome.run_id, dst_path=str(tmp_path / "artifacts"))
-    for name in ("confusion_matrix", "training_curves", "reliability_diagram", "confident_mistakes"):
+    for name in ("confusion_matrix", "training_curves", "reliability_diagram", "confident_mistakes", "embedding_map"):
         with Image.open(f"{artifacts}/plots/{name}.png") as image:
             image.verify()
             assert image.format == "PNG" and image.size[0] > 300
