@@ -160,6 +160,10 @@ def build_model(name: str, num_classes: int, **options) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
+def has_linear_head(model: nn.Module) -> bool:
+    return any(isinstance(module, nn.Linear) for module in model.modules())
+
+
 def head_name(model: nn.Module) -> str:
     """The classifier's last layer, whose rows are the classes and whose input is what the model
     sees: the last Linear, in AlexNet, ResNet, VGG and ViT alike."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,7 +77,8 @@ class Predictor:
         while start < len(images):
             chunk = images[start:start + batch].to(self.device, non_blocking=True)
             try:
-                with autocast(self.device, self.precision), classifier_inputs(self.model) as seen:
+                with autocast(self.device, self.precision), \
+                        classifier_inputs(self.model) if self.projection else nullcontext([]) as seen:
                     logits = self.model(normalise(centre_crop(chunk, self.crop), self.stats))
             except torch.OutOfMemoryError:
                 if batch == 1:

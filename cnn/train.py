@@ -37,7 +37,7 @@ from cnn.failpoints import failpoint
 from cnn.loaders import ResidentImages, StreamingImages, _load_split
 from cnn.loop import TrainingDiverged, evaluate, train_one_epoch
 from cnn.metrics import classification_report
-from cnn.model import NATIVE_SIZES, decode_size, input_size
+from cnn.model import NATIVE_SIZES, decode_size, has_linear_head, input_size
 from cnn.runs import _build, _reference_profile, _run_dir, restore_latest, resume_point
 from cnn.splits import StoreSplit, require_trainable_split, validation_split, validation_warning
 from cnn.timing import seconds_per_image
@@ -248,7 +248,7 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
         reference = _reference_profile(model, val, held_out_split, held_out_images, probabilities, targets, stats,
                                        crop, config.batch_size * 2, config.precision)
         embeddings = {}
-        if leader:
+        if leader and has_linear_head(model):  # a model whose classifier is a convolution (SqueezeNet) has none
             projection = fit_projection(features(model, train.batches(config.batch_size * 2), stats, crop,
                                                  config.precision))
             save_projection(projection, run_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +54,17 @@ def test_the_map_of_validation_embeddings_agrees_with_the_runs_own_evaluation(tr
     right = sum(target == guess for target, guess in zip(points["target"], points["predicted"]))
     assert right / count == pytest.approx(trained_on_shapes.history[-1]["val_top1"])
     assert set(points["target"]) == set(range(len(trained_on_shapes.classes)))
+
+
+@pytest.mark.slow
+def test_a_model_whose_classifier_is_a_convolution_trains_and_predicts_without_embeddings(tiny_shapes_dataset,
+                                                                                          tmp_path):
+    from cnn.config import TrainConfig
+    from cnn.train import fit
+
+    result = fit(TrainConfig(dataset_dir=str(tiny_shapes_dataset), model="squeezenet1_0", image_size=64, epochs=1,
+                             batch_size=32, lr=0.01, device="cpu", checkpoint_root=str(tmp_path)))
+    assert not (Path(result.run_dir) / PROJECTION_FILE).exists() and result.extra["embedding_map"] == {}
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    values, *_, embeddings = Predictor(result.checkpoint).top_k(images, 2).result()
+    assert len(values) == 3 and embeddings == [None] * 3
