@@ -1,6 +1,6 @@
 """Warm starts against training from scratch, both measured in the same run.
 
-    python bench/warm_start.py                    # nightly and transfer, about 20 minutes on 2 cores
+    python bench/warm_start.py                    # nightly and transfer, about 12 minutes on 2 cores
     python bench/warm_start.py --only nightly     # or --only transfer
     python bench/warm_start.py --quick            # a smoke check: tiny sets, a few epochs
 
