@@ -36,7 +36,7 @@ def retrain(dataset: str, source: str | None = None, force: bool = False,
         return replace(train(dataset=dataset, params=params), ingested=ingested, why=why)
     prepare_tracking()
     init, start_why = nightly_init(params.registered_model, dataset, params.model, params.image_size,
-                                   params.scratch_every)
+                                   params.scratch_every, params.norm)
     why = f"{why}; {start_why}"
     outcome = train(dataset=dataset, params=params.model_copy(update={"init": init}))
     if init != "scratch" and outcome.decision is not None and not outcome.decision.promoted:

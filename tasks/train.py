@@ -50,10 +50,10 @@ def starting_point(init: str, registered_model: str) -> StartingPoint:
 
 
 @task(name="nightly-start", cache_policy=NO_CACHE)
-def nightly_init(registered_model: str, dataset: str, model: str, image_size: int | None,
-                 scratch_every: int) -> tuple[str, str]:
+def nightly_init(registered_model: str, dataset: str, model: str, image_size: int | None, scratch_every: int,
+                 norm: str | None = None) -> tuple[str, str]:
     """retrain's `--init` when none is given: the champion when it fits, else scratch; and why."""
-    init, why = nightly_start(registered_model, dataset, model, image_size, scratch_every)
+    init, why = nightly_start(registered_model, dataset, model, image_size, scratch_every, norm=norm)
     get_run_logger().info(why)
     return init, why
 
