@@ -130,7 +130,7 @@ def nightly_start(registered_model: str, dataset: str, model: str, image_size: i
         return SCRATCH, f"from scratch: {label} was trained at {trained_size} px, this run's --image-size is {image_size}"
     trained_norm = config.get("norm") or _default_norm(model)
     if norm and model in NATIVE_SIZES and trained_norm != norm:  # other layers, other weights
-        return SCRATCH, f"from scratch: {label} has --norm {trained_norm}, this run's is {norm}"
+        return SCRATCH, f"from scratch: {label} has --norm {trained_norm}, this run asks for {norm}"
     version_number = versions[champion.tags["dataset_version_id"]]
     return start.model_version, f"fine-tuning {label}, trained on {dataset} version {version_number}"
 

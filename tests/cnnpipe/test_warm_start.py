@@ -31,7 +31,7 @@ def test_retrain_fine_tunes_a_champion_that_fits_and_says_why_not_otherwise(shap
     assert nightly_start("n", "shapes", "alexnet-cifar", 64, 7)[1] == (
         "from scratch: champion n v1 was trained at 32 px, this run's --image-size is 64")
     assert nightly_start("n", "shapes", "alexnet-cifar", None, 7, norm="lrn")[1] == (
-        "from scratch: champion n v1 has --norm batch, this run's is lrn")
+        "from scratch: champion n v1 has --norm batch, this run asks for lrn")
     assert nightly_start("n", "shapes", "alexnet-cifar", None, 7, norm="batch")[0] == "n/1"
     # Every Nth version from scratch: here the champion itself started warm, so the 2nd version is due.
     client.set_model_version_tag("n", champion.version, "init", "n v0")
