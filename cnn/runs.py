@@ -75,10 +75,15 @@ def _build(config: dict, num_classes: int) -> nn.Module:
         model = build_model(name, num_classes)
         model.input_size = image_size or input_size(model)
         return model
-    # The alexnet-cifar recipe uses batch norm; the 224 network keeps the paper's LRN.
-    norm = config["norm"] or ("batch" if name == "alexnet-cifar" else "lrn")
+    norm = config["norm"] or default_norm(name)
     return build_model(name, num_classes, padding=config["padding"], pool=config["pool"],
                        dropout=config["dropout"], norm=norm, image_size=image_size or NATIVE_SIZES[name])
+
+
+def default_norm(model: str) -> str:
+    """An AlexNet's normalisation when --norm is left unset: the alexnet-cifar recipe uses batch
+    norm; the 224 network keeps the paper's LRN."""
+    return "batch" if model == "alexnet-cifar" else "lrn"
 
 
 def resize_mode(config: dict) -> str:

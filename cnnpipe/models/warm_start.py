@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cnn.checkpoint import CheckpointError, load_checkpoint
 from cnn.model import NATIVE_SIZES
+from cnn.runs import default_norm
 from cnn.warm_start import SCRATCH, TORCHVISION
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import registry
@@ -128,16 +129,11 @@ def nightly_start(registered_model: str, dataset: str, model: str, image_size: i
     trained_size = config.get("image_size") or NATIVE_SIZES.get(model, 224)
     if image_size and trained_size != image_size:
         return SCRATCH, f"from scratch: {label} was trained at {trained_size} px, this run's --image-size is {image_size}"
-    trained_norm = config.get("norm") or _default_norm(model)
+    trained_norm = config.get("norm") or default_norm(model)
     if norm and model in NATIVE_SIZES and trained_norm != norm:  # other layers, other weights
         return SCRATCH, f"from scratch: {label} has --norm {trained_norm}, this run asks for {norm}"
     version_number = versions[champion.tags["dataset_version_id"]]
     return start.model_version, f"fine-tuning {label}, trained on {dataset} version {version_number}"
-
-
-def _default_norm(model: str) -> str:
-    """What `cnn.runs._build` gives an AlexNet whose --norm was left unset."""
-    return "batch" if model == "alexnet-cifar" else "lrn"
 
 
 def warm_streak(client, registered_model: str) -> int:
