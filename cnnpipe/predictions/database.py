@@ -101,6 +101,23 @@ CREATE TABLE IF NOT EXISTS reference_confidence (
     model_name VARCHAR NOT NULL, model_version VARCHAR NOT NULL, bin INTEGER NOT NULL, low DOUBLE, high DOUBLE,
     share DOUBLE, accuracy DOUBLE, PRIMARY KEY (model_name, model_version, bin)
 );
+-- What `cnnpipe audit` found in a dataset (cnnpipe.monitoring.audit), replaced for the dataset by each audit:
+-- pairs of stored images that are one picture (a twin in another split is a leak), labels that
+-- confident learning doubts, and images far from every class.
+CREATE TABLE IF NOT EXISTS near_duplicates (
+    dataset VARCHAR NOT NULL, dataset_version VARCHAR, image_sha256 VARCHAR NOT NULL, split VARCHAR,
+    twin_sha256 VARCHAR NOT NULL, twin_split VARCHAR, hash_distance INTEGER, embedding_distance DOUBLE,
+    PRIMARY KEY (dataset, image_sha256, twin_sha256)
+);
+CREATE TABLE IF NOT EXISTS label_issues (
+    dataset VARCHAR NOT NULL, dataset_version VARCHAR, image_sha256 VARCHAR NOT NULL, split VARCHAR,
+    given_label VARCHAR, suggested_label VARCHAR, label_quality DOUBLE, rank INTEGER,
+    PRIMARY KEY (dataset, image_sha256)
+);
+CREATE TABLE IF NOT EXISTS outliers (
+    dataset VARCHAR NOT NULL, dataset_version VARCHAR, image_sha256 VARCHAR NOT NULL, split VARCHAR, label VARCHAR,
+    outlier_score DOUBLE, rank INTEGER, PRIMARY KEY (dataset, image_sha256)
+);
 CREATE OR REPLACE MACRO version_number(v) AS TRY_CAST(v AS BIGINT);
 -- The k images whose embeddings by one model version lie nearest to a stored image's, by cosine
 -- distance in a full scan: `SELECT * FROM similar_images('<sha256>', 'cnn-classifier', '3', 10)`.

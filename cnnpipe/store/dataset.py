@@ -92,7 +92,8 @@ class DatasetStore:
         for path in files:
             with self.reading(path):
                 tables.append(pq.read_table(path, columns=columns, filesystem=self.filesystem))
-        return pa.concat_tables(tables)
+        # Parts from before a column was added lack it: it reads as null there.
+        return pa.concat_tables(tables, promote_options="default")
 
     def verify(self, read_rows: bool = False) -> list[DamagedPart]:
         """The dataset's damaged parts: missing, with a footer that does not read, or holding

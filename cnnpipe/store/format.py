@@ -29,6 +29,8 @@ SCHEMA = pa.schema([
     ("source_uri", pa.string()),
     ("member_path", pa.string()),
     ("ingested_at", pa.timestamp("us", tz="UTC")),
+    # `cnnpipe.sources.images.perceptual_hash` of the stored pixels; null in parts from before it.
+    ("phash", pa.int64()),
 ])
 PARQUET_OPTIONS = {
     # Images are already compressed and hashes do not compress: zstd only where it pays.

@@ -119,6 +119,7 @@ class _Stager:
             "source_uri": [self.source.uri] * len(kept),
             "member_path": [item.entry.path for item, _ in kept],
             "ingested_at": [self.ingested_at] * len(kept),
+            "phash": [r.phash for _, r in kept],
         })
         for item, _ in kept:
             self.added[item.split][item.label] += 1
