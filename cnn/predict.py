@@ -53,6 +53,15 @@ class Predictor:
         return torch.cat(chunks).cpu() if chunks else torch.empty((0, len(self.classes)))
 
     @torch.no_grad()
+    def outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax outputs and embeddings (no columns without a projection) of a uint8 batch, on the CPU."""
+        chunks = [(probabilities.cpu(), embedding.float().cpu()) for probabilities, _, embedding in
+                  self._softmax_chunks(images)]
+        if not chunks:
+            return torch.empty((0, len(self.classes))), torch.empty((0, 0))
+        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
+    @torch.no_grad()
     def top_k(self, images: torch.Tensor, k: int = 5) -> PendingTopK:
         """The `k` most probable classes of a uint8 batch, with each image's calibrated confidence
         (NaN without a temperature), mean brightness and embedding (empty without a projection), on

@@ -58,6 +58,11 @@ class Settings:
         return self.home / "cache" / "projections"
 
     @property
+    def perceptual_hashes_dir(self) -> Path:
+        """Perceptual hashes computed for parts ingested before ingest kept them (`cnnpipe.store.twins`)."""
+        return self.home / "cache" / "perceptual-hashes"
+
+    @property
     def staging_dir(self) -> Path:
         # Outside datasets/ so that a glob over a dataset never sees staged parts.
         return self.home / "staging"

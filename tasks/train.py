@@ -24,6 +24,7 @@ from cnn.train import fit, plan
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import refs, registry, tracking
 from cnnpipe.models.warm_start import StartingPoint, nightly_start, resolve_start, version_tags
+from cnnpipe.monitoring.audit import LeakCheck, leak_check
 from cnnpipe.predictions import champions
 from cnnpipe.predictions.champions import GateDecision
 from cnnpipe.predictions.records import record_reference_profile
@@ -115,6 +116,10 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
         finally:
             progress.close()
         tracking.log_evaluation(result)
+        leaks = _leak_check(manifest["name"], result, config.device)
+        if leaks is not None:
+            logger.info(leaks.line())
+            mlflow.log_metrics(leak_figures(leaks))
         version = tracking.log_model(result, registered_model)
         registry.describe_version(registry.client(), version, {
             "dataset": manifest["name"], "dataset_version_id": result.dataset_version,
@@ -122,6 +127,7 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
             f"{result.held_out_split}_top1": f"{result.held_out['top1']:.6f}",
             f"{result.held_out_split}_top5": f"{result.held_out['top5']:.6f}",
             "model": config.model, "checkpoint": result.checkpoint, **version_tags(start),
+            **({name: f"{value:g}" for name, value in leak_figures(leaks).items()} if leaks else {}),
         })
     try:  # fit always profiles; a result read back from an older run may not have one
         if result.reference:
@@ -135,7 +141,29 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
                 result.held_out_split, 100 * held["top1"], 100 * held["top5"], held["images"], run.info.run_id,
                 version.name, version.version)
     return TrainingOutcome(result, run.info.run_id, tracking.run_url(run), version.name,
-                           refs.version_id(version), recipe=chosen, warnings=warnings, started_from=started_from)
+                           refs.version_id(version), recipe=chosen, warnings=warnings, started_from=started_from,
+                           leaks=leaks.line() if leaks else "")
+
+
+def _leak_check(dataset: str, result, device: str) -> LeakCheck | None:
+    """The held-out images with a twin in train, and the top-1 without them: seconds, and never the
+    reason a run fails (it says why it was not done)."""
+    held = result.held_out
+    try:
+        return leak_check(DatasetStore(dataset), result.checkpoint, result.held_out_split, int(held["images"]),
+                          float(held["top1"]), str(resolve_device(device)))
+    except (CnnpipeError, OSError, ValueError) as exc:
+        get_run_logger().warning("leak check not done: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        return None
+
+
+def leak_figures(leaks: LeakCheck) -> dict[str, float]:
+    """What MLflow and the registered version keep of a leak check. Leaked images stay in the
+    held-out figure, which stays comparable across versions; this one leaves them out."""
+    figures = {f"leaked_{leaks.split}_images": float(leaks.leaked)}
+    if leaks.top1_without_leaks is not None:
+        figures[f"{leaks.split}_top1_without_leaks"] = leaks.top1_without_leaks
+    return figures
 
 
 def diverged_line(diverged: TrainingDiverged, config: TrainConfig) -> str:

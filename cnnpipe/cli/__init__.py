@@ -96,8 +96,8 @@ def _ensure_prefect_home() -> None:
 
 
 # Each module lists its commands; `cnnpipe --help` shows them by name.
-from cnnpipe.cli import classify, data, models, review, server, training  # noqa: E402
+from cnnpipe.cli import audit, classify, data, models, review, server, training  # noqa: E402
 
-for _module in (data, training, models, classify, review, server):
+for _module in (data, training, audit, models, classify, review, server):
     for _command in _module.COMMANDS:
         cli.add_command(_command)

@@ -29,7 +29,7 @@ def models(name: str | None, output_format: str) -> None:
         click.echo("No registered models yet. `cnnpipe train --dataset NAME` registers one.")
         return
     columns = ["model", "version", "aliases", "created", "dataset", "started from", "val top-1", "held-out top-1",
-               "top-5", "vs majority", "gate"]
+               "top-5", "leaked", "vs majority", "gate"]
     rows = []
     for v, aliases in versions:
         tags = v.tags
@@ -37,7 +37,7 @@ def models(name: str | None, output_format: str) -> None:
                      f"{tags.get('dataset', '')} {tags.get('dataset_version_id', '')[:8]}", _started_from(v),
                      _percent(tags.get("val_top1")),
                      _percent(tags.get("test_top1") or tags.get("val_top1")),
-                     _percent(tags.get("test_top5") or tags.get("val_top5")), _versus_majority(tags),
+                     _percent(tags.get("test_top5") or tags.get("val_top5")), _leaked(tags), _versus_majority(tags),
                      _gate_column(tags, aliases)))
     write_rows(columns, rows, output_format)
     if output_format != "table":
@@ -47,6 +47,16 @@ def models(name: str | None, output_format: str) -> None:
         click.echo("\nGate decisions:")
         for v, reason in gated:
             click.echo(f"  {v.name}/{v.version} {v.tags.get('gate.decision', '')}: {reason}")
+
+
+def _leaked(tags: dict) -> str:
+    """Held-out images with a twin in train, and the held-out top-1 without them; empty before the leak check."""
+    for split in ("test", "val"):
+        if f"leaked_{split}_images" in tags:
+            leaked = int(float(tags[f"leaked_{split}_images"]))
+            without = tags.get(f"{split}_top1_without_leaks")
+            return f"{leaked} ({_percent(without)} without)" if leaked and without else str(leaked)
+    return ""
 
 
 def _started_from(version) -> str:

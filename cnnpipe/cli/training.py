@@ -130,6 +130,8 @@ def print_training(outcome: TrainingOutcome) -> None:
     held = result.held_out
     click.echo(f"\nheld-out ({result.held_out_split}, {held['images']:,} images): top-1 {100 * held['top1']:.1f}% "
                f"(error {100 * (1 - held['top1']):.1f}%), top-5 {100 * held['top5']:.1f}%")
+    if outcome.leaks:
+        click.echo(outcome.leaks)
     if "ten_crop_top1" in held:
         click.echo(f"ten-patch averaging: top-1 {100 * held['ten_crop_top1']:.1f}%, top-5 {100 * held['ten_crop_top5']:.1f}%")
     click.echo(f"checkpoint: {result.checkpoint}")

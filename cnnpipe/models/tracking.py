@@ -54,6 +54,7 @@ log = logging.getLogger("cnnpipe.tracking")
 
 HOST_TAG, PID_TAG, PID_STARTED_TAG = "cnnpipe.host", "cnnpipe.pid", "cnnpipe.pid_started"
 FAILURE_TAG = "cnnpipe.failure"
+AUDIT_TAG = "cnnpipe.audit"
 # MLflow refuses longer tag values, and a stored SQL statement or traceback says nothing more.
 MAX_TAG_CHARACTERS = 5000
 
@@ -296,3 +297,14 @@ def run_url(run: Run) -> str:
     base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
 
+
+
+def log_audit(dataset: str, dataset_version: str, metrics: dict[str, float], folder: Path) -> str:
+    """An audit's MLflow run (tagged `cnnpipe.audit`, beside the training runs): its figures, and
+    its report folder as the `audit/` artifacts."""
+    connect()
+    with mlflow.start_run(run_name=f"audit {dataset}",
+                          tags={AUDIT_TAG: dataset, "dataset_version_id": dataset_version}) as run:
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifacts(str(folder), "audit")
+    return run.info.run_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+from cnnpipe.monitoring.audit import AuditFindings
 from cnnpipe.reports.outcomes import TrainingOutcome
 from cnnpipe.store import DamagedPart, DatasetStore, IngestSummary
 
@@ -147,6 +148,8 @@ def training_markdown(outcome: TrainingOutcome) -> str:
         lines += ["", f"Recipe: {outcome.recipe.line().removeprefix('recipe: ')}."]
     if outcome.started_from:
         lines += ["", f"Weights: {outcome.started_from}."]
+    if outcome.leaks:
+        lines += ["", outcome.leaks[0].upper() + outcome.leaks[1:] + "."]
     if outcome.warnings:
         lines += ["", "**Warnings**", "", *(f"- {warning}" for warning in outcome.warnings)]
     decision = outcome.decision
@@ -171,3 +174,39 @@ def drift_markdown(drift: dict, picture: Path | None = None) -> str:
                       *(["", f"![predicted classes and confidence against the reference](data:image/png;base64,"
                              f"{base64.b64encode(picture.read_bytes()).decode()})", "", f"Kept at `{picture}`."]
                         if picture else [])]) + "\n"
+
+
+AUDIT_ROWS = 10
+
+
+def audit_markdown(findings: AuditFindings, thumbnails: Path | None = None) -> str:
+    """Leaks first (they inflate every figure measured on the held-out splits), then label issues and outliers."""
+    twins = findings.twins
+    lines = [f"### Audit of `{findings.dataset}`", f"Version `{findings.dataset_version}`, "
+             + ", ".join(f"{split} {count:,}" for split, count in sorted(twins.images.items())) + " images.", ""]
+    lines += [f"- {line}" for line in twins.lines()]
+    leaks = [t for t in twins.twins if t.leak]
+    if leaks:
+        lines += ["", "| held-out image | split | twin in train | hash bits | embedding distance |", "|---|---|---|---|---|"]
+        lines += [f"| `{t.image_sha256[:16]}` | {t.split} | `{t.twin_sha256[:16]}` | {t.hash_distance} | "
+                  f"{'-' if t.embedding_distance is None else f'{t.embedding_distance:.3f}'} |" for t in leaks[:AUDIT_ROWS]]
+        if len(leaks) > AUDIT_ROWS:
+            lines.append(f"\n… and {len(leaks) - AUDIT_ROWS:,} more in the `near_duplicates` table.")
+    if thumbnails is not None:
+        lines += ["", f"![held-out images and their twins in train](data:image/png;base64,"
+                      f"{base64.b64encode(thumbnails.read_bytes()).decode()})", "", f"Kept at `{thumbnails}`."]
+    if findings.folds:
+        lines += ["", f"**Likely wrong labels: {len(findings.label_issues):,}** (confident learning on "
+                      f"{findings.folds}-fold out-of-sample probabilities; fold top-1 "
+                      + ", ".join(f"{t:.1%}" for t in findings.fold_top1) + ")", ""]
+        if findings.label_issues:
+            lines += ["| rank | image | split | given | suggested | label quality |", "|---|---|---|---|---|---|"]
+            lines += [f"| {i.rank} | `{i.image_sha256[:16]}` | {i.split} | {i.given_label} | {i.suggested_label} | "
+                      f"{i.label_quality:.3f} |" for i in findings.label_issues[:AUDIT_ROWS]]
+            lines += ["", f"`cnnpipe review export ./check --label-issues {findings.dataset}` exports them for a "
+                          "person, with labels.csv pre-filled with the suggested labels."]
+        lines += ["", f"**Outliers: {len(findings.outliers):,}**, the images farthest from their neighbours "
+                      "in embedding space (`outliers` table)."]
+    else:
+        lines += ["", "No folds: label issues and outliers not computed (`--folds 2` trains for them)."]
+    return "\n".join(lines) + "\n"

@@ -35,4 +35,6 @@ class TrainingOutcome:
     warnings: list[str] = field(default_factory=list)
     # "init from shapes-classifier v3: 4 classes kept, 1 new, 0 dropped"; empty from scratch.
     started_from: str = ""
+    # "leak check: 3 of the 200 test images have a twin in train; ..." (`cnnpipe.monitoring.audit.leak_check`).
+    leaks: str = ""
     details: dict = field(default_factory=dict)

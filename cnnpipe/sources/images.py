@@ -124,10 +124,12 @@ _DCT_LOW = 2 * np.cos(np.pi * np.outer(np.arange(8), 2 * np.arange(_HASH_SIDE) +
 
 
 def perceptual_hash(image: Image.Image) -> int:
-    """The 64-bit DCT hash of an image (pHash, bit for bit as `imagehash.phash`), as a signed
-    64-bit integer for Parquet and DuckDB: a few bits apart for the same picture re-encoded,
-    resized or recoloured. It is computed here, not by imagehash, whose plain LANCZOS resize
-    of a photo costs four times this; reducing first moves no bit on the images measured."""
+    """The 64-bit DCT hash of an image (imagehash's `phash`: the 8x8 lowest frequencies of the 32x32
+    greyscale, a bit set where one lies above their median), as a signed 64-bit integer for Parquet
+    and DuckDB: a few bits apart for the same picture re-encoded, resized or recoloured. An image
+    over 64 px a side is reduced by a whole factor first (Pillow's `reducing_gap`), at a quarter of
+    the cost of imagehash's plain LANCZOS, which then differs in a bit or two; smaller ones match
+    it bit for bit."""
     grey = np.asarray(image.convert("L").resize((_HASH_SIDE, _HASH_SIDE), Image.Resampling.LANCZOS,
                                                 reducing_gap=2.0), dtype=np.float64)
     low = _DCT_LOW @ grey @ _DCT_LOW.T
