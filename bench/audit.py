@@ -37,6 +37,7 @@ from cnnpipe.monitoring.audit import audit_dataset, check_twins  # noqa: E402
 from cnnpipe.settings import Settings  # noqa: E402
 from cnnpipe.sources import open_source  # noqa: E402
 from cnnpipe.store import DatasetStore, IngestOptions  # noqa: E402
+from cnnpipe.store.twins import CANDIDATE_BITS  # noqa: E402
 
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 LEAKS = 50
@@ -116,10 +117,11 @@ def leaks(args, home: Path) -> None:
 
 
 def _distances(findings, planted: dict[str, str]) -> None:
-    """Every candidate pair's embedding distance, planted or not: how TWIN_EMBEDDING_DISTANCE was chosen."""
+    """Every candidate pair's embedding distance and rank, planted or not: how TWIN_RANK was chosen."""
     for twin in sorted(findings.twins.twins + findings.twins.look_alikes, key=lambda t: t.embedding_distance or 0):
         kind = "planted" if planted.get(twin.image_sha256) == twin.twin_sha256 else "other"
-        print(f"{kind:8s} bits {twin.hash_distance:2d} distance {twin.embedding_distance} {twin.split}-{twin.twin_split}")
+        print(f"{kind:8s} bits {twin.hash_distance:2d} distance {twin.embedding_distance} rank {twin.embedding_rank} "
+              f"{twin.split}-{twin.twin_split}")
 
 
 def _sha(data: bytes) -> str:
@@ -166,6 +168,7 @@ def cifar(args, home: Path) -> None:
     started = time.perf_counter()
     store = ingest(home, "cifar10", ARCHIVE)
     ingest_seconds = time.perf_counter() - started
+    print(f"ingest of {ARCHIVE.name}: {ingest_seconds:.0f} s")
     rows = []
     started = time.perf_counter()
     hashes_only = check_twins(store)
@@ -175,9 +178,11 @@ def cifar(args, home: Path) -> None:
         findings = audit_dataset(store, config(store, args), args.folds, home / "work")
         rows.append((f"confirmed by embeddings ({args.folds} folds, {args.epochs or 'auto'} epochs)", findings.twins,
                      time.perf_counter() - started))
-    print(f"\ningest of {ARCHIVE.name}: {ingest_seconds:.0f} s")
     print("\n| twin check | test images with a twin in train | share | Barz & Denzler | pairs within train | check s |")
     print("|---|---|---|---|---|---|")
+    candidates = {t.image_sha256 for t in hashes_only.twins + hashes_only.look_alikes if t.leak}
+    print(f"\ntest images with a train image within {CANDIDATE_BITS} bits (candidates, before a model confirms them): "
+          f"{len(candidates)} ({len(candidates) / hashes_only.images['test']:.2%})")
     for name, check, seconds in rows:
         leaked = len(check.leaked("test"))
         print(f"| {name} | {leaked} of {check.images.get('test', 0)} | {leaked / max(1, check.images.get('test', 1)):.2%} "

@@ -3,7 +3,7 @@ labels that confident learning doubts, and images far from every other.
 
 Twins are pairs whose perceptual hashes lie within `cnnpipe.store.twins.CANDIDATE_BITS` bits,
 confirmed by one model's embeddings: look-alikes (two plain skies) share a hash far more often
-than the model mistakes them for one picture. Without embeddings only near-identical hashes count.
+than the model mistakes them for one picture. Near-identical hashes (`SURE_BITS`) need no model.
 Label issues and outliers come from cleanlab, on out-of-sample probabilities and embeddings that
 `cnn.crossval.out_of_sample` computes by K-fold training.
 """
@@ -29,11 +29,14 @@ from cnnpipe.store.twins import hash_pairs, image_hashes, stored_images
 
 log = logging.getLogger("cnnpipe.audit")
 
-# Cosine distance between the embeddings of one picture re-encoded, resized and brightened, as the
-# leak target says, and of look-alikes that share a hash: measured by bench/audit.py.
-TWIN_EMBEDDING_DISTANCE = 0.05
-# Without a model's embeddings, only hashes this close are taken for one picture.
-SURE_BITS = 2
+# A candidate pair is one picture when the model puts the two closer together than it puts either
+# to all but this share of a sample of the dataset's images: a scale that holds for any model,
+# however well trained (bench/audit.py measured it).
+TWIN_RANK = 0.01
+SAMPLE_IMAGES = 500
+# Hashes this close are one picture whatever a model says: a barely trained one can put an image
+# and its brightened copy far apart.
+SURE_BITS = 4
 # The share of images reported as outliers: the farthest from their nearest neighbours.
 OUTLIER_SHARE = 0.01
 HELD_OUT_SPLITS = ("val", "test")
@@ -49,6 +52,8 @@ class Twin:
     twin_split: str
     hash_distance: int
     embedding_distance: float | None
+    # The share of sampled images closer to either of the two than they are to each other.
+    embedding_rank: float | None = None
 
     @property
     def leak(self) -> bool:
@@ -90,26 +95,51 @@ class TwinCheck:
 
 def check_twins(store: DatasetStore, embed: Embed | None = None) -> TwinCheck:
     """Every pair of the dataset's images that is one picture. `embed` gives embeddings of images by
-    hash, from one model; it is asked only for the images of candidate pairs."""
+    hash, from one model; it is asked only for the images of candidate pairs and of a sample that
+    says how far apart this model puts unrelated images."""
     started = time.perf_counter()
     hashes = image_hashes(store)
     sha256, splits = hashes["sha256"].to_pylist(), hashes["split"].to_pylist()
     pairs = hash_pairs(hashes["phash"].to_numpy(zero_copy_only=False))
-    vectors = embed(sorted({sha256[i] for i in (*pairs.first, *pairs.second)})) if embed and len(pairs) else {}
+    vectors, sample = {}, np.empty((0, 0))
+    if embed is not None and len(pairs):
+        candidates = sorted({sha256[i] for i in (*pairs.first.tolist(), *pairs.second.tolist())})
+        others = np.random.default_rng(0).choice(len(sha256), min(len(sha256), SAMPLE_IMAGES), replace=False)
+        vectors = embed(candidates + [sha256[i] for i in others.tolist()])
+        sample = _unit(np.stack([vectors[sha256[i]] for i in others.tolist() if sha256[i] in vectors]))
     twins, look_alikes = [], []
     for first, second, bits in zip(pairs.first.tolist(), pairs.second.tolist(), pairs.bits.tolist()):
         a, b = sha256[first], sha256[second]
-        distance = _cosine_distance(vectors[a], vectors[b]) if a in vectors and b in vectors else None
+        distance = rank = None
+        if a in vectors and b in vectors:
+            distance = _cosine_distance(vectors[a], vectors[b])
+            rank = max(_closer_share(vectors[a], distance, sample), _closer_share(vectors[b], distance, sample))
         # A held-out image comes first, so that a leak reads from the image that leaked.
         if _split_rank(splits[second]) < _split_rank(splits[first]):
             first, second, a, b = second, first, b, a
-        pair = Twin(a, splits[first], b, splits[second], bits, distance)
-        alike = bits > SURE_BITS if distance is None else distance > TWIN_EMBEDDING_DISTANCE
+        pair = Twin(a, splits[first], b, splits[second], bits, distance, rank)
+        alike = bits > SURE_BITS and (rank is None or rank > TWIN_RANK)
         (look_alikes if alike else twins).append(pair)
     labels = hashes["label"].to_pylist()
     in_twins = {i for pair in zip(pairs.first.tolist(), pairs.second.tolist()) for i in pair}
     return TwinCheck(dict(Counter(splits)), twins, look_alikes, {sha256[i]: labels[i] for i in in_twins},
                      time.perf_counter() - started)
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1)
+
+
+def _closer_share(vector: np.ndarray, distance: float, sample: np.ndarray) -> float:
+    """The share of the sample's images that lie as close to `vector` as `distance`, or closer (the
+    image itself, if sampled, does not count): a model that puts every image equally far apart
+    confirms no pair."""
+    if not len(sample):
+        return 0.0
+    distances = 1 - sample @ _unit(vector)
+    others = distances[distances > 1e-6]
+    return float((others <= distance).mean()) if len(others) else 0.0
 
 
 def _split_rank(split: str) -> int:

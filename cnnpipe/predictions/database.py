@@ -30,8 +30,8 @@ from cnn.config import EMBEDDING_DIM
 from cnn.failpoints import failpoint
 from cnnpipe.base.locks import file_lock
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.predictions.summary import (DRIFT_SCHEMA, LOW_CONFIDENCE, change_thresholds, parse_thresholds,
-                                         rebuild_summary)
+from cnnpipe.predictions.summary import (DRIFT_SCHEMA, LOW_CONFIDENCE, SUMMARY_ADDED_COLUMNS, change_thresholds,
+                                         parse_thresholds, rebuild_summary)
 
 log = logging.getLogger("cnnpipe.predictions")
 
@@ -85,6 +85,14 @@ CREATE TABLE IF NOT EXISTS ground_truth (
     image_sha256 VARCHAR NOT NULL, label VARCHAR NOT NULL, dataset VARCHAR NOT NULL,
     dataset_version VARCHAR NOT NULL, recorded_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (image_sha256)
 );
+-- Every label that `cnnpipe ingest --relabel` changed: in which dataset version, from what to what,
+-- when, and from which file. Copied from the versions' version.json, so a copy that failed is
+-- made by the next ingest into the dataset.
+CREATE TABLE IF NOT EXISTS label_changes (
+    dataset VARCHAR NOT NULL, dataset_version VARCHAR NOT NULL, image_sha256 VARCHAR NOT NULL,
+    old_label VARCHAR NOT NULL, new_label VARCHAR NOT NULL, changed_at TIMESTAMPTZ NOT NULL, source_uri VARCHAR,
+    PRIMARY KEY (dataset, dataset_version, image_sha256)
+);
 -- Each registered version's reference profile (cnn.monitoring), what its drift is measured
 -- against: figures, then its class shares and confidence bins as rows, for SQL to join.
 CREATE TABLE IF NOT EXISTS reference_profiles (
@@ -107,7 +115,7 @@ CREATE TABLE IF NOT EXISTS reference_confidence (
 CREATE TABLE IF NOT EXISTS near_duplicates (
     dataset VARCHAR NOT NULL, dataset_version VARCHAR, image_sha256 VARCHAR NOT NULL, split VARCHAR,
     twin_sha256 VARCHAR NOT NULL, twin_split VARCHAR, hash_distance INTEGER, embedding_distance DOUBLE,
-    PRIMARY KEY (dataset, image_sha256, twin_sha256)
+    embedding_rank DOUBLE, PRIMARY KEY (dataset, image_sha256, twin_sha256)
 );
 CREATE TABLE IF NOT EXISTS label_issues (
     dataset VARCHAR NOT NULL, dataset_version VARCHAR, image_sha256 VARCHAR NOT NULL, split VARCHAR,
@@ -226,18 +234,27 @@ def connect_for_writing(path: Path, retries: int = LOCK_RETRIES) -> duckdb.DuckD
     def open_with_schema() -> duckdb.DuckDBPyConnection:
         connection = connect(path)
         try:
+            # One transaction: an upgrade happens whole or not at all, and one commit instead of one a
+            # statement halves what opening costs (every classify part opens the file).
+            connection.execute("BEGIN")
             connection.execute("".join(f"ALTER TABLE IF EXISTS {table} ADD COLUMN IF NOT EXISTS {name} {kind};"
                                        for table in ("predictions", "latest_by_image") for name, kind in _ADDED_COLUMNS))
+            # A summary kept before a column of it existed holds nothing for it: summed again below.
+            summary_lacks = connection.execute(
+                "SELECT count(*) > 0 AND count(*) FILTER (column_name = ?) = 0 FROM duckdb_columns() WHERE "
+                "database_name = current_database() AND schema_name = 'main' AND table_name = 'prediction_summary'",
+                [SUMMARY_ADDED_COLUMNS[-1][0]]).fetchone()[0]
+            connection.execute("".join(f"ALTER TABLE IF EXISTS prediction_summary ADD COLUMN IF NOT EXISTS {name} "
+                                       f"{kind};" for name, kind in SUMMARY_ADDED_COLUMNS))
             connection.execute(SCHEMA)
             counts = connection.execute("SELECT (SELECT count(*) FROM predictions), (SELECT count(*) FROM "
                                         "latest_by_image), (SELECT count(*) FROM prediction_summary)").fetchone()
-            if counts[0] and not (counts[1] and counts[2]):  # a database from before these tables existed
-                connection.execute("BEGIN")
+            if counts[0]:  # a database from before these tables, or a column of the summary, existed
                 if not counts[1]:
                     rebuild_latest(connection)
-                if not counts[2]:
+                if not counts[2] or summary_lacks:
                     rebuild_summary(connection)
-                connection.execute("COMMIT")
+            connection.execute("COMMIT")
         except BaseException:
             connection.close()
             raise
@@ -267,6 +284,22 @@ def transaction(path: Path, retries: int = LOCK_RETRIES, checkpoint: bool = Fals
                 connection.execute("CHECKPOINT")
             except duckdb.Error as exc:
                 raise CnnpipeError(f"{path}: committed, but could not checkpoint ({_first_line(exc)})") from exc
+
+
+def record_label_changes(path: Path, changes: list[dict]) -> int:
+    """Add the changes (`DatasetStore.label_changes`) the `label_changes` table lacks, in one
+    transaction; returns how many were new. A change already there stays as first recorded."""
+    if not changes:
+        return 0
+    import pyarrow as pa  # only when a dataset has relabel versions
+
+    with transaction(path) as connection:
+        connection.register("changes", pa.Table.from_pylist(changes))
+        added = connection.execute("INSERT OR IGNORE INTO label_changes SELECT dataset, dataset_version, image_sha256, "
+                                   "old_label, new_label, CAST(changed_at AS TIMESTAMPTZ), source_uri FROM changes "
+                                   "RETURNING image_sha256").fetchall()
+        connection.unregister("changes")
+    return len(added)
 
 
 def set_drift_thresholds(path: Path, assignments: Iterable[str]) -> list[tuple[str, float, float]]:

@@ -78,6 +78,10 @@ def test_train_flow_logs_a_complete_mlflow_run_and_registers_a_loadable_model(sh
     version = client.get_model_version("flowtest", "1")
     assert outcome.decision.promoted == (version.tags["gate.beats_majority"] == "true")
     assert version.run_id == outcome.run_id and version.tags["dataset_version_id"] == result.dataset_version
+    # The leak check ran on the held-out split: its count is in the run, on the version and in the report.
+    leaked = run.data.metrics["leaked_test_images"]
+    assert float(version.tags["leaked_test_images"]) == leaked and outcome.leaks.startswith("leak check: ")
+    assert ("none of the" in outcome.leaks) == (leaked == 0)
     assert float(version.tags["gate.majority_rate"]) == pytest.approx(0.3)  # shapes' 80 validation images
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
     torch.testing.assert_close(registry.load_predictor("flowtest/1").probabilities(images),
