@@ -142,6 +142,7 @@ def similar(image: str, model_ref: str, k: int, dataset: str | None, output_form
     database = settings.predictions_db
     sha, data = image_key(image)
     images = dataset_images(dataset, settings) if dataset else None
+    model_ref = _as_stored(model_ref)
     stored = stored_version(database, sha, model_ref)
     if stored is not None:
         name, version, embedding = *stored, None
@@ -156,6 +157,19 @@ def similar(image: str, model_ref: str, k: int, dataset: str | None, output_form
     write_result(result, output_format, None, count_rows=False)
     if export_to is not None:
         _export_neighbours(result, name, version, export_to, settings)
+
+
+def _as_stored(model_ref: str) -> str:
+    """A reference the predictions database can look up: it keeps the champion of each model, so
+    any other alias (`@challenger`) is resolved to NAME/VERSION in the registry first."""
+    from cnnpipe.models.refs import CHAMPION, parse_model_ref
+
+    ref = parse_model_ref(model_ref) if "@" in model_ref else None
+    if ref is None or ref.alias == CHAMPION:
+        return model_ref
+    from cnnpipe.models.registry import client, resolve
+
+    return f"{ref.name}/{resolve(client(), ref).version}"
 
 
 def _export_neighbours(result, name: str, version: str, folder: Path, settings) -> None:

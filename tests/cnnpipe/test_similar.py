@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageEnhance
 
 from cnnpipe.cli import cli
+from cnnpipe.models import registry
 from cnnpipe.models.registry import load_predictor
 from cnnpipe.predictions.classify import classify_source, open_classify_source
 from cnnpipe.predictions.sql import run_query
@@ -51,6 +52,9 @@ def test_the_nearest_image_is_a_re_encoded_twin_and_sql_finds_the_same(register_
     assert found[0]["member_path"] == "circle/twin.jpg" and found[0]["predicted_label"] in SHAPES
     original_sha = hashlib.sha256(original.read_bytes()).hexdigest()
     assert _similar(original_sha, "--model", "shapes-model", "--k", "3") == found
+    # An alias other than champion, which only the registry knows, is resolved there.
+    registry.client().set_registered_model_alias("shapes-model", "challenger", "1")
+    assert _similar(original_sha, "--model", "shapes-model@challenger", "--k", "3") == found
     macro = run_query(f"SELECT image_sha256 FROM similar_images('{original_sha}', 'shapes-model', '1', 3)",
                       settings.predictions_db)
     assert [row[0] for row in macro.rows] == [row["image_sha256"] for row in found]
