@@ -21,7 +21,7 @@ PREFECT_YAML = Path(__file__).resolve().parents[2] / "deploy" / "prefect.yaml"
 def test_every_deployment_points_at_a_flow_that_takes_its_parameters():
     spec = yaml.safe_load(PREFECT_YAML.read_text())
     names = [deployment["name"] for deployment in spec["deployments"]]
-    assert names == ["nightly", "inbox", "ingest", "train"]
+    assert names == ["nightly", "inbox", "ingest", "train", "audit"]
     for deployment in spec["deployments"]:
         path, function = deployment["entrypoint"].split(":")
         flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), function)
