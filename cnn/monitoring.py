@@ -1,10 +1,10 @@
 """A model's reference profile: what its predictions look like on held-out images it was trained for.
 
 Drift is measured against this: the predicted and true class distributions, calibrated
-confidence (its histogram and the accuracy per confidence bin), and the size and mean
-brightness of the images. Confidences are calibrated by temperature scaling (Guo et al.,
-2017), the temperature fitted on the validation split, so that the mean confidence of a
-batch estimates its accuracy.
+confidence (its histogram and the accuracy per confidence bin), the size and mean
+brightness of the images, and the mean and spread of their embeddings. Confidences are
+calibrated by temperature scaling (Guo et al., 2017), the temperature fitted on the
+validation split, so that the mean confidence of a batch estimates its accuracy.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from cnn.metrics import calibration
 CONFIDENCE_BINS = 20
 # Below this calibrated confidence a prediction counts as low-confidence, here and in the views.
 LOW_CONFIDENCE = 0.5
+# A dimension of the embedding whose spread is this small beside the largest one's is rounding, not variation.
+DEGENERATE_SPREAD = 1e-6
 # Temperatures are searched over [e^-3, e^3]: far beyond what any trained network needs.
 LOG_TEMPERATURE_RANGE = (-3.0, 3.0)
 
@@ -84,6 +86,20 @@ def reference_profile(probabilities: torch.Tensor, targets: torch.Tensor, classe
         "height": _summary(torch.tensor(list(heights), dtype=torch.float64)),
         "brightness": _summary(brightnesses.double()),
     }
+
+
+def embedding_reference(embeddings: torch.Tensor) -> dict | None:
+    """The mean and standard deviation of each dimension of held-out embeddings (images x
+    dimensions): what a batch's mean embedding is compared with (`embedding_shift` in the drift
+    views); None for fewer than two images, which have no spread. A dimension the images hardly
+    vary along (a projection fitted on fewer images or features than it has dimensions leaves
+    some at zero) gets a spread of 0: no shift can be measured in units of it."""
+    if len(embeddings) < 2:
+        return None
+    embeddings = embeddings.double()
+    std = embeddings.std(0, correction=0)
+    std[std <= DEGENERATE_SPREAD * std.max()] = 0.0
+    return {"images": len(embeddings), "mean": embeddings.mean(0).tolist(), "std": std.tolist()}
 
 
 def _summary(values: torch.Tensor) -> dict:

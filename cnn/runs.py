@@ -15,7 +15,7 @@ from cnn.augment import ColourStats
 from cnn.checkpoint import CheckpointError, Resumption, checkpoints, load_checkpoint, load_latest, restore_rng_state
 from cnn.config import TrainConfig
 from cnn.device import memory_budget
-from cnn.embeddings import PROJECTION_FILE, features, fit_projection
+from cnn.embeddings import PROJECTION_FILE, Projection, features, fit_projection
 from cnn.layout import PublishedDataset, default_checkpoint_root
 from cnn.loaders import _load_split
 from cnn.loop import evaluate
@@ -143,9 +143,16 @@ def profile_checkpoint(checkpoint: str | os.PathLike, dataset_dir: str | os.Path
     held_out_images = _load_split(held_out_split, decode_size(crop), device, budget, fit=fit)
     held_out = evaluate(model, held_out_images.batches(batch_size), stats, crop, keep_predictions=True,
                         precision=precision)
-    return _reference_profile(model, _load_split(val_split, decode_size(crop), device, budget, fit=fit), held_out_split,
-                              held_out_images, held_out["probabilities"], held_out["targets"], stats, crop, batch_size,
-                              precision)
+    profile = _reference_profile(model, _load_split(val_split, decode_size(crop), device, budget, fit=fit),
+                                 held_out_split, held_out_images, held_out["probabilities"], held_out["targets"], stats,
+                                 crop, batch_size, precision)
+    # Weights registered before embeddings carry no projection: no embedding reference, so their
+    # embedding drift stays unmeasured (NULL) rather than failing.
+    projection = Projection.from_state(state.get("embedding") or projection_state(checkpoint))
+    if projection is not None and (embedded := _embedding_reference(model, held_out_images, projection, stats, crop,
+                                                                    batch_size, precision)) is not None:
+        profile["embedding"] = embedded
+    return profile
 
 
 def projection_for(checkpoint: str | os.PathLike, dataset_dir: str | os.PathLike,
@@ -180,3 +187,11 @@ def _reference_profile(model: nn.Module, val, held_out_split: StoreSplit, held_o
     widths, heights = held_out_split.image_sizes()
     return monitoring.reference_profile(probabilities, targets, held_out_split.classes, temperature, widths, heights,
                                         torch.cat(brightness) if brightness else torch.empty(0))
+
+
+def _embedding_reference(model: nn.Module, held_out_images, projection: Projection, stats: ColourStats, crop: int,
+                         batch_size: int, precision: str) -> dict | None:
+    """The mean and spread of the held-out images' embeddings, what embedding drift is measured
+    against (`cnn.monitoring.embedding_reference`); None without held-out images."""
+    found = features(model, held_out_images.batches(batch_size), stats, crop, precision)
+    return monitoring.embedding_reference(projection(found)) if len(found) else None

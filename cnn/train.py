@@ -38,7 +38,7 @@ from cnn.loaders import ResidentImages, StreamingImages, _load_split
 from cnn.loop import TrainingDiverged, evaluate, train_one_epoch
 from cnn.metrics import classification_report
 from cnn.model import NATIVE_SIZES, decode_size, has_linear_head, input_size
-from cnn.runs import _build, _reference_profile, _run_dir, restore_latest, resume_point
+from cnn.runs import _build, _embedding_reference, _reference_profile, _run_dir, restore_latest, resume_point
 from cnn.splits import StoreSplit, require_trainable_split, validation_split, validation_warning
 from cnn.timing import seconds_per_image
 from cnn.warm_start import ClassMatch, StartingWeights, check, starting_weights, transfer
@@ -252,6 +252,10 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
             projection = fit_projection(features(model, train.batches(config.batch_size * 2), stats, crop,
                                                  config.precision))
             save_projection(projection, run_dir)
+            # Known only once the projection is: the profile's embeddings, of the same held-out images.
+            if (embedded := _embedding_reference(model, held_out_images, projection, stats, crop,
+                                                 config.batch_size * 2, config.precision)) is not None:
+                reference["embedding"] = embedded
             embeddings = embedding_map(model, val.batches(config.batch_size * 2), stats, crop, projection,
                                        config.precision)
     if latest is None and leader:

@@ -30,15 +30,18 @@ def add_predictions(connection: duckdb.DuckDBPyConnection, select: str, paramete
     connection.execute(f"INSERT INTO embeddings SELECT image_sha256, model_name, model_version, "
                        f"embedding::FLOAT[{EMBEDDING_DIM}] FROM incoming WHERE embedding IS NOT NULL "
                        "ON CONFLICT DO NOTHING")
-    connection.execute("ALTER TABLE incoming DROP COLUMN embedding")
-    cursor = connection.execute("INSERT INTO predictions BY NAME SELECT * FROM incoming ON CONFLICT DO NOTHING "
-                                f"RETURNING {', '.join(_SUMMARISED)}")
+    cursor = connection.execute("INSERT INTO predictions BY NAME SELECT * EXCLUDE (embedding) FROM incoming "
+                                f"ON CONFLICT DO NOTHING RETURNING {', '.join(_SUMMARISED)}")
     with warnings.catch_warnings():  # the copy it warns of is of one part's new rows, a few columns
         warnings.filterwarnings("ignore", "Arrow output on a DB-API result")
         new_rows = cursor.to_arrow_table()
     connection.register("new_rows", new_rows)
-    fold_into_summary(connection, "new_rows")
+    # The new rows' embeddings from this part rather than the embeddings table, which a join would scan
+    # whole; one a key, as the embeddings table keeps one of an image a part holds twice.
+    fold_into_summary(connection, "new_rows", "(SELECT image_sha256, model_name, model_version, any_value(embedding) "
+                                              "AS embedding FROM incoming WHERE embedding IS NOT NULL GROUP BY ALL)")
     connection.unregister("new_rows")
+    connection.execute("ALTER TABLE incoming DROP COLUMN embedding")
     connection.execute(_FOLD_INTO_LATEST)
     connection.execute("DROP TABLE incoming")
     return len(new_rows)

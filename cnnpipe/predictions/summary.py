@@ -16,6 +16,12 @@ written when the version was registered):
 - `rejected_rate`: inputs rejected as unreadable or unsafe, of all inputs;
 - `size_shift`: the relative change of the mean width or height, whichever is larger;
   `brightness_shift`: the change of mean brightness (0-1);
+- `embedding_shift`: how far the batch's mean embedding lies from the reference's, in the
+  reference's standard deviations (the root mean square over the embedding's dimensions), and
+  `embedding_shift_limit`, what it must pass to alert: its threshold, or what chance alone
+  reaches one time in 1,000 between a batch and a reference of these sizes. It sees inputs the
+  model still labels as confidently as ever but sees otherwise (recoloured, another camera);
+  NULL for a version whose reference has no embeddings (registered before them);
 - `alert`: true when any figure passes its threshold in `drift_thresholds`.
 Predictions made before a version had a temperature fall back to their raw confidence.
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+from cnn.config import EMBEDDING_DIM
 from cnnpipe.errors import CnnpipeError
 
 # Thresholds a team may change in its database (`cnnpipe monitor thresholds --set`); the defaults fire on
@@ -36,12 +43,14 @@ DEFAULT_THRESHOLDS = {
     "rejected_rate": (0.1, "share of inputs rejected above this"),
     "size_shift": (0.25, "mean width or height this far from the reference, relatively"),
     "brightness_shift": (0.1, "mean brightness (0-1) this far from the reference"),
+    "embedding_shift": (0.1, "mean embedding this many reference standard deviations away, and above chance"),
 }
 # What a threshold can sensibly be: each is compared with a distance, so never below 0; the confidence,
-# share and brightness figures live in 0-1, so a threshold above 1 could never fire. PSI and the
-# relative size change have no upper bound.
+# share and brightness figures live in 0-1, so a threshold above 1 could never fire. PSI, the
+# relative size change and the embedding shift (in standard deviations) have no upper bound.
 THRESHOLD_RANGES = {"psi": (0.0, math.inf), "confidence_drop": (0.0, 1.0), "low_confidence_rise": (0.0, 1.0),
-                    "rejected_rate": (0.0, 1.0), "size_shift": (0.0, math.inf), "brightness_shift": (0.0, 1.0)}
+                    "rejected_rate": (0.0, 1.0), "size_shift": (0.0, math.inf), "brightness_shift": (0.0, 1.0),
+                    "embedding_shift": (0.0, math.inf)}
 SMALLEST_SHARE = 1e-4
 # A calibrated confidence under this is a low-confidence prediction, in every view and command.
 LOW_CONFIDENCE = 0.5
@@ -57,22 +66,43 @@ _SUMMARY_FIGURES = f"""
     confidence_sum, count_if(coalesce(p.calibrated_confidence, p.confidence) < {LOW_CONFIDENCE}) AS low_confidence,
     sum(p.width) AS width_sum, count(p.width) AS sized, sum(p.height) AS height_sum,
     sum(p.brightness) AS brightness_sum, count(p.brightness) AS measured"""
-SUMMARY_SCHEMA = """
+# Columns added to the summary since its first release: a database without them gets them, and its
+# summary is rebuilt from every prediction and embedding (`cnnpipe.predictions.database`).
+SUMMARY_ADDED_COLUMNS = (("embedded", "BIGINT"), ("embedding_sum", f"DOUBLE[{EMBEDDING_DIM}]"))
+SUMMARY_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS prediction_summary (
     classify_run VARCHAR NOT NULL, day DATE NOT NULL, model_name VARCHAR NOT NULL, model_version VARCHAR NOT NULL,
     label VARCHAR NOT NULL, predicted BIGINT, confidence_sum DOUBLE, low_confidence BIGINT, width_sum HUGEINT,
     sized BIGINT, height_sum HUGEINT, brightness_sum DOUBLE, measured BIGINT, labelled BIGINT, correct BIGINT,
+    {", ".join(f"{name} {kind}" for name, kind in SUMMARY_ADDED_COLUMNS)},
     PRIMARY KEY (classify_run, day, model_name, model_version, label)
 );
 """
+
+
+def _summed(vectors: str) -> str:
+    """SQL for the element-wise sum of the EMBEDDING_DIM-long vectors `vectors` over a group: DuckDB
+    has no such aggregate, and a list of per-element sums stays one pass over the rows."""
+    return f"[{', '.join(f'sum({vectors}[{k}])' for k in range(1, EMBEDDING_DIM + 1))}]"
+
+
 _ADDED = ("predicted", "confidence_sum", "low_confidence", "width_sum", "sized", "height_sum", "brightness_sum",
           "measured", "labelled", "correct")
 _FOLD = f"""
 INSERT INTO prediction_summary BY NAME
-SELECT {_SUMMARY_FIGURES}, count(g.label) AS labelled, count_if(g.label = p.label) AS correct
+SELECT {_SUMMARY_FIGURES}, count(g.label) AS labelled, count_if(g.label = p.label) AS correct,
+       count(e.embedding) AS embedded, CASE WHEN count(e.embedding) > 0 THEN {_summed("e.embedding")} END
+           AS embedding_sum
 FROM {{rows}} p LEFT JOIN ground_truth g USING (image_sha256)
+LEFT JOIN {{embeddings}} e USING (image_sha256, model_name, model_version)
 GROUP BY ALL
-ON CONFLICT ({_SUMMARY_KEY}) DO UPDATE SET {", ".join(f"{c} = prediction_summary.{c} + EXCLUDED.{c}" for c in _ADDED)}
+ON CONFLICT ({_SUMMARY_KEY}) DO UPDATE SET {", ".join(f"{c} = prediction_summary.{c} + EXCLUDED.{c}" for c in _ADDED)},
+    embedded = coalesce(prediction_summary.embedded, 0) + EXCLUDED.embedded,
+    embedding_sum = CASE WHEN prediction_summary.embedding_sum IS NULL THEN EXCLUDED.embedding_sum
+                         WHEN EXCLUDED.embedding_sum IS NULL THEN prediction_summary.embedding_sum
+                         ELSE list_transform(range(1, {EMBEDDING_DIM + 1}),
+                                             lambda k: prediction_summary.embedding_sum[k] + EXCLUDED.embedding_sum[k])
+                    END
 """
 _RESCORE = """
 UPDATE prediction_summary SET labelled = 0, correct = 0 WHERE labelled > 0;
@@ -85,9 +115,10 @@ WHERE s.classify_run = a.classify_run AND s.day = a.day AND s.model_name = a.mod
 """
 
 
-def fold_into_summary(connection, rows: str) -> None:
-    """Add the predictions in relation `rows` (new ones, never seen before) to the summary."""
-    connection.execute(_FOLD.format(rows=rows))
+def fold_into_summary(connection, rows: str, embeddings: str = "embeddings") -> None:
+    """Add the predictions in relation `rows` (new ones, never seen before) to the summary, with
+    their embeddings from relation `embeddings` (at most one row per image and model version)."""
+    connection.execute(_FOLD.format(rows=rows, embeddings=embeddings))
 
 
 def rescore_summary(connection) -> None:
@@ -135,6 +166,39 @@ def change_thresholds(connection, thresholds: dict[str, float]) -> list[tuple[st
     return [(metric, old[metric], value) for metric, value in thresholds.items()]
 
 
+def _chance_quantile(degrees: str) -> str:
+    """SQL for what a chi-square variable with `degrees` (an SQL expression) degrees of freedom
+    passes one time in 1,000, by the Wilson-Hilferty approximation: at most 3% above the exact
+    quantile, 0.1% from 60 degrees on."""
+    return f"{degrees} * pow(1 - 2 / (9 * {degrees}) + 3.09 * sqrt(2 / (9 * {degrees})), 3)"
+
+
+# A version's embedding reference (`cnn.monitoring.embedding_reference`), as its profile keeps it:
+# images, and the mean and standard deviation of each dimension over its held-out images, 0 for a
+# dimension they do not vary along, which no shift can be measured in. Read from the profile's JSON,
+# which a reference written before embeddings lacks: such a version has no row here. With them,
+# what a squared distance from the mean in standard deviations, sum of ((x - mean) / std)^2, takes
+# as inner products, which DuckDB computes over arrays far faster than a lambda over each element
+# (`cnnpipe review export --outliers` scores every image): `weight` (1 / std^2, 0 where std is),
+# `weighted_mean` (mean / std^2) and `offset` (sum of mean^2 / std^2), so that the sum is
+# inner(x^2, weight) - 2 inner(x, weighted_mean) + offset.
+REFERENCE_EMBEDDINGS = f"""
+CREATE OR REPLACE VIEW reference_embeddings AS
+SELECT model_name, model_version, images, mean, std, len(list_filter(std, lambda s: s > 0)) AS dimensions,
+       CAST(list_transform(std, lambda s: CASE WHEN s > 0 THEN 1 / (s * s) ELSE 0 END) AS DOUBLE[{EMBEDDING_DIM}])
+           AS weight,
+       CAST(list_transform(list_zip(mean, std), lambda p: CASE WHEN p[2] > 0 THEN p[1] / (p[2] * p[2]) ELSE 0 END)
+            AS DOUBLE[{EMBEDDING_DIM}]) AS weighted_mean,
+       list_sum(list_transform(list_zip(mean, std), lambda p: CASE WHEN p[2] > 0 THEN p[1] * p[1] / (p[2] * p[2])
+                                                                   ELSE 0 END)) AS offset
+FROM (SELECT model_name, model_version, CAST(json_extract(profile, '$.embedding.images') AS BIGINT) AS images,
+             CAST(json_extract(profile, '$.embedding.mean') AS DOUBLE[]) AS mean,
+             CAST(json_extract(profile, '$.embedding.std') AS DOUBLE[]) AS std
+      FROM reference_profiles WHERE json_exists(profile, '$.embedding'))
+WHERE images > 0 AND len(mean) = {EMBEDDING_DIM} AND len(std) = {EMBEDDING_DIM};
+"""
+
+
 def _drift_view(name: str, key: str, key_column: str, runs_key: str) -> str:
     """One view keyed by `key` (an expression over `prediction_summary`, named `key_column`), with
     `runs_key` the same key over `classify_runs` for the rejected inputs."""
@@ -162,9 +226,9 @@ WITH per_label AS (  -- every figure below is a sum of these
            sqrt(greatest(0.0, sum(0.5 * p * ln(2 * p / (p + q)) + 0.5 * q * ln(2 * q / (p + q))) / ln(2)))
                AS js_distance,
            -- What PSI reaches by chance alone, 1 time in 1,000, between samples of these two sizes: a
-           -- chi-square quantile (Wilson-Hilferty) with classes - 1 degrees of freedom, times 1/n + 1/m.
-           (count(*) - 1) * pow(1 - 2 / (9 * (count(*) - 1)) + 3.09 * sqrt(2 / (9 * (count(*) - 1))), 3)
-               * (1 / any_value(reference_images) + 1 / any_value(images)) AS psi_noise
+           -- chi-square quantile with classes - 1 degrees of freedom, times 1/n + 1/m.
+           {_chance_quantile("(count(*) - 1)")} * (1 / any_value(reference_images) + 1 / any_value(images))
+               AS psi_noise
     FROM (SELECT b.{key_column}, b.model_name, b.model_version, b.images, r.images AS reference_images,
                  greatest(c.predicted_share, {SMALLEST_SHARE}) AS p,
                  greatest(coalesce(s.predicted, 0) / b.images, {SMALLEST_SHARE}) AS q
@@ -173,6 +237,26 @@ WITH per_label AS (  -- every figure below is a sum of these
           LEFT JOIN per_label s ON s.{key_column} = b.{key_column} AND s.model_name = b.model_name
                                AND s.model_version = b.model_version AND s.label = c.label)
     GROUP BY ALL
+), embedding_batches AS (  -- summed at insert, so the embeddings table itself is never scanned here
+    SELECT {key} AS {key_column}, model_name, model_version, sum(embedded) AS embedded,
+           {_summed("embedding_sum")} AS embedding_sum
+    FROM prediction_summary WHERE embedded > 0 GROUP BY ALL
+), embedding_drift AS (
+    -- Each dimension's difference of means in reference standard deviations, z, is under no shift
+    -- about normal with variance 1/n + 1/m (n embedded images in the batch, m in the reference), and
+    -- the projection's dimensions are principal components, close to uncorrelated: so the sum of z^2
+    -- over d dimensions is about (1/n + 1/m) times a chi-square with d degrees of freedom, and
+    -- embedding_shift = sqrt(sum z^2 / d) passes sqrt(quantile / d * (1/n + 1/m)) one time in 1,000.
+    -- A small reference thus raises the limit instead of crying wolf; the threshold (0.1 standard
+    -- deviations by default) keeps large batches from alerting on differences too small to matter.
+    SELECT e.{key_column}, e.model_name, e.model_version,
+           sqrt(list_sum(list_transform(range(1, {EMBEDDING_DIM + 1}), lambda k: CASE WHEN r.std[k] > 0
+                THEN pow((e.embedding_sum[k] / e.embedded - r.mean[k]) / r.std[k], 2) ELSE 0 END))
+                / r.dimensions) AS embedding_shift,
+           sqrt({_chance_quantile("r.dimensions")} / r.dimensions * (1 / e.embedded + 1 / r.images))
+               AS embedding_noise
+    FROM embedding_batches e JOIN reference_embeddings r USING (model_name, model_version)
+    WHERE r.dimensions > 0
 ), rejected AS (
     SELECT {runs_key} AS {key_column}, model_name, model_version,
            sum(rejected) / nullif(sum(classified + rejected), 0) AS rejected_rate
@@ -187,17 +271,22 @@ SELECT b.{key_column}, b.model_name, b.model_version, b.images, d.psi, d.js_dist
        coalesce(j.rejected_rate, 0.0) AS rejected_rate,
        greatest(abs(b.mean_width / r.mean_width - 1), abs(b.mean_height / r.mean_height - 1)) AS size_shift,
        b.mean_brightness - r.mean_brightness AS brightness_shift,
+       m.embedding_shift,
        greatest(l.psi, d.psi_noise) AS psi_limit,
+       CASE WHEN m.embedding_shift IS NOT NULL THEN greatest(l.embedding_shift, m.embedding_noise) END
+           AS embedding_shift_limit,
        coalesce(d.psi > greatest(l.psi, d.psi_noise), false)
        OR coalesce(r.mean_confidence - b.mean_confidence > l.confidence_drop, false)
        OR coalesce(b.low_confidence_share - r.low_confidence_share > l.low_confidence_rise, false)
        OR coalesce(j.rejected_rate > l.rejected_rate, false)
        OR coalesce(greatest(abs(b.mean_width / r.mean_width - 1), abs(b.mean_height / r.mean_height - 1))
                    > l.size_shift, false)
-       OR coalesce(abs(b.mean_brightness - r.mean_brightness) > l.brightness_shift, false) AS alert
+       OR coalesce(abs(b.mean_brightness - r.mean_brightness) > l.brightness_shift, false)
+       OR coalesce(m.embedding_shift > greatest(l.embedding_shift, m.embedding_noise), false) AS alert
 FROM batches b
 JOIN reference_profiles r USING (model_name, model_version)
 LEFT JOIN divergence d USING ({key_column}, model_name, model_version)
+LEFT JOIN embedding_drift m USING ({key_column}, model_name, model_version)
 LEFT JOIN rejected j USING ({key_column}, model_name, model_version)
 CROSS JOIN limits l;
 """
@@ -210,6 +299,7 @@ FROM prediction_summary GROUP BY ALL HAVING sum(labelled) > 0;
 CREATE TABLE IF NOT EXISTS drift_thresholds (metric VARCHAR PRIMARY KEY, threshold DOUBLE NOT NULL, meaning VARCHAR);
 INSERT OR IGNORE INTO drift_thresholds VALUES {", ".join(
     f"('{metric}', {threshold}, '{meaning}')" for metric, (threshold, meaning) in DEFAULT_THRESHOLDS.items())};
+{REFERENCE_EMBEDDINGS}
 {_drift_view("drift_by_run", "nullif(classify_run, '')", "classify_run_id", "classify_run_id")}
 {_drift_view("drift_daily", "day", "day", "CAST(finished_at AS DATE)")}
 """

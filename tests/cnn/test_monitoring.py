@@ -43,3 +43,16 @@ def test_the_profile_counts_classes_confidence_and_images():
     assert profile["low_confidence_share"] == 0
     assert profile["width"]["mean"] == 48 and profile["height"]["p50"] == pytest.approx(56)
     assert profile["brightness"]["mean"] == pytest.approx((0 + 51 + 102 + 255) / 4 / 255)
+
+
+def test_the_embedding_reference_keeps_each_dimension_s_mean_and_spread_and_none_where_only_rounding_varies():
+    generator = torch.Generator().manual_seed(2)
+    # The last dimension varies by rounding alone, as one a low-rank projection leaves empty does.
+    embeddings = torch.randn(5_000, 4, generator=generator) * torch.tensor([3.0, 1.0, 0.5, 1e-9]) \
+        + torch.tensor([7.0, 7.0, 7.0, 0.0])
+    reference = monitoring.embedding_reference(embeddings)
+    assert reference["images"] == 5_000
+    assert reference["mean"] == pytest.approx([7, 7, 7, 0], abs=0.1)
+    assert reference["std"][:3] == pytest.approx([3.0, 1.0, 0.5], rel=0.05)
+    assert reference["std"][3] == 0.0  # else a shift of nothing there would count as a billion spreads
+    assert monitoring.embedding_reference(embeddings[:1]) is None

@@ -52,9 +52,21 @@ def test_an_explicit_value_always_wins_and_only_the_rest_is_auto():
 
 
 def test_the_recipe_line_says_what_was_chosen_and_for_how_many_images():
-    line = recipe.choose(3_000, epochs=5).line()
+    line = recipe.choose(3_000).line()
     assert line.startswith("recipe: batch 64, lr 0.0707") and "(auto for 3,000 train images)" in line
-    assert "5 epochs (set)" in line and "46 steps an epoch, 230 in all" in line
+    assert "46 steps an epoch, 1,380 in all" in line and "30 epochs" in line
+
+
+def test_capped_epochs_get_a_batch_small_enough_for_enough_steps_and_say_so():
+    capped = recipe.choose(3_000, epochs=5)
+    assert (capped.batch_size, capped.lr) == (32, pytest.approx(0.2 * math.sqrt(32 / 512)))
+    assert capped.total_steps >= recipe.CAPPED_STEPS and capped.capped
+    assert "batch smaller for 400 steps or more in 5 epochs" in capped.line() and "465 in all" in capped.line()
+    # Never below the floor, however short; untouched where the split's own batch makes enough steps.
+    assert recipe.choose(3_000, epochs=1).batch_size == recipe.MIN_BATCH
+    assert not recipe.choose(50_000, epochs=5).capped and recipe.choose(50_000, epochs=5).batch_size == 512
+    assert recipe.choose(50_000, epochs=2).batch_size == 128
+    assert recipe.choose(3_000, epochs=5, batch_size=256).batch_size == 256  # a given batch always wins
 
 
 def test_a_batch_larger_than_the_train_split_is_refused_naming_the_flag(tmp_path):

@@ -71,7 +71,7 @@ def test_set_changes_one_threshold_prints_old_and_new_and_the_drift_views_use_it
 
 @pytest.mark.parametrize(("assignment", "reason"), [
     ("colour=0.1", "no threshold named 'colour'; the thresholds are brightness_shift, confidence_drop, "
-                   "low_confidence_rise, psi, rejected_rate, size_shift"),
+                   "embedding_shift, low_confidence_rise, psi, rejected_rate, size_shift"),
     ("psi=abc", "psi must be a number, not 'abc'"),
     ("psi=-0.1", "psi must be at least 0"),
     ("size_shift=nan", "size_shift must be a finite number"),

@@ -12,13 +12,16 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
+import torch
 
+from cnn.monitoring import embedding_reference
 from cnn.predict import Predictor
 from cnnpipe.demo import SHAPES, encode, render_shape
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.monitoring.review import choose, export_for_review
 from cnnpipe.predictions.classify import classify_source
 from cnnpipe.predictions.database import connect_for_writing, transaction
+from cnnpipe.predictions.records import record_reference_profile
 from cnnpipe.settings import get_settings
 from cnnpipe.sources import open_source
 from cnnpipe.store import DatasetStore, IngestOptions
@@ -238,3 +241,93 @@ def test_the_command_refuses_a_folder_in_the_home_or_a_symlink_it_would_write_th
     nothing_chosen = CliRunner().invoke(cli, ["review", "export", str(cnnpipe_home / "x"), "--model", "shapes/9"])
     assert nothing_chosen.exit_code == 1 and "inside CNNPIPE_HOME" in nothing_chosen.output  # refused first
     assert snapshot(tmp_path) == before
+
+
+def test_outliers_are_the_images_farthest_from_the_reference_embeddings_farthest_first(classified, tmp_path):
+    from click.testing import CliRunner
+
+    from cnnpipe.cli import cli
+
+    settings = get_settings()
+    # Version 2's reference: the embeddings of the inbox's shapes, as fit keeps those of its held-out images.
+    vectors = {sha: np.array(vector, dtype=np.float64)
+               for sha, vector in rows_of("SELECT image_sha256, embedding FROM embeddings WHERE model_version = '2'")}
+    inbox = [sha for (sha,) in rows_of("SELECT image_sha256 FROM predictions WHERE model_version = '2' AND "
+                                       "source_uri LIKE '%inbox'")]
+    reference = embedding_reference(torch.tensor(np.stack([vectors[sha] for sha in inbox])))
+    record_reference_profile(settings.predictions_db, "shapes", "2", "v", {
+        "images": len(inbox), "temperature": 1.0, "top1": 1.0, "mean_confidence": 0.9, "low_confidence_share": 0.1,
+        "width": {"mean": 32}, "height": {"mean": 32}, "brightness": {"mean": 0.5, "std": 0.1},
+        "classes": [{"label": shape, "predicted_share": 0.25, "true_share": 0.25} for shape in SHAPES],
+        "confidence_bins": [{"low": 0.0, "high": 1.0, "share": 1.0, "accuracy": 0.9}], "embedding": reference})
+    mean, std = np.array(reference["mean"]), np.array(reference["std"])
+    varying = std > 0
+    distance = {sha: float(np.sqrt(np.mean(((vector - mean)[varying] / std[varying]) ** 2)))
+                for sha, vector in vectors.items()}
+    farthest = sorted(distance, key=lambda sha: (-distance[sha], sha))
+    with transaction(settings.predictions_db) as connection:  # a labelled image is not chosen
+        connection.execute("INSERT INTO ground_truth VALUES (?, 'circle', 'reviewed', 'v1', now())", [farthest[0]])
+
+    chosen = choose(settings.predictions_db, "shapes/2", "outliers", limit=5)
+    assert [row["image_sha256"] for row in chosen] == farthest[1:6]
+    assert [row["distance"] for row in chosen] == pytest.approx([distance[sha] for sha in farthest[1:6]], rel=1e-5)
+    from_inbox = choose(settings.predictions_db, "shapes/2", "outliers", limit=100, classify_run="run-2-inbox")
+    assert [row["image_sha256"] for row in from_inbox] == [sha for sha in farthest[1:] if sha in inbox]
+
+    out = tmp_path / "odd"
+    result = CliRunner().invoke(cli, ["review", "export", str(out), "--outliers", "--model", "shapes/2",
+                                      "--limit", "3"])
+    assert result.exit_code == 0, result.output
+    listed = read_labels(out)
+    assert [row["sha256"] for row in listed] == farthest[1:4]
+    assert [float(row["distance"]) for row in listed] == pytest.approx([distance[sha] for sha in farthest[1:4]],
+                                                                      abs=1e-4)
+    # Version 1 has embeddings but no reference to measure them from: said in one line, not an empty export.
+    older = CliRunner().invoke(cli, ["review", "export", str(tmp_path / "older"), "--outliers", "--model", "shapes/1"])
+    assert older.exit_code == 1 and older.output.count("\n") == 1, older.output
+    assert "shapes/1 has no reference embeddings" in older.output
+
+
+def test_label_issues_export_the_doubted_images_of_a_dataset_in_rank_order_with_the_suggested_label(tmp_path):
+    from click.testing import CliRunner
+
+    from cnnpipe.cli import cli
+
+    settings = get_settings()
+    write_shapes(tmp_path / "source", 8, seed=303)
+    store = DatasetStore("pets", settings)
+    with store.lock():
+        store.commit(store.stage(open_source(str(tmp_path / "source")), IngestOptions(workers=0)))
+    stored = store.read_table(["sha256", "label", "split", "member_path"]).to_pylist()
+    doubted, corrected = stored[:3], stored[3]
+    issues = [(row["sha256"], row["split"], row["label"], "cross" if row["label"] != "cross" else "circle", quality,
+               rank) for row, quality, rank in zip(doubted, (0.2, 0.1, 0.3), (2, 1, 3))]
+    issues += [(corrected["sha256"], corrected["split"], "square" if corrected["label"] != "square" else "circle",
+                corrected["label"], 0.05, 4),  # its label has been corrected since the audit
+               ("f" * 64, "train", "circle", "cross", 0.4, 5)]  # gone from the dataset since
+    with transaction(settings.predictions_db) as connection:
+        connection.executemany("INSERT INTO label_issues VALUES ('pets', 'v1', ?, ?, ?, ?, ?, ?)", issues)
+
+    out = tmp_path / "relabel"
+    result = CliRunner().invoke(cli, ["review", "export", str(out), "--label-issues", "pets"])
+    assert result.exit_code == 0, result.output
+    assert "Wrote 3 image(s)" in result.output and "--dataset pets --relabel" in result.output
+    listed = read_labels(out)
+    in_rank_order = [issues[1], issues[0], issues[2]]
+    assert [(row["sha256"], row["label"], row["given_label"], row["split"], float(row["label_quality"]))
+            for row in listed] == [(sha, suggested, given, split, quality)
+                                   for sha, split, given, suggested, quality, _ in in_rank_order]
+    by_sha = {row["sha256"]: row for row in stored}
+    assert [row["member_path"] for row in listed] == [by_sha[row["sha256"]]["member_path"] for row in listed]
+    assert all(hashlib.sha256((out / row["path"]).read_bytes()).hexdigest() == row["sha256"] for row in listed)
+    with open(out / "unavailable.csv", newline="") as handle:
+        assert [(row["sha256"], row["reason"]) for row in csv.DictReader(handle)] == \
+            [("f" * 64, "no longer in the dataset store")]
+
+    for refused in (["--outliers"], ["--model", "shapes/1", "--run", "r"]):
+        wrong = CliRunner().invoke(cli, ["review", "export", str(tmp_path / "x"), "--label-issues", "pets", *refused])
+        assert wrong.exit_code == 2 and wrong.output.strip().endswith(
+            "--label-issues exports a dataset's images, not predictions: drop " + " and ".join(refused[::2])), \
+            wrong.output
+    unknown = CliRunner().invoke(cli, ["review", "export", str(tmp_path / "y"), "--label-issues", "nosuch"])
+    assert unknown.exit_code == 1 and unknown.output.strip() == "Error: no dataset named 'nosuch'"
