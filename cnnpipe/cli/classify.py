@@ -72,8 +72,9 @@ def sql(query: str, output_format: str, output: str | None, force: bool, max_row
     or change its settings; memory, threads and time are capped.
 
     \b
-    Tables: predictions, classify_runs, rejected_inputs, promotions, champions, ground_truth,
-    reference_profiles, reference_classes, reference_confidence, drift_thresholds.
+    Tables: predictions, embeddings, classify_runs, rejected_inputs, promotions, champions,
+    ground_truth, reference_profiles, reference_classes, reference_confidence, drift_thresholds,
+    and what `cnnpipe audit` finds: near_duplicates, label_issues, outliers.
     Views:
       latest_predictions  per image, the champion's prediction, else the newest version's
       class_counts        images per day, model version and label
@@ -82,6 +83,8 @@ def sql(query: str, output_format: str, output: str | None, force: bool, max_row
       production_accuracy measured top-1 per model version and day, from labels ingested later
       drift_by_run        drift of each classify run against the model's reference (cnnpipe monitor)
       drift_daily         the same per model version and day
+      reference_embeddings each version's mean and spread of its held-out images' embeddings
+    Macro: similar_images(sha256, model_name, model_version, k), as `cnnpipe similar` searches.
 
     \b
     Examples:
@@ -195,8 +198,9 @@ def monitor(ctx: click.Context, model_ref: str | None, since, daily: bool, outpu
 
     Columns as in the views drift_by_run and drift_daily: the population stability index
     and Jensen-Shannon distance of the predicted classes, the accuracy estimated from
-    calibrated confidence, confidence, rejected-input, size and brightness shifts, and
-    `alert` when one passes its threshold (`cnnpipe monitor thresholds`).
+    calibrated confidence, confidence, rejected-input, size and brightness shifts, how far the
+    batch's mean embedding lies from the reference's (in its standard deviations), and `alert`
+    when one passes its threshold (`cnnpipe monitor thresholds`).
 
     \b
     Examples:
@@ -222,7 +226,8 @@ def monitor(ctx: click.Context, model_ref: str | None, since, daily: bool, outpu
              "round(js_distance, 3) AS js, round(estimated_accuracy, 3) AS est_accuracy, "
              "round(confidence_shift, 3) AS confidence_shift, round(low_confidence_share, 3) AS low_confidence, "
              "round(rejected_rate, 3) AS rejected, round(size_shift, 3) AS size_shift, "
-             f"round(brightness_shift, 3) AS brightness_shift, alert FROM {view} d {where} ORDER BY {key}")
+             f"round(brightness_shift, 3) AS brightness_shift, round(embedding_shift, 3) AS embedding_shift, "
+             f"alert FROM {view} d {where} ORDER BY {key}")
     result = run_query(query, get_settings().predictions_db, QueryLimits(), cap_rows=False)
     if not result.rows and output_format == "table":
         click.echo("No drift to show: classify with a model registered since monitoring began (it keeps a "
