@@ -106,7 +106,7 @@ def sql(query: str, output_format: str, output: str | None, force: bool, max_row
     write_result(result, output_format, output, force=force)
     if output:
         click.echo(f"{len(result.rows):,} row{'s' if len(result.rows) != 1 else ''} written to {output} "
-                   f"({output_format})")
+                   f"({output_format})", err=True)
 
 
 @click.command()
@@ -229,10 +229,11 @@ def monitor(ctx: click.Context, model_ref: str | None, since, daily: bool, outpu
              f"round(brightness_shift, 3) AS brightness_shift, round(embedding_shift, 3) AS embedding_shift, "
              f"alert FROM {view} d {where} ORDER BY {key}")
     result = run_query(query, get_settings().predictions_db, QueryLimits(), cap_rows=False)
-    if not result.rows and output_format == "table":
+    if not result.rows:
         click.echo("No drift to show: classify with a model registered since monitoring began (it keeps a "
-                   "reference profile).")
-        return
+                   "reference profile).", err=output_format != "table")
+        if output_format == "table":
+            return
     write_result(result, output_format, None, count_rows=False)
 
 

@@ -22,8 +22,15 @@ from cnnpipe.errors import CnnpipeError
 @click.option("--ray-address", envvar="CNNPIPE_RAY_ADDRESS", default=None,
               help="Shard the source over this Ray cluster (HOST:PORT, or ray://HOST:PORT) [env: CNNPIPE_RAY_ADDRESS].")
 @click.option("--shards", type=int, default=None, help="Shards on Ray [default: one per CPU of the cluster].")
+@click.option("--relabel", is_flag=True,
+              help="Correct the labels of images already in the dataset to those SOURCE gives, as a new version "
+                   "(adds no images; each keeps its split).")
+@click.option("--new-class", "new_classes", multiple=True, metavar="LABEL",
+              help="With --relabel: a class the correction may introduce (repeatable); other labels that are "
+                   "not classes of the dataset are rejected as unknown_class.")
 def ingest(source: str, dataset: str, val_fraction: float, test_fraction: float, resize: int | None,
-           workers: int | None, max_reject_fraction: float, ray_address: str | None, shards: int | None) -> None:
+           workers: int | None, max_reject_fraction: float, ray_address: str | None, shards: int | None,
+           relabel: bool, new_classes: tuple[str, ...]) -> None:
     """Add the images in SOURCE to a versioned, deduplicated Parquet dataset.
 
     SOURCE is a folder of <class>/<file> or <split>/<class>/<file>, a .tar, .tar.gz or
@@ -31,23 +38,37 @@ def ingest(source: str, dataset: str, val_fraction: float, test_fraction: float,
     fsspec URL (file://, s3://, gs://). Rerunning adds only new images. The store
     itself lives under $CNNPIPE_HOME, or at $CNNPIPE_DATASETS_URL (e.g. s3://bucket/datasets).
 
+    With --relabel, SOURCE corrects labels instead: images already in the dataset (named by
+    the manifest's sha256 column, or by their bytes) take the label it gives them in a new
+    version; earlier versions keep the old ones. The labels.csv of `cnnpipe review export`
+    is such a manifest.
+
     \b
     Examples:
       cnnpipe ingest ./photos --dataset pets
       cnnpipe ingest train.tar.gz --dataset pets --resize 256
       cnnpipe ingest labels.csv --dataset pets --val-fraction 0.2 --test-fraction 0
       cnnpipe ingest s3://bucket/photos.tar --dataset pets --ray-address 10.0.0.1:6379
+      cnnpipe ingest review/labels.csv --dataset pets --relabel
     """
     from cnnpipe.reports.markdown import ingest_markdown
     from cnnpipe.sources import open_source
     from flows.ingest import ingest as ingest_flow
 
     open_source(source)  # a missing or unknown source fails here, in one line
+    if new_classes and not relabel:
+        raise CnnpipeError(f"{source}: --new-class only applies with --relabel; an ingest takes any label")
+    if relabel:
+        from cnnpipe.store import DatasetStore
+
+        if not DatasetStore(dataset).exists():
+            raise CnnpipeError(f"{source}: no dataset named {dataset!r} to relabel; ingest the images without "
+                               "--relabel first (`cnnpipe datasets` lists the datasets)")
     before_flows()
     summary = ingest_flow(source=source, dataset=dataset, val_fraction=val_fraction, test_fraction=test_fraction,
                           resize=resize, workers=workers, max_reject_fraction=max_reject_fraction,
-                          ray_address=ray_address, shards=shards)
-    print_markdown(ingest_markdown(summary))
+                          ray_address=ray_address, shards=shards, relabel=relabel, new_classes=new_classes)
+    print_markdown(ingest_markdown(summary) + "".join(f"{line}\n" for line in summary.relabel_lines()))
 
 
 @click.group(invoke_without_command=True)
@@ -64,8 +85,11 @@ def datasets(ctx: click.Context, output_format: str) -> None:
 
     manifests = list_datasets()
     if not manifests:
-        click.echo(f"No datasets under {get_settings().datasets_url} yet. Try: cnnpipe ingest SOURCE --dataset NAME")
-        return
+        # A script reading --format json or csv still gets a valid, empty document on stdout.
+        click.echo(f"No datasets under {get_settings().datasets_url} yet. Try: cnnpipe ingest SOURCE --dataset NAME",
+                   err=output_format != "table")
+        if output_format == "table":
+            return
     rows = []
     for m in manifests:
         split_sizes = [f"{sum(m['counts'].get(s, {}).values()):,}" for s in ("train", "val", "test")]

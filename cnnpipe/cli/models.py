@@ -26,8 +26,11 @@ def models(name: str | None, output_format: str) -> None:
 
     versions = list_versions(name)
     if not versions:
-        click.echo("No registered models yet. `cnnpipe train --dataset NAME` registers one.")
-        return
+        # A script reading --format json or csv still gets a valid, empty document on stdout.
+        click.echo("No registered models yet. `cnnpipe train --dataset NAME` registers one.",
+                   err=output_format != "table")
+        if output_format == "table":
+            return
     columns = ["model", "version", "aliases", "created", "dataset", "started from", "val top-1", "held-out top-1",
                "top-5", "leaked", "vs majority", "gate"]
     rows = []

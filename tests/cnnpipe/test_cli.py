@@ -154,3 +154,18 @@ def test_a_missing_prefect_home_is_created_and_a_failing_flow_ends_in_one_line(t
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines() == [
         f"Error: PREFECT_HOME={tmp_path / 'a-file' / 'prefect'} cannot be created: Not a directory"]
+
+
+@pytest.mark.parametrize("command", [["datasets"], ["models"], ["monitor"], ["monitor", "--daily"],
+                                     ["sql", "SELECT * FROM near_duplicates"]])
+def test_a_script_gets_valid_json_and_csv_on_stdout_even_when_there_is_nothing(command, cnnpipe_home):
+    import csv
+    import io
+
+    as_json = CliRunner().invoke(cli, [*command, "--format", "json"])
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.stdout) == []
+    as_csv = CliRunner().invoke(cli, [*command, "--format", "csv"])
+    assert as_csv.exit_code == 0, as_csv.output
+    header, *rows = list(csv.reader(io.StringIO(as_csv.stdout)))
+    assert rows == [] and header and all(header)
