@@ -27,7 +27,7 @@ import logging
 import os
 import posixpath
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from cnnpipe.settings import Settings
 
 log = logging.getLogger("cnnpipe.review")
 
-MODES = ("low-confidence", "disagreements", "outliers")
+MODES = ("low-confidence", "disagreements", "outliers", "least-typical")
 LABELS_COLUMNS = ["path", "label", "confidence", "predicted", "model", "sha256", "source_uri", "member_path"]
 # What each kind of export adds after those columns: how far an outlier lies, and what the audit
 # found of a label (its split is kept, so that a corrected image ingested again stays where it was).
@@ -65,25 +65,34 @@ class ReviewExport:
     unavailable: list[dict] = field(default_factory=list)
 
 
-def choose(database: Path, model_ref: str, mode: str, limit: int, classify_run: str | None = None) -> list[dict]:
-    """The predictions to review, of images with no label in `ground_truth` (of one classify run,
-    with `classify_run`): those under the low-confidence threshold, or those another version of
-    the model labels otherwise, least confident first; or outliers, farthest from the version's
-    reference embeddings first, each with its `distance`."""
+def choose(database: Path, model_ref: str | None, mode: str, limit: int,
+           classify_runs: str | Sequence[str] | None = None) -> list[dict]:
+    """The predictions to review, of images with no label in `ground_truth` (of some classify runs
+    only, with `classify_runs`; of every model then, without `model_ref`): those under the
+    low-confidence threshold, or those another version of the model labels otherwise, least
+    confident first; or outliers, farthest from the version's reference embeddings first, each
+    with its `distance`; or least-typical, every one of them, farthest first where the version has
+    reference embeddings, then least confident first: how a confidently wrong batch is seen."""
     if mode not in MODES:
         raise CnnpipeError(f"review mode {mode!r}: choose one of {', '.join(MODES)}")
     if not database.exists():
         raise CnnpipeError(f"{database}: no predictions yet; run `cnnpipe classify` first")
+    runs = [classify_runs] if isinstance(classify_runs, str) else list(classify_runs or [])
     confidence = "coalesce(p.calibrated_confidence, p.confidence)"
     columns = (f"p.image_sha256, p.source_uri, p.member_path, p.model_name, p.model_version, p.label, "
                f"{confidence} AS confidence")
-    wanted = (f"{version_condition(model_ref, 'p')} AND NOT EXISTS (SELECT 1 FROM ground_truth g WHERE "
-              "g.image_sha256 = p.image_sha256)" + (" AND p.classify_run_id = $run" if classify_run else ""))
-    if mode == "outliers":
+    conditions = [version_condition(model_ref, "p")] if model_ref else []
+    conditions.append("NOT EXISTS (SELECT 1 FROM ground_truth g WHERE g.image_sha256 = p.image_sha256)")
+    if runs:
+        conditions.append("list_contains($runs, p.classify_run_id)")
+    wanted = " AND ".join(conditions)
+    if mode in ("outliers", "least-typical"):
+        join, kept = ("JOIN", "AND r.dimensions > 0") if mode == "outliers" else ("LEFT JOIN", "")
         query = (f"SELECT {columns}, {_DISTANCE} AS distance FROM predictions p "
-                 "JOIN embeddings e USING (image_sha256, model_name, model_version) "
-                 "JOIN reference_embeddings r USING (model_name, model_version) "
-                 f"WHERE {wanted} AND r.dimensions > 0 ORDER BY distance DESC, p.image_sha256 LIMIT {int(limit)}")
+                 f"{join} embeddings e USING (image_sha256, model_name, model_version) "
+                 f"{join} reference_embeddings r USING (model_name, model_version) "
+                 f"WHERE {wanted} {kept} ORDER BY distance DESC NULLS LAST, confidence, p.image_sha256 "
+                 f"LIMIT {int(limit)}")
     else:
         chosen = (f"{confidence} < {LOW_CONFIDENCE}" if mode == "low-confidence" else
                   "EXISTS (SELECT 1 FROM disagreements d WHERE d.image_sha256 = p.image_sha256 AND "
@@ -92,12 +101,23 @@ def choose(database: Path, model_ref: str, mode: str, limit: int, classify_run: 
                  f"ORDER BY confidence, p.image_sha256 LIMIT {int(limit)}")
 
     with connect_for_writing(database) as connection:
-        cursor = connection.execute(query, {"run": classify_run} if classify_run else None)
+        cursor = connection.execute(query, {"runs": runs} if runs else None)
         names = [column[0] for column in cursor.description]
         rows = [dict(zip(names, row)) for row in cursor.fetchall()]
-        if mode == "outliers" and not rows:
+        if mode == "outliers" and not rows and model_ref:
             _require_embedding_reference(connection, model_ref)
     return rows
+
+
+def alerting_runs(database: Path, model_ref: str | None = None) -> list[str]:
+    """The classify runs whose drift `alert` is on (of one model, with `model_ref`), newest first."""
+    if not database.exists():
+        return []
+    condition = f"AND {version_condition(model_ref, 'd')}" if model_ref else ""
+    with connect_for_writing(database) as connection:
+        return [row[0] for row in connection.execute(
+            f"SELECT d.classify_run_id FROM drift_by_run d LEFT JOIN classify_runs c USING (classify_run_id) "
+            f"WHERE d.alert {condition} ORDER BY c.finished_at DESC NULLS LAST, d.classify_run_id").fetchall()]
 
 
 def _require_embedding_reference(connection, model_ref: str) -> None:

@@ -20,7 +20,7 @@ from cnnpipe.demo import SHAPES, encode, render_shape
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.monitoring.review import choose, export_for_review
 from cnnpipe.predictions.classify import classify_source
-from cnnpipe.predictions.database import connect_for_writing, transaction
+from cnnpipe.predictions.database import connect_for_writing, set_drift_thresholds, transaction
 from cnnpipe.predictions.records import record_reference_profile
 from cnnpipe.settings import get_settings
 from cnnpipe.sources import open_source
@@ -271,7 +271,7 @@ def test_outliers_are_the_images_farthest_from_the_reference_embeddings_farthest
     chosen = choose(settings.predictions_db, "shapes/2", "outliers", limit=5)
     assert [row["image_sha256"] for row in chosen] == farthest[1:6]
     assert [row["distance"] for row in chosen] == pytest.approx([distance[sha] for sha in farthest[1:6]], rel=1e-5)
-    from_inbox = choose(settings.predictions_db, "shapes/2", "outliers", limit=100, classify_run="run-2-inbox")
+    from_inbox = choose(settings.predictions_db, "shapes/2", "outliers", limit=100, classify_runs="run-2-inbox")
     assert [row["image_sha256"] for row in from_inbox] == [sha for sha in farthest[1:] if sha in inbox]
 
     out = tmp_path / "odd"
@@ -282,6 +282,27 @@ def test_outliers_are_the_images_farthest_from_the_reference_embeddings_farthest
     assert [row["sha256"] for row in listed] == farthest[1:4]
     assert [float(row["distance"]) for row in listed] == pytest.approx([distance[sha] for sha in farthest[1:4]],
                                                                       abs=1e-4)
+    # A whole classify run, least typical first: every unlabelled image, by distance where its version
+    # has reference embeddings, else least confident first; no confidence threshold.
+    whole = CliRunner().invoke(cli, ["review", "export", str(tmp_path / "run2"), "--run", "run-2-inbox"])
+    assert whole.exit_code == 0, whole.output
+    assert [row["sha256"] for row in read_labels(tmp_path / "run2")] == [sha for sha in farthest[1:] if sha in inbox]
+    unsure = CliRunner().invoke(cli, ["review", "export", str(tmp_path / "run1"), "--run", "run-1-inbox"])
+    assert unsure.exit_code == 0, unsure.output
+    confidences = [float(row["confidence"]) for row in read_labels(tmp_path / "run1")]
+    assert len(confidences) == 40 and confidences == sorted(confidences)
+    # --alerting: the runs whose drift alert is on; none until a threshold every run passes is set.
+    quiet = CliRunner().invoke(cli, ["review", "export", str(tmp_path / "none"), "--alerting", "--model", "shapes/1"])
+    assert quiet.exit_code == 0 and "no classify run has its drift alert on" in quiet.output
+    set_drift_thresholds(settings.predictions_db, ["psi=0"])
+    alerting = {run for (run,) in rows_of("SELECT classify_run_id FROM drift_by_run WHERE alert")}
+    assert alerting and alerting <= {"run-2-inbox", "run-2-archive.tar.gz"}
+    drifted = CliRunner().invoke(cli, ["review", "export", str(tmp_path / "drifted"), "--alerting", "--limit", "500"])
+    assert drifted.exit_code == 0, drifted.output
+    exported = [row["sha256"] for row in read_labels(tmp_path / "drifted")]
+    in_alerting = {sha for (sha,) in rows_of("SELECT image_sha256 FROM predictions WHERE list_contains(?, "
+                                              "classify_run_id)", [sorted(alerting)])}
+    assert set(exported) == in_alerting - {farthest[0]}
     # Version 1 has embeddings but no reference to measure them from: said in one line, not an empty export.
     older = CliRunner().invoke(cli, ["review", "export", str(tmp_path / "older"), "--outliers", "--model", "shapes/1"])
     assert older.exit_code == 1 and older.output.count("\n") == 1, older.output
