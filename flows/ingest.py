@@ -7,7 +7,7 @@ from cnnpipe.sources import open_source
 from cnnpipe.store import DatasetStore, IngestOptions, IngestSummary, StagedRun, resolve_options
 from flows.sharding import cluster_cpus, ray_task_runner, run_shards
 from tasks.ingest import (commit_version, merge_shards, record_labels, recover_dataset, report_ingest, stage_images,
-                          stage_shard)
+                          stage_relabel, stage_shard)
 
 
 @flow(name="ingest")
@@ -21,19 +21,27 @@ def ingest(
     max_reject_fraction: float = 0.5,
     ray_address: str | None = None,
     shards: int | None = None,
+    relabel: bool = False,
+    new_classes: tuple[str, ...] = (),
 ) -> IngestSummary:
     """Add the new images of `source` to `dataset` as one new version.
 
     With a Ray cluster (`ray_address`, or $CNNPIPE_RAY_ADDRESS) the source is split into
     `shards` (default: one per CPU of the cluster) that read, hash and validate in parallel
     and stage Parquet parts; this process then merges them and commits, as the only writer.
+
+    With `relabel`, the version instead gives images already in `dataset` the labels `source`
+    gives them (`cnnpipe.store.relabel`), in this process: it decodes nothing and copies only the
+    parts that hold them. `new_classes` are the labels it may introduce.
     """
     options = IngestOptions(val_fraction, test_fraction, resize, workers)
     address = ray_address or get_settings().ray_address
     # One writer per dataset, held from recovery to commit.
     with DatasetStore(dataset).lock():
         recover_dataset(dataset)
-        if address:
+        if relabel:
+            staged = stage_relabel(source, dataset, tuple(new_classes))
+        elif address:
             staged = merge_shards(dataset, ingest_shards.with_options(task_runner=ray_task_runner(address))(
                 source, dataset, options, shards))
         else:

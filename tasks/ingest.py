@@ -8,6 +8,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.predictions.database import record_label_changes
 from cnnpipe.predictions.records import labelled_version, record_ground_truth
 from cnnpipe.reports.markdown import ingest_markdown
 from cnnpipe.reports.progress import progress_bar
@@ -39,6 +40,14 @@ def stage_shard(source: str, dataset: str, options: IngestOptions, index: int, c
     return DatasetStore(dataset).stage_shard(open_source(source), options, index, count)
 
 
+# A relabel reads the manifest and the parts it copies again on a retry, keeping the copies made.
+@task(name="stage-relabel", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=is_transient_io_error)
+def stage_relabel(source: str, dataset: str, new_classes: tuple[str, ...] = ()) -> StagedRun:
+    opened = open_source(source)
+    with progress_bar(f"relabel {dataset}") as update:
+        return DatasetStore(dataset).stage_relabel(opened, new_classes, on_progress=update)
+
+
 @task(name="merge-shards")
 def merge_shards(dataset: str, shards: list[StagedRun]) -> StagedRun:
     return DatasetStore(dataset).merge_shards(shards, len(shards))
@@ -53,7 +62,8 @@ def commit_version(staged: StagedRun) -> IngestSummary:
 @task(name="record-labels", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=is_transient_io_error)
 def record_labels(dataset: str) -> int:
     """Write the labels of the dataset's current version into the predictions database, where
-    `production_accuracy` scores predictions of the same images; returns how many were written."""
+    `production_accuracy` scores predictions of the same images, and what its relabel versions
+    changed into `label_changes`; returns how many labels were written."""
     store = DatasetStore(dataset)
     if not store.exists():
         return 0
@@ -61,6 +71,8 @@ def record_labels(dataset: str) -> int:
     try:
         if labelled_version(database, dataset) == version_id:
             return 0
+        # Before the labels: a run stopped between the two finds the version unlabelled and does both.
+        record_label_changes(database, store.label_changes())
         return record_ground_truth(database, dataset, version_id, store.read_table(["sha256", "label"]))
     except CnnpipeError as exc:  # e.g. a long query holds the database: the images themselves are in
         get_run_logger().warning("%s; the labels of %s are recorded by the next ingest into it", exc, dataset)
@@ -69,13 +81,16 @@ def record_labels(dataset: str) -> int:
 
 @task(name="report-ingest")
 def report_ingest(summary: IngestSummary, max_reject_fraction: float) -> IngestSummary:
-    create_markdown_artifact(ingest_markdown(summary), key=f"ingest-{_artifact_key(summary.dataset)}",
+    report = ingest_markdown(summary) + "".join(f"{line}\n" for line in summary.relabel_lines())
+    create_markdown_artifact(report, key=f"ingest-{_artifact_key(summary.dataset)}",
                              description=f"Ingest of {summary.source_uri} into {summary.dataset}")
-    seen = summary.added + summary.duplicates + len(summary.rejected)
+    seen = summary.added + summary.duplicates + len(summary.rejected) + len(summary.relabelled) + len(summary.skipped)
     if seen and len(summary.rejected) / seen > max_reject_fraction:
+        kept = f"the {len(summary.relabelled)} relabels were made" if summary.relabelled else \
+            f"the {summary.added} good images were kept"
         raise CnnpipeError(
             f"{summary.source_uri}: {len(summary.rejected)} of {seen} files rejected, over the "
-            f"{max_reject_fraction:.0%} limit; the {summary.added} good images were kept")
+            f"{max_reject_fraction:.0%} limit; {kept}")
     return summary
 
 

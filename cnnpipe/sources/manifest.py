@@ -23,7 +23,7 @@ class ManifestSource(Source):
     def explicit_splits(self) -> set[str]:
         return {split for row in self._rows() if (split := SPLIT_NAMES.get((row.get("split") or "").strip().lower()))}
 
-    def _rows(self) -> list[dict]:
+    def _rows(self, needs_path: bool = True) -> list[dict]:
         raw = with_retries(lambda: self.fs.cat_file(self.path))
         body = raw.removeprefix(codecs.BOM_UTF8)
         try:
@@ -33,18 +33,27 @@ class ManifestSource(Source):
             raise CnnpipeError(f"{self.uri}: not UTF-8 text at byte {at} ({raw[at]:#04x}): "
                                "save the manifest as UTF-8") from None
         rows = list(csv.DictReader(io.StringIO(text)))
-        if rows and "path" not in rows[0]:
-            raise CnnpipeError(f"{self.uri}: a manifest needs a 'path' column, found {list(rows[0])}")
+        if rows and "path" not in rows[0] and (needs_path or "sha256" not in rows[0]):
+            wanted = "a 'path' column" if needs_path else "a 'path' or a 'sha256' column"
+            raise CnnpipeError(f"{self.uri}: a manifest needs {wanted}, found {list(rows[0])}")
         return rows
 
-    def entries(self) -> Iterator[Entry]:
+    def entries(self, read_hashed: bool = True) -> Iterator[Entry]:
+        """The rows' images. With `read_hashed` False a row that gives its sha256 is not read, and
+        needs no path: its entry carries that hash alone (`content_sha256`), for a relabel, which
+        only has to know which stored image a row names, and the file may be gone by then."""
         base = posixpath.dirname(self.path)
         real_base = os.path.realpath(base) if self._local else None
-        rows = self._rows()
+        rows = self._rows(needs_path=read_hashed)
         numbered = [(line, row) for line, row in enumerate(rows, start=2) if self._mine(f"{line}")]
         self.total = len(numbered)
         for line, row in numbered:
             name = (row.get("path") or "").strip()
+            expected = (row.get("sha256") or "").strip().lower() or None
+            if expected and not read_hashed:
+                yield Entry(name or f"<line {line}>", (row.get("label") or "").strip() or None, None,
+                            content_sha256=expected)
+                continue
             try:
                 rel = safe_relative_path(name)
             except UnsafePath as exc:
@@ -76,5 +85,4 @@ class ManifestSource(Source):
             except Refused as refused:
                 yield refused.entry(rel, label, split)
                 continue
-            expected = (row.get("sha256") or "").strip().lower() or None
             yield Entry(rel, label, split, data, expected_sha256=expected)

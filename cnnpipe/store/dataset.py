@@ -24,7 +24,7 @@ from cnnpipe.base.locks import file_lock
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.settings import Settings, get_settings
 from cnnpipe.sources import TRANSIENT_ERRORS
-from cnnpipe.store import staging
+from cnnpipe.store import relabel, staging
 from cnnpipe.store.format import (DATASET_NAME, SCHEMA, _empty_manifest, chained_version_id, derive_manifest,
                                   iso_time, lists_every_version, version_folder)
 from cnnpipe.store.parts import _rows_in, part_problem
@@ -42,6 +42,7 @@ class DatasetStore:
         self.location = location(f"{self.settings.datasets_url.rstrip('/')}/{name}")
         self.staging = self.settings.staging_dir / name / "next"
         self.shards_staging = self.settings.staging_dir / name / "shards"
+        self.relabel_staging = self.settings.staging_dir / name / "relabel"
 
     # ---- reading -------------------------------------------------------------------
 
@@ -115,9 +116,10 @@ class DatasetStore:
     def repair(self, version: int) -> str:
         """How to repair a damaged part of `version`: the parts of a version are written once, so
         it is restored, or dropped whole and its source ingested again for what it held."""
-        source = next(v["source_uri"] for v in self.manifest()["versions"] if v["version"] == version)
+        listed = next(v for v in self.manifest()["versions"] if v["version"] == version)
+        again = f"{listed['source_uri']} --dataset {self.name}" + (" --relabel" if listed.get("relabelled") else "")
         return (f"restore it from a backup, or move {self.location.file(version_folder(version))} out of the "
-                f"dataset and run `cnnpipe ingest {source} --dataset {self.name}` to add back what that version held")
+                f"dataset and run `cnnpipe ingest {again}` to add back what that version held")
 
     def damaged_part_error(self, path: Path | str, problem: str) -> CnnpipeError:
         """The one-line error of a reader that met a damaged part."""
@@ -201,7 +203,7 @@ class DatasetStore:
         if self.location.versions() and not lists_every_version(manifest, self.location):
             log.warning("dataset %s: the manifest did not list its versions; rebuilt it", self.name)
             self.location.write_json("manifest.json", derive_manifest(self.name, self.location))
-        for directory in [self.staging, *self.shards_staging.glob("*/shard-*")]:
+        for directory in [self.staging, self.relabel_staging, *self.shards_staging.glob("*/shard-*")]:
             self.keep_if_current(directory)
 
     def keep_if_current(self, staging: Path) -> None:
@@ -220,29 +222,37 @@ class DatasetStore:
     shard_staging = staging.shard_staging
     stage_shard = staging.stage_shard
     merge_shards = staging.merge_shards
+    # Giving stored images other labels, as a version of copied parts (relabel.py).
+    stage_relabel = relabel.stage_relabel
 
     def commit(self, run: StagedRun) -> IngestSummary:
         """Publish the staged parts as the next version, in one rename. Call under `lock()`."""
+        staged = self.relabel_staging if run.relabel else self.staging
         version = run.base_version
-        if run.rows + run.adopted_rows > 0:
+        if run.rows + run.adopted_rows > 0 or run.label_changes:
             version = run.base_version + 1
             previous_id = self.manifest()["version_id"] if run.base_version else ""
-            parts = sorted(self.staging.glob("part-*.parquet"))
-            (self.staging / "base.json").unlink()
-            atomic_write_json(self.staging / "version.json", {
+            parts = sorted(staged.glob("part-*.parquet"))
+            (staged / "base.json").unlink()
+            (staged / "plan.json").unlink(missing_ok=True)
+            info = {
                 "version": version,
                 "version_id": chained_version_id(self.name, previous_id, run.content_sum),
                 "created_at": iso_time(time.time()),
                 "source_uri": run.source_uri,
                 "rows": run.rows + run.adopted_rows,
                 "counts": run.added_counts,
-                "files": [{"path": p.name, "rows": pq.read_metadata(p).num_rows} for p in parts],
-            })
-            self.location.publish(self.staging, version_folder(version))
+                "files": [{"path": p.name, "rows": pq.read_metadata(p).num_rows}
+                          | ({"replaces": run.replaces[p.name]} if p.name in run.replaces else {}) for p in parts],
+            }
+            if run.relabel:
+                info["label_changes"] = run.label_changes
+            atomic_write_json(staged / "version.json", info)
+            self.location.publish(staged, version_folder(version))
             failpoint("store.before_manifest")
             self.location.write_json("manifest.json", derive_manifest(self.name, self.location))
-        elif self.staging.exists():
-            shutil.rmtree(self.staging)
+        elif staged.exists():
+            shutil.rmtree(staged)
         # Shards staged on the version just replaced; they are committed or stale now.
         shutil.rmtree(self.shards_staging, ignore_errors=True)
         self._record_rejects(run)
@@ -253,8 +263,21 @@ class DatasetStore:
             duplicates=run.duplicates, rejected=run.rejected, added_counts=run.added_counts,
             counts=manifest["counts"], total_rows=manifest["num_rows"],
             seconds=time.time() - run.started_at, val_from_train=run.val_from_train,
-            hidden_skipped=run.hidden_skipped,
+            hidden_skipped=run.hidden_skipped, relabelled=run.label_changes, skipped=run.skipped,
         )
+
+    def label_changes(self) -> list[dict]:
+        """Every change of label its relabel versions made, as the `label_changes` table holds them,
+        read from their `version.json`."""
+        changes = []
+        for listed in self.manifest()["versions"]:
+            if listed.get("relabelled"):
+                info = self.location.read_json(f"{version_folder(listed['version'])}/version.json")
+                changes += [{"dataset": self.name, "dataset_version": info["version_id"], "image_sha256": c["sha256"],
+                             "old_label": c["old_label"], "new_label": c["new_label"],
+                             "changed_at": info["created_at"], "source_uri": info["source_uri"]}
+                            for c in info["label_changes"]]
+        return changes
 
     def _record_rejects(self, run: StagedRun) -> None:
         if not run.rejected:

@@ -3,6 +3,12 @@
 `manifest.json` is derived from the versions' `version.json` files, never edited in place,
 so any reader can rebuild it after a crash and two rebuilds agree. FORMAT, the name of this
 layout, lives in `cnn.layout`, the one reader of it.
+
+A version's `counts` say how it changes the images per split and class: what it adds, or for a
+relabel (`cnnpipe.store.relabel`), minus one for the label an image leaves and plus one for the
+one it takes. A relabel's parts are copies of earlier parts with new labels, each naming the
+part it `replaces`: the manifest from that version on lists the copy in the earlier part's
+place, so every reader of `files` sees each image once, under its latest label.
 """
 
 from __future__ import annotations
@@ -75,14 +81,25 @@ def derive_manifest(name: str, location: Folder | ObjectStore, up_to: int | None
         info = location.read_json(f"{directory}/version.json")
         if up_to is not None and info["version"] > up_to:
             break
-        manifest["files"] += [{"path": f"{directory}/{f['path']}", "rows": f["rows"], "version": info["version"]}
-                              for f in info["files"]]
-        manifest["versions"].append({k: info[k] for k in ("version", "version_id", "created_at", "source_uri", "rows")})
+        listed = {entry["path"]: index for index, entry in enumerate(manifest["files"])}
+        for f in info["files"]:
+            entry = {"path": f"{directory}/{f['path']}", "rows": f["rows"], "version": info["version"]}
+            # In the replaced part's place, so that readers keep the order of the rows.
+            if f.get("replaces") in listed:
+                manifest["files"][listed[f["replaces"]]] = entry
+            else:
+                manifest["files"].append(entry)
+        listing = {k: info[k] for k in ("version", "version_id", "created_at", "source_uri", "rows")}
+        if "label_changes" in info:
+            listing["relabelled"] = len(info["label_changes"])
+        manifest["versions"].append(listing)
         for split, labels in info["counts"].items():
             counts[split].update(labels)
         manifest["version"], manifest["version_id"] = info["version"], info["version_id"]
-    manifest["counts"] = {split: dict(sorted(labels.items())) for split, labels in sorted(counts.items())}
-    manifest["classes"] = sorted({label for labels in counts.values() for label in labels})
+    # A class that a relabel emptied is no class of the dataset any more.
+    manifest["counts"] = {split: dict(sorted((label, n) for label, n in labels.items() if n > 0))
+                          for split, labels in sorted(counts.items()) if +labels}
+    manifest["classes"] = sorted({label for labels in manifest["counts"].values() for label in labels})
     manifest["num_rows"] = sum(f["rows"] for f in manifest["files"])
     return manifest
 

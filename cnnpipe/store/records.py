@@ -43,6 +43,16 @@ class StagedRun:
     val_from_train: float = 0.0
     # Dot-files and __MACOSX/ members the source passed over by rule, for the report.
     hidden_skipped: int = 0
+    # A relabel (`cnnpipe.store.relabel`): it adds no rows, and `added_counts` holds how its
+    # changes move the counts (negative for the label an image leaves).
+    relabel: bool = False
+    # What a relabel changes, one dict per image: sha256, split, old_label, new_label, path.
+    label_changes: list[dict] = field(default_factory=list)
+    # Part name in the relabel's staging -> the committed part (path in the dataset) it replaces.
+    replaces: dict[str, str] = field(default_factory=dict)
+    # Entries a relabel leaves alone without refusing them: an image not in the dataset, or
+    # already under the label given. Reported, never recorded in rejected.json.
+    skipped: list[Reject] = field(default_factory=list)
 
     def add_content(self, sha256_hex: str, label: str, split: str) -> None:
         row = hashlib.sha256(f"{sha256_hex}\0{label}\0{split}".encode()).digest()
@@ -58,7 +68,8 @@ class StagedRun:
     @classmethod
     def from_json(cls, value: dict) -> StagedRun:
         return cls(**{**value, "content_sum": int(value["content_sum"], 16),
-                      "rejected": [Reject(**reject) for reject in value["rejected"]]})
+                      "rejected": [Reject(**reject) for reject in value["rejected"]],
+                      "skipped": [Reject(**skip) for skip in value.get("skipped", [])]})
 
 
 @dataclass
@@ -76,7 +87,21 @@ class IngestSummary:
     seconds: float
     val_from_train: float = 0.0
     hidden_skipped: int = 0
+    relabelled: list[dict] = field(default_factory=list)
+    skipped: list[Reject] = field(default_factory=list)
 
     @property
     def rejected_by_reason(self) -> dict[str, int]:
         return dict(Counter(reject.reason for reject in self.rejected).most_common())
+
+    def relabel_lines(self) -> list[str]:
+        """What a relabel changed and left alone, one line an image, for the report."""
+        lines = []
+        if self.relabelled:
+            lines += ["", f"**{len(self.relabelled):,} relabelled** (split kept):", ""]
+            lines += [f"- `{change['path']}` (sha256 {change['sha256'][:12]}…, {change['split']}): "
+                      f"{change['old_label']} -> {change['new_label']}" for change in self.relabelled]
+        if self.skipped:
+            lines += ["", "**Not relabelled**", ""]
+            lines += [f"- `{skip.path}`: {skip.reason} ({skip.detail})" for skip in self.skipped]
+        return lines
