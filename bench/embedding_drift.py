@@ -107,12 +107,13 @@ def profile(predictor: Predictor, rows: dict[str, np.ndarray], temperature: floa
 
 
 def insert_runs(database: Path, predictor: Predictor, runs: dict[str, dict[str, np.ndarray]]) -> None:
+    """Classify runs (id: their rows), in one transaction: the views see them as if each ran alone."""
     now = datetime(2026, 12, 1, tzinfo=timezone.utc)
     columns: dict[str, list] = {name: [] for name in PART_SCHEMA.names}
     for run_id, rows in runs.items():
         count = len(rows["label"])
         for name, values in (
-                ("image_sha256", [f"{run_id}-{i}" for i in range(count)]), ("source_uri", ["bench"] * count),
+                ("image_sha256", [f"{run_id}-{i}" for i in range(count)]), ("source_uri", ["inbox"] * count),
                 ("member_path", [f"{i}.png" for i in range(count)]), ("model_name", [predictor.name] * count),
                 ("model_version", [predictor.version] * count), ("mlflow_run_id", [None] * count),
                 ("label", rows["label"].tolist()), ("confidence", rows["confidence"].tolist()),

@@ -9,8 +9,10 @@ Layout of `$CNNPIPE_HOME/datasets/NAME/`:
     v000002/...
 
 A version is staged under `$CNNPIPE_HOME/staging/NAME/next/` and committed by renaming
-that whole folder to `vNNNNNN`: one atomic step, so `datasets/NAME/**/*.parquet` sees
-exactly the committed rows. `manifest.json` is derived from the `version.json` files
+that whole folder to `vNNNNNN`: one atomic step, so no reader sees a part of a version that
+is not committed. A relabel version (`ingest --relabel`) holds copies of the parts whose images
+it relabels, each naming the part it replaces: the manifest's `files` list every image once,
+under its latest label, where `datasets/NAME/**/*.parquet` also sees the replaced parts. `manifest.json` is derived from the `version.json` files
 and rebuilt if a crash left it behind, or if it is damaged (the damaged copy is kept
 beside it as `manifest.json.corrupt-TIME`). Staged parts that were complete when a run died
 are adopted by the next run, which then only reads what is still missing.

@@ -12,12 +12,11 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from bench import embedding_drift
 from cnn import monitoring
 from cnn.config import EMBEDDING_DIM
-from cnn.decoding import decode_images
 from cnn.predict import Predictor
-from cnnpipe.demo import SHAPES, encode, render_shape
-from cnnpipe.predictions.classify import PART_SCHEMA
+from cnnpipe.demo import SHAPES
 from cnnpipe.predictions.database import connect_for_writing, set_drift_thresholds, transaction
 from cnnpipe.predictions.records import add_predictions, record_reference_profile
 from cnnpipe.predictions.summary import DEFAULT_THRESHOLDS
@@ -46,21 +45,7 @@ def trained(trained_on_shapes):
     return predictor, trained_on_shapes.reference
 
 
-def pool(predictor: Predictor, count: int, seed: int, shift=None) -> dict[str, np.ndarray]:
-    """Predictions for `count` new shapes (JPEG and PNG, as the dataset has them), shifted or not."""
-    rng = np.random.default_rng(seed)
-    truth = rng.integers(0, len(SHAPES), count)
-    blobs = []
-    for index, shape in enumerate(truth):
-        image = render_shape(SHAPES[shape], rng)
-        blobs.append(encode(shift(image, rng) if shift else image, "JPEG" if index % 2 else "PNG"))
-    images = decode_images(blobs, 32)
-    values, indices, calibrated, brightness, embeddings = predictor.top_k(images, 4).result()
-    classes = predictor.classes
-    return {"truth": np.array([classes.index(SHAPES[t]) for t in truth]), "images": images,
-            "label": np.array([classes[row[0]] for row in indices]), "confidence": np.array([row[0] for row in values]),
-            "calibrated": np.array(calibrated), "brightness": np.array(brightness),
-            "embedding": np.array(embeddings, dtype=np.float32)}
+pool = embedding_drift.pool  # new shapes, shifted or not, and what the model makes of them
 
 
 def held_out_profile(predictor: Predictor, reference: dict, count: int, seed: int) -> dict:
@@ -75,27 +60,7 @@ def held_out_profile(predictor: Predictor, reference: dict, count: int, seed: in
 
 def insert_runs(predictor: Predictor, runs: dict[str, dict[str, np.ndarray]]) -> None:
     """Classify runs (id: their rows), in one transaction: the views see them as if each ran alone."""
-    now = datetime(2026, 12, 1, tzinfo=timezone.utc)
-    columns: dict[str, list] = {name: [] for name in PART_SCHEMA.names}
-    for run_id, rows in runs.items():
-        count = len(rows["label"])
-        for name, values in (
-                ("image_sha256", [f"{run_id}-{i}" for i in range(count)]), ("source_uri", ["inbox"] * count),
-                ("member_path", [f"{i}.png" for i in range(count)]), ("model_name", [predictor.name] * count),
-                ("model_version", [predictor.version] * count), ("mlflow_run_id", [None] * count),
-                ("label", rows["label"].tolist()), ("confidence", rows["confidence"].tolist()),
-                ("top5", [[{"label": label, "probability": p}] for label, p in zip(rows["label"], rows["confidence"])]),
-                ("width", [32] * count), ("height", [32] * count), ("classify_run_id", [run_id] * count),
-                ("predicted_at", [now] * count), ("calibrated_confidence", rows["calibrated"].tolist()),
-                ("brightness", rows["brightness"].tolist()), ("embedding", list(rows["embedding"]))):
-            columns[name] += values
-    with transaction(get_settings().predictions_db) as connection:
-        connection.register("made", pa.table(columns, schema=PART_SCHEMA))
-        add_predictions(connection, "SELECT * FROM made")
-        connection.executemany("INSERT INTO classify_runs (classify_run_id, model_name, model_version, finished_at, "
-                               "classified, rejected) VALUES (?, ?, ?, ?, ?, 0)",
-                               [[run_id, predictor.name, predictor.version, now, len(rows["label"])]
-                                for run_id, rows in runs.items()])
+    embedding_drift.insert_runs(get_settings().predictions_db, predictor, runs)
 
 
 def resample(rows: dict[str, np.ndarray], rng: np.random.Generator, favoured: int | None = None) -> dict:
