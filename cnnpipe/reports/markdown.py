@@ -75,7 +75,7 @@ def dataset_markdown(store: DatasetStore, damaged: list[DamagedPart]) -> str:
         "",
         "| version | id | created | images added | source |",
         "|---:|---|---|---:|---|",
-        *(f"| {v['version']} | `{v['version_id']}` | {v['created_at']} | {v['rows']:,} | `{v['source_uri']}` |"
+        *(f"| {v['version']} | `{v['version_id']}` | {v['created_at']} | {_added(v)} | `{v['source_uri']}` |"
           for v in manifest["versions"]),
     ]
     if rejected:
@@ -84,6 +84,11 @@ def dataset_markdown(store: DatasetStore, damaged: list[DamagedPart]) -> str:
     if damaged:
         lines += ["", damage_markdown(store, damaged)]
     return "\n".join(lines) + "\n"
+
+
+def _added(version: dict) -> str:
+    """What a version added: images, or for a relabel version (`ingest --relabel`) the labels it changed."""
+    return f"{version['relabelled']:,} relabelled" if version.get("relabelled") else f"{version['rows']:,}"
 
 
 def verification_markdown(store: DatasetStore, damaged: list[DamagedPart]) -> str:

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from cnn.splits import StoreSplit
 from cnnpipe.cli import cli
 from cnnpipe.monitoring.review import export_for_review
+from cnnpipe.reports.markdown import dataset_markdown
 from cnnpipe.settings import get_settings
 from cnnpipe.sources import open_source
 from cnnpipe.store import DatasetStore, IngestOptions
@@ -112,6 +113,7 @@ def test_a_relabel_is_a_new_version_that_training_reads_and_earlier_versions_kee
     assert [f["path"] for f in before["files"]] == ["v000001/part-00000.parquet", "v000002/part-00000.parquet"]
     assert [f["path"] for f in after["files"]] == ["v000003/part-00000.parquet", "v000003/part-00001.parquet"]
     assert after["versions"][-1]["relabelled"] == 3 and after["versions"][-1]["rows"] == 0
+    assert "| 3 relabelled |" in dataset_markdown(store, [])  # `cnnpipe datasets show`
     assert after["version_id"] not in {v["version_id"] for v in before["versions"]}
 
     new_view = training_view(store.local_copy())
