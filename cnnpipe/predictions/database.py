@@ -115,7 +115,7 @@ CREATE TABLE IF NOT EXISTS reference_confidence (
 CREATE TABLE IF NOT EXISTS near_duplicates (
     dataset VARCHAR NOT NULL, dataset_version VARCHAR, image_sha256 VARCHAR NOT NULL, split VARCHAR,
     twin_sha256 VARCHAR NOT NULL, twin_split VARCHAR, hash_distance INTEGER, embedding_distance DOUBLE,
-    embedding_rank DOUBLE, PRIMARY KEY (dataset, image_sha256, twin_sha256)
+    embedding_rank DOUBLE, thumbnail_correlation DOUBLE, PRIMARY KEY (dataset, image_sha256, twin_sha256)
 );
 CREATE TABLE IF NOT EXISTS label_issues (
     dataset VARCHAR NOT NULL, dataset_version VARCHAR, image_sha256 VARCHAR NOT NULL, split VARCHAR,
