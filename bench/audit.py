@@ -180,13 +180,13 @@ def cifar(args, home: Path) -> None:
                      time.perf_counter() - started))
     print("\n| twin check | test images with a twin in train | share | Barz & Denzler | pairs within train | check s |")
     print("|---|---|---|---|---|---|")
-    candidates = {t.image_sha256 for t in hashes_only.twins + hashes_only.look_alikes if t.leak}
-    print(f"\ntest images with a train image within {CANDIDATE_BITS} bits (candidates, before a model confirms them): "
-          f"{len(candidates)} ({len(candidates) / hashes_only.images['test']:.2%})")
     for name, check, seconds in rows:
         leaked = len(check.leaked("test"))
         print(f"| {name} | {leaked} of {check.images.get('test', 0)} | {leaked / max(1, check.images.get('test', 1)):.2%} "
               f"| 3.3% | {check.within().get('train', 0)} | {seconds:.1f} (twin check {check.seconds:.1f}) |")
+    candidates = {t.image_sha256 for t in hashes_only.twins + hashes_only.look_alikes if t.leak}
+    print(f"\ntest images with a train image within {CANDIDATE_BITS} bits (candidates, before a model confirms them): "
+          f"{len(candidates)} ({len(candidates) / hashes_only.images['test']:.2%})")
 
 
 def main() -> None:
