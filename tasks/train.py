@@ -20,7 +20,7 @@ from cnn.launch import fit_distributed
 from cnn.layout import LayoutError, PublishedDataset
 from cnn.loop import TrainingDiverged
 from cnn.splits import UnreadablePart
-from cnn.train import fit, plan
+from cnn.train import FitResult, fit, plan
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import refs, registry, tracking
 from cnnpipe.models.warm_start import StartingPoint, nightly_start, resolve_start, version_tags
@@ -145,7 +145,7 @@ def train_and_log(config: TrainConfig, registered_model: str, flow_run_id: str |
                            leaks=leaks.line() if leaks else "")
 
 
-def _leak_check(dataset: str, result, device: str) -> LeakCheck | None:
+def _leak_check(dataset: str, result: FitResult, device: str) -> LeakCheck | None:
     """The held-out images with a twin in train, and the top-1 without them: seconds, and never the
     reason a run fails (it says why it was not done)."""
     held = result.held_out
