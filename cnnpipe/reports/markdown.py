@@ -171,7 +171,8 @@ def drift_markdown(drift: dict, picture: Path | None = None) -> str:
     rows = [("PSI, predicted classes", drift["psi"]), ("Jensen-Shannon distance", drift["js_distance"]),
             ("estimated accuracy", drift["estimated_accuracy"]), ("confidence shift", drift["confidence_shift"]),
             ("low-confidence share", drift["low_confidence_share"]), ("rejected inputs", drift["rejected_rate"]),
-            ("size shift", drift["size_shift"]), ("brightness shift", drift["brightness_shift"])]
+            ("size shift", drift["size_shift"]), ("brightness shift", drift["brightness_shift"]),
+            ("embedding shift (reference standard deviations)", drift.get("embedding_shift"))]
     return "\n".join([f"### Drift of `{drift['model_name']}` version `{drift['model_version']}`: {verdict}", "",
                       f"{drift['images']:,} images against the version's reference profile "
                       "(`cnnpipe monitor`; thresholds: `cnnpipe monitor thresholds`).", "", "| figure | value |", "|---|---:|",

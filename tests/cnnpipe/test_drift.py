@@ -168,7 +168,9 @@ def test_a_classify_run_that_drifted_emits_the_event_a_retraining_trigger_waits_
     # Its artifact shows the figures and one picture: class shares and confidence against the reference.
     from prefect.artifacts import Artifact
 
-    assert "data:image/png;base64," in Artifact.get("classify-drift").data
+    report = Artifact.get("classify-drift").data
+    assert "data:image/png;base64," in report
+    assert f"| embedding shift (reference standard deviations) | {dark['embedding_shift']:.3f} |" in report
     assert (get_settings().reports_dir / "drift" / "dark.png").read_bytes().startswith(b"\x89PNG")
     drawn = dark["distributions"]
     assert [(label, reference_share) for label, _, reference_share in drawn["classes"]] == \
