@@ -30,7 +30,8 @@ def ingest_markdown(summary: IngestSummary) -> str:
     if summary.val_from_train:
         lines += [f"No `val/` folder in the source: {summary.val_from_train:.0%} of its `train/` images "
                   "(by hash) are the validation split (`--val-fraction`).", ""]
-    lines += counts_table(summary.counts, summary.added_counts)
+    # A relabel adds no image: its counts move between classes, shown signed.
+    lines += counts_table(summary.counts, summary.added_counts, signed=bool(summary.relabelled))
     if summary.rejected:
         reasons = ", ".join(f"{reason}: {count}" for reason, count in summary.rejected_by_reason.items())
         lines += ["", f"**Rejected** ({reasons})", ""]
@@ -40,25 +41,27 @@ def ingest_markdown(summary: IngestSummary) -> str:
     return "\n".join(lines) + "\n"
 
 
-def counts_table(counts: dict[str, dict[str, int]], added: dict[str, dict[str, int]] | None = None) -> list[str]:
+def counts_table(counts: dict[str, dict[str, int]], added: dict[str, dict[str, int]] | None = None,
+                 signed: bool = False) -> list[str]:
     classes = sorted({label for labels in counts.values() for label in labels})
     if not classes:
         return []
     splits = [s for s in SPLITS if s in counts] + sorted(set(counts) - set(SPLITS))
-    header = ["class", *splits, "total"] + (["added now"] if added is not None else [])
+    header = ["class", *splits, "total"] + ([("relabelled now" if signed else "added now")] if added is not None else [])
+    number = "{:+,}" if signed else "{:,}"
     rows = [f"| {' | '.join(header)} |", f"|{'|'.join(['---'] + ['---:'] * (len(header) - 1))}|"]
     for label in classes[:MAX_CLASS_ROWS]:
         per_split = [counts.get(split, {}).get(label, 0) for split in splits]
         cells = [label, *(f"{n:,}" for n in per_split), f"{sum(per_split):,}"]
         if added is not None:
-            cells.append(f"{sum(labels.get(label, 0) for labels in added.values()):,}")
+            cells.append(number.format(sum(labels.get(label, 0) for labels in added.values())))
         rows.append(f"| {' | '.join(cells)} |")
     if len(classes) > MAX_CLASS_ROWS:
         rows.append(f"| … {len(classes) - MAX_CLASS_ROWS} more classes |" + " |" * (len(header) - 1))
     totals = [sum(counts.get(split, {}).values()) for split in splits]
     cells = ["**all**", *(f"{n:,}" for n in totals), f"{sum(totals):,}"]
     if added is not None:
-        cells.append(f"{sum(sum(labels.values()) for labels in added.values()):,}")
+        cells.append(number.format(sum(sum(labels.values()) for labels in added.values())))
     rows.append(f"| {' | '.join(cells)} |")
     return rows
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from cnn.splits import StoreSplit
 from cnnpipe.cli import cli
 from cnnpipe.monitoring.review import export_for_review
-from cnnpipe.reports.markdown import dataset_markdown
+from cnnpipe.reports.markdown import dataset_markdown, ingest_markdown
 from cnnpipe.settings import get_settings
 from cnnpipe.sources import open_source
 from cnnpipe.store import DatasetStore, IngestOptions
@@ -114,6 +114,10 @@ def test_a_relabel_is_a_new_version_that_training_reads_and_earlier_versions_kee
     assert [f["path"] for f in after["files"]] == ["v000003/part-00000.parquet", "v000003/part-00001.parquet"]
     assert after["versions"][-1]["relabelled"] == 3 and after["versions"][-1]["rows"] == 0
     assert "| 3 relabelled |" in dataset_markdown(store, [])  # `cnnpipe datasets show`
+    # Two cats became dogs and one dog a cat: the report moves counts, it adds no image.
+    report = ingest_markdown(summary)
+    assert "relabelled now" in report and "added now" not in report
+    assert "| cat |" in report and " -1 |" in report and " +1 |" in report and "| **all** |" in report
     assert after["version_id"] not in {v["version_id"] for v in before["versions"]}
 
     new_view = training_view(store.local_copy())
