@@ -289,30 +289,15 @@ def _dataset_of(uri: str) -> str | None:
 def _read_from_store(shas: set[str], settings: Settings, first: list[str] = ()) -> dict[str, tuple[bytes, str]]:
     """The images with these hashes from any dataset of the store, the datasets named in `first`
     searched first, reading only the row groups that hold one."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     from cnnpipe.store import DatasetStore, list_datasets
+    from cnnpipe.store.twins import stored_rows
 
     found: dict[str, tuple[bytes, str]] = {}
-    if not shas:
-        return found
     for manifest in sorted(list_datasets(settings), key=lambda manifest: manifest["name"] not in first):
-        store = DatasetStore(manifest["name"], settings)
-        for path in store.files():
-            with store.reading(path):
-                parquet = pq.ParquetFile(path, filesystem=store.filesystem)
-                for group in range(parquet.num_row_groups):
-                    hashes = parquet.read_row_group(group, columns=["sha256"]).column("sha256")
-                    missing = pa.array(sorted(shas - found.keys()), pa.string())
-                    if not pc.any(pc.is_in(hashes, value_set=missing)).as_py():
-                        continue
-                    for row in parquet.read_row_group(group, columns=["sha256", "image", "format"]).to_pylist():
-                        if row["sha256"] in shas:
-                            found[row["sha256"]] = (row["image"], _SUFFIXES.get(row["format"] or "", ".img"))
-            if len(found) == len(shas):
-                return found
+        if len(found) == len(shas):
+            break
+        rows = stored_rows(DatasetStore(manifest["name"], settings), shas - found.keys(), ["image", "format"])
+        found.update((sha, (row["image"], _SUFFIXES.get(row["format"] or "", ".img"))) for sha, row in rows.items())
     return found
 
 

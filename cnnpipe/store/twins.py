@@ -115,14 +115,21 @@ def hash_pairs(phash: np.ndarray, max_bits: int = CANDIDATE_BITS) -> HashPairs:
 
 def stored_images(store: DatasetStore, wanted: set[str]) -> dict[str, bytes]:
     """The stored bytes of the images `wanted` (by sha256) of the dataset's current version."""
-    found: dict[str, bytes] = {}
+    return {sha: row["image"] for sha, row in stored_rows(store, wanted, ["image"]).items()}
+
+
+def stored_rows(store: DatasetStore, wanted: set[str], columns: list[str]) -> dict[str, dict]:
+    """`columns` of the rows `wanted` (by sha256), reading only the row groups that hold one."""
+    found: dict[str, dict] = {}
     for path in store.files():
+        if len(found) == len(wanted):
+            break
         with store.reading(path):
             parquet = pq.ParquetFile(path, filesystem=store.filesystem)
             for group in range(parquet.num_row_groups):
                 hashes = parquet.read_row_group(group, columns=["sha256"])["sha256"].to_pylist()
                 if wanted.isdisjoint(hashes):
                     continue
-                table = parquet.read_row_group(group, columns=["sha256", "image"])
-                found.update((sha, image) for sha, image in zip(hashes, table["image"].to_pylist()) if sha in wanted)
+                rows = parquet.read_row_group(group, columns=columns).to_pylist()
+                found.update((sha, row) for sha, row in zip(hashes, rows) if sha in wanted)
     return found
