@@ -1,14 +1,13 @@
 """Twins in a dataset: pairs of stored images that are one picture after re-encoding, resizing, a
 small crop or a colour shift, found by the Hamming distance of their perceptual hashes.
 
-Ingest stores each image's hash (`cnnpipe.sources.images.perceptual_hash`). Parts written before it
+Ingest stores each image's hash (`cnnpipe.sources.images.stored_image_hash`). Parts written before it
 have none: their hashes are computed once from the stored images and kept in the home's cache,
 keyed by the version id, since a committed part never changes.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -17,9 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
-from cnnpipe.sources.images import perceptual_hash
+from cnnpipe.sources.images import stored_image_hash
 from cnnpipe.store.dataset import DatasetStore
 
 log = logging.getLogger("cnnpipe.store")
@@ -74,17 +72,12 @@ def _with_hashes(store: DatasetStore, path, table: pa.Table, version_id: str) ->
     with store.reading(path):
         images = pq.read_table(path, columns=["image"], filesystem=store.filesystem)["image"].to_pylist()
     with ThreadPoolExecutor(os.cpu_count() or 2) as pool:  # decoding and resizing release the GIL
-        phash = pa.array(list(pool.map(_hash_of, images)), pa.int64())
+        phash = pa.array(list(pool.map(stored_image_hash, images)), pa.int64())
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
     pq.write_table(pa.table({"sha256": table["sha256"], "phash": phash}), partial)
     os.replace(partial, cached)
     return _set_column(table, "phash", phash)
-
-
-def _hash_of(data: bytes) -> int:
-    with Image.open(io.BytesIO(data)) as image:
-        return perceptual_hash(image)
 
 
 def _set_column(table: pa.Table, name: str, values) -> pa.Table:
