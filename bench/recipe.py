@@ -19,7 +19,7 @@ before the recipe chose sizes, which shows what photo-size input buys.
 Datasets, built once per run into a temporary CNNPIPE home from
 ../shared/data/cifar10-jpeg.tar.gz (read as a stream, never extracted; the first N files
 per class in sorted member order), each ingested as train/<class>/ (ingest carves the
-validation split out of train) plus a fixed test/<class>/ of 50 per class from CIFAR's test/:
+validation split out of train) plus a fixed test/<class>/ of 100 per class from CIFAR's test/:
 - cifar-1k: 100 per class;  cifar-3k: 300 per class;  cifar-10k: 1,000 per class (--large);
 - gray-1k: cifar-1k as grayscale ("L") JPEGs, test set too (decoding makes them 3-channel);
 - px64-1k, px96-1k: cifar-1k upscaled (bicubic) to 64 and 96 px, test set too; the recipe
@@ -96,13 +96,15 @@ DATASETS = ("cifar-1k", "cifar-3k", "cifar-10k", "gray-1k", "px64-1k", "px96-1k"
 DEFAULT_DATASETS = tuple(name for name in DATASETS if name != "cifar-10k")
 # Training images per class taken from CIFAR's train/ (before the validation carve).
 PER_CLASS = {"cifar-1k": 100, "cifar-3k": 300, "cifar-10k": 1000, "gray-1k": 100, "px64-1k": 100, "px96-1k": 100}
-TEST_PER_CLASS = 50
+TEST_PER_CLASS = 100
 # photos: bench/photos.py's synthetic set, small enough for its runs at photo-size input to fit
 # the time accounting above; QUICK_DIVISOR applies to its train images too.
 PHOTOS = {"classes": 10, "per_class": 100, "test_per_class": 30, "size": (320, 240)}
 # About 5,000 to 8,000 training image-passes per run, photos 3,600 at 224 px (see the docstring's arithmetic).
 DEFAULT_EPOCHS = {"cifar-1k": 6, "gray-1k": 6, "px64-1k": 6, "px96-1k": 6, "cifar-3k": 3, "cifar-10k": 2, "shapes": 8,
                   "photos": 4}
+# --capped: what a user who caps the epochs for a quick try gets (issue 31).
+CAPPED_EPOCHS = (3, 5)
 DEFAULT_GRID_BATCH = (32, 128)
 DEFAULT_GRID_LR = (0.01, 0.05)
 # --quick: a tenth of the training images, 10 test images per class, 1 epoch, a 1 x 2 grid.
@@ -255,12 +257,11 @@ def train(dataset: Path, checkpoints: Path, epochs: int, device: str, seed: int,
     return result.held_out["top1"], result.held_out_split
 
 
-def bench_dataset(name: str, dataset: Path, ingest_seconds: float, args, started: float,
+def bench_dataset(name: str, dataset: Path, ingest_seconds: float, epochs: int, args, started: float,
                   checkpoints: Path) -> Outcome:
     from cnn.splits import StoreSplit
 
     train_split = StoreSplit.open(dataset, "train")
-    epochs = args.epochs or (1 if args.quick else DEFAULT_EPOCHS[name])
     outcome = Outcome(name, train_split.rows, len(train_split.classes), epochs, ingest_seconds)
     planned = plan(TrainConfig(dataset_dir=str(dataset), epochs=epochs, device=args.device, seed=args.seed))
     chosen = planned.recipe
@@ -316,7 +317,7 @@ def report(outcomes: list[Outcome], args, total_seconds: float) -> None:
     grid = f"batch {{{', '.join(map(str, args.grid_batch))}}} x lr {{{', '.join(f'{lr:g}' for lr in args.grid_lr)}}}"
     print(f"\nRecipe benchmark{' (--quick)' if args.quick else ''} on {where}: auto against the grid {grid}, "
           f"seed {args.seed}\n")
-    header = ("dataset", "train images", "classes", "epochs", "input px", "auto recipe (batch, lr)", "auto top-1",
+    header = ("dataset", "train images", "classes", "capped epochs", "input px", "auto recipe (batch, lr)", "auto top-1",
               "32 px", "grid best (batch, lr)", "grid best top-1", "auto − best (points)", "chance", "verdict")
     rows = []
     for outcome in outcomes:
@@ -334,11 +335,11 @@ def report(outcomes: list[Outcome], args, total_seconds: float) -> None:
 
     print("\nEvery run, test top-1 (wall seconds):\n")
     cells = [(batch, lr) for batch in args.grid_batch for lr in args.grid_lr]
-    header = ("dataset", "input px", "auto", *(f"{batch}, {lr:g}" for batch, lr in cells), "32 px", "ingest s")
+    header = ("dataset", "epochs", "input px", "auto", *(f"{batch}, {lr:g}" for batch, lr in cells), "32 px", "ingest s")
     rows = []
     for outcome in outcomes:
         runs = [outcome.auto, *outcome.grid]
-        rows.append((outcome.dataset, str(outcome.image_size),
+        rows.append((outcome.dataset, str(outcome.epochs), str(outcome.image_size),
                      *(f"{percent(run.top1)} ({run.seconds:.0f})" for run in runs),
                      f"{percent(outcome.at_32px.top1)} ({outcome.at_32px.seconds:.0f})" if outcome.at_32px else "",
                      f"{outcome.ingest_seconds:.0f}"))
@@ -348,7 +349,7 @@ def report(outcomes: list[Outcome], args, total_seconds: float) -> None:
     print(f"\nauto within {TOLERANCE_POINTS:g} points of the grid's best on {within} of {len(outcomes)} datasets "
           f"(and at least {CHANCE_FACTOR:g}x chance)")
     for outcome in outcomes:
-        print(f"  {outcome.dataset}: {outcome.recipe_line}")
+        print(f"  {outcome.dataset}, {outcome.epochs} epochs: {outcome.recipe_line}")
     threads = torch.get_num_threads()
     precision = "bf16" if uses_bf16(resolve_device(args.device)) else "fp32"
     print(f"total wall time {total_seconds:.0f} s; {precision}; torch {torch.__version__}; {os.cpu_count()} CPUs, "
@@ -377,8 +378,11 @@ def main() -> None:
     parser.add_argument("--datasets", type=parse_list(str), default=None,
                         help=f"comma-separated, of {', '.join(DATASETS)} (default: all but cifar-10k)")
     parser.add_argument("--large", action="store_true", help="add cifar-10k to the default datasets")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs for every run (default: per dataset, see above; 1 with --quick)")
+    parser.add_argument("--epochs", type=parse_list(int), default=None,
+                        help="comma-separated epochs for every run, each a row of the table (default: per dataset, "
+                             "see above; 1 with --quick)")
+    parser.add_argument("--capped", action="store_true",
+                        help=f"the capped-epochs table: --epochs {','.join(map(str, CAPPED_EPOCHS))}")
     parser.add_argument("--grid-batch", type=parse_list(int), default=None,
                         help="grid batch sizes (default 32,128; 32 with --quick)")
     parser.add_argument("--grid-lr", type=parse_list(float), default=None,
@@ -392,7 +396,9 @@ def main() -> None:
     unknown = [name for name in names if name not in DATASETS]
     if unknown:
         parser.error(f"--datasets: unknown {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
-    if args.epochs is not None and args.epochs < 1:
+    if args.capped:
+        args.epochs = args.epochs or CAPPED_EPOCHS
+    if args.epochs is not None and min(args.epochs) < 1:
         parser.error("--epochs must be at least 1")
     args.grid_batch = args.grid_batch or (QUICK_GRID_BATCH if args.quick else DEFAULT_GRID_BATCH)
     args.grid_lr = args.grid_lr or (QUICK_GRID_LR if args.quick else DEFAULT_GRID_LR)
@@ -418,8 +424,10 @@ def main() -> None:
         for name in names:
             ingest_started = time.perf_counter()
             dataset = build_dataset(name, cifar, scratch, home, args.quick)
-            outcomes.append(bench_dataset(name, dataset, time.perf_counter() - ingest_started, args, started,
-                                          scratch / "checkpoints"))
+            ingest_seconds = time.perf_counter() - ingest_started
+            for epochs in args.epochs or (1 if args.quick else DEFAULT_EPOCHS[name],):
+                outcomes.append(bench_dataset(name, dataset, ingest_seconds, epochs, args, started,
+                                              scratch / "checkpoints"))
     report(outcomes, args, time.perf_counter() - started)
 
 
