@@ -1,9 +1,8 @@
 from __future__ import annotations
 
-from prefect import flow
-
 from cnnpipe.models.params import TrainingParams
 from cnnpipe.monitoring.audit import AuditFindings
+from flows.engine import flow
 from tasks.audit import audit, record_audit, report_audit
 
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 import time
 import uuid
 
-from prefect import flow
 from prefect.runtime import flow_run
 
 from cnn.device import resolve_device
 from cnnpipe.predictions.classify import ClassifySummary
 from cnnpipe.settings import REGISTERED_MODEL, get_settings
+from flows.engine import flow
 from flows.sharding import cluster_cpus, cluster_gpus, ray_task_runner, run_shards
 from tasks.classify import (classify_images, classify_shard, commit_classified, monitor_drift, pin_model,
                             report_classify)

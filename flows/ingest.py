@@ -1,10 +1,9 @@
 from __future__ import annotations
 
-from prefect import flow
-
 from cnnpipe.settings import get_settings
 from cnnpipe.sources import open_source
 from cnnpipe.store import DatasetStore, IngestOptions, IngestSummary, StagedRun, resolve_options
+from flows.engine import flow
 from flows.sharding import cluster_cpus, ray_task_runner, run_shards
 from tasks.ingest import (commit_version, merge_shards, record_labels, recover_dataset, report_ingest, stage_images,
                           stage_relabel, stage_shard)

@@ -2,10 +2,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from prefect import flow
-
 from cnnpipe.models.params import TrainingParams
 from cnnpipe.reports.outcomes import TrainingOutcome
+from flows.engine import flow
 from flows.ingest import ingest
 from flows.train import train
 from tasks.train import nightly_init, prepare_tracking, report_training, retraining_decision

@@ -2,13 +2,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from prefect import flow
 from prefect.runtime import flow_run
 
 from cnn.device import resolve_device
 from cnnpipe.models.params import TrainingParams
 from cnnpipe.reports.outcomes import TrainingOutcome
 from cnnpipe.settings import get_settings
+from flows.engine import flow
 from tasks.train import gate_champion, local_dataset, prepare_tracking, report_training, starting_point, train_and_log
 
 

@@ -8,8 +8,6 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.predictions.database import record_label_changes
-from cnnpipe.predictions.records import labelled_version, record_ground_truth
 from cnnpipe.reports.markdown import ingest_markdown
 from cnnpipe.reports.progress import progress_bar
 from cnnpipe.settings import get_settings
@@ -67,6 +65,10 @@ def record_labels(dataset: str) -> int:
     store = DatasetStore(dataset)
     if not store.exists():
         return 0
+    # DuckDB only now: an ingest that stored nothing never opens the predictions database.
+    from cnnpipe.predictions.database import record_label_changes
+    from cnnpipe.predictions.records import labelled_version, record_ground_truth
+
     database, version_id = get_settings().predictions_db, store.manifest()["version_id"]
     try:
         if labelled_version(database, dataset) == version_id:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cnnpipe.monitoring.audit import AuditFindings
-from cnnpipe.reports.outcomes import TrainingOutcome
-from cnnpipe.store import DamagedPart, DatasetStore, IngestSummary
+# Named for type checkers only: the audit's module imports torch, which an ingest never needs.
+if TYPE_CHECKING:
+    from cnnpipe.monitoring.audit import AuditFindings
+    from cnnpipe.reports.outcomes import TrainingOutcome
+    from cnnpipe.store import DamagedPart, DatasetStore, IngestSummary
 
 MAX_CLASS_ROWS = 20
 MAX_REJECT_LINES = 10
