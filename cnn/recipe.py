@@ -13,7 +13,8 @@ A smaller training split gets:
   linear one at the reference. The warm-up is the first quarter of the one-cycle schedule;
 - without `--epochs`, enough epochs for a budget of MIN_STEPS steps, never fewer than the
   reference's 30 and at most MAX_EPOCHS; with `--epochs` and no `--batch-size`, a batch small
-  enough for CAPPED_STEPS steps in those epochs, where the split allows (never below MIN_BATCH);
+  enough for CAPPED_STEPS steps in those epochs, where the split allows (never below MIN_BATCH),
+  and, for a run still under MIN_STEPS steps, SHORT_RUN_LR_SHARE of the learning rate;
 - less regularisation: dropout and label smoothing slow the few hundred steps of a small
   set more than they help it generalise (the demo's shapes: 72% with, 82% without).
 
@@ -55,6 +56,10 @@ MIN_STEPS = 600
 # With --epochs set and --batch-size not, the batch shrinks (not below MIN_BATCH) to make at least
 # this many steps in all: 3,000 digits at 5 epochs and batch 64 made 230 steps and 89.8% top-1.
 CAPPED_STEPS = 400
+# A run whose --epochs leave it under MIN_STEPS steps peaks at this share of the lr: the one-cycle
+# schedule has no time to anneal from the full rate. bench/recipe.py --capped at 3 and 5 epochs on
+# three small sets: the best lr of the grid was always 0.4-0.7 of the full one (0.05 at batch 32).
+SHORT_RUN_LR_SHARE = 0.5
 MAX_EPOCHS = 100
 # From these sizes on, dropout and label smoothing are the reference's, or half of them.
 FULL_REGULARISATION = 20_000
@@ -93,7 +98,8 @@ def _regularisation_rule(reference: float) -> str:
 RULES = {
     "batch_size": f"about {STEPS_PER_EPOCH} steps an epoch, {MIN_BATCH} to {REFERENCE['batch_size']}; with --epochs "
                   f"set, smaller for {CAPPED_STEPS} steps in all",
-    "lr": f"{REFERENCE['lr']:g} x sqrt(batch / {REFERENCE['batch_size']})",
+    "lr": f"{REFERENCE['lr']:g} x sqrt(batch / {REFERENCE['batch_size']}); with --epochs set, "
+          f"{SHORT_RUN_LR_SHARE:g}x that for a run under {MIN_STEPS} steps",
     "epochs": f"{REFERENCE['epochs']}, or more to make {MIN_STEPS} steps, at most {MAX_EPOCHS}",
     "dropout": _regularisation_rule(REFERENCE["dropout"]),
     "weight_decay": f"{REFERENCE['weight_decay']:g}",
@@ -137,6 +143,8 @@ class Recipe:
     start: str = "scratch"
     # Whether the batch is smaller than the split's own, for CAPPED_STEPS steps in the epochs given.
     capped: bool = False
+    # Whether the lr is SHORT_RUN_LR_SHARE of the usual, for a run of under MIN_STEPS steps.
+    short: bool = False
 
     @property
     def steps_per_epoch(self) -> int:
@@ -158,6 +166,8 @@ class Recipe:
             why = f"auto for {self.train_images:,} train images"
             if self.capped:
                 why += f", batch smaller for {CAPPED_STEPS} steps or more in {epochs}"
+            if self.short:
+                why += f", lr at {SHORT_RUN_LR_SHARE:g}x for a run under {MIN_STEPS} steps"
             parts.append(f"{', '.join(chosen)} ({why})")
         if given:
             parts.append(f"{', '.join(given)} (set)")
@@ -216,9 +226,12 @@ def choose(train_images: int, batch_size: int | None = None, lr: float | None = 
             batch_size = min(batch_size, budgeted)
         # A split smaller than the floor trains in one batch of all of it.
         batch_size = min(batch_size, train_images)
+    short = False
     if lr is None:
         lr = REFERENCE["lr"] * math.sqrt(batch_size / REFERENCE["batch_size"])
         lr *= {"scratch": 1.0, "fine-tune": FINE_TUNE_LR_SHARE, "transfer": TRANSFER_LR_SHARE}[start]
+        short = start == "scratch" and epochs is not None and epochs * max(1, train_images // batch_size) < MIN_STEPS
+        lr *= SHORT_RUN_LR_SHARE if short else 1.0
     if epochs is None:
         steps_per_epoch = max(1, train_images // batch_size)
         epochs = min(MAX_EPOCHS, max(REFERENCE["epochs"], math.ceil(MIN_STEPS / steps_per_epoch)))
@@ -231,7 +244,7 @@ def choose(train_images: int, batch_size: int | None = None, lr: float | None = 
     if label_smoothing is None:
         label_smoothing = REFERENCE["label_smoothing"] * share
     return Recipe(batch_size, lr, epochs, dropout, weight_decay, label_smoothing, train_images, auto, start=start,
-                  capped=capped)
+                  capped=capped, short=short)
 
 
 def choose_input(model: str, native_size: int, train_images: int, epochs: int,

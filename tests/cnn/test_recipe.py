@@ -44,7 +44,8 @@ def test_batch_size_and_regularisation_never_shrink_as_the_split_grows():
 def test_an_explicit_value_always_wins_and_only_the_rest_is_auto():
     chosen = recipe.choose(3_000, batch_size=256, dropout=0.0, epochs=2)
     assert (chosen.batch_size, chosen.dropout, chosen.epochs) == (256, 0.0, 2)
-    assert chosen.lr == pytest.approx(0.2 * math.sqrt(0.5))  # still scaled, from the batch the user chose
+    # Still scaled, from the batch the user chose, and halved: 22 steps are a short run.
+    assert chosen.lr == pytest.approx(0.5 * 0.2 * math.sqrt(0.5)) and chosen.short
     assert set(chosen.auto) == {"lr", "weight_decay", "label_smoothing"}
     params = chosen.params()
     assert params["recipe.batch_size.source"] == "set" and params["recipe.lr.source"] == "auto"
@@ -59,9 +60,16 @@ def test_the_recipe_line_says_what_was_chosen_and_for_how_many_images():
 
 def test_capped_epochs_get_a_batch_small_enough_for_enough_steps_and_say_so():
     capped = recipe.choose(3_000, epochs=5)
-    assert (capped.batch_size, capped.lr) == (32, pytest.approx(0.2 * math.sqrt(32 / 512)))
-    assert capped.total_steps >= recipe.CAPPED_STEPS and capped.capped
+    assert (capped.batch_size, capped.lr) == (32, pytest.approx(0.5 * 0.2 * math.sqrt(32 / 512)))
+    assert capped.total_steps >= recipe.CAPPED_STEPS and capped.capped and capped.short
     assert "batch smaller for 400 steps or more in 5 epochs" in capped.line() and "465 in all" in capped.line()
+    assert "lr at 0.5x for a run under 600 steps" in capped.line()
+    # Epochs enough for MIN_STEPS keep the full rate; so does a run from trained weights, or a given lr.
+    long_enough = recipe.choose(3_000, epochs=30)
+    assert long_enough.lr == pytest.approx(0.2 * math.sqrt(64 / 512)) and not long_enough.short
+    assert "lr at" not in long_enough.line()
+    assert not recipe.choose(3_000, epochs=5, start="fine-tune").short
+    assert recipe.choose(3_000, epochs=5, lr=0.3).lr == 0.3
     # Never below the floor, however short; untouched where the split's own batch makes enough steps.
     assert recipe.choose(3_000, epochs=1).batch_size == recipe.MIN_BATCH
     assert not recipe.choose(50_000, epochs=5).capped and recipe.choose(50_000, epochs=5).batch_size == 512
