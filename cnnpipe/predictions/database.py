@@ -30,8 +30,8 @@ from cnn.config import EMBEDDING_DIM
 from cnn.failpoints import failpoint
 from cnnpipe.base.locks import file_lock
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.predictions.summary import (DRIFT_SCHEMA, LOW_CONFIDENCE, SUMMARY_ADDED_COLUMNS, change_thresholds,
-                                         parse_thresholds, rebuild_summary)
+from cnnpipe.predictions.summary import (DRIFT_SCHEMA, LEGACY_SUMMARY, LOW_CONFIDENCE, SUMMARY_KEYS,
+                                         change_thresholds, parse_thresholds, rebuild_summary, summary_from_legacy)
 
 log = logging.getLogger("cnnpipe.predictions")
 
@@ -143,9 +143,6 @@ CREATE TABLE IF NOT EXISTS latest_by_image (
     PRIMARY KEY (image_sha256)
 );
 CREATE OR REPLACE VIEW latest_predictions AS SELECT * EXCLUDE (champion) FROM latest_by_image;
-CREATE OR REPLACE VIEW class_counts AS
-SELECT CAST(predicted_at AS DATE) AS day, model_name, model_version, label, count(*) AS images
-FROM predictions GROUP BY ALL;
 CREATE OR REPLACE VIEW low_confidence AS
 SELECT * FROM latest_predictions WHERE confidence < {LOW_CONFIDENCE};
 CREATE OR REPLACE VIEW disagreements AS
@@ -156,7 +153,11 @@ FROM predictions a JOIN predictions b
   ON a.image_sha256 = b.image_sha256 AND a.model_name = b.model_name
  AND coalesce(version_number(a.model_version) < version_number(b.model_version), a.model_version < b.model_version)
 WHERE a.label <> b.label;
-""" + DRIFT_SCHEMA
+""" + DRIFT_SCHEMA + """
+-- The daily summary holds these counts already (`cnnpipe.predictions.summary`): no scan of predictions.
+CREATE OR REPLACE VIEW class_counts AS
+SELECT day, model_name, model_version, label, predicted AS images FROM daily_summary;
+"""
 
 T = TypeVar("T")
 LOCK_RETRIES = 40
@@ -239,21 +240,28 @@ def connect_for_writing(path: Path, retries: int = LOCK_RETRIES) -> duckdb.DuckD
             connection.execute("BEGIN")
             connection.execute("".join(f"ALTER TABLE IF EXISTS {table} ADD COLUMN IF NOT EXISTS {name} {kind};"
                                        for table in ("predictions", "latest_by_image") for name, kind in _ADDED_COLUMNS))
-            # A summary kept before a column of it existed holds nothing for it: summed again below.
-            summary_lacks = connection.execute(
-                "SELECT count(*) > 0 AND count(*) FILTER (column_name = ?) = 0 FROM duckdb_columns() WHERE "
-                "database_name = current_database() AND schema_name = 'main' AND table_name = 'prediction_summary'",
-                [SUMMARY_ADDED_COLUMNS[-1][0]]).fetchone()[0]
-            connection.execute("".join(f"ALTER TABLE IF EXISTS prediction_summary ADD COLUMN IF NOT EXISTS {name} "
-                                       f"{kind};" for name, kind in SUMMARY_ADDED_COLUMNS))
+            # The summary of earlier releases: absent (None), or whether it has its embedding sums, without
+            # which it cannot stand in for the predictions and embeddings.
+            legacy = connection.execute(
+                "SELECT CASE WHEN count(*) > 0 THEN count(*) FILTER (column_name = 'embedding_sum') > 0 END FROM "
+                "duckdb_columns() WHERE database_name = current_database() AND schema_name = 'main' AND "
+                "table_name = ?", [LEGACY_SUMMARY]).fetchone()[0]
             connection.execute(SCHEMA)
-            counts = connection.execute("SELECT (SELECT count(*) FROM predictions), (SELECT count(*) FROM "
-                                        "latest_by_image), (SELECT count(*) FROM prediction_summary)").fetchone()
-            if counts[0]:  # a database from before these tables, or a column of the summary, existed
+            counts = connection.execute(
+                "SELECT (SELECT count(*) FROM predictions), (SELECT count(*) FROM latest_by_image), "
+                f"{', '.join(f'(SELECT count(*) FROM {table})' for table in SUMMARY_KEYS)}").fetchone()
+            if counts[0]:  # a database from before these tables existed
                 if not counts[1]:
                     rebuild_latest(connection)
-                if not counts[2] or summary_lacks:
-                    rebuild_summary(connection)
+                if not all(counts[2:]):
+                    # Summed up from the old summary only where it still holds every prediction.
+                    if legacy and connection.execute(f"SELECT sum(predicted) FROM {LEGACY_SUMMARY}").fetchone()[0] \
+                            == counts[0]:
+                        summary_from_legacy(connection)
+                    else:
+                        rebuild_summary(connection)
+            if legacy is not None:  # the views no longer read it, and no writer keeps it up to date
+                connection.execute(f"DROP TABLE {LEGACY_SUMMARY}")
             connection.execute("COMMIT")
         except BaseException:
             connection.close()
@@ -312,7 +320,7 @@ def set_drift_thresholds(path: Path, assignments: Iterable[str]) -> list[tuple[s
 
 
 _COLUMNS = tuple(line.split()[0] for line in _PREDICTION_COLUMNS.strip().splitlines())
-# What `prediction_summary` needs of each new row.
+# What the prediction summaries need of each new row.
 _SUMMARISED = ("image_sha256", "classify_run_id", "predicted_at", "model_name", "model_version", "label", "confidence",
                "calibrated_confidence", "width", "height", "brightness")
 # Versions that are not numbers (checkpoint hashes) rank below numbered ones.

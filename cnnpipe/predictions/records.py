@@ -15,7 +15,7 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.models.refs import CHAMPION, parse_model_ref
 from cnnpipe.predictions.database import (_ADDED_COLUMNS, _FOLD_INTO_LATEST, _SUMMARISED, connect_for_writing,
                                           rebuild_latest, transaction)
-from cnnpipe.predictions.summary import fold_into_summary, rescore_summary
+from cnnpipe.predictions.summary import fold_into_summary, note_labels, rescore_summary
 
 
 def add_predictions(connection: duckdb.DuckDBPyConnection, select: str, parameters: list | None = None) -> int:
@@ -68,6 +68,10 @@ def record_ground_truth(database: Path, dataset: str, version_id: str, labels) -
     version `version_id`, in one transaction. Returns how many images are labelled."""
     with transaction(database) as connection:
         connection.register("labels", labels)
+        # Every image whose label this can change: the dataset's until now, which lose theirs unless
+        # relabelled, and those it labels now, another dataset's included (the label recorded last counts).
+        note_labels(connection, "(SELECT image_sha256 FROM ground_truth WHERE dataset = ? UNION ALL "
+                                "SELECT sha256 FROM labels)", [dataset])
         connection.execute("DELETE FROM ground_truth WHERE dataset = ?", [dataset])
         connection.execute("INSERT OR REPLACE INTO ground_truth SELECT sha256, any_value(label), ?, ?, now() "
                            "FROM labels GROUP BY sha256", [dataset, version_id])

@@ -1,5 +1,6 @@
-"""The prediction summary and the drift views over it: what a model predicted in a classify run, or on a
-day, against its reference profile. Part of the predictions database's schema; `cnnpipe.monitoring` reads them.
+"""The prediction summaries and the monitoring views over them: what a model predicted in a classify run,
+or on a day, against its reference profile, and how often it was right once labels arrived. Part of the
+predictions database's schema; `cnnpipe.monitoring` reads them.
 
 For each batch of predictions by a version with a reference profile (`reference_profiles`,
 written when the version was registered):
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from cnn.config import EMBEDDING_DIM
 from cnnpipe.errors import CnnpipeError
@@ -56,28 +58,42 @@ SMALLEST_SHARE = 1e-4
 LOW_CONFIDENCE = 0.5
 
 
-# What every monitoring view sums, kept per classify run, day, model version and predicted label as
-# predictions arrive (`fold_into_summary`) and labels change (`rescore_summary`): the views then
-# read thousands of rows instead of scanning tens of millions of predictions (bench/monitor.py).
-_SUMMARY_KEY = "classify_run, day, model_name, model_version, label"
-_SUMMARY_FIGURES = f"""
-    coalesce(p.classify_run_id, '') AS classify_run, CAST(p.predicted_at AS DATE) AS day, p.model_name,
-    p.model_version, p.label, count(*) AS predicted, sum(coalesce(p.calibrated_confidence, p.confidence)) AS
-    confidence_sum, count_if(coalesce(p.calibrated_confidence, p.confidence) < {LOW_CONFIDENCE}) AS low_confidence,
-    sum(p.width) AS width_sum, count(p.width) AS sized, sum(p.height) AS height_sum,
-    sum(p.brightness) AS brightness_sum, count(p.brightness) AS measured"""
-# Columns added to the summary since its first release: a database without them gets them, and its
-# summary is rebuilt from every prediction and embedding (`cnnpipe.predictions.database`).
-SUMMARY_ADDED_COLUMNS = (("embedded", "BIGINT"), ("embedding_sum", f"DOUBLE[{EMBEDDING_DIM}]"))
+# What every monitoring view sums, kept in two tables as predictions arrive (`fold_into_summary`) and
+# labels change (`note_labels`, then `rescore_summary`), in the writer's own transaction, so that no
+# committed prediction or label is ever left out of them and the views read only these tables:
+# - `run_summary`, per classify run, model version and predicted label, for `drift_by_run`;
+# - `daily_summary`, per day, model version and predicted label, for `drift_daily`,
+#   `production_accuracy` and `class_counts`; only it counts labels.
+# Each is as fine as its views need and no finer. The one table they replace (`LEGACY_SUMMARY`) kept a
+# row per run *and* day: a run's rows spread over every day it had predictions, so it grew with
+# history, and drift_daily and production_accuracy grew with it (4x and 2.5x from 3 M to 30 M
+# predictions in bench/views.py). Runs times labels and days times labels stay small for years.
+_FIGURES = ("predicted", "confidence_sum", "low_confidence", "width_sum", "sized", "height_sum", "brightness_sum",
+            "measured")
+_LABEL_FIGURES = ("labelled", "correct")
+_FIGURE_TYPES = ("predicted BIGINT, confidence_sum DOUBLE, low_confidence BIGINT, width_sum HUGEINT, sized BIGINT, "
+                 "height_sum HUGEINT, brightness_sum DOUBLE, measured BIGINT")
+_EMBEDDING_TYPES = f"embedded BIGINT, embedding_sum DOUBLE[{EMBEDDING_DIM}]"
+# Each summary table and its key.
+SUMMARY_KEYS = {"run_summary": ("classify_run", "model_name", "model_version", "label"),
+                "daily_summary": ("day", "model_name", "model_version", "label")}
 SUMMARY_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS prediction_summary (
-    classify_run VARCHAR NOT NULL, day DATE NOT NULL, model_name VARCHAR NOT NULL, model_version VARCHAR NOT NULL,
-    label VARCHAR NOT NULL, predicted BIGINT, confidence_sum DOUBLE, low_confidence BIGINT, width_sum HUGEINT,
-    sized BIGINT, height_sum HUGEINT, brightness_sum DOUBLE, measured BIGINT, labelled BIGINT, correct BIGINT,
-    {", ".join(f"{name} {kind}" for name, kind in SUMMARY_ADDED_COLUMNS)},
-    PRIMARY KEY (classify_run, day, model_name, model_version, label)
+CREATE TABLE IF NOT EXISTS run_summary (
+    classify_run VARCHAR NOT NULL, model_name VARCHAR NOT NULL, model_version VARCHAR NOT NULL, label VARCHAR NOT NULL,
+    {_FIGURE_TYPES}, {_EMBEDDING_TYPES},
+    PRIMARY KEY (classify_run, model_name, model_version, label)
+);
+CREATE TABLE IF NOT EXISTS daily_summary (
+    day DATE NOT NULL, model_name VARCHAR NOT NULL, model_version VARCHAR NOT NULL, label VARCHAR NOT NULL,
+    {_FIGURE_TYPES}, labelled BIGINT, correct BIGINT, {_EMBEDDING_TYPES},
+    PRIMARY KEY (day, model_name, model_version, label)
 );
 """
+# The summary of releases before issue 32, per classify run *and* day. A database that has it gets the
+# two tables above summed from it, which is exact and reads thousands of rows rather than every
+# prediction, unless it lacks the embedding columns (older still): then they are rebuilt from the
+# predictions and embeddings. It is dropped once they are in place (`cnnpipe.predictions.database`).
+LEGACY_SUMMARY = "prediction_summary"
 
 
 def _summed(vectors: str) -> str:
@@ -86,49 +102,109 @@ def _summed(vectors: str) -> str:
     return f"[{', '.join(f'sum({vectors}[{k}])' for k in range(1, EMBEDDING_DIM + 1))}]"
 
 
-_ADDED = ("predicted", "confidence_sum", "low_confidence", "width_sum", "sized", "height_sum", "brightness_sum",
-          "measured", "labelled", "correct")
-_FOLD = f"""
-INSERT INTO prediction_summary BY NAME
-SELECT {_SUMMARY_FIGURES}, count(g.label) AS labelled, count_if(g.label = p.label) AS correct,
+# The figures of relation `rows` (predictions' columns) per classify run, day, model version and
+# label, with their labels and embeddings: the finest grain, which each table then sums over. Never
+# NULL: sum() of only NULLs is NULL, and so is count_if() of only NULLs (no label yet), which the
+# `+` of a later commit would keep NULL for good; 0 is what the views read where nothing was counted.
+_GRAINED = f"""
+SELECT coalesce(p.classify_run_id, '') AS classify_run, CAST(p.predicted_at AS DATE) AS day, p.model_name,
+       p.model_version, p.label, count(*) AS predicted,
+       sum(coalesce(p.calibrated_confidence, p.confidence)) AS confidence_sum,
+       count_if(coalesce(p.calibrated_confidence, p.confidence) < {LOW_CONFIDENCE}) AS low_confidence,
+       coalesce(sum(p.width), 0) AS width_sum, count(p.width) AS sized, coalesce(sum(p.height), 0) AS height_sum,
+       coalesce(sum(p.brightness), 0) AS brightness_sum, count(p.brightness) AS measured,
+       count(g.label) AS labelled, count_if(coalesce(g.label = p.label, false)) AS correct,
        count(e.embedding) AS embedded, CASE WHEN count(e.embedding) > 0 THEN {_summed("e.embedding")} END
            AS embedding_sum
 FROM {{rows}} p LEFT JOIN ground_truth g USING (image_sha256)
 LEFT JOIN {{embeddings}} e USING (image_sha256, model_name, model_version)
 GROUP BY ALL
-ON CONFLICT ({_SUMMARY_KEY}) DO UPDATE SET {", ".join(f"{c} = prediction_summary.{c} + EXCLUDED.{c}" for c in _ADDED)},
-    embedded = coalesce(prediction_summary.embedded, 0) + EXCLUDED.embedded,
-    embedding_sum = CASE WHEN prediction_summary.embedding_sum IS NULL THEN EXCLUDED.embedding_sum
-                         WHEN EXCLUDED.embedding_sum IS NULL THEN prediction_summary.embedding_sum
+"""
+
+
+def _roll_up(table: str) -> str:
+    """SQL adding relation `{grained}` (`_GRAINED`'s columns) into summary `table`, summed to its key."""
+    figures = _FIGURES + (_LABEL_FIGURES if table == "daily_summary" else ())
+    key = ", ".join(SUMMARY_KEYS[table])
+    return f"""
+INSERT INTO {table} BY NAME
+SELECT {key}, {", ".join(f"coalesce(sum({c}), 0) AS {c}" for c in figures)}, coalesce(sum(embedded), 0) AS embedded,
+       CASE WHEN sum(embedded) > 0 THEN {_summed("embedding_sum")} END AS embedding_sum
+FROM {{grained}} GROUP BY ALL
+ON CONFLICT ({key}) DO UPDATE SET {", ".join(f"{c} = {table}.{c} + EXCLUDED.{c}" for c in figures)},
+    embedded = {table}.embedded + EXCLUDED.embedded,
+    embedding_sum = CASE WHEN {table}.embedding_sum IS NULL THEN EXCLUDED.embedding_sum
+                         WHEN EXCLUDED.embedding_sum IS NULL THEN {table}.embedding_sum
                          ELSE list_transform(range(1, {EMBEDDING_DIM + 1}),
-                                             lambda k: prediction_summary.embedding_sum[k] + EXCLUDED.embedding_sum[k])
+                                             lambda k: {table}.embedding_sum[k] + EXCLUDED.embedding_sum[k])
                     END
 """
-_RESCORE = """
-UPDATE prediction_summary SET labelled = 0, correct = 0 WHERE labelled > 0;
-UPDATE prediction_summary s SET labelled = a.labelled, correct = a.correct
-FROM (SELECT coalesce(p.classify_run_id, '') AS classify_run, CAST(p.predicted_at AS DATE) AS day, p.model_name,
-             p.model_version, p.label, count(*) AS labelled, count_if(g.label = p.label) AS correct
-      FROM predictions p JOIN ground_truth g USING (image_sha256) GROUP BY ALL) a
-WHERE s.classify_run = a.classify_run AND s.day = a.day AND s.model_name = a.model_name
-  AND s.model_version = a.model_version AND s.label = a.label;
-"""
+
+
+def _add_to_summaries(connection, grained: str) -> None:
+    for table in SUMMARY_KEYS:
+        connection.execute(_roll_up(table).format(grained=grained))
 
 
 def fold_into_summary(connection, rows: str, embeddings: str = "embeddings") -> None:
-    """Add the predictions in relation `rows` (new ones, never seen before) to the summary, with
-    their embeddings from relation `embeddings` (at most one row per image and model version)."""
-    connection.execute(_FOLD.format(rows=rows, embeddings=embeddings))
+    """Add the predictions in relation `rows` (new ones, never seen before) to the summaries, with
+    their labels and their embeddings from relation `embeddings` (at most one row per image and
+    model version). Run it in the transaction that inserts them."""
+    # Grouped once into a temporary table that both summaries sum: the joins run once, not once a table.
+    connection.execute("CREATE OR REPLACE TEMP TABLE summary_grained AS "
+                       + _GRAINED.format(rows=rows, embeddings=embeddings))
+    _add_to_summaries(connection, "summary_grained")
+    connection.execute("DROP TABLE summary_grained")
 
 
-def rescore_summary(connection) -> None:
-    """Recount labelled and correct predictions after `ground_truth` changed."""
-    connection.execute(_RESCORE)
+def summary_from_legacy(connection) -> None:
+    """Fill the summaries from `LEGACY_SUMMARY` (with its embedding columns), which has their columns
+    at a finer grain: the same sums without reading a prediction."""
+    _add_to_summaries(connection, LEGACY_SUMMARY)
+
+
+def note_labels(connection, images: str, parameters: list | None = None) -> None:
+    """Before `ground_truth` changes: note the labels of the images in relation `images` (a column
+    `image_sha256`), every image the change may touch, for `rescore_summary` to compare."""
+    connection.execute("CREATE OR REPLACE TEMP TABLE label_moves AS SELECT i.image_sha256, g.label AS old_label "
+                       f"FROM (SELECT DISTINCT image_sha256 FROM {images}) i LEFT JOIN ground_truth g "
+                       "USING (image_sha256)", parameters or [])
+
+
+# Only the images whose label changed move counts, by what their predictions lose with the old label
+# and gain with the new: so a label commit joins only those images with the predictions (one pass over
+# five of predictions' columns, none when no label changed) and updates the few summary rows they fall
+# in, where recounting would join every prediction with every label and rewrite every row each time.
+_MOVED = """
+SELECT n.image_sha256, n.old_label, g.label AS new_label
+FROM label_moves n LEFT JOIN ground_truth g USING (image_sha256) WHERE n.old_label IS DISTINCT FROM g.label
+"""
+_RESCORE = """
+UPDATE daily_summary s SET labelled = s.labelled + d.labelled, correct = s.correct + d.correct
+FROM (SELECT CAST(p.predicted_at AS DATE) AS day, p.model_name, p.model_version, p.label,
+             sum(CAST(m.new_label IS NOT NULL AS BIGINT) - CAST(m.old_label IS NOT NULL AS BIGINT)) AS labelled,
+             sum(CAST(coalesce(m.new_label = p.label, false) AS BIGINT)
+                 - CAST(coalesce(m.old_label = p.label, false) AS BIGINT)) AS correct
+      FROM predictions p JOIN moved m USING (image_sha256) GROUP BY ALL) d
+WHERE s.day = d.day AND s.model_name = d.model_name AND s.model_version = d.model_version AND s.label = d.label
+"""
+
+
+def rescore_summary(connection) -> int:
+    """After `ground_truth` changed for the images `note_labels` noted: move the labelled and correct
+    counts of their predictions from the old labels to the new. Returns how many images changed label."""
+    connection.execute(f"CREATE OR REPLACE TEMP TABLE moved AS {_MOVED}")
+    changed = connection.execute("SELECT count(*) FROM moved").fetchone()[0]
+    if changed:
+        connection.execute(_RESCORE)
+    connection.execute("DROP TABLE moved; DROP TABLE label_moves")
+    return changed
 
 
 def rebuild_summary(connection) -> None:
-    """The summary from every prediction, for a database written before it existed."""
-    connection.execute("DELETE FROM prediction_summary")
+    """Both summaries from every prediction, label and embedding, for a database written before they existed."""
+    for table in SUMMARY_KEYS:
+        connection.execute(f"DELETE FROM {table}")
     fold_into_summary(connection, "predictions")
 
 
@@ -199,17 +275,34 @@ WHERE images > 0 AND len(mean) = {EMBEDDING_DIM} AND len(std) = {EMBEDDING_DIM};
 """
 
 
-def _drift_view(name: str, key: str, key_column: str, runs_key: str) -> str:
-    """One view keyed by `key` (an expression over `prediction_summary`, named `key_column`), with
-    `runs_key` the same key over `classify_runs` for the rejected inputs."""
+@dataclass(frozen=True)
+class DriftView:
+    """How a drift view groups: `key`, an expression over its summary's columns, named `key_column`;
+    `runs_key`, the same key over `classify_runs`, for the rejected inputs; `summary`, the table it reads."""
+    key: str
+    key_column: str
+    runs_key: str
+    summary: str
+
+
+DRIFT_VIEWS = {
+    "drift_by_run": DriftView("nullif(classify_run, '')", "classify_run_id", "classify_run_id", "run_summary"),
+    "drift_daily": DriftView("day", "day", "CAST(finished_at AS DATE)", "daily_summary"),
+}
+
+
+def drift_query(view: DriftView, source: str | None = None) -> str:
+    """The SELECT behind a drift view, reading `source` (a relation with the summary's columns, the
+    view's own summary table by default): tests/cnnpipe/test_summary.py gives it one summed from a
+    plain scan of the predictions, to check the view against."""
+    key, key_column, runs_key, source = view.key, view.key_column, view.runs_key, source or view.summary
     return f"""
-CREATE OR REPLACE VIEW {name} AS
 WITH per_label AS (  -- every figure below is a sum of these
     SELECT {key} AS {key_column}, model_name, model_version, label, sum(predicted) AS predicted,
            sum(confidence_sum) AS confidence_sum, sum(low_confidence) AS low_confidence,
            sum(width_sum) AS width_sum, sum(sized) AS sized, sum(height_sum) AS height_sum,
            sum(brightness_sum) AS brightness_sum, sum(measured) AS measured
-    FROM prediction_summary p
+    FROM {source} p
     WHERE EXISTS (SELECT 1 FROM reference_profiles r
                   WHERE r.model_name = p.model_name AND r.model_version = p.model_version)
     GROUP BY ALL
@@ -240,7 +333,7 @@ WITH per_label AS (  -- every figure below is a sum of these
 ), embedding_batches AS (  -- summed at insert, so the embeddings table itself is never scanned here
     SELECT {key} AS {key_column}, model_name, model_version, sum(embedded) AS embedded,
            {_summed("embedding_sum")} AS embedding_sum
-    FROM prediction_summary WHERE embedded > 0 GROUP BY ALL
+    FROM {source} WHERE embedded > 0 GROUP BY ALL
 ), embedding_drift AS (
     -- Each dimension's difference of means in reference standard deviations, z, is under no shift
     -- about normal with variance 1/n + 1/m (n embedded images in the batch, m in the reference), and
@@ -288,18 +381,17 @@ JOIN reference_profiles r USING (model_name, model_version)
 LEFT JOIN divergence d USING ({key_column}, model_name, model_version)
 LEFT JOIN embedding_drift m USING ({key_column}, model_name, model_version)
 LEFT JOIN rejected j USING ({key_column}, model_name, model_version)
-CROSS JOIN limits l;
+CROSS JOIN limits l
 """
 
 
 DRIFT_SCHEMA = f"""{SUMMARY_SCHEMA}
 CREATE OR REPLACE VIEW production_accuracy AS
 SELECT model_name, model_version, day, sum(labelled) AS labelled, sum(correct) / sum(labelled) AS top1
-FROM prediction_summary GROUP BY ALL HAVING sum(labelled) > 0;
+FROM daily_summary GROUP BY ALL HAVING sum(labelled) > 0;
 CREATE TABLE IF NOT EXISTS drift_thresholds (metric VARCHAR PRIMARY KEY, threshold DOUBLE NOT NULL, meaning VARCHAR);
 INSERT OR IGNORE INTO drift_thresholds VALUES {", ".join(
     f"('{metric}', {threshold}, '{meaning}')" for metric, (threshold, meaning) in DEFAULT_THRESHOLDS.items())};
 {REFERENCE_EMBEDDINGS}
-{_drift_view("drift_by_run", "nullif(classify_run, '')", "classify_run_id", "classify_run_id")}
-{_drift_view("drift_daily", "day", "day", "CAST(finished_at AS DATE)")}
+{"".join(f"CREATE OR REPLACE VIEW {name} AS {drift_query(view)};" for name, view in DRIFT_VIEWS.items())}
 """

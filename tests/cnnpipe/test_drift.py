@@ -21,6 +21,7 @@ from cnnpipe.predictions.database import connect_for_writing, set_drift_threshol
 from cnnpipe.predictions.records import add_predictions, record_reference_profile
 from cnnpipe.predictions.summary import DEFAULT_THRESHOLDS
 from cnnpipe.settings import get_settings
+from tests.cnnpipe.test_summary import LEGACY_GRAIN
 
 pytestmark = pytest.mark.slow
 
@@ -286,8 +287,8 @@ def test_embedding_shift_stays_within_chance_on_like_batches_and_passes_it_on_a_
     # A database from before the summary kept embedding sums gets them back from its embeddings.
     before = figures()
     with connect_for_writing(database) as connection:
-        connection.execute("ALTER TABLE prediction_summary DROP COLUMN embedding_sum; "
-                           "ALTER TABLE prediction_summary DROP COLUMN embedded")
+        connection.execute("DROP TABLE run_summary; DROP TABLE daily_summary")
+        connection.execute(LEGACY_GRAIN.format(embeddings=""))
     assert figures() == [tuple(pytest.approx(value) if isinstance(value, float) else value for value in row)
                          for row in before]
     set_drift_thresholds(database, ["embedding_shift=0.1"])  # the default: 0.09 is a shift too small to matter
