@@ -1,6 +1,7 @@
 """Bulk classification: cnnpipe into DuckDB against the model alone and an ImageFolder loop.
 
     python bench/classify.py [--device cpu|cuda] [--images N]   # N: a subset, 0 for all
+    python bench/classify.py --profile                           # and where cnnpipe's main thread spends it
 
 Classifies the 10,000 CIFAR-10 test JPEGs of ../shared/data/cifar10-jpeg.tar.gz with an
 (untrained) alexnet-cifar checkpoint, measured in the same run with the same batch size
@@ -20,7 +21,9 @@ Targets: cnnpipe >= 90% of model-only and the DuckDB commit share < 5% on this C
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import os
 import sys
 import tarfile
@@ -94,11 +97,38 @@ def baseline(folder: Path, predictor: Predictor, database: Path) -> float:
     return index / (time.perf_counter() - started)
 
 
+# Where the main thread of a classify run goes (--profile): each stage by the functions that are it,
+# cumulative seconds; what no stage names is the loop itself. The reading, hashing and decoding run on
+# other threads, which the main thread sees as the time it waits for a batch.
+PROFILE_STAGES = {
+    "model forward, softmax, top-k, embedding": (("predict.py", "top_k"),),
+    "waiting for decoded batches": (("queue.py", "get"),),
+    "rows: model output to Arrow, staged, committed": (("classify.py", "add_rows"),),
+    "  of which Parquet part written": (("parquet/core.py", "write_table"),),
+    "  of which DuckDB commit": (("classify.py", "commit_parts"),),
+    "run record and set-up": (("classify.py", "record_run"), ("classify.py", "already_classified"),
+                              ("records.py", "reference_temperature")),
+}
+
+
+def profile_table(profile: cProfile.Profile, seconds: float) -> None:
+    stats = pstats.Stats(profile).stats
+    print(f"\n| {'main thread of cnnpipe classify':<48} | {'seconds':>8} | share")
+    print(f"|{'-' * 50}|{'-' * 10}|------")
+    for stage, functions in PROFILE_STAGES.items():
+        spent = sum(cumulative for (path, _, name), (_, _, _, cumulative, _) in stats.items()
+                    if any(path.endswith(file) and name == function for file, function in functions))
+        print(f"| {stage:<48} | {spent:>8.2f} | {100 * spent / seconds:5.1f}%")
+    print(f"| {'whole run':<48} | {seconds:>8.2f} | 100.0%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--images", type=int, default=0, help="Classify only the first N test images (0: all).")
+    parser.add_argument("--profile", action="store_true",
+                        help="Also profile cnnpipe's run (cProfile, main thread) and print where it went.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures to this file.")
     args = parser.parse_args()
     if not CIFAR.exists():
@@ -127,6 +157,10 @@ def main() -> None:
                                 "bench-plain").images_per_second
         predictor.projection = projection
         base = baseline(scratch / "folder" / "test", predictor, scratch / "baseline.duckdb")
+        if args.profile:  # a run of its own: the profiler's cost per call would skew the rates above
+            profile = cProfile.Profile()
+            profiled = profile.runcall(classify_source, open_source(str(test_tar)), predictor,
+                                       scratch / "profiled.duckdb", scratch / "staging", "bench-profiled")
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"\nClassification benchmark on {name}, batch {batch}, {summary.classified:,} CIFAR-10 test images\n")
     print(f"| {'figure':<36} | {'images/s':>9} | {'x model-only':>12} | target")
@@ -139,6 +173,8 @@ def main() -> None:
           f"cnnpipe {ours / base:.2f}x baseline (GPU >= 4x)")
     print(f"\nDuckDB commits: {summary.commit_seconds:.2f} s of {summary.seconds:.2f} s "
           f"({100 * summary.commit_seconds / summary.seconds:.1f}%, target < 5%)")
+    if args.profile:
+        profile_table(profile, profiled.seconds)
     if args.json:
         rows = [("model-only alexnet-cifar", model_rate, ""), ("cnnpipe classify into DuckDB", ours, ">= 0.90 (CPU)"),
                 ("cnnpipe classify without embeddings", plain, f"with / without {ours / plain:.3f} (>= 0.95)"),

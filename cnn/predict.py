@@ -7,6 +7,7 @@ from contextlib import nullcontext
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cnn.augment import ColourStats, centre_crop, normalise
@@ -114,11 +115,16 @@ class PendingTopK:
         if self.ready is not None:
             self.ready.record()
 
-    def result(self) -> tuple[list[list[float]], list[list[int]], list[float], list[float], list[list[float] | None]]:
-        """Top-k probabilities, top-k classes, calibrated confidences, brightnesses and embeddings
-        (None without a projection), a row an image."""
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k probabilities and classes (images x k), calibrated confidences, brightnesses and
+        embeddings (images x 0 without a projection), as NumPy arrays on the host."""
         if self.ready is not None:
             self.ready.synchronize()
-        embeddings = self.embeddings.tolist() if self.embeddings.shape[-1] else [None] * len(self.values)
-        return (self.values.tolist(), self.indices.tolist(), self.calibrated.tolist(), self.brightness.tolist(),
-                embeddings)
+        return tuple(tensor.numpy() for tensor in (self.values, self.indices, self.calibrated, self.brightness,
+                                                   self.embeddings))
+
+    def result(self) -> tuple[list[list[float]], list[list[int]], list[float], list[float], list[list[float] | None]]:
+        """`arrays()` as Python lists, a row an image; embeddings None without a projection."""
+        values, indices, calibrated, brightness, embeddings = self.arrays()
+        return (values.tolist(), indices.tolist(), calibrated.tolist(), brightness.tolist(),
+                embeddings.tolist() if embeddings.shape[-1] else [None] * len(values))

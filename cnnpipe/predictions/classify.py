@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from itertools import repeat
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -31,7 +32,7 @@ import torch
 from cnn.decoding import DECODE_THREADS, decode_images
 from cnnpipe.base.locks import file_lock
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.predictions.arrow_rows import table_from_columns
+from cnnpipe.predictions.arrow_rows import lists, numbers, repeated, strings, taken, timestamps
 from cnnpipe.predictions.database import connect, retry_on_lock, transaction
 from cnnpipe.predictions.records import add_predictions, reference_temperature
 from cnnpipe.sources import Source, open_source
@@ -50,6 +51,7 @@ PART_SCHEMA = pa.schema([
     # The model version's view of the image (`cnn.embeddings`), committed into `embeddings` with its prediction.
     ("embedding", pa.list_(pa.float32())),
 ])
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 @dataclass
@@ -154,9 +156,10 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
     done = already_classified(database, predictor.name, predictor.version)
     predictor.temperature = reference_temperature(database, predictor.name, predictor.version)
     batches: queue.Queue = queue.Queue(maxsize=2)
-    counts: Counter[str] = Counter()
-    rows: dict[str, list] = {name: [] for name in PART_SCHEMA.names}
+    counts = np.zeros(len(predictor.classes), np.int64)
+    staged: list[pa.RecordBatch] = []
     part_index = 0
+    part_rows = PartRows(source.uri, predictor, run_id)
 
     def produce() -> None:
         try:
@@ -168,12 +171,12 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
             batches.put(exc)
 
     def stage_and_commit() -> None:
-        nonlocal part_index, rows
+        nonlocal part_index
         tmp = staging / f"{prefix}-{part_index:05d}.parquet.tmp"
-        pq.write_table(table_from_columns(rows, PART_SCHEMA), tmp)
+        pq.write_table(pa.Table.from_batches(staged, PART_SCHEMA), tmp)
         os.replace(tmp, tmp.with_suffix(""))
         part_index += 1
-        rows = {name: [] for name in PART_SCHEMA.names}
+        staged.clear()
         if not commit:
             return
         commit_started = time.perf_counter()
@@ -181,23 +184,11 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
         summary.commit_seconds += time.perf_counter() - commit_started
 
     def add_rows(items: list[tuple], top) -> None:
-        now = datetime.now(timezone.utc)
-        for (sha, path, width, height), values, indices, calibrated, brightness, embedding in zip(items,
-                                                                                                  *top.result()):
-            label = predictor.classes[indices[0]]
-            counts[label] += 1
-            for name, value in (("image_sha256", sha), ("source_uri", source.uri), ("member_path", path),
-                                ("model_name", predictor.name), ("model_version", predictor.version),
-                                ("mlflow_run_id", predictor.run_id), ("label", label), ("confidence", values[0]),
-                                ("top5", [{"label": predictor.classes[i], "probability": p}
-                                          for i, p in zip(indices, values)]),
-                                ("width", width), ("height", height), ("classify_run_id", run_id),
-                                ("predicted_at", now), ("calibrated_confidence", None if calibrated != calibrated
-                                                        else calibrated), ("brightness", brightness),
-                                ("embedding", embedding)):
-                rows[name].append(value)
+        arrays = top.arrays()
+        staged.append(part_rows.batch(items, *arrays))
+        counts[:] += np.bincount(arrays[1][:, 0], minlength=len(counts))
         summary.classified += len(items)
-        if len(rows["image_sha256"]) >= PART_ROWS:
+        if sum(len(batch) for batch in staged) >= PART_ROWS:
             stage_and_commit()
 
     threading.Thread(target=produce, name="cnnpipe-classify-read", daemon=True).start()
@@ -213,13 +204,46 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
         previous = (items, top)
     if previous is not None:
         add_rows(*previous)
-    if rows["image_sha256"]:
+    if staged:
         stage_and_commit()
     summary.seconds = time.perf_counter() - started
-    summary.class_counts = dict(counts.most_common())
+    summary.class_counts = dict(Counter({label: int(count) for label, count in zip(predictor.classes, counts)
+                                         if count}).most_common())
     if commit:
         record_run(database, summary)
     return summary
+
+
+class PartRows:
+    """The rows of a part, a batch of the model's output arrays at a time (`PART_SCHEMA`)."""
+
+    def __init__(self, source_uri: str, predictor, run_id: str):
+        self.classes = strings(predictor.classes)
+        self.constants = {"source_uri": source_uri, "model_name": predictor.name,
+                          "model_version": predictor.version, "mlflow_run_id": predictor.run_id,
+                          "classify_run_id": run_id}
+
+    def batch(self, items: list[tuple], values: np.ndarray, indices: np.ndarray, calibrated: np.ndarray,
+              brightness: np.ndarray, embeddings: np.ndarray) -> pa.RecordBatch:
+        """`items` (sha256, path, width, height) with their top-k `values` and class `indices`,
+        calibrated confidences (NaN: none), brightnesses and embeddings (none if 0 wide)."""
+        count, k = indices.shape
+        shas, paths, widths, heights = zip(*items)
+        now = (datetime.now(timezone.utc) - _EPOCH) // timedelta(microseconds=1)
+        columns = {name: repeated(value, count) for name, value in self.constants.items()}
+        top5 = pa.StructArray.from_arrays([taken(self.classes, indices), numbers(values.reshape(-1), pa.float64())],
+                                          fields=list(PART_SCHEMA.field("top5").type.value_type))
+        columns.update(
+            image_sha256=strings(list(shas)), member_path=strings(list(paths)), label=taken(self.classes, indices[:, 0]),
+            confidence=numbers(values[:, 0], pa.float64()), top5=lists(top5, k, PART_SCHEMA.field("top5").type),
+            width=numbers(np.array(widths), pa.int32()), height=numbers(np.array(heights), pa.int32()),
+            predicted_at=timestamps(np.full(count, now, np.int64)),
+            calibrated_confidence=numbers(calibrated, pa.float64(), valid=~np.isnan(calibrated)),
+            brightness=numbers(brightness, pa.float64()),
+            embedding=lists(numbers(embeddings.reshape(-1), pa.float32()), embeddings.shape[1],
+                            PART_SCHEMA.field("embedding").type) if embeddings.shape[1]
+            else pa.nulls(count, PART_SCHEMA.field("embedding").type))
+        return pa.RecordBatch.from_arrays([columns[name] for name in PART_SCHEMA.names], schema=PART_SCHEMA)
 
 
 def _prepared_batches(source: Source, done: set[str], summary: ClassifySummary, size: int, batch_size: int,

@@ -1,48 +1,58 @@
-"""Tables built from buffers must equal what `pa.table` builds from the same values."""
+"""A classify part built from the model's output arrays must equal the table that pyarrow
+builds from the same rows as Python values, nulls included."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
+from types import SimpleNamespace
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
-from cnnpipe.predictions.arrow_rows import table_from_columns
-from cnnpipe.predictions.classify import PART_SCHEMA
+from cnnpipe.predictions.classify import PART_SCHEMA, PartRows
+
+CLASSES = ["cat", "dög", ""]
 
 
-def part_rows(count: int, nulls: bool) -> dict[str, list]:
-    now = datetime(2026, 12, 3, 13, 0, 0, 123456, tzinfo=timezone.utc)
-    rows = {
-        "image_sha256": [f"{i:064x}" for i in range(count)], "source_uri": ["file:///data/ünïcødé/"] * count,
-        "member_path": [f"dir/{'é' * (i % 3)}{i}.png" for i in range(count)], "model_name": ["m"] * count,
-        "model_version": [str(i % 2 + 1) for i in range(count)], "mlflow_run_id": ["abc"] * count,
-        "label": [("cat", "dog", "")[i % 3] for i in range(count)], "confidence": [i / count for i in range(count)],
-        "top5": [[{"label": "cat", "probability": 0.5 - j / 10} for j in range(i % 6)] for i in range(count)],
-        "width": [32 + i for i in range(count)], "height": [2**31 - 1 - i for i in range(count)],
-        "classify_run_id": ["run"] * count, "predicted_at": [now + timedelta(microseconds=i) for i in range(count)],
-        "calibrated_confidence": [i / 7 for i in range(count)],
-        "brightness": [i / 3 for i in range(count)],
-        "embedding": [[i + j / 8 for j in range(i % 4 + 1)] for i in range(count)],
+def model_output(count: int, k: int, embedding_width: int):
+    rng = np.random.default_rng(count)
+    values = np.sort(rng.random((count, k), dtype=np.float32), axis=1)[:, ::-1].copy()
+    indices = np.stack([rng.permutation(len(CLASSES))[:k] for _ in range(count)])
+    calibrated = rng.random(count, dtype=np.float32)
+    calibrated[::3] = np.nan
+    return values, indices, calibrated, rng.random(count, dtype=np.float32), \
+        rng.random((count, embedding_width), dtype=np.float32)
+
+
+def as_python_rows(items, values, indices, calibrated, brightness, embeddings, run_id, predictor, built_at):
+    """The rows as the per-row builder wrote them, one Python value a cell."""
+    return {
+        "image_sha256": [sha for sha, *_ in items], "source_uri": ["file:///data/ünïcødé/"] * len(items),
+        "member_path": [path for _, path, *_ in items], "model_name": [predictor.name] * len(items),
+        "model_version": [predictor.version] * len(items), "mlflow_run_id": [predictor.run_id] * len(items),
+        "label": [CLASSES[row[0]] for row in indices.tolist()], "confidence": [row[0] for row in values.tolist()],
+        "top5": [[{"label": CLASSES[i], "probability": p} for i, p in zip(row_indices, row_values)]
+                 for row_indices, row_values in zip(indices.tolist(), values.tolist())],
+        "width": [width for *_, width, _ in items], "height": [height for *_, height in items],
+        "classify_run_id": [run_id] * len(items), "predicted_at": [built_at] * len(items),
+        "calibrated_confidence": [None if c != c else c for c in calibrated.tolist()],
+        "brightness": brightness.tolist(),
+        "embedding": embeddings.tolist() if embeddings.shape[1] else [None] * len(items),
     }
-    if nulls:
-        for name in rows:
-            rows[name][::3] = [None] * len(rows[name][::3])
-    return rows
 
 
-@pytest.mark.parametrize("nulls", [False, True], ids=["no-nulls", "nulls"])
-def test_a_part_built_from_buffers_equals_pyarrows_own(nulls):
-    rows = part_rows(50, nulls)
-    built = table_from_columns(rows, PART_SCHEMA)
+@pytest.mark.parametrize("k, embedding_width, run_id", [(3, 64, "run"), (1, 0, "run"), (2, 8, None)],
+                         ids=["top-3-embedded", "top-1-no-projection", "no-mlflow-run"])
+def test_a_part_built_from_the_models_arrays_equals_pyarrows_own_from_python_rows(k, embedding_width, run_id):
+    predictor = SimpleNamespace(classes=CLASSES, name="m", version="7", run_id=run_id)
+    items = [(f"{i:064x}", f"dir/{'é' * (i % 3)}{i}.png", 32 + i, 2**31 - 1 - i) for i in range(50)]
+    output = model_output(len(items), k, embedding_width)
+    built = PartRows("file:///data/ünïcødé/", predictor, "run").batch(items, *output)
     built.validate(full=True)
-    assert built.equals(pa.table(rows, schema=PART_SCHEMA))
-
-
-def test_an_empty_part():
-    assert table_from_columns({name: [] for name in PART_SCHEMA.names}, PART_SCHEMA).num_rows == 0
-
-
-def test_a_type_without_a_builder_is_refused():
-    with pytest.raises(TypeError, match="bool"):
-        table_from_columns({"flag": [True]}, pa.schema([("flag", pa.bool_())]))
+    # Every row of a batch shares the moment it was built.
+    built_at = datetime.fromtimestamp(built.column("predicted_at")[0].value / 1e6, timezone.utc)
+    expected = pa.RecordBatch.from_pydict(as_python_rows(items, *output, "run", predictor, built_at),
+                                          schema=PART_SCHEMA)
+    assert built.equals(expected)
+    assert pa.Table.from_batches([built, built]).num_rows == 100

@@ -4,7 +4,6 @@ import pytest
 from click.testing import CliRunner
 
 from cnnpipe.cli import cli
-from cnnpipe.models import registry
 from cnnpipe.predictions import champions
 from flows.classify import classify
 from tests.imagefactory import write_class_folders
