@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from cnnpipe.predictions.database import connect_for_writing  # noqa: E402
 from cnnpipe.predictions.sql import QueryLimits, run_query  # noqa: E402
-from cnnpipe.predictions.summary import rebuild_summary  # noqa: E402
+from cnnpipe.predictions.summary import DRIFT_VIEWS, drift_query, rebuild_summary  # noqa: E402
 
 BASELINE = "baseline: full scan count + avg"
 QUERIES = {
@@ -61,8 +61,8 @@ QUERIES = {
     "production_accuracy": "SELECT * FROM production_accuracy",
 }
 MONITORING = ("drift_by_run, every run", "drift_daily, last 7 days", "production_accuracy")
-# What the drift views sum, straight from the predictions, per classify run and day (the finest
-# grain any summary has had, so that a view of any release reads it as it reads its summary).
+# What the drift views sum, straight from the predictions, per classify run and day: the columns of
+# both summaries, so that either view reads it as it reads its own.
 PLAIN_FIGURES = """(
     SELECT coalesce(classify_run_id, '') AS classify_run, CAST(predicted_at AS DATE) AS day, model_name,
            model_version, label, count(*) AS predicted, sum(coalesce(calibrated_confidence, confidence))
@@ -140,15 +140,10 @@ def _without_keys(connection, tables: tuple[str, ...]) -> None:
         connection.execute(definition[:found.start()] + definition[found.end():])
 
 
-def plain_scans(database: Path) -> dict[str, str]:
+def plain_scans() -> dict[str, str]:
     """Each monitoring query answered by a plain scan of the predictions: the drift views' own SQL
-    (whichever release's schema the database has) reading `PLAIN_FIGURES` instead of a summary."""
-    with connect_for_writing(database) as connection:
-        views = dict(connection.execute("SELECT view_name, sql FROM duckdb_views() WHERE view_name IN "
-                                        "('drift_by_run', 'drift_daily')").fetchall())
-    plain = {name: re.sub(r"\bFROM (prediction_summary|run_summary|daily_summary)\b", f"FROM {PLAIN_FIGURES}",
-                          re.sub(r"^CREATE VIEW \w+ AS ", "", sql).rstrip(";"))
-             for name, sql in views.items()}
+    reading `PLAIN_FIGURES` instead of a summary."""
+    plain = {name: drift_query(view, PLAIN_FIGURES) for name, view in DRIFT_VIEWS.items()}
     return {"drift_by_run, every run": f"SELECT * FROM ({plain['drift_by_run']})",
             "drift_daily, last 7 days": f"SELECT * FROM ({plain['drift_daily']}) WHERE day >= DATE '2026-11-01' - 7",
             "production_accuracy": PLAIN_ACCURACY}
@@ -194,7 +189,7 @@ def main() -> None:
         both = {name: timed_together(query, databases) for name, query in QUERIES.items()}
         # Once each, after one run to warm the cache: at 100 M rows each takes seconds to a minute.
         plain = {name: timed(query, databases[0], repeats=1, limits=PLAIN_LIMITS)
-                 for name, query in plain_scans(databases[0]).items()}
+                 for name, query in plain_scans().items()}
     seconds = {name: times[0] for name, times in both.items()}
     base = seconds[BASELINE]
     against = f" | {f'x {args.against:,}':>14}" if args.against else ""
