@@ -329,3 +329,26 @@ def test_output_replaces_an_existing_file_only_with_force(database, tmp_path):
         assert replaced.exit_code == 0, replaced.output
     assert pq.read_table(target).to_pylist() == [{"one": 1}]
     assert list(folder.iterdir()) == [target]  # no temporary file left beside it
+
+
+def test_the_schema_upgrade_runs_once_a_release_and_again_for_a_missing_table(database):
+    def views() -> set[str]:
+        with duckdb.connect(str(database)) as connection:
+            return {name for (name,) in connection.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal")
+                    .fetchall()}
+
+    with duckdb.connect(str(database)) as connection:
+        connection.execute("DROP VIEW low_confidence")
+    connect_for_writing(database).close()
+    assert "low_confidence" not in views()  # the upgrade was skipped: this release's already ran
+    with duckdb.connect(str(database)) as connection:
+        connection.execute("DROP TABLE outliers")
+    connect_for_writing(database).close()
+    assert "low_confidence" in views()
+    with duckdb.connect(str(database)) as connection:
+        assert connection.execute("SELECT count(*) FROM outliers").fetchone() == (0,)
+        connection.execute("DROP VIEW low_confidence")
+        connection.execute("UPDATE cnnpipe_schema SET digest = 'an earlier release'")
+    connect_for_writing(database).close()
+    assert "low_confidence" in views()
+    assert run_query("SELECT count(*) FROM predictions", database).rows == [(5,)]
