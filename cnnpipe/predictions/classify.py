@@ -3,9 +3,11 @@
 Images are hashed first and those this model version already classified are skipped
 before decoding. The rest are validated and normalised exactly as ingestion does
 (`check_image`), decoded in a thread pool (one thread per core) and classified in
-batches, while a background thread reads and hashes the next ones. Predictions are staged as Parquet parts (written aside, then renamed) and
-each part is committed in one short transaction with `ON CONFLICT DO NOTHING`, so a
-killed run loses nothing it staged and a rerun adds each image exactly once.
+batches, while a background thread reads and hashes the next ones. Predictions are
+committed a part (PART_ROWS images) at a time, each in one short transaction with
+`ON CONFLICT DO NOTHING`, so a killed run keeps every part it committed and a rerun adds
+each image exactly once. A part that cannot commit, and every part of one shard of a
+distributed run, is staged as Parquet (written aside, then renamed) for a later commit.
 """
 
 from __future__ import annotations
@@ -132,6 +134,31 @@ def commit_parts(database: Path, staging: Path) -> int:
     return inserted
 
 
+def write_part(part: pa.Table, path: Path) -> None:
+    """Written aside, then renamed: a part on disk is always whole."""
+    partial = path.with_name(path.name + ".tmp")
+    pq.write_table(part, partial)
+    os.replace(partial, path)
+
+
+def commit_part(database: Path, part: pa.Table, path: Path) -> None:
+    """Commit a part from memory. Only a part that cannot commit (the file held past the retries,
+    a full disk) is staged at `path`, for the next run to commit rather than classify again: a
+    run killed before its commit loses predictions that the rerun makes again, and writing every
+    part out and reading it back cost as much again as its commit."""
+    try:
+        with transaction(database) as connection:
+            connection.register("part", part)
+            add_predictions(connection, "SELECT * FROM part")
+    except CnnpipeError as exc:
+        try:
+            write_part(part, path)
+        except OSError as staging_failed:
+            raise CnnpipeError(f"{exc}; staging the part at {path} failed too ({staging_failed}), "
+                               "and the next run classifies its images again") from exc
+        raise CnnpipeError(f"{exc}; {path} stays staged and the next run commits it") from exc
+
+
 def classify_source(source: Source, predictor, database: Path, staging_root: Path, run_id: str,
                     on_progress: Callable[[int, int | None], None] | None = None,
                     commit: bool = True) -> ClassifySummary:
@@ -175,15 +202,15 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
 
     def stage_and_commit() -> None:
         nonlocal part_index
-        tmp = staging / f"{prefix}-{part_index:05d}.parquet.tmp"
-        pq.write_table(pa.Table.from_batches(staged, PART_SCHEMA), tmp)
-        os.replace(tmp, tmp.with_suffix(""))
+        part = pa.Table.from_batches(staged, PART_SCHEMA)
+        path = staging / f"{prefix}-{part_index:05d}.parquet"
         part_index += 1
         staged.clear()
         if not commit:
+            write_part(part, path)
             return
         commit_started = time.perf_counter()
-        commit_parts(database, staging)
+        commit_part(database, part, path)
         summary.commit_seconds += time.perf_counter() - commit_started
 
     def add_rows(items: list[tuple], top) -> None:

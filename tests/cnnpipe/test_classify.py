@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
 import pytest
 
 from cnn.predict import Predictor
@@ -167,7 +168,6 @@ def test_a_dataset_of_the_store_is_a_source_keyed_by_its_stored_hashes(shapes_da
                                                                        shapes_checkpoints):
     import shutil
 
-    import pyarrow.parquet as pq
 
     shutil.copytree(shapes_dataset, cnnpipe_home / "datasets" / "shapes")
     stored = pq.read_table(sorted((cnnpipe_home / "datasets" / "shapes").glob("v*/*.parquet")),
@@ -306,3 +306,23 @@ def test_a_classify_run_imports_neither_pandas_nor_matplotlib_nor_mlflow(inbox, 
                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["50"]
+
+
+def test_a_part_that_cannot_commit_is_staged_and_the_rerun_commits_it(inbox, shapes_checkpoints, monkeypatch):
+    import cnnpipe.predictions.classify as classify_module
+
+    def full_disk(database, *args, **kwargs):
+        raise CnnpipeError(f"{database}: could not commit (No space left on device)")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(classify_module, "transaction", full_disk)
+        with pytest.raises(CnnpipeError, match=r"No space left on device\); .*run-00000\.parquet stays staged"):
+            run(inbox, shapes_checkpoints[0])
+    staging = get_settings().staging_dir / "classify"
+    [part] = staging.iterdir()
+    assert len(pq.read_table(part)) == 50
+
+    rerun = run(inbox, shapes_checkpoints[0], run_id="rerun")
+    assert (rerun.classified, rerun.skipped) == (0, 50)  # committed from the part, not classified again
+    assert query("SELECT count(*), count(DISTINCT image_sha256) FROM predictions") == [(50, 50)]
+    assert not list(staging.iterdir())
