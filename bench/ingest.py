@@ -1,6 +1,7 @@
 """Ingestion benchmark: cnnpipe against a bare floor and Hugging Face `datasets`, in one run.
 
-    python bench/ingest.py [--skip-peer] [--skip-scale]
+    python bench/ingest.py [--skip-peer] [--skip-scale] [--skip-photos]
+    python bench/ingest.py --profile    # and where cnnpipe's ingest of the CIFAR-10 folder spends its time
 
 Input is ../shared/data/cifar10-jpeg.tar.gz (60,000 JPEGs) and the same files extracted
 to a folder. Every case runs in its own process, so peak RSS is per case (the largest of
@@ -16,6 +17,11 @@ the process and its decoding workers); its imports happen before its clock start
   50 KB each, written once per run), where decoding rather than copying bytes is the floor.
   Its second baseline, decode, reads every file and decodes it fully with Pillow in as many
   processes as ingest decodes in (one core is left to ingest's reading and writing).
+
+With --profile, one more cnnpipe run on the folder, under cProfile in its main process, gives
+a table of where that process spends the run (reading, hashing, waiting for the decoders,
+Arrow and Parquet, the version commit) beside the CPU time of its decoding processes
+(the decode check and the perceptual hash).
 
 Targets (issue 32): CIFAR-10 <= 1.25x the floor; photos <= 1.2x max(floor, decode);
 >= 10x faster than the peer; peak RSS < 1 GB.
@@ -121,9 +127,37 @@ def peer(source: str, out: str) -> int:
     return sum(len(dataset) for dataset in splits.values())
 
 
-CASES = {"floor": floor, "decode": decode, "cnnpipe": cnnpipe_ingest, "peer": peer}
+# Where the main process of an ingest goes (--profile): each stage by the functions that are it,
+# cumulative seconds. Decoding runs in other processes, which the main process sees as waiting.
+PROFILE_STAGES = {
+    "reading the files": (("sources/folder.py", "entries"),),
+    "hashing and admission (sha256, dedup)": (("store/admission.py", "admit"),),
+    "waiting for the decoding processes": (("store/decoders.py", "_collect"),),
+    "rows to Arrow, Parquet row groups written": (("store/parts.py", "add"), ("store/parts.py", "close")),
+    "  of which Parquet written": (("pyarrow/parquet/core.py", "write_table"),),
+    "version commit": (("store/dataset.py", "commit"),),
+}
+
+
+def profiled_ingest(source: str, home: str) -> dict:
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    count = cnnpipe_ingest(source, home)
+    profile.disable()
+    stats = pstats.Stats(profile).stats
+    return {"images": count, "stages": {
+        stage: sum(cumulative for (path, _, name), (_, _, _, cumulative, _) in stats.items()
+                   if any(path.endswith(file) and name == function for file, function in functions))
+        for stage, functions in PROFILE_STAGES.items()}}
+
+
+CASES = {"floor": floor, "decode": decode, "cnnpipe": cnnpipe_ingest, "peer": peer, "profile": profiled_ingest}
 # Imported before the clock starts: interpreter start-up is not ingestion, for any case.
-IMPORTS = {"floor": ["pyarrow.parquet"], "decode": ["PIL.Image"], "cnnpipe": ["cnnpipe.store", "cnnpipe.sources"], "peer": ["datasets"]}
+IMPORTS = {"floor": ["pyarrow.parquet"], "decode": ["PIL.Image"], "cnnpipe": ["cnnpipe.store", "cnnpipe.sources"],
+           "peer": ["datasets"], "profile": ["cnnpipe.store", "cnnpipe.sources"]}
 
 
 def run_case(case: str, source: str) -> dict:
@@ -143,10 +177,12 @@ def child(case: str, source: str, target: str) -> None:
     for module in IMPORTS[case]:
         importlib.import_module(module)
     started = time.perf_counter()
-    count = CASES[case](source, target)
+    outcome = CASES[case](source, target)
     seconds = time.perf_counter() - started
     rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    print(json.dumps({"seconds": seconds, "images": count, "peak_rss_mb": rss / 1024}))
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": rss / 1024, "children_cpu": workers.ru_utime + workers.ru_stime,
+                      **(outcome if isinstance(outcome, dict) else {"images": outcome})}))
 
 
 def make_scaled_tar(files: list[tuple[str, bytes]], copies: int, path: Path) -> None:
@@ -166,6 +202,8 @@ def main() -> None:
     parser.add_argument("--skip-peer", action="store_true", help="leave out Hugging Face datasets (slow)")
     parser.add_argument("--skip-scale", action="store_true", help="leave out the 4x larger source")
     parser.add_argument("--skip-photos", action="store_true", help="leave out the photo-size JPEGs")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile cnnpipe's ingest of the CIFAR-10 folder and print where it went")
     args = parser.parse_args()
     if not CIFAR.exists():
         raise SystemExit(f"{CIFAR} is missing: this benchmark needs ../shared beside the checkout")
@@ -175,9 +213,13 @@ def main() -> None:
         with tarfile.open(CIFAR) as tar:
             tar.extractall(folder, filter="data")
         rows = []
+        profile = None
         for label, source in (("folder", str(folder)), ("tar.gz", str(CIFAR))):
             floor_result = run_case("floor", source)
             ours = run_case("cnnpipe", source)
+            if label == "folder" and args.profile:  # a run of its own: the profiler's cost skews its time
+                profile = run_case("profile", source)
+                profile["floor"] = floor_result["seconds"]
             rows.append((f"cnnpipe, {label}", ours, ours["seconds"] / floor_result["seconds"], "<= 1.25x floor"))
             rows.append((f"floor, {label}", floor_result, 1.0, ""))
             if label == "folder" and not args.skip_peer:
@@ -213,6 +255,21 @@ def main() -> None:
     for name, result, ratio, target in rows:
         print(f"| {name:<22} | {result['images']:>8,} | {result['seconds']:>8.2f} | "
               f"{result['images'] / result['seconds']:>9,.0f} | {ratio:>7.2f} | {result['peak_rss_mb']:>11.0f} | {target}")
+    if profile:
+        print_profile(profile)
+
+
+def print_profile(profile: dict) -> None:
+    seconds = profile["seconds"]
+    print(f"\nWhere cnnpipe's ingest of the CIFAR-10 folder goes (cProfile, {profile['images']:,} images; "
+          f"the profiler slows the main process, so shares matter more than seconds)\n")
+    print(f"| {'main process':<44} | {'seconds':>8} | share")
+    print(f"|{'-' * 46}|{'-' * 10}|------")
+    for stage, spent in profile["stages"].items():
+        print(f"| {stage:<44} | {spent:>8.2f} | {100 * spent / seconds:5.1f}%")
+    print(f"| {'whole run, profiled':<44} | {seconds:>8.2f} | 100.0%")
+    print(f"| {'floor, the same folder, unprofiled':<44} | {profile['floor']:>8.2f} |")
+    print(f"| {'decoding processes, CPU seconds in all':<44} | {profile['children_cpu']:>8.2f} |")
 
 
 if __name__ == "__main__":

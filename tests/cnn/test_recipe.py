@@ -231,3 +231,16 @@ def test_a_fine_tuned_run_sees_what_its_starting_weights_were_trained_on_without
     assert new_task.start == "transfer"
     assert chosen.input.text() == ("input 96 px, whole image squashed (as its starting weights were trained; "
                                    "median image 640x480)")
+
+
+def test_a_short_run_at_the_paper_stem_keeps_the_full_rate():
+    def apply(width: int, height: int):
+        return recipe.apply(TrainConfig(dataset_dir="d", epochs=5), 883, _sizes(width, height), lambda size: 1e-9)
+
+    photos_config, photos = apply(320, 240)
+    small_config, small = apply(32, 32)
+    assert photos.input.size >= recipe.SHORT_RUN_FULL_LR_SIZE and small.input.size == 32
+    assert photos.batch_size == small.batch_size == 32 and photos.total_steps < recipe.MIN_STEPS
+    assert photos_config.lr == pytest.approx(0.2 * math.sqrt(32 / 512)) and not photos.short
+    assert small_config.lr == pytest.approx(recipe.SHORT_RUN_LR_SHARE * photos_config.lr) and small.short
+    assert "lr at" not in photos.line() and "lr at 0.5x for a run under 600 steps" in small.line()
