@@ -16,7 +16,7 @@ the process and its decoding workers); its imports happen before its clock start
 - photos: PHOTOS JPEGs of 500x375, bench/photos.py's synthetic photos (textured, about
   50 KB each, written once per run), where decoding rather than copying bytes is the floor.
   Its second baseline, decode, reads every file and decodes it fully with Pillow in as many
-  processes as ingest decodes in (one core is left to ingest's reading and writing).
+  processes as ingest decodes in (one a core).
 
 With --profile, one more cnnpipe run on the folder, under cProfile in its main process, gives
 a table of where that process spends the run (reading, hashing, waiting for the decoders,
@@ -100,7 +100,9 @@ def decode(source: str, out: str) -> int:
 
     paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(source) for name in names)
     chunks = [paths[start:start + 256] for start in range(0, len(paths), 256)]
-    workers = max(1, (os.cpu_count() or 2) - 1)
+    from cnnpipe.store.decoders import decoding_processes
+
+    workers = decoding_processes()
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         return sum(pool.map(_decode_files, chunks))
 
@@ -156,7 +158,7 @@ def profiled_ingest(source: str, home: str) -> dict:
 
 CASES = {"floor": floor, "decode": decode, "cnnpipe": cnnpipe_ingest, "peer": peer, "profile": profiled_ingest}
 # Imported before the clock starts: interpreter start-up is not ingestion, for any case.
-IMPORTS = {"floor": ["pyarrow.parquet"], "decode": ["PIL.Image"], "cnnpipe": ["cnnpipe.store", "cnnpipe.sources"],
+IMPORTS = {"floor": ["pyarrow.parquet"], "decode": ["PIL.Image", "cnnpipe.store.decoders"], "cnnpipe": ["cnnpipe.store", "cnnpipe.sources"],
            "peer": ["datasets"], "profile": ["cnnpipe.store", "cnnpipe.sources"]}
 
 

@@ -85,7 +85,7 @@ def check_image(data: bytes, resize: int | None = None, keep_pixels: bool = Fals
             phash = None
             if with_hash:
                 reduced = simplejpeg.decode_jpeg(data, **_REDUCED_DECODE) if keep_pixels else checked.pixels
-                phash = perceptual_hash(Image.fromarray(reduced))
+                phash = pixels_hash(reduced)
             return replace(checked, phash=phash, pixels=checked.pixels if keep_pixels else None)
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
@@ -148,12 +148,28 @@ def perceptual_hash(image: Image.Image) -> int:
     return int(np.packbits((low > np.median(low)).ravel()).view(">i8")[0])
 
 
+# Pillow's RGB to L conversion (ITU-R 601-2 luma in 16-bit fixed point, rounded), which `pixels_hash` repeats.
+_LUMA = np.array([19595, 38470, 7471], np.uint32)
+
+
+def pixels_hash(pixels: np.ndarray) -> int:
+    """`perceptual_hash` of RGB pixels (height x width x 3). Pixels already at the hash's 32x32, as
+    CIFAR-size images decode, need no resize: their hash is computed in NumPy alone, bit for bit
+    Pillow's, at a third of the cost of going through a Pillow image (16 against 45 us)."""
+    if pixels.shape != (_HASH_SIDE, _HASH_SIDE, 3):
+        return perceptual_hash(Image.fromarray(pixels))
+    grey = ((pixels.astype(np.uint32) @ _LUMA + 0x8000) >> 16).astype(np.float64)
+    low = (_DCT_LOW @ grey @ _DCT_LOW.T).ravel()
+    median = np.partition(low, (31, 32))[31:33].mean()  # np.median of the 64, without its overhead
+    return int(np.packbits(low > median).view(">i8")[0])
+
+
 def stored_image_hash(data: bytes) -> int:
     """The `perceptual_hash` that ingest keeps for an image stored as `data`: of a JPEG decoded at
     reduced scale (HASH_DECODE_SIDE), as ingest's check decodes it, else of the decoded image."""
     if data[:3] == JPEG_MAGIC:
         try:
-            return perceptual_hash(Image.fromarray(simplejpeg.decode_jpeg(data, **_REDUCED_DECODE)))
+            return pixels_hash(simplejpeg.decode_jpeg(data, **_REDUCED_DECODE))
         except ValueError:
             pass
     with Image.open(io.BytesIO(data)) as image:

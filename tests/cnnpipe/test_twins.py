@@ -16,7 +16,7 @@ from cnnpipe.monitoring.audit import (SURE_BITS, AuditFindings, LabelIssue, chec
                                       write_findings)
 from cnnpipe.settings import get_settings
 from cnnpipe.sources import open_source
-from cnnpipe.sources.images import check_image, perceptual_hash, stored_image_hash
+from cnnpipe.sources.images import check_image, perceptual_hash, pixels_hash, stored_image_hash
 from cnnpipe.store import DatasetStore, IngestOptions
 from cnnpipe.store.twins import hash_pairs, image_hashes
 from cnn.crossval import deal_folds
@@ -58,6 +58,17 @@ def test_the_perceptual_hash_is_imagehashs_phash():
     apart = [bits_apart(stored_image_hash(encoded(image := photo(seed, (500, 375)), "JPEG", quality=90)),
                         int(str(imagehash.phash(image)), 16)) for seed in range(20)]
     assert max(apart) <= 4 and sum(apart) <= 2 * len(apart)
+
+
+def test_the_hash_of_decoded_pixels_is_the_hash_through_pillow_bit_for_bit():
+    rng = np.random.default_rng(7)
+    pictures = [np.asarray(photo(seed, (32, 32))) for seed in range(40)]
+    pictures += [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(40)]  # noise: many ties near the median
+    pictures += [np.full((32, 32, 3), value, np.uint8) for value in (0, 128, 255)]  # flat: every coefficient ties
+    pictures += [np.repeat(np.asarray(photo(9, (32, 32)).convert("L"))[..., None], 3, axis=2),  # grey, as RGB
+                 np.asarray(photo(10, (48, 40))), np.asarray(photo(11, (31, 32)))]  # other sizes: Pillow's own path
+    for pixels in pictures:
+        assert pixels_hash(pixels) == perceptual_hash(Image.fromarray(pixels))
 
 
 def test_ingest_keeps_the_hash_of_what_it_stores_by_every_decoding_path(tmp_path):
