@@ -147,7 +147,7 @@ def commit_part(database: Path, part: pa.Table, path: Path) -> None:
     """Commit a part from memory. Only a part that cannot commit (the file held past the retries,
     a full disk) is staged at `path`, for the next run to commit rather than classify again: a
     run killed before its commit loses predictions that the rerun makes again, and writing every
-    part out and reading it back cost as much again as its commit."""
+    part out and reading it back added a quarter to the cost of its commit."""
     try:
         with transaction(database) as connection:
             connection.register("part", part)
@@ -220,7 +220,7 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
             summary.commit_seconds += time.perf_counter() - waited
 
     def stage_and_commit() -> None:
-        nonlocal part_index
+        nonlocal part_index, committing_part
         part = pa.Table.from_batches(staged, PART_SCHEMA)
         path = staging / f"{prefix}-{part_index:05d}.parquet"
         part_index += 1
@@ -230,7 +230,6 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
             return
         # One part commits while the model computes the next ones; parts commit in order, one at a time.
         wait_for_commit()
-        nonlocal committing_part
         committing_part = committer.submit(_timed, commit_part, database, part, path)
 
     def add_rows(items: list[tuple], top) -> None:
