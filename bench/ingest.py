@@ -100,9 +100,9 @@ def decode(source: str, out: str) -> int:
 
     paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(source) for name in names)
     chunks = [paths[start:start + 256] for start in range(0, len(paths), 256)]
-    from cnnpipe.store.decoders import decoding_processes
+    from cnn.cores import usable_cores
 
-    workers = decoding_processes()
+    workers = usable_cores()
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         return sum(pool.map(_decode_files, chunks))
 
@@ -158,7 +158,7 @@ def profiled_ingest(source: str, home: str) -> dict:
 
 CASES = {"floor": floor, "decode": decode, "cnnpipe": cnnpipe_ingest, "peer": peer, "profile": profiled_ingest}
 # Imported before the clock starts: interpreter start-up is not ingestion, for any case.
-IMPORTS = {"floor": ["pyarrow.parquet"], "decode": ["PIL.Image", "cnnpipe.store.decoders"], "cnnpipe": ["cnnpipe.store", "cnnpipe.sources"],
+IMPORTS = {"floor": ["pyarrow.parquet"], "decode": ["PIL.Image", "cnn.cores"], "cnnpipe": ["cnnpipe.store", "cnnpipe.sources"],
            "peer": ["datasets"], "profile": ["cnnpipe.store", "cnnpipe.sources"]}
 
 

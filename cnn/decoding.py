@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cnn.cores import usable_cores
+
 # Decoders release the GIL, so one thread per core this process may use keeps them all busy.
-DECODE_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+DECODE_THREADS = usable_cores()
 
 FITS = ("crop", "squash")
 JPEG_MAGIC = b"\xff\xd8\xff"

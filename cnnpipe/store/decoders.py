@@ -16,6 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import active_children, get_context
 
+from cnn.cores import usable_cores
 from cnnpipe.sources import Entry
 from cnnpipe.sources.images import CheckedImage, check_batch
 
@@ -83,10 +84,6 @@ class _DecoderPool:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def decoding_processes() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 class _Validator:
     """Decodes chunks of images in worker processes, in order, with bounded memory."""
 
@@ -95,7 +92,7 @@ class _Validator:
         # A decoder a core: decoding and hashing cost more than the reading, hashing and writing that
         # this process does meanwhile, which mostly waits for them (the CIFAR-10 folder on 2 cores:
         # 2.9 s with two decoders, 3.3 s with one).
-        self.workers = decoding_processes() if workers is None else workers
+        self.workers = usable_cores() if workers is None else workers
         self.pool: _DecoderPool | None = None
         self.inflight: deque[tuple[list[_Pending], Future]] = deque()
 
