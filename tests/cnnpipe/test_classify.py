@@ -168,7 +168,6 @@ def test_a_dataset_of_the_store_is_a_source_keyed_by_its_stored_hashes(shapes_da
                                                                        shapes_checkpoints):
     import shutil
 
-
     shutil.copytree(shapes_dataset, cnnpipe_home / "datasets" / "shapes")
     stored = pq.read_table(sorted((cnnpipe_home / "datasets" / "shapes").glob("v*/*.parquet")),
                            columns=["sha256", "split"]).to_pylist()
