@@ -34,7 +34,7 @@ import torch
 from cnn.decoding import DECODE_THREADS, decode_images
 from cnnpipe.base.locks import file_lock
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.predictions.arrow_rows import lists, numbers, repeated, strings, taken, timestamps
+from cnnpipe.base.arrow_rows import lists, numbers, repeated, strings, taken, timestamps
 from cnnpipe.predictions.database import connect, retry_on_lock, transaction
 from cnnpipe.predictions.records import add_predictions, reference_temperature
 from cnnpipe.sources import Source, open_source

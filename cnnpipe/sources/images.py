@@ -38,9 +38,12 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 # both sides at least HASH_DECODE_SIDE: every coefficient is still read, so a truncated or broken
 # file fails as in a full decode, at about half its cost for a 500x375 photo (125x94), and the
 # hash of that is closer to imagehash's phash of the full image (0.6 bits on average, at most 2,
-# over 100 such photos) than Pillow's reduction of a full decode was (0.9, at most 4).
+# over 100 such photos) than Pillow's reduction of a full decode was (0.9, at most 4). It is decoded
+# to luma alone, the greyscale that the hash takes: the chroma is still read, but neither transformed
+# nor converted to RGB. Against the RGB decode's greyscale, that saved a tenth of a photo's check and
+# a third of a CIFAR image's, and moved one bit or two of the hash for 3% of CIFAR-10's test images.
 HASH_DECODE_SIDE = 64
-_REDUCED_DECODE = {"colorspace": "RGB", "strict": True, "min_width": HASH_DECODE_SIDE,
+_REDUCED_DECODE = {"colorspace": "GRAY", "strict": True, "min_width": HASH_DECODE_SIDE,
                    "min_height": HASH_DECODE_SIDE}
 _KEPT_AS_IS = {("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("PNG", "L")}
 
@@ -85,7 +88,7 @@ def check_image(data: bytes, resize: int | None = None, keep_pixels: bool = Fals
             phash = None
             if with_hash:
                 reduced = simplejpeg.decode_jpeg(data, **_REDUCED_DECODE) if keep_pixels else checked.pixels
-                phash = pixels_hash(reduced)
+                phash = luma_hash(reduced)
             return replace(checked, phash=phash, pixels=checked.pixels if keep_pixels else None)
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
@@ -142,34 +145,36 @@ def perceptual_hash(image: Image.Image) -> int:
     over 64 px a side is reduced by a whole factor first (Pillow's `reducing_gap`), at a quarter of
     the cost of imagehash's plain LANCZOS, which then differs in a bit or two; smaller ones match
     it bit for bit. Ingest hashes stored bytes with `stored_image_hash`."""
-    grey = np.asarray(image.convert("L").resize((_HASH_SIDE, _HASH_SIDE), Image.Resampling.LANCZOS,
-                                                reducing_gap=2.0), dtype=np.float64)
-    low = _DCT_LOW @ grey @ _DCT_LOW.T
-    return int(np.packbits((low > np.median(low)).ravel()).view(">i8")[0])
+    return _dct_hash(image.convert("L").resize((_HASH_SIDE, _HASH_SIDE), Image.Resampling.LANCZOS, reducing_gap=2.0))
 
 
-# Pillow's RGB to L conversion (ITU-R 601-2 luma in 16-bit fixed point, rounded), which `pixels_hash` repeats.
-_LUMA = np.array([19595, 38470, 7471], np.uint32)
+def luma_hash(luma: np.ndarray) -> int:
+    """The hash of a JPEG's luma decoded at reduced scale (`_REDUCED_DECODE`, height x width [x 1]).
+    At the hash's 32x32, as CIFAR-size images decode, it is `perceptual_hash` of those pixels, bit for
+    bit, computed in NumPy alone (13 against 45 us through a Pillow image). Larger ones are resized
+    bilinearly: the DCT scaling has already averaged each block they come from, and the hash stays as
+    close to imagehash's phash of the full image as with LANCZOS (0.57 against 0.48 bits on average
+    over 400 photos of 500x375, at most 4 either way) at a third of the resize's cost."""
+    if luma.ndim == 3:
+        luma = luma[:, :, 0]
+    if luma.shape != (_HASH_SIDE, _HASH_SIDE):
+        luma = Image.fromarray(luma).resize((_HASH_SIDE, _HASH_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return _dct_hash(luma)
 
 
-def pixels_hash(pixels: np.ndarray) -> int:
-    """`perceptual_hash` of RGB pixels (height x width x 3). Pixels already at the hash's 32x32, as
-    CIFAR-size images decode, need no resize: their hash is computed in NumPy alone, bit for bit
-    Pillow's, at a third of the cost of going through a Pillow image (16 against 45 us)."""
-    if pixels.shape != (_HASH_SIDE, _HASH_SIDE, 3):
-        return perceptual_hash(Image.fromarray(pixels))
-    grey = ((pixels.astype(np.uint32) @ _LUMA + 0x8000) >> 16).astype(np.float64)
-    low = (_DCT_LOW @ grey @ _DCT_LOW.T).ravel()
+def _dct_hash(grey) -> int:
+    low = (_DCT_LOW @ np.asarray(grey, dtype=np.float64) @ _DCT_LOW.T).ravel()
     median = np.partition(low, (31, 32))[31:33].mean()  # np.median of the 64, without its overhead
     return int(np.packbits(low > median).view(">i8")[0])
 
 
 def stored_image_hash(data: bytes) -> int:
-    """The `perceptual_hash` that ingest keeps for an image stored as `data`: of a JPEG decoded at
-    reduced scale (HASH_DECODE_SIDE), as ingest's check decodes it, else of the decoded image."""
+    """The hash that ingest keeps for an image stored as `data`: a JPEG's `luma_hash`, of the luma
+    that ingest's check decodes at reduced scale (HASH_DECODE_SIDE), else the decoded image's
+    `perceptual_hash`."""
     if data[:3] == JPEG_MAGIC:
         try:
-            return pixels_hash(simplejpeg.decode_jpeg(data, **_REDUCED_DECODE))
+            return luma_hash(simplejpeg.decode_jpeg(data, **_REDUCED_DECODE))
         except ValueError:
             pass
     with Image.open(io.BytesIO(data)) as image:
@@ -182,7 +187,7 @@ def _check_plain_jpeg(data: bytes, keep_pixels: bool = False) -> CheckedImage | 
     It is five times faster than Pillow for small images. Anything unusual, and any
     file libjpeg-turbo complains about, returns None and gets Pillow's full treatment,
     so the two paths accept and reject the same files. Without `keep_pixels` the decode is
-    at reduced scale (HASH_DECODE_SIDE), and the pixels returned are those.
+    at reduced scale (HASH_DECODE_SIDE) and to luma alone, and the pixels returned are those.
     """
     if data.find(b"Exif\x00\x00", 0, 65536) != -1:
         return None

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cnn.failpoints import failpoint
+from cnnpipe.base.arrow_rows import binaries, moments, optional_integers, strings
 from cnnpipe.base.fsutil import fsync_dir, fsync_file
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.store.format import PARQUET_OPTIONS, SCHEMA
@@ -27,6 +28,20 @@ ROW_GROUP_BYTES = 32 * 1024 * 1024
 # Parts are the unit a killed run resumes from, so they close every 16 row groups too.
 PART_BYTES = 512 * 1024 * 1024
 PART_ROW_GROUPS = 16
+
+
+def _as_table(columns: dict[str, list]) -> pa.Table:
+    """Python values, a list a column, as a table of `SCHEMA` (built as `arrow_rows` builds, not by `pa.table`)."""
+    def column(field: pa.Field, values: list):
+        if field.type == pa.string():
+            return strings(values)
+        if field.type == pa.binary():
+            return binaries(values)
+        if pa.types.is_timestamp(field.type):
+            return moments(values)
+        return optional_integers(values, field.type)
+
+    return pa.Table.from_arrays([column(field, columns[field.name]) for field in SCHEMA], schema=SCHEMA)
 
 
 class _PartWriter:
@@ -80,7 +95,7 @@ class _PartWriter:
         else:
             group = {name: values[:rows] for name, values in self.columns.items()}
             self.columns = {name: values[rows:] for name, values in self.columns.items()}
-        self.writer.write_table(pa.table(group, schema=SCHEMA), row_group_size=rows)
+        self.writer.write_table(_as_table(group), row_group_size=rows)
         failpoint("parquet.after_rowgroup")
         written_bytes = sum(map(len, group["image"]))
         self.file_rows += rows

@@ -8,6 +8,8 @@ import logging
 import multiprocessing
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 import time
 import zipfile
@@ -53,6 +55,52 @@ def test_ingest_writes_parquet_that_duckdb_and_pyarrow_read(tmp_path):
     assert set(table.column_names) >= {"sha256", "image", "format", "width", "height", "label", "split",
                                        "source_uri", "ingested_at"}
     assert table.column("width").to_pylist() == [32] * 10
+
+
+INGEST_IMPORTS_PROBE = """
+import sys
+from cnnpipe.sources import open_source
+from cnnpipe.store import DatasetStore, IngestOptions
+store = DatasetStore("pets")
+with store.lock():
+    summary = store.commit(store.stage(open_source(sys.argv[1]), IngestOptions(workers=0)))
+print(summary.added, *[name for name in ("pandas", "torch", "duckdb") if name in sys.modules])
+"""
+
+
+def test_an_ingest_imports_neither_pandas_nor_torch_nor_duckdb(tmp_path):
+    # pandas is pyarrow's question of every Python list it converts, a third of a second to import.
+    write_class_folders(tmp_path / "src", {"cat": 3, "dog": 2})
+    done = subprocess.run([sys.executable, "-c", INGEST_IMPORTS_PROBE, str(tmp_path / "src")], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["5"]
+
+
+def test_a_row_group_built_from_python_values_equals_pyarrows_own_table(monkeypatch):
+    from datetime import datetime, timedelta, timezone
+
+    import pyarrow as pa
+
+    from cnnpipe.base import arrow_rows
+    from cnnpipe.store.format import SCHEMA
+
+    moment = datetime(2026, 12, 5, 18, 30, 1, 123456, tzinfo=timezone.utc)
+    images = [b"", b"\xff\xd8\xff" * 5, bytes(range(256)), b"x" * 7]
+    group = {"sha256": [f"{i:064x}" for i in range(4)], "image": images, "format": ["JPEG", "PNG", "JPEG", "PNG"],
+             "width": [1, 2**31 - 1, 32, 5], "height": [3, 4, 32, 6], "n_frames": [1, 1, 7, 1],
+             "label": ["cät", None, "", "dog"], "split": ["train", "val", None, "test"],
+             "source_uri": ["file:///d/ünï/"] * 4, "member_path": ["a/é.jpg", "b/c.png", "x", "ü/1"],
+             "ingested_at": [moment, moment, moment - timedelta(days=400), moment],
+             "phash": [None, -2**63, 2**63 - 1, 0]}
+    expected = pa.Table.from_pydict(group, schema=SCHEMA)
+    built = parts_module._as_table(group)
+    built.validate(full=True)
+    assert built.equals(expected)
+    # More image bytes than 32-bit offsets address come in chunks, the rows unchanged.
+    monkeypatch.setattr(arrow_rows, "_CHUNK_BYTES", 200)
+    chunked = parts_module._as_table(group)
+    assert [len(chunk) for chunk in chunked.column("image").chunks] == [2, 1, 1] and chunked.equals(expected)
 
 
 def test_rerun_adds_nothing_and_new_files_append_a_version(tmp_path):
