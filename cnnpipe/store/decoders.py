@@ -7,8 +7,6 @@ rest are kept.
 
 from __future__ import annotations
 
-import os
-import signal
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -17,6 +15,7 @@ from dataclasses import dataclass
 from multiprocessing import active_children, get_context
 
 from cnn.cores import usable_cores
+from cnnpipe.base.processes import start_worker
 from cnnpipe.sources import Entry
 from cnnpipe.sources.images import CheckedImage, check_batch
 
@@ -37,24 +36,6 @@ class _Pending:
     split: str
 
 
-def _die_with_parent() -> None:
-    """Decoding workers must not outlive an ingest killed with SIGKILL, which cannot stop them."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _start_worker(pids) -> None:
-    """A worker's initializer: tie its life to the parent's, then say its pid to the pool."""
-    _die_with_parent()
-    pids.put(os.getpid())
-
-
 class _DecoderPool:
     """Spawned decoding processes that can be killed mid-call. The executor has no public way
     to end a running call, so every worker reports its pid as it starts."""
@@ -62,7 +43,7 @@ class _DecoderPool:
     def __init__(self, workers: int):
         context = get_context("spawn")
         self._pids = context.SimpleQueue()
-        self.executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+        self.executor = ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker,
                                             initargs=(self._pids,))
 
     def submit(self, datas: list[bytes], resize: int | None) -> Future:
