@@ -1,11 +1,13 @@
 """Ingestion benchmark: cnnpipe against a bare floor and Hugging Face `datasets`, in one run.
 
-    python bench/ingest.py [--skip-peer] [--skip-scale] [--skip-photos]
+    python bench/ingest.py [--skip-peer] [--skip-scale] [--skip-photos] [--repeats R]
     python bench/ingest.py --profile    # and where cnnpipe's ingest of the CIFAR-10 folder spends its time
 
 Input is ../shared/data/cifar10-jpeg.tar.gz (60,000 JPEGs) and the same files extracted
 to a folder. Every case runs in its own process, so peak RSS is per case (the largest of
-the process and its decoding workers); its imports happen before its clock starts.
+the process and its decoding workers); its imports happen before its clock starts. The floor,
+decode and cnnpipe cases of a source run R times in turns (3 by default), and each figure is its
+run of median time.
 
 - floor: read each file's bytes and write them to Parquet; no decoding, no hashing;
 - cnnpipe: the store's full path: hash, deduplicate, decode every image, write Parquet,
@@ -173,6 +175,16 @@ def run_case(case: str, source: str) -> dict:
         return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def run_cases(cases: tuple[str, ...], source: str, repeats: int) -> list[dict]:
+    """Each case `repeats` times, the cases in turns; for each, its run of median time. On a shared VM
+    one case's time moved by half from one run to the next, and its baseline's with it."""
+    runs = {case: [] for case in cases}
+    for _ in range(repeats):
+        for case in cases:
+            runs[case].append(run_case(case, source))
+    return [sorted(results, key=lambda result: result["seconds"])[len(results) // 2] for results in runs.values()]
+
+
 def child(case: str, source: str, target: str) -> None:
     import importlib
 
@@ -204,6 +216,8 @@ def main() -> None:
     parser.add_argument("--skip-peer", action="store_true", help="leave out Hugging Face datasets (slow)")
     parser.add_argument("--skip-scale", action="store_true", help="leave out the 4x larger source")
     parser.add_argument("--skip-photos", action="store_true", help="leave out the photo-size JPEGs")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each case but the peer and the 4x source, in turns; the median is reported")
     parser.add_argument("--profile", action="store_true",
                         help="also profile cnnpipe's ingest of the CIFAR-10 folder and print where it went")
     args = parser.parse_args()
@@ -217,8 +231,7 @@ def main() -> None:
         rows = []
         profile = None
         for label, source in (("folder", str(folder)), ("tar.gz", str(CIFAR))):
-            floor_result = run_case("floor", source)
-            ours = run_case("cnnpipe", source)
+            floor_result, ours = run_cases(("floor", "cnnpipe"), source, args.repeats)
             if label == "folder" and args.profile:  # a run of its own: the profiler's cost skews its time
                 profile = run_case("profile", source)
                 profile["floor"] = floor_result["seconds"]
@@ -244,8 +257,7 @@ def main() -> None:
 
             photos = Path(scratch) / "photos"
             write_photo_dataset(photos, PHOTOS["classes"], PHOTOS["per_class"], 0, PHOTOS["size"])
-            floor_result, decode_result = run_case("floor", str(photos)), run_case("decode", str(photos))
-            ours = run_case("cnnpipe", str(photos))
+            floor_result, decode_result, ours = run_cases(("floor", "decode", "cnnpipe"), str(photos), args.repeats)
             base = max(floor_result["seconds"], decode_result["seconds"])
             width, height = PHOTOS["size"]
             rows.append((f"cnnpipe, {width}x{height}", ours, ours["seconds"] / base, "<= 1.2x max(floor, decode)"))
