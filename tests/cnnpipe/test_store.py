@@ -77,6 +77,23 @@ def test_an_ingest_imports_neither_pandas_nor_torch_nor_duckdb(tmp_path):
     assert done.stdout.split() == ["5"]
 
 
+DECODER_IMPORTS_PROBE = """
+import sys
+from tests.imagefactory import jpeg
+import cnnpipe.base.processes, cnnpipe.sources.images  # what the pool's pickled calls name
+print(len(cnnpipe.sources.images.check_batch([jpeg(1), b"junk"], None)),
+      *[name for name in ("fsspec", "pyarrow", "cnnpipe.store", "torch") if name in sys.modules])
+"""
+
+
+def test_a_decoding_process_imports_only_what_decoding_needs():
+    # Every ingest starts one a core: what each imports is paid that many times (fsspec alone 0.12 s).
+    done = subprocess.run([sys.executable, "-c", DECODER_IMPORTS_PROBE], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["2"]
+
+
 def test_a_row_group_built_from_python_values_equals_pyarrows_own_table(monkeypatch):
     from datetime import datetime, timedelta, timezone
 
