@@ -20,6 +20,9 @@ from cnnpipe.sources import Entry
 from cnnpipe.sources.images import CheckedImage, check_batch
 
 VALIDATION_CHUNK = 256
+# Or fewer, where images are large: a chunk of 256 photos kept a decoder busy for a sixth of a
+# second, and the last one alone at the end of the run while the other waited.
+VALIDATION_CHUNK_BYTES = 4 * 1024 * 1024
 # A decoder that hangs must not hang the ingest: a chunk of images gets CHUNK_TIMEOUT
 # seconds, then its images are retried one by one with ITEM_TIMEOUT seconds each.
 CHUNK_TIMEOUT = 300.0

@@ -26,7 +26,7 @@ from cnnpipe.base.fsutil import atomic_write_json, fsync_dir
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.sources import Source
 from cnnpipe.store.admission import Admission, IngestOptions, _ImageIndex, reject_conflict, resolve_options
-from cnnpipe.store.decoders import VALIDATION_CHUNK, Result, _Pending, _Validator
+from cnnpipe.store.decoders import VALIDATION_CHUNK, VALIDATION_CHUNK_BYTES, Result, _Pending, _Validator
 from cnnpipe.store.parts import _PartWriter, publish_rows
 from cnnpipe.store.records import StagedRun
 
@@ -88,15 +88,17 @@ class _Stager:
 
     def read(self, on_progress: Callable[[int, int | None], None] | None) -> None:
         chunk: list[_Pending] = []
+        chunk_bytes = 0
         with _Validator(self.options.resize, self.options.workers) as validator:
             for entry in self.source.entries():
                 self.done += 1
                 item = self.admission.admit(entry)
                 if item is not None:
                     chunk.append(item)
-                if len(chunk) >= VALIDATION_CHUNK:
+                    chunk_bytes += len(item.entry.data)
+                if len(chunk) >= VALIDATION_CHUNK or chunk_bytes >= VALIDATION_CHUNK_BYTES:
                     self.accept(validator.submit(chunk))
-                    chunk = []
+                    chunk, chunk_bytes = [], 0
                 if on_progress and self.done % 64 == 0:
                     on_progress(self.done, self.source.total)
             self.accept(validator.submit(chunk))
