@@ -17,7 +17,7 @@ from cnnpipe.monitoring.audit import (SURE_BITS, AuditFindings, LabelIssue, chec
                                       write_findings)
 from cnnpipe.settings import get_settings
 from cnnpipe.sources import open_source
-from cnnpipe.sources.images import check_image, luma_hash, perceptual_hash, stored_image_hash
+from cnnpipe.sources.images import check_batch, check_image, luma_hash, perceptual_hash, stored_image_hash
 from cnnpipe.store import DatasetStore, IngestOptions
 from cnnpipe.store.twins import hash_pairs, image_hashes
 from cnn.crossval import deal_folds
@@ -79,6 +79,21 @@ def test_the_luma_only_decode_hashes_as_the_rgb_decode_does():
         rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=64, min_height=64)
         apart.append(bits_apart(stored_image_hash(data), perceptual_hash(Image.fromarray(rgb))))
     assert max(apart) <= 2 and sum(apart) <= 12
+
+
+def test_a_batch_of_images_hashes_as_each_image_alone():
+    # The decoders hash a chunk's 32 px JPEGs together; every other image, and a rejected one between
+    # them, must keep its place and its hash.
+    rng = np.random.default_rng(3)
+    noise = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(20)]
+    flat = [Image.new("RGB", (32, 32), (value, value, value)) for value in (0, 128, 255)]
+    datas = [encoded(image, "JPEG", quality=90) for image in [photo(seed, (32, 32)) for seed in range(20)] + noise + flat]
+    datas += [encoded(photo(40, (500, 375)), "JPEG"), encoded(photo(41).convert("L"), "JPEG"), encoded(photo(42)),
+              b"not an image", encoded(photo(43, (32, 32)).convert("RGBA"))]
+    batch = check_batch(datas, None)
+    assert batch[-2] == ("unidentified", "not a JPEG, PNG, GIF, BMP or WebP image")
+    assert [result.phash for result in batch[:-2] + batch[-1:]] == \
+        [check_image(data, with_hash=True).phash for data in datas[:-2] + datas[-1:]]
 
 
 def test_ingest_keeps_the_hash_of_what_it_stores_by_every_decoding_path(tmp_path):
