@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import stat
 import struct
+import sys
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 
 from cnnpipe.sources.base import SPLIT_NAMES, Entry, Source, UnsafePath, _bad_name, _is_utf8, safe_relative_path
@@ -18,28 +23,31 @@ class TarSource(Source):
 
     def explicit_splits(self) -> set[str]:
         # Headers only: the stream skips member data (one decompression pass for a .tar.gz).
-        found: set[str] = set()
+        try:
+            with self.fs.open(self.path, "rb") as raw:
+                return self._splits_named(_plain_file_names(raw))
+        except _NotPlain:
+            pass
         with self.fs.open(self.path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            for member in tar:
-                tar.members.clear()
-                if not member.isfile():
-                    continue
-                try:
-                    split = self._split_of(safe_relative_path(member.name))
-                except UnsafePath:
-                    continue
-                if split:
-                    found.add(split)
-                    if len(found) == len(set(SPLIT_NAMES.values())):
-                        break
+            return self._splits_named(member.name for member in _forgetting(tar) if member.isfile())
+
+    def _splits_named(self, names: Iterator[str]) -> set[str]:
+        found: set[str] = set()
+        for name in names:
+            try:
+                split = self._split_of(safe_relative_path(name))
+            except UnsafePath:
+                continue
+            if split:
+                found.add(split)
+                if len(found) == len(set(SPLIT_NAMES.values())):
+                    break
         return found
 
     def entries(self) -> Iterator[Entry]:
         self.hidden_skipped = 0
         with self.fs.open(self.path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            for member in tar:
-                # Stream mode remembers every member; forget them so millions stay cheap.
-                tar.members.clear()
+            for member in _forgetting(tar):
                 if member.isdir() or not self._mine(member.name):
                     continue
                 if not _is_utf8(member.name):
@@ -58,6 +66,64 @@ class TarSource(Source):
                     yield from passed_over
                     continue
                 yield self._labelled(path, tar.extractfile(member).read())
+
+
+def _forgetting(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    for member in tar:
+        tar.members.clear()  # stream mode remembers every member
+        yield member
+
+
+class _NotPlain(Exception):
+    """A header that only `tarfile` reads right: pax or GNU long names, sparse files, base-256
+    sizes, a pre-POSIX archive, or damage."""
+
+
+_DECOMPRESSORS = ((b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw)), (b"BZh", bz2.BZ2File),
+                  (b"\xfd7zXZ\x00", lzma.LZMAFile))
+_FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+_OTHER_TYPES = (tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE)
+_BLOCK = tarfile.BLOCKSIZE
+
+
+def _plain_file_names(raw) -> Iterator[str]:
+    """The names of the regular files in the tar stream `raw` (compressed or not), as `tarfile` names
+    them, from the fields of plain ustar and GNU headers alone; `_NotPlain` at anything else, for the
+    caller to ask `tarfile`. Parsing every header whole, `tarfile` took 1 s of the 60,000 headers of
+    CIFAR-10's .tar.gz on 2 cores, which ingest reads twice: for its splits, then for its images."""
+    magic = raw.read(6)
+    if not raw.seekable():
+        raise _NotPlain
+    raw.seek(0)
+    opener = next((opener for prefix, opener in _DECOMPRESSORS if magic.startswith(prefix)), None)
+    stream = opener(raw) if opener is not None else raw
+    try:
+        yield from _names_in_headers(stream)
+    except (OSError, EOFError, zlib.error, lzma.LZMAError):  # damage: `tarfile` says what it is
+        raise _NotPlain from None
+
+
+def _names_in_headers(stream) -> Iterator[str]:
+    encoding = sys.getfilesystemencoding()
+    while header := stream.read(_BLOCK):
+        if header == tarfile.NUL * _BLOCK:
+            return
+        if len(header) < _BLOCK or header[257:262] != b"ustar":
+            raise _NotPlain
+        kind = header[156:157]
+        try:
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            checksum = int(header[148:156].split(b"\0", 1)[0].strip(), 8)
+        except ValueError:
+            raise _NotPlain from None
+        if checksum != sum(header[:148]) + sum(header[156:]) + 8 * 32 or kind not in _FILE_TYPES + _OTHER_TYPES:
+            raise _NotPlain
+        name = header[:100].split(b"\0", 1)[0].decode(encoding, "surrogateescape")
+        prefix = header[345:500].split(b"\0", 1)[0].decode(encoding, "surrogateescape")
+        if kind in _FILE_TYPES:
+            stream.seek(-(-size // _BLOCK) * _BLOCK, 1)
+            if not (kind == tarfile.AREGTYPE and name.endswith("/")):  # a directory, in the old V7 way
+                yield f"{prefix}/{name}" if prefix else name
 
 
 class ZipSource(Source):

@@ -388,3 +388,58 @@ def test_an_ingest_records_link_refusals_and_counts_hidden_files(tmp_path):
     assert summary.added == 3
     assert summary.hidden_skipped == 1
     assert "1 hidden files (dot-files, `__MACOSX/`) skipped by rule." in ingest_markdown(summary)
+
+
+def _plain_names_or_none(path: Path) -> list[str] | None:
+    from cnnpipe.sources.archives import _NotPlain, _plain_file_names
+
+    with open(path, "rb") as raw:
+        try:
+            return list(_plain_file_names(raw))
+        except _NotPlain:
+            return None
+
+
+def _varied_tar(path: Path, mode: str, fmt: int, extra: list[tarfile.TarInfo] = ()) -> None:
+    with tarfile.open(path, mode, format=fmt) as tar:
+        # A name over 100 characters is split into the ustar prefix; GNU and pax write it otherwise.
+        prefixed = [(f"{'d' * 90}/{'e' * 60}/x.jpg", 7)] if fmt == tarfile.USTAR_FORMAT else []
+        for name, size in [("train/cat/1.jpg", 0), ("train/dog/2.jpg", 513), *prefixed, ("v7dir/", 0)]:
+            info = tarfile.TarInfo(name)
+            info.size = size
+            if name.endswith("/"):
+                info.type = tarfile.AREGTYPE  # the old V7 way of writing a directory
+            tar.addfile(info, io.BytesIO(b"\xff" * size))
+        for kind, name in ((tarfile.DIRTYPE, "test"), (tarfile.SYMTYPE, "test/link.jpg"), (tarfile.FIFOTYPE, "fifo"),
+                           (tarfile.LNKTYPE, "test/hard.jpg")):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "train/cat/1.jpg" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+            tar.addfile(info)
+        for info in extra:
+            tar.addfile(info, io.BytesIO(b"z" * info.size))
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2", "w:xz"])
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["ustar", "gnu", "pax"])
+def test_a_tars_file_names_read_from_its_headers_alone_are_tarfiles_own(tmp_path, mode, fmt):
+    path = tmp_path / "a.tar"
+    _varied_tar(path, mode, fmt)
+    with tarfile.open(path) as tar:
+        expected = [member.name for member in tar if member.isfile()]
+    assert len(expected) == (3 if fmt == tarfile.USTAR_FORMAT else 2)
+    assert _plain_names_or_none(path) == expected
+
+
+def test_what_only_tarfile_reads_falls_back_to_it_with_the_same_splits(tmp_path):
+    long_name = tarfile.TarInfo(f"val/cat/{'n' * 120}.jpg")  # a GNU long name, or a pax header
+    long_name.size = 3
+    unicode_name = tarfile.TarInfo("val/chat/é.jpg")  # a pax header for a name that is not ASCII
+    for fmt, extra in ((tarfile.GNU_FORMAT, [long_name]), (tarfile.PAX_FORMAT, [unicode_name])):
+        path = tmp_path / f"{fmt}.tar.gz"
+        _varied_tar(path, "w:gz", fmt, extra)
+        assert _plain_names_or_none(path) is None
+        assert open_source(str(path)).explicit_splits() == {"train", "val"}  # test/ holds links alone
+    # A damaged stream is tarfile's to describe.
+    whole = (tmp_path / f"{tarfile.GNU_FORMAT}.tar.gz").read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(whole[:len(whole) // 2])
+    assert _plain_names_or_none(tmp_path / "cut.tar.gz") is None
