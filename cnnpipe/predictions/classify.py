@@ -32,9 +32,9 @@ import pyarrow.parquet as pq
 import torch
 
 from cnn.decoding import DECODE_THREADS, decode_images
+from cnnpipe.base.arrow_rows import lists, numbers, repeated, strings, taken, timestamps
 from cnnpipe.base.locks import file_lock
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.base.arrow_rows import lists, numbers, repeated, strings, taken, timestamps
 from cnnpipe.predictions.database import connect, retry_on_lock, transaction
 from cnnpipe.predictions.records import add_predictions, reference_temperature
 from cnnpipe.sources import Source, open_source
@@ -143,15 +143,13 @@ def write_part(part: pa.Table, path: Path) -> None:
     os.replace(partial, path)
 
 
-def commit_part(database: Path, part: pa.Table, path: Path, threads: int | None = None) -> None:
+def commit_part(database: Path, part: pa.Table, path: Path) -> None:
     """Commit a part from memory. Only a part that cannot commit (the file held past the retries,
     a full disk) is staged at `path`, for the next run to commit rather than classify again: a
     run killed before its commit loses predictions that the rerun makes again, and writing every
     part out and reading it back added a quarter to the cost of its commit."""
     try:
         with transaction(database) as connection:
-            if threads:
-                connection.execute(f"SET threads = {threads}")
             connection.register("part", part)
             add_predictions(connection, "SELECT * FROM part")
     except CnnpipeError as exc:
@@ -211,8 +209,6 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
             batches.put(exc)
 
     committer = ThreadPoolExecutor(1, thread_name_prefix="cnnpipe-classify-commit")
-    # On the CPU the model keeps every core busy, and DuckDB's own threads would only take turns with it.
-    commit_threads = 1 if predictor.device.type == "cpu" else None
     committing_part: Future | None = None
 
     def wait_for_commit() -> None:
@@ -234,7 +230,7 @@ def _classify(source: Source, predictor, database: Path, staging_root: Path, run
             return
         # One part commits while the model computes the next ones; parts commit in order, one at a time.
         wait_for_commit()
-        committing_part = committer.submit(_timed, commit_part, database, part, path, commit_threads)
+        committing_part = committer.submit(_timed, commit_part, database, part, path)
 
     def add_rows(items: list[tuple], top) -> None:
         arrays = top.arrays()
