@@ -18,8 +18,6 @@ import pyarrow as pa
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _NUMPY = {pa.float64(): np.float64, pa.float32(): np.float32, pa.int64(): np.int64, pa.int32(): np.int32}
-
-
 # Arrow's string and binary arrays address their bytes with 32-bit offsets.
 _CHUNK_BYTES = 2**31 - 1
 

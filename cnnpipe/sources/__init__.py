@@ -28,53 +28,30 @@ May import: base.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.sources.archives import TAR_SUFFIXES, TarSource, ZipSource
+from cnnpipe.sources.base import (DEFAULT_MAX_IMAGE_BYTES, NOT_REGULAR, SPLIT_NAMES, TRANSIENT_ERRORS, Entry,
+                                  Refused, Source, UnsafePath, inside, label_and_split, regular_file_size,
+                                  safe_relative_path, with_retries)
+from cnnpipe.sources.folder import FolderSource
+from cnnpipe.sources.manifest import ManifestSource
 
 if TYPE_CHECKING:
     import fsspec
 
-    from cnnpipe.sources.archives import TAR_SUFFIXES, TarSource, ZipSource
-    from cnnpipe.sources.base import (DEFAULT_MAX_IMAGE_BYTES, NOT_REGULAR, SPLIT_NAMES, TRANSIENT_ERRORS, Entry,
-                                      Refused, Source, UnsafePath, inside, label_and_split, regular_file_size,
-                                      safe_relative_path, with_retries)
-    from cnnpipe.sources.folder import FolderSource
-    from cnnpipe.sources.manifest import ManifestSource
-
-# The sources load, with fsspec under them, when a name of theirs is first asked for: a decoding
-# process imports `images` alone, and fsspec was half of what it imported (0.12 s a process).
-_EXPORTS = {
-    **dict.fromkeys(("TAR_SUFFIXES", "TarSource", "ZipSource"), "archives"),
-    **dict.fromkeys(("DEFAULT_MAX_IMAGE_BYTES", "NOT_REGULAR", "SPLIT_NAMES", "TRANSIENT_ERRORS", "Entry", "Refused",
-                     "Source", "UnsafePath", "inside", "label_and_split", "regular_file_size", "safe_relative_path",
-                     "with_retries"), "base"),
-    "FolderSource": "folder",
-    "ManifestSource": "manifest",
-}
 __all__ = ["DEFAULT_MAX_IMAGE_BYTES", "NOT_REGULAR", "SPLIT_NAMES", "TAR_SUFFIXES", "TRANSIENT_ERRORS", "Entry",
            "FolderSource", "ManifestSource", "Refused", "Source", "TarSource", "UnsafePath", "ZipSource",
            "canonical_uri", "inside", "label_and_split", "open_source", "regular_file_size", "safe_relative_path",
            "with_retries"]
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def open_source(uri: str, max_image_bytes: int | None = None) -> Source:
-    """Pick the source kind from what `uri` points at (`max_image_bytes`: DEFAULT_MAX_IMAGE_BYTES if None)."""
+def open_source(uri: str, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Source:
+    """Pick the source kind from what `uri` points at."""
+    # Here, not at the top: a decoding process imports `images` alone, and fsspec was half of what
+    # that cost (0.12 s a process).
     import fsspec
-
-    from cnnpipe.sources.archives import TAR_SUFFIXES, TarSource, ZipSource
-    from cnnpipe.sources.base import DEFAULT_MAX_IMAGE_BYTES
-    from cnnpipe.sources.folder import FolderSource
-    from cnnpipe.sources.manifest import ManifestSource
 
     fs, path = fsspec.core.url_to_fs(uri)
     if not fs.exists(path):
@@ -90,7 +67,7 @@ def open_source(uri: str, max_image_bytes: int | None = None) -> Source:
         kind = ManifestSource
     else:
         raise CnnpipeError(f"{uri}: not a folder, .tar, .tar.gz, .zip or .csv manifest")
-    return kind(canonical_uri(fs, path), fs, path, DEFAULT_MAX_IMAGE_BYTES if max_image_bytes is None else max_image_bytes)
+    return kind(canonical_uri(fs, path), fs, path, max_image_bytes)
 
 
 def canonical_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:

@@ -11,9 +11,10 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
+if TYPE_CHECKING:
+    import fsspec
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
@@ -207,4 +208,6 @@ class Source:
 
     @property
     def _local(self) -> bool:
+        from fsspec.implementations.local import LocalFileSystem  # loaded with the `fs` that a source holds
+
         return isinstance(self.fs, LocalFileSystem)
