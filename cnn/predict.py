@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from cnn.augment import ColourStats, centre_crop, normalise
-from cnn.device import autocast
+from cnn.device import autocast, reuse_freed_memory
 from cnn.model import decode_size, input_size
 from cnn.monitoring import brightness, calibrate
 from cnn.embeddings import Projection, classifier_inputs
@@ -28,6 +28,7 @@ class Predictor:
         a registered model passes its registry name, version and MLflow run id. `precision`
         defaults to the one the model trained with (`auto`: bf16 where the device has the units)."""
         self.device = torch.device(device)
+        reuse_freed_memory(self.device)
         self.model, state = load_trained_model(checkpoint, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.classes: list[str] = list(state["classes"])

@@ -31,7 +31,7 @@ from cnn import recipe as auto_recipe
 from cnn.augment import Augment, ColourStats, colour_stats_for
 from cnn.checkpoint import CheckpointWriter, Resumption, load_latest, rng_state
 from cnn.config import TrainConfig
-from cnn.device import memory_budget, memory_budget_line, precision_line, resolve_device
+from cnn.device import memory_budget, memory_budget_line, precision_line, resolve_device, reuse_freed_memory
 from cnn.embeddings import embedding_map, features, fit_projection, save_projection
 from cnn.failpoints import failpoint
 from cnn.loaders import ResidentImages, StreamingImages, _load_split
@@ -131,6 +131,7 @@ def fit(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
         # Training batches all have one shape (drop_last), so cuDNN's one-off search for the
         # fastest convolution algorithms pays for itself within the first epoch.
         torch.backends.cudnn.benchmark = True
+    reuse_freed_memory(device)
     # Before the model takes its share, as `memory_budget_line` measured it when the run was planned.
     budget_mb, _ = memory_budget(device, config.memory_budget_mb)
     seed_everything(config.seed)

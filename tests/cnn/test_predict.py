@@ -1,9 +1,17 @@
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
 from cnn.predict import Predictor
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -66,3 +74,39 @@ def test_top_k_on_cuda_lands_in_pinned_memory_and_matches_the_cpu(shapes_checkpo
     expected_values, expected_indices, _, _ = on_cpu.top_k(images, 3).result()
     assert indices == expected_indices
     torch.testing.assert_close(torch.tensor(values), torch.tensor(expected_values), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_a_cpu_run_reuses_the_pages_a_batch_freed():
+    # In a process of its own: the allocator's settings are process-wide and outlive the test.
+    probe = textwrap.dedent(f"""
+        import resource, sys, torch
+        sys.path.insert(0, {str(REPO)!r})
+        from cnn.device import reuse_freed_memory
+
+        layer = torch.nn.Conv2d(3, 64, 3, padding=1)
+        images = torch.rand(64, 3, 64, 64)
+
+        def faults_of_a_batch():  # its 64 MB of activations freed at once, as a model's are
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            with torch.no_grad():
+                for _ in range(3):
+                    layer(images)
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+        faults_of_a_batch()
+        default = faults_of_a_batch()
+        applied = reuse_freed_memory(torch.device(sys.argv[1]))
+        faults_of_a_batch()
+        print(default, int(applied), faults_of_a_batch())
+    """)
+
+    def run(device: str) -> list[int]:
+        out = subprocess.run([sys.executable, "-c", probe, device], capture_output=True, text=True, check=True)
+        return [int(value) for value in out.stdout.split()]
+
+    default, applied, reused = run("cpu")
+    assert default > 30_000 and applied == 1  # every 4 KB page of each 64 MB faulted in anew
+    assert reused < 300
+    _, applied, reused = run("meta")  # only a CPU run changes the allocator
+    assert applied == 0 and reused > 30_000
