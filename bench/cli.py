@@ -7,9 +7,12 @@ ephemeral API (no server) and on a running `cnnpipe server`, against the floor a
 command pays, `python -c "import prefect, cnnpipe.store"`; then `--help`, `server status`,
 `sql`, `models`, `promote` and `rollback` (over two versions trained, untimed, on a few
 demo shapes) and `classify` of 10 new images with the server, beside the floor that
-classifying adds torch to (`import prefect, cnnpipe.store, torch`). Runs are interleaved so
+classifying adds torch to (`import prefect, cnnpipe.store, torch`). With the server, flow commands
+run in a fork of its warm worker (`cnnpipe.server.warm`); the rows "own process" run the same
+commands with CNNPIPE_WARM=0, as without one. Runs are interleaved so
 that load from other processes falls on all of them alike; the table gives medians of wall
-time and of CPU time (user + system, the command and its children), each wall time as a
+time and of CPU time (user + system, the command and its children; not a warm command's fork, which
+is the worker's child), each wall time as a
 multiple of the import floor measured in the same run, and, for the commands with a target,
 whether it is met.
 
@@ -42,6 +45,7 @@ MODEL = "bench-cli"
 FLOOR = 'python -c "import prefect, cnnpipe.store"'
 TORCH_FLOOR = 'python -c "import prefect, cnnpipe.store, torch"'
 CLASSIFY = "cnnpipe classify 10 new images, cnnpipe server"
+COLD_CLASSIFY = "the same in its own process (CNNPIPE_WARM=0)"
 # Wall time as a multiple of FLOOR, at most (issue 32).
 TARGETS = {"cnnpipe ingest EMPTY, cnnpipe server": 1.5, 'cnnpipe sql "SELECT 42"': 1.5, CLASSIFY: 1.5}
 
@@ -100,13 +104,23 @@ def main() -> None:
         "cnnpipe rollback MODEL": ([*CNNPIPE, "rollback", MODEL], served),
     }
     new_images = iter(ten_new_images(scratch / f"inbox-{index}", index) for index in range(args.repeats))
+    cold_images = iter(ten_new_images(scratch / f"cold-inbox-{index}", 100 + index) for index in range(args.repeats))
     cases[CLASSIFY] = (
         lambda: [*CNNPIPE, "classify", str(next(new_images)), "--model", f"{MODEL}/2"], served)
+    cases[COLD_CLASSIFY] = (
+        lambda: [*CNNPIPE, "classify", str(next(cold_images)), "--model", f"{MODEL}/2"], {**served, "CNNPIPE_WARM": "0"})
+    cases["cnnpipe ingest EMPTY, cnnpipe server, own process"] = (ingest, {**served, "CNNPIPE_WARM": "0"})
 
     began = time.perf_counter()
     timed([*CNNPIPE, "server", "start", "--port", str(free_port()), "--mlflow-port", str(free_port())], served)
     start_seconds = time.perf_counter() - began
+    warm_log = scratch / "served" / "server" / "warm.log"
     try:
+        # Commands run in their own process until the warm worker has imported the stack.
+        deadline = time.monotonic() + 180
+        while not (scratch / "served" / "server" / "warm.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ready_seconds = time.perf_counter() - began
         # Not timed: the first ephemeral run migrates a new database, the first served one warms the server.
         timed(ingest, alone)
         timed(ingest, served)
@@ -138,7 +152,12 @@ def main() -> None:
         if name == CLASSIFY:  # importing torch alone costs more than the target leaves
             target += f" ({wall / torch_floor:.2f}x the import with torch)"
         print(f"{name:<48} {wall:7.2f} {statistics.median(cpus[name]):7.2f} {ratio:8.2f}x  {target}".rstrip())
-    print(f"\ncnnpipe server start (new database): {start_seconds:.1f} s; stop: {stop_seconds:.1f} s")
+    served_lines = [line for line in warm_log.read_text().splitlines() if line.startswith("serving in pid")]
+    refused = [line for line in warm_log.read_text().splitlines() if line.startswith("not served")]
+    print(f"\ncnnpipe server start (new database): {start_seconds:.1f} s, its warm worker ready after "
+          f"{ready_seconds:.1f} s; stop: {stop_seconds:.1f} s")
+    print(f"The warm worker served {len(served_lines)} commands and refused {len(refused)}"
+          f"{': ' + refused[0] if refused else ''}")
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ class Settings:
 
     @property
     def server_dir(self) -> Path:
-        """What `cnnpipe server` records: its ports, the MLflow UI's PID and log."""
+        """What `cnnpipe server` records: its ports, the MLflow UI's and the warm worker's PIDs and logs."""
         return self.home / "server"
 
     @property
@@ -114,6 +114,19 @@ class Settings:
     @property
     def mlflow_server_log(self) -> Path:
         return self.server_dir / "mlflow.log"
+
+    @property
+    def warm_socket(self) -> Path:
+        """Where flow commands find the warm worker (`cnnpipe.server.warm`)."""
+        return self.server_dir / "warm.sock"
+
+    @property
+    def warm_pid_file(self) -> Path:
+        return self.server_dir / "warm.pid"
+
+    @property
+    def warm_log(self) -> Path:
+        return self.server_dir / "warm.log"
 
     def environment(self) -> dict[str, str]:
         """Variables that make another process (a Ray worker) see the same state and servers."""

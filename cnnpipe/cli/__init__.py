@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -60,6 +61,28 @@ def cli() -> None:
 
 
 def main() -> None:
+    environ = dict(os.environ)
+    # With `cnnpipe server` running, a flow command runs in a fork of its warm worker, which has
+    # imported Prefect, torch and MLflow already; without one, or where its child would not
+    # behave as this process would, here.
+    from cnnpipe.server import warm
+    from cnnpipe.settings import get_settings
+
+    status = warm.run_warm(sys.argv[1:], environ, get_settings().warm_socket)
+    if status is not None:
+        sys.exit(status)
+    warm.launch_environment = environ  # what a worker that `server start` launches must match
+    run()
+
+
+def run() -> None:
+    """The command in `sys.argv`, in this process."""
+    prepare()
+    cli(prog_name="cnnpipe")
+
+
+def prepare() -> None:
+    """Set up the process for a command, before Prefect is imported: it reads its settings once."""
     # Importing torch and Prefect builds a million objects, and the collector rescanning them
     # all, again and again as they arrive, cost a flow command about 0.5 s of start-up. Commands
     # that run long turn it back on once imported (`common.collect_garbage`: every flow command,
@@ -81,7 +104,6 @@ def main() -> None:
 
     use_local_server()
     _ensure_prefect_home()
-    cli(prog_name="cnnpipe")
 
 
 def _ensure_prefect_home() -> None:

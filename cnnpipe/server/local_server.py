@@ -23,6 +23,7 @@ from pathlib import Path
 
 from cnnpipe.base.locks import file_lock
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.server import warm
 from cnnpipe.server.pidfiles import Recorded, end, record, recorded
 from cnnpipe.settings import Settings, get_settings
 
@@ -147,6 +148,7 @@ def start(prefect_port: int = DEFAULT_PREFECT_PORT, mlflow_port: int = DEFAULT_M
             settings.mlflow_server_pid_file.unlink(missing_ok=True)
             _require_free(mlflow_port, "--mlflow-port")
         if prefect is not None and (not wants_mlflow or mlflow is not None):
+            _start_warm_worker(settings)
             return ["Already running:", *_describe(settings), *_moved(prefect, prefect_port, mlflow, mlflow_port)]
 
         started_prefect_port = _port_of(prefect) if prefect else prefect_port
@@ -164,10 +166,18 @@ def start(prefect_port: int = DEFAULT_PREFECT_PORT, mlflow_port: int = DEFAULT_M
                               f"the MLflow UI on port {mlflow_port} exited while starting; "
                               f"see {settings.mlflow_server_log}"))
             _wait_until_answering(waits)
+            _start_warm_worker(settings)
         except BaseException:
             _stop(settings)
             raise
         return ["Started:", *_describe(settings)]
+
+
+def _start_warm_worker(settings: Settings) -> None:
+    """Unless one runs: commands fall back to their own process until it is ready."""
+    if recorded(settings.warm_pid_file).process is None:
+        settings.warm_pid_file.unlink(missing_ok=True)
+        record(settings.warm_pid_file, warm.launch(settings.warm_socket, settings.warm_log), warm.WORKER_MODULE)
 
 
 def stop(settings: Settings | None = None) -> list[str]:
@@ -191,7 +201,8 @@ def _stop(settings: Settings) -> list[str]:
     for name, found, forget in (
             ("the Prefect server", _recorded_prefect(settings), lambda: _forget_prefect(settings)),
             ("the MLflow UI", recorded(settings.mlflow_server_pid_file),
-             lambda: settings.mlflow_server_pid_file.unlink(missing_ok=True))):
+             lambda: settings.mlflow_server_pid_file.unlink(missing_ok=True)),
+            ("the warm worker", recorded(settings.warm_pid_file), lambda: _forget_warm_worker(settings))):
         if found.process is not None:
             # What `prefect server stop` does too, but to the process we verified, not whatever its PID file names.
             end(found.process)
@@ -201,6 +212,11 @@ def _stop(settings: Settings) -> list[str]:
         forget()
     settings.server_state_file.unlink(missing_ok=True)
     return said
+
+
+def _forget_warm_worker(settings: Settings) -> None:
+    settings.warm_pid_file.unlink(missing_ok=True)
+    settings.warm_socket.unlink(missing_ok=True)
 
 
 def _describe(settings: Settings) -> list[str]:
@@ -228,6 +244,11 @@ def _describe(settings: Settings) -> list[str]:
             answering = "" if _answers(f"{url}/health") else ", not answering yet"
             lines.append(f"MLflow UI:   {url}  runs, metrics, plots, models and champions "
                          f"(pid {mlflow.pid}{answering}; store {settings.mlflow_tracking_uri})")
+    worker = recorded(settings.warm_pid_file).process
+    if worker is not None:
+        ready = "ready" if settings.warm_socket.exists() else "importing"
+        lines.append(f"Warm worker: pid {worker.pid}, {ready}; ingest, train, retrain and classify from a shell "
+                     "with the environment it started in run in a fork of it, the stack imported (CNNPIPE_WARM=0: not)")
     explicit = os.environ.get("PREFECT_API_URL")
     if explicit and explicit != api_url:
         lines.append(f"Flow commands run on PREFECT_API_URL={explicit}, which wins over the local server.")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +43,10 @@ class Server:
 
 def _clean_environment() -> dict[str, str]:
     """This process's environment without PREFECT_API_URL, and without the MLFLOW_TRACKING_URI that an
-    earlier test's in-process mlflow.set_tracking_uri may have left: the server serves $CNNPIPE_HOME's store."""
+    earlier test's in-process mlflow.set_tracking_uri may have left: the server serves $CNNPIPE_HOME's store.
+    Without pytest's name of the test running, too, so that commands match the warm worker's environment."""
     return {key: value for key, value in os.environ.items()
-            if key not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+            if key not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PYTEST_CURRENT_TEST")}
 
 
 def free_port() -> int:
@@ -143,7 +146,8 @@ def test_status_says_what_runs_where(server):
     assert lines[0].startswith(f"Prefect UI:  http://127.0.0.1:{server.port}")
     assert lines[1].startswith(f"MLflow UI:   http://127.0.0.1:{server.mlflow_port}")
     assert f"store sqlite:///{server.home / 'mlflow.db'}" in lines[1]
-    assert lines[2].startswith("Flow commands in any shell run on this Prefect server")
+    assert lines[2].startswith("Warm worker: pid ")
+    assert lines[3].startswith("Flow commands in any shell run on this Prefect server")
 
 
 @pytest.mark.slow
@@ -163,6 +167,46 @@ def test_a_flow_command_runs_on_the_server(server, tmp_path):
     assert f"http://127.0.0.1:{server.port}/runs/flow-run/" in ingested.stdout + ingested.stderr
     runs = api(server.port, "/flow_runs/filter", {"flows": {"name": {"any_": ["ingest"]}}})
     assert [(run["parameters"]["dataset"], run["state_type"]) for run in runs] == [("tiny", "COMPLETED")]
+
+
+def served_lines(home: Path) -> list[str]:
+    return [line for line in (home / "server" / "warm.log").read_text().splitlines() if " pid " in line or "not served" in line]
+
+
+def wait_for(condition, what: str, seconds: float = 180):
+    deadline = time.monotonic() + seconds
+    while not (found := condition()):
+        assert time.monotonic() < deadline, f"no {what} after {seconds} s"
+        time.sleep(0.2)
+    return found
+
+
+@pytest.mark.slow
+def test_flow_commands_run_in_a_fork_of_the_warm_worker_and_end_with_their_command(server, tmp_path):
+    wait_for((server.home / "server" / "warm.sock").exists, "warm worker ready")
+    write_class_folders(tmp_path / "pets", {"cat": 12, "dog": 12})
+    ingested = cnnpipe(server.home, "ingest", str(tmp_path / "pets"), "--dataset", "pets")
+    assert ingested.returncode == 0, ingested.stderr
+    assert "24 added" in ingested.stdout
+    assert served_lines(server.home)[-1].endswith(f"cnnpipe ingest {tmp_path / 'pets'} --dataset pets")
+    refused = cnnpipe(server.home, "ingest", str(tmp_path / "pets"), "--dataset", "pets", CNNPIPE_EXAMPLE="1")
+    assert refused.returncode == 0, refused.stderr
+    assert served_lines(server.home)[-1].startswith("not served, as the environment differs (CNNPIPE_EXAMPLE)")
+    missing = cnnpipe(server.home, "ingest", str(tmp_path / "absent"), "--dataset", "pets")
+    assert (missing.returncode, missing.stderr.strip()) == (1, f"Error: {tmp_path / 'absent'}: no such file or folder")
+
+    # A command killed, by a signal passed on or by SIGKILL, which cannot be, takes its work with it.
+    env = {**_clean_environment(), "CNNPIPE_HOME": str(server.home)}
+    for number in (signal.SIGTERM, signal.SIGKILL):
+        served_before = len(served_lines(server.home))
+        command = subprocess.Popen([sys.executable, "-m", "cnnpipe.cli", "train", "--dataset", "pets",
+                                    "--epochs", "1000"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        line = wait_for(lambda: served_lines(server.home)[served_before:], "train served")[0]
+        child = psutil.Process(int(line.split()[3].rstrip(":")))
+        time.sleep(1)
+        command.send_signal(number)
+        assert command.wait(timeout=30) == (128 + signal.SIGTERM if number == signal.SIGTERM else -signal.SIGKILL)
+        wait_for(lambda: not child.is_running(), "end of the worker's child", seconds=30)
 
 
 # Two versions registered straight into the store, then listed, promoted and rolled back as the
