@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import os
 import stat
 import tarfile
@@ -443,3 +446,63 @@ def test_what_only_tarfile_reads_falls_back_to_it_with_the_same_splits(tmp_path)
     whole = (tmp_path / f"{tarfile.GNU_FORMAT}.tar.gz").read_bytes()
     (tmp_path / "cut.tar.gz").write_bytes(whole[:len(whole) // 2])
     assert _plain_names_or_none(tmp_path / "cut.tar.gz") is None
+
+
+def _entries_and_end(path: Path, shard: tuple[int, int] | None = None) -> tuple[list[tuple], int, str | None]:
+    """What a tar source yields, its hidden count, and the error it ends with, if any."""
+    source = open_source(str(path), max_image_bytes=600)
+    if shard:
+        source = source.sharded(*shard)
+    found = []
+    try:
+        for entry in source.entries():
+            found.append((entry.path, entry.label, entry.split, entry.data, entry.reject_reason, entry.reject_detail))
+    except Exception as exc:  # noqa: BLE001 - the end is what is compared
+        return found, source.hidden_skipped, f"{type(exc).__name__}: {exc}"
+    return found, source.hidden_skipped, None
+
+
+def _hostile_members() -> list[tarfile.TarInfo]:
+    members = []
+    for name, size in (("../up.jpg", 3), ("train/cat/.DS_Store", 4), ("__MACOSX/train/cat/._1.jpg", 5),
+                       ("train/cat/big.jpg", 700), ("train/cat/bad\udcff.jpg", 6), ("val/cat/ok.jpg", 7)):
+        info = tarfile.TarInfo(name)
+        info.size = size
+        members.append(info)
+    return members
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2", "w:xz"])
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["ustar", "gnu", "pax"])
+def test_a_tars_entries_read_from_plain_headers_are_what_tarfile_gives(tmp_path, monkeypatch, mode, fmt):
+    from cnnpipe.sources import archives
+
+    # A pax header midway (a name that is not ASCII) makes the reading fall back to tarfile there.
+    unicode_name = tarfile.TarInfo("val/chat/é.jpg")
+    unicode_name.size = 8
+    after = tarfile.TarInfo("val/dog/after.jpg")
+    after.size = 9
+    path = tmp_path / "a.tar"
+    _varied_tar(path, mode, fmt, [*_hostile_members(), unicode_name, after])
+    _varied_tar(tmp_path / "plain.tar", "w", fmt)
+    compress = {"w": bytes, "w:gz": gzip.compress, "w:bz2": bz2.compress, "w:xz": lzma.compress}[mode]
+    cut = tmp_path / "cut.tar"  # a whole stream of a tar that ends inside the data of train/dog/2.jpg
+    cut.write_bytes(compress((tmp_path / "plain.tar").read_bytes()[:1300]))
+    damaged = tmp_path / "damaged.tar"  # a stream cut short, if compressed
+    damaged.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2] if mode != "w" else b"")
+    cases = [(path, None), (path, (0, 2)), (path, (1, 2)), (cut, None), (damaged, None)]
+    ours = [_entries_and_end(case, shard) for case, shard in cases]
+
+    def only_tarfile(raw):
+        raise archives._NotPlain
+        yield
+
+    monkeypatch.setattr(archives, "_plain_members", only_tarfile)
+    assert ours == [_entries_and_end(case, shard) for case, shard in cases]
+    found, hidden, end = ours[0]
+    assert end is None and hidden == 2 and found[-1][0] == "val/dog/after.jpg"
+    assert {reason for *_, reason, _ in found} >= {None, "unsafe_path", "link", "special_file", "too_large"}
+    assert ours[1][0] and ours[2][0] and len(ours[1][0]) + len(ours[2][0]) == len(found)
+    assert [entry[0] for entry in ours[3][0]] == ["train/cat/1.jpg"] and ours[3][2] == "ReadError: unexpected end of data"
+    if mode == "w":
+        assert ours[4] == ([], 0, "ReadError: empty file")
