@@ -161,6 +161,8 @@ def _child(listener: socket.socket, connection: socket.socket, descriptors: list
             signal.signal(number, signal.SIG_DFL)
         for target, descriptor in zip((0, 1, 2), descriptors):
             os.dup2(descriptor, target)
+        for descriptor in set(descriptors) - {0, 1, 2}:
+            os.close(descriptor)  # else the processes the command starts would hold the terminal too
         for stream in (sys.stdout, sys.stderr):
             stream.reconfigure(line_buffering=stream.isatty())  # as Python sets them up for a terminal
         os.chdir(request["cwd"])
@@ -187,11 +189,11 @@ def _exit_status(run) -> int:
             return exc.code or 0
         print(exc.code, file=sys.stderr)
         return 1
-    except BaseException:  # noqa: BLE001 - a new process would print it and end with 1 too
+    except BaseException as exc:  # noqa: BLE001 - a new process would print it and end so too
         import traceback
 
         traceback.print_exc()
-        return 1
+        return 128 + signal.SIGINT if isinstance(exc, KeyboardInterrupt) else 1
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import lzma
 import stat
 import struct
@@ -101,6 +102,7 @@ _DECOMPRESSORS = ((b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw)), (b"BZh"
 _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 _OTHER_TYPES = (tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE)
 _BLOCK = tarfile.BLOCKSIZE
+_DECOMPRESSED_BUFFER = 1 << 20
 # What a damaged archive raises on its way through a decompressor: `tarfile` then says what it is.
 _DAMAGE = (OSError, EOFError, zlib.error, lzma.LZMAError)
 
@@ -139,7 +141,9 @@ def _plain_members(raw) -> Iterator[_PlainMember]:
         raise _NotPlain
     raw.seek(0)
     opener = next((opener for prefix, opener in _DECOMPRESSORS if magic.startswith(prefix)), None)
-    stream = opener(raw) if opener is not None else raw
+    # Buffered in C: a decompressor's own read and seek, in Python, cost more than the parsing, a call
+    # for each header and each member's data.
+    stream = io.BufferedReader(opener(raw), _DECOMPRESSED_BUFFER) if opener is not None else raw
     try:
         yield from _members_in_headers(stream)
     except _DAMAGE:
@@ -161,7 +165,8 @@ def _members_in_headers(stream) -> Iterator[_PlainMember]:
             checksum = int(header[148:156].split(b"\0", 1)[0].strip(), 8)
         except ValueError:
             raise _NotPlain from None
-        if checksum != sum(header[:148]) + sum(header[156:]) + 8 * 32 or kind not in _FILE_TYPES + _OTHER_TYPES:
+        # The sum of the header's bytes, its checksum field counted as spaces.
+        if checksum != sum(header) - sum(header[148:156]) + 8 * 32 or kind not in _FILE_TYPES + _OTHER_TYPES:
             raise _NotPlain
         name = header[:100].split(b"\0", 1)[0].decode(encoding, "surrogateescape")
         prefix = header[345:500].split(b"\0", 1)[0].decode(encoding, "surrogateescape")

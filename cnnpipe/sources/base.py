@@ -39,12 +39,17 @@ class UnsafePath(ValueError):
     pass
 
 
+_DRIVE = re.compile(r"[A-Za-z]:")
+
+
 def safe_relative_path(name: str) -> str:
     """Normalise an archive or manifest path, refusing anything that could leave its root."""
     unified = name.replace("\\", "/")
-    if unified.startswith("/") or re.match(r"^[A-Za-z]:", unified):
+    if unified.startswith("/") or _DRIVE.match(unified):
         raise UnsafePath("absolute path")
-    parts = [part for part in unified.split("/") if part not in ("", ".")]
+    parts = unified.split("/")
+    if "" in parts or "." in parts:
+        parts = [part for part in parts if part not in ("", ".")]
     if ".." in parts:
         raise UnsafePath("path escapes the source with '..'")
     if not parts:
