@@ -175,7 +175,7 @@ def start(prefect_port: int = DEFAULT_PREFECT_PORT, mlflow_port: int = DEFAULT_M
 
 def _start_warm_worker(settings: Settings) -> None:
     """Unless one runs: commands fall back to their own process until it is ready."""
-    if recorded(settings.warm_pid_file).process is None:
+    if warm.AVAILABLE and recorded(settings.warm_pid_file).process is None:
         settings.warm_pid_file.unlink(missing_ok=True)
         record(settings.warm_pid_file, warm.launch(settings.warm_socket, settings.warm_log), warm.WORKER_MODULE)
 

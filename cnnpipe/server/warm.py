@@ -38,6 +38,8 @@ TERMINAL_VARIABLES = frozenset({
 PACKAGES = ("cnnpipe", "cnn", "tasks", "flows")
 # Modules every flow command imports on its way; the worker imports them once.
 PRELOADED = ("prefect", "torch", "mlflow", "flows.ingest", "flows.train", "flows.classify")
+# Passing descriptors over a Unix socket and forking: POSIX systems.
+AVAILABLE = hasattr(socket, "send_fds") and hasattr(os, "fork")
 # A worker that takes longer than this to answer is treated as absent.
 CONNECT_TIMEOUT_SECONDS = 5.0
 # The environment this command started with, before `cnnpipe` added its defaults: a worker that
@@ -51,7 +53,7 @@ def run_warm(argv: list[str], environ: dict[str, str], socket_path: Path) -> int
     """Run `cnnpipe argv` in the warm worker at `socket_path` and return its exit status, or None
     when it cannot or should not (then run it here). `environ` is the environment as the command
     started, before `cnnpipe` adds its defaults."""
-    if (environ.get("CNNPIPE_WARM") == "0" or not argv or argv[0] not in WARM_COMMANDS
+    if (not AVAILABLE or environ.get("CNNPIPE_WARM") == "0" or not argv or argv[0] not in WARM_COMMANDS
             or {"-h", "--help"} & set(argv) or not socket_path.exists()):
         return None
     request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": environ, "python": sys.executable,
