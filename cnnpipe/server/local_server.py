@@ -247,7 +247,7 @@ def _describe(settings: Settings) -> list[str]:
     worker = recorded(settings.warm_pid_file).process
     if worker is not None:
         ready = "ready" if settings.warm_socket.exists() else "importing"
-        lines.append(f"Warm worker: pid {worker.pid}, {ready}; ingest, train, retrain and classify from a shell "
+        lines.append(f"Warm worker: pid {worker.pid}, {ready}; {', '.join(sorted(warm.WARM_COMMANDS))} from a shell "
                      "with the environment it started in run in a fork of it, the stack imported (CNNPIPE_WARM=0: not)")
     explicit = os.environ.get("PREFECT_API_URL")
     if explicit and explicit != api_url:

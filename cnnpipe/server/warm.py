@@ -1,7 +1,7 @@
-"""A warm worker: flow commands in a process that has imported Prefect, torch and MLflow already.
+"""A warm worker: commands in a process that has imported Prefect, torch and MLflow already.
 
-`cnnpipe server start` starts one beside the Prefect server and the MLflow UI. A flow command
-(ingest, train, retrain, classify) then asks it for a process: the worker forks a child of
+`cnnpipe server start` starts one beside the Prefect server and the MLflow UI. A command that
+imports them (`WARM_COMMANDS`) then asks it for a process: the worker forks a child of
 itself, which takes the command's standard input, output and error (passed over a Unix socket),
 its working directory and its environment, runs the command as `cnnpipe` would, and sends its
 exit status back. Importing the stack costs a command 1-3 s; a fork costs milliseconds.
@@ -27,7 +27,8 @@ import sys
 import threading
 from pathlib import Path
 
-WARM_COMMANDS = frozenset({"ingest", "train", "retrain", "classify"})
+# Those that import torch, Prefect or MLflow; the others start in a fraction of that already.
+WARM_COMMANDS = frozenset({"ingest", "train", "retrain", "classify", "audit", "similar", "review"})
 # The worker's module (`python -m`), which its command line holds.
 WORKER_MODULE = "cnnpipe.cli.warm"
 # Variables a child may differ in without behaving otherwise: what the shell and terminal say of themselves.
@@ -37,7 +38,7 @@ TERMINAL_VARIABLES = frozenset({
     "SSH_CONNECTION", "SSH_AUTH_SOCK", "PS1", "PROMPT_COMMAND", "LS_COLORS", "HISTFILE", "HISTSIZE", "HISTFILESIZE"})
 PACKAGES = ("cnnpipe", "cnn", "tasks", "flows")
 # Modules every flow command imports on its way; the worker imports them once.
-PRELOADED = ("prefect", "torch", "mlflow", "flows.ingest", "flows.train", "flows.classify")
+PRELOADED = ("prefect", "torch", "mlflow", "flows.ingest", "flows.train", "flows.classify", "flows.audit")
 # Passing descriptors over a Unix socket and forking: POSIX systems.
 AVAILABLE = hasattr(socket, "send_fds") and hasattr(os, "fork")
 # A worker that takes longer than this to answer is treated as absent.
