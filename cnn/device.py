@@ -28,12 +28,13 @@ _reusing_freed_memory = False
 def reuse_freed_memory(device: torch.device) -> bool:
     """Let a CPU run reuse the pages its tensors free. glibc serves a large allocation (over 128 KB,
     a threshold it raises to 32 MB at most) with fresh pages from the kernel, which zeroes each on
-    first touch, and unmaps them again when it is freed: a forward pass of alexnet-cifar at batch 256 took ~40,000 page
-    faults and ran at 2,000 images/s against 2,900 without them, and AlexNet trained at 224 px at
-    57-69 images/s against 83-87 (this project's 2-core Xeon). Served from the heap and kept there
-    instead, the next batch finds the same pages mapped. What a process frees then stays with it
-    for reuse, as under jemalloc or tcmalloc, which PyTorch's CPU tuning guide recommends for the
-    same reason. Process-wide, once; a no-op on CUDA and off glibc. Returns whether it applies."""
+    first touch, and unmaps them again when it is freed: a forward pass of alexnet-cifar at batch
+    256 took ~40,000 page faults and ran at 2,000 images/s against 2,900 without them, and AlexNet
+    trained at 224 px at 57-69 images/s against 83-87 (this project's 2-core Xeon). Served from the
+    heap and kept there instead, the next batch finds the same pages mapped. What a process frees
+    then stays with it for reuse, as under jemalloc or tcmalloc, which PyTorch's CPU tuning guide
+    recommends for the same reason. Process-wide, once; a no-op on CUDA and off glibc. Returns
+    whether it applies."""
     global _reusing_freed_memory
     if device.type != "cpu" or platform.libc_ver()[0] != "glibc":
         return False

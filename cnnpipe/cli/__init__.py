@@ -62,9 +62,9 @@ def cli() -> None:
 
 def main() -> None:
     environ = dict(os.environ)
-    # With `cnnpipe server` running, a flow command runs in a fork of its warm worker, which has
-    # imported Prefect, torch and MLflow already; without one, or where its child would not
-    # behave as this process would, here.
+    # With `cnnpipe server` running, a command that needs Prefect, torch or MLflow runs in a fork
+    # of its warm worker, which has imported them already; without one, or where its child would
+    # not behave as this process would, here.
     from cnnpipe.server import warm
     from cnnpipe.settings import get_settings
 

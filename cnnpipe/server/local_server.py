@@ -181,7 +181,7 @@ def _start_warm_worker(settings: Settings) -> None:
 
 
 def stop(settings: Settings | None = None) -> list[str]:
-    """Stop both servers and anything they started; return what was stopped."""
+    """Stop both servers, the warm worker and anything they started; return what was stopped."""
     settings = settings or get_settings()
     with file_lock(settings.locks_dir / "server.lock", waiting="another `cnnpipe server` command is running; waiting"):
         said = _stop(settings)
