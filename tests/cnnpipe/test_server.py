@@ -173,6 +173,13 @@ def served_lines(home: Path) -> list[str]:
     return [line for line in (home / "server" / "warm.log").read_text().splitlines() if " pid " in line or "not served" in line]
 
 
+def idle(process: psutil.Process) -> bool:
+    """Whether `process` used no CPU for a second: held at a `hang` failpoint."""
+    before = sum(process.cpu_times()[:2])
+    time.sleep(1)
+    return sum(process.cpu_times()[:2]) - before < 0.02
+
+
 def wait_for(condition, what: str, seconds: float = 180):
     deadline = time.monotonic() + seconds
     while not (found := condition()):
@@ -195,18 +202,34 @@ def test_flow_commands_run_in_a_fork_of_the_warm_worker_and_end_with_their_comma
     missing = cnnpipe(server.home, "ingest", str(tmp_path / "absent"), "--dataset", "pets")
     assert (missing.returncode, missing.stderr.strip()) == (1, f"Error: {tmp_path / 'absent'}: no such file or folder")
 
-    # A command killed, by a signal passed on or by SIGKILL, which cannot be, takes its work with it.
-    env = {**_clean_environment(), "CNNPIPE_HOME": str(server.home)}
-    for number in (signal.SIGTERM, signal.SIGKILL):
-        served_before = len(served_lines(server.home))
-        command = subprocess.Popen([sys.executable, "-m", "cnnpipe.cli", "train", "--dataset", "pets",
-                                    "--epochs", "1000"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        line = wait_for(lambda: served_lines(server.home)[served_before:], "train served")[0]
-        child = psutil.Process(int(line.split()[3].rstrip(":")))
-        time.sleep(1)
-        command.send_signal(number)
-        assert command.wait(timeout=30) == (128 + signal.SIGTERM if number == signal.SIGTERM else -signal.SIGKILL)
-        wait_for(lambda: not child.is_running(), "end of the worker's child", seconds=30)
+    # A command killed, by a signal passed on or by SIGKILL, which cannot be, takes its work with it: an
+    # ingest held at a failpoint, in a worker of its own whose environment arms it.
+    home = tmp_path / "held-home"
+    env = {**_clean_environment(), "CNNPIPE_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{server.port}/api",
+           "FAILPOINT": "store.before_manifest", "FAILPOINT_ACTION": "hang"}
+    (home / "server").mkdir(parents=True)
+    worker = subprocess.Popen([sys.executable, "-m", "cnnpipe.cli.warm", str(home / "server" / "warm.sock")], env=env,
+                              stdout=open(home / "server" / "warm.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_for((home / "server" / "warm.sock").exists, "second warm worker ready")
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
+            served_before = len(served_lines(home))
+            command = subprocess.Popen([sys.executable, "-m", "cnnpipe.cli", "ingest", str(tmp_path / "pets"),
+                                        "--dataset", f"held-{number}"], env=env, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE, text=True)
+            line = wait_for(lambda: served_lines(home)[served_before:], "ingest served")[0]
+            child = psutil.Process(int(line.split()[3].rstrip(":")))
+            wait_for(lambda: idle(child), "ingest held at its failpoint", seconds=120)
+            command.send_signal(number)
+            _, errors = command.communicate(timeout=120)  # never, were the signal not passed on
+            if number == signal.SIGKILL:
+                assert command.returncode == -signal.SIGKILL
+            else:
+                assert command.returncode not in (0, None), errors[-2000:]
+            wait_for(lambda: not child.is_running(), "end of the worker's child", seconds=30)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
 
 
 # Two versions registered straight into the store, then listed, promoted and rolled back as the
