@@ -12,6 +12,7 @@ named here (cnnpipe/server/local_server.py).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,9 +142,14 @@ class Settings:
         return env
 
 
+def home_of(environ: Mapping[str, str], cwd: str | Path) -> Path:
+    """The home that a process with `environ`, working in `cwd`, keeps its state in."""
+    return Path(cwd) / Path(environ.get("CNNPIPE_HOME") or ".cnnpipe").expanduser()
+
+
 def get_settings() -> Settings:
     """Read the environment now, so tests and long-lived servers see changes."""
-    home = Path(os.environ.get("CNNPIPE_HOME") or ".cnnpipe").expanduser().absolute()
+    home = home_of(os.environ, os.getcwd())
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
     return Settings(home=home, mlflow_tracking_uri=tracking, ray_address=os.environ.get("CNNPIPE_RAY_ADDRESS") or None,
                     datasets_location=os.environ.get("CNNPIPE_DATASETS_URL") or None)

@@ -12,7 +12,8 @@ with, but for variables that describe only the terminal. Otherwise, or where no 
 the command runs in its own process, as without one. Ctrl-C and other signals to the command are
 passed on to the child, and the child dies with the command if the command is killed.
 
-Imports only the standard library at load time: every command's `main` calls `run_warm`.
+Imports only the standard library and `cnnpipe.settings` at load time: every command's `main`
+calls `run_warm`.
 """
 
 from __future__ import annotations
@@ -27,12 +28,16 @@ import sys
 import threading
 from pathlib import Path
 
+from cnnpipe.settings import home_of
+
 # Those that import torch, Prefect or MLflow; the others start in a fraction of that already.
 WARM_COMMANDS = frozenset({"ingest", "train", "retrain", "classify", "audit", "similar", "review"})
 # The worker's module (`python -m`), which its command line holds.
 WORKER_MODULE = "cnnpipe.cli.warm"
-# Variables a child may differ in without behaving otherwise: what the shell and terminal say of themselves.
+# Variables a child may differ in without behaving otherwise: what the shell, the terminal and make
+# (`make demo` starts the server) say of themselves.
 TERMINAL_VARIABLES = frozenset({
+    "MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES", "MAKE_TERMOUT", "MAKE_TERMERR",
     "_", "PWD", "OLDPWD", "SHLVL", "TERM", "COLORTERM", "COLUMNS", "LINES", "TERM_PROGRAM", "TERM_PROGRAM_VERSION",
     "TERM_SESSION_ID", "WINDOWID", "DISPLAY", "TMUX", "TMUX_PANE", "STY", "WINDOW", "SSH_TTY", "SSH_CLIENT",
     "SSH_CONNECTION", "SSH_AUTH_SOCK", "PS1", "PROMPT_COMMAND", "LS_COLORS", "HISTFILE", "HISTSIZE", "HISTFILESIZE"})
@@ -102,7 +107,7 @@ def run_warm(argv: list[str], environ: dict[str, str], socket_path: Path) -> int
 def serve(socket_path: Path, prepare, run) -> None:
     """Import the stack, then fork a child for each command that connects. `prepare()` sets up the
     environment as `cnnpipe` does before importing; `run()` runs the command in `sys.argv`."""
-    environ = dict(os.environ)
+    environ, cwd = dict(os.environ), os.getcwd()
     prepare()
     for module in PRELOADED:
         try:
@@ -136,7 +141,7 @@ def serve(socket_path: Path, prepare, run) -> None:
             connection.settimeout(CONNECT_TIMEOUT_SECONDS)
             header, descriptors, _, _ = socket.recv_fds(connection, 4, 3)
             request = json.loads(_read_exactly(connection, struct.unpack("!I", header)[0]))
-            reason = why_cold(request, environ, code) if len(descriptors) == 3 else "no standard streams"
+            reason = why_cold(request, environ, code, cwd) if len(descriptors) == 3 else "no standard streams"
             command = " ".join(["cnnpipe", *request["argv"]])
             if reason:
                 connection.sendall(f"cold {reason}\n".encode())
@@ -209,16 +214,25 @@ def _die_with(connection: socket.socket) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def why_cold(request: dict, environ: dict[str, str], code: str) -> str | None:
-    """Why a child of this worker would not behave as a new process for `request`; None if it would."""
+def why_cold(request: dict, environ: dict[str, str], code: str, cwd: str) -> str | None:
+    """Why a child of this worker (started in `cwd` with `environ`) would not behave as a new process
+    for `request`; None if it would."""
     if request.get("python") != sys.executable:
         return f"another Python ({request.get('python')})"
     if request.get("code") != code:
         return "the code changed since the worker started"
-    theirs = request.get("env") or {}
-    differing = sorted(name for name in set(theirs) ^ set(environ) | {
-        name for name in set(theirs) & set(environ) if theirs[name] != environ[name]} if name not in TERMINAL_VARIABLES)
+    theirs, ours = _comparable(request.get("env") or {}, request.get("cwd") or "/"), _comparable(environ, cwd)
+    differing = sorted(name for name in set(theirs) ^ set(ours) | {
+        name for name in set(theirs) & set(ours) if theirs[name] != ours[name]})
     return f"the environment differs ({', '.join(differing[:3])})" if differing else None
+
+
+def _comparable(environ: dict[str, str], cwd: str) -> dict[str, str]:
+    """What of an environment decides how a command behaves; $CNNPIPE_HOME as the folder it names
+    from `cwd` (unset, or relative, or absolute: the same home is the same)."""
+    kept = {name: value for name, value in environ.items() if name not in TERMINAL_VARIABLES}
+    kept["CNNPIPE_HOME"] = str(home_of(environ, cwd))
+    return kept
 
 
 def launch(socket_path: Path, log: Path) -> int:
