@@ -506,3 +506,18 @@ def test_a_tars_entries_read_from_plain_headers_are_what_tarfile_gives(tmp_path,
     assert [entry[0] for entry in ours[3][0]] == ["train/cat/1.jpg"] and ours[3][2] == "ReadError: unexpected end of data"
     if mode == "w":
         assert ours[4] == ([], 0, "ReadError: empty file")
+
+
+def test_a_local_file_reads_whole_whatever_its_listed_size(tmp_path, monkeypatch):
+    from cnnpipe.sources import folder
+
+    monkeypatch.setattr(folder, "_READ_CHUNK", 5)  # reads of several chunks, on a small file
+    path = tmp_path / "image.jpg"
+    data = bytes(range(256)) * 3
+    path.write_bytes(data)
+    for listed in (len(data), len(data) - 100, len(data) + 100, None, 0):
+        assert folder._read_local(str(path), listed) == data
+    path.write_bytes(b"")
+    assert folder._read_local(str(path), 0) == b"" and folder._read_local(str(path), None) == b""
+    with pytest.raises(FileNotFoundError):
+        folder._read_local(str(tmp_path / "gone.jpg"), 3)
