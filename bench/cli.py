@@ -7,14 +7,13 @@ ephemeral API (no server) and on a running `cnnpipe server`, against the floor a
 command pays, `python -c "import prefect, cnnpipe.store"`; then `--help`, `server status`,
 `sql`, `models`, `promote` and `rollback` (over two versions trained, untimed, on a few
 demo shapes) and `classify` of 10 new images with the server, beside the floor that
-classifying adds torch to (`import prefect, cnnpipe.store, torch`). With the server, flow commands
-run in a fork of its warm worker (`cnnpipe.server.warm`); the rows "own process" run the same
-commands with CNNPIPE_WARM=0, as without one. Runs are interleaved so
-that load from other processes falls on all of them alike; the table gives medians of wall
-time and of CPU time (user + system, the command and its children; not a warm command's fork, which
-is the worker's child), each wall time as a
-multiple of the import floor measured in the same run, and, for the commands with a target,
-whether it is met.
+classifying adds torch to (`import prefect, cnnpipe.store, torch`). With the server, flow
+commands run in a fork of its warm worker (`cnnpipe.server.warm`); the rows "own process" run
+the same commands with CNNPIPE_WARM=0, as without one. Runs are interleaved so that load from
+other processes falls on all of them alike; the table gives medians of wall time and of CPU
+time (user + system, the command and its children, which a warm command's fork is not: it is
+the worker's), each wall time as a multiple of the import floor measured in the same run, and,
+for the commands with a target, whether it is met.
 
 Targets (issue 32): `ingest` of an empty folder, `classify` of 10 images and `sql`, each with
 the server, at most 1.5x the import floor. (Issue 15's, met since: `--help`, `sql` and
@@ -149,7 +148,7 @@ def main() -> None:
         wall = statistics.median(walls[name])
         ratio = wall / floor
         target = f"<= {TARGETS[name]}x {'met' if ratio <= TARGETS[name] else 'NOT met'}" if name in TARGETS else ""
-        if name == CLASSIFY:  # importing torch alone costs more than the target leaves
+        if name == CLASSIFY:  # against what a classify in its own process imports
             target += f" ({wall / torch_floor:.2f}x the import with torch)"
         print(f"{name:<48} {wall:7.2f} {statistics.median(cpus[name]):7.2f} {ratio:8.2f}x  {target}".rstrip())
     served_lines = [line for line in warm_log.read_text().splitlines() if line.startswith("serving in pid")]
