@@ -11,6 +11,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
+from cnn.decoding import decode_images
 from cnn.predict import Predictor
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.predictions.classify import classify_source, open_classify_source
@@ -84,6 +85,26 @@ def test_images_reach_the_model_in_batches_of_the_batch_size_asked_for(inbox, sh
     assert summary.classified == 50 and sizes == [8] * 6 + [2]
 
 
+def test_each_row_holds_what_the_model_says_of_that_image_alone(inbox, shapes_checkpoints):
+    # Batches of 7 decode in one task a thread: a broken image among them, and a last batch of 1,
+    # must not shift any image's pixels onto another's row.
+    (inbox / "b" / "0003.jpg").write_bytes(b"\xff\xd8\xff broken")
+    predictor = Predictor(shapes_checkpoints[0], batch_size=7)
+    settings = get_settings()
+    summary = classify_source(open_classify_source(str(inbox)), predictor, settings.predictions_db,
+                              settings.staging_dir, "run")
+    assert summary.classified == 49
+    stored = dict((path, (label, confidence)) for path, label, confidence in
+                  query("SELECT member_path, label, confidence FROM predictions"))
+    alone = {}
+    for image in sorted(inbox.rglob("*.jpg")):
+        path = image.relative_to(inbox).as_posix()
+        if path in stored:
+            values, indices = predictor.top_k(decode_images([image.read_bytes()], predictor.decode_size), 1).arrays()[:2]
+            alone[path] = (predictor.classes[indices[0, 0]], pytest.approx(float(values[0, 0]), abs=1e-6))
+    assert stored == alone and len(alone) == 49
+
+
 def test_a_new_model_version_classifies_everything_again(inbox, shapes_checkpoints):
     first = run(inbox, shapes_checkpoints[0])
     second = run(inbox, shapes_checkpoints[1])
@@ -121,6 +142,7 @@ _CLASSIFY_IN_PARTS_OF_16 = """
 import sys, time
 from pathlib import Path
 import cnnpipe.predictions.classify as c
+from cnn.decoding import decode_images
 from cnn.predict import Predictor
 from cnnpipe.settings import get_settings
 from cnnpipe.sources import open_source
@@ -185,6 +207,7 @@ def test_a_dataset_of_the_store_is_a_source_keyed_by_its_stored_hashes(shapes_da
 _STAGE_THEN_COMMIT_UNDER_A_FILE_SIZE_LIMIT = """
 import resource, signal, sys
 import cnnpipe.predictions.classify as c
+from cnn.decoding import decode_images
 from cnn.predict import Predictor
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.settings import get_settings
@@ -286,6 +309,7 @@ CLASSIFY_IMPORTS_PROBE = """
 import sys
 from pathlib import Path
 import tasks.classify  # everything a classify flow run imports before its first image
+from cnn.decoding import decode_images
 from cnn.predict import Predictor
 from cnnpipe.predictions.classify import classify_source, open_classify_source
 from cnnpipe.monitoring.drift_picture import drift_distributions
