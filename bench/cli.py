@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -157,6 +158,7 @@ def main() -> None:
           f"{ready_seconds:.1f} s; stop: {stop_seconds:.1f} s")
     print(f"The warm worker served {len(served_lines)} commands and refused {len(refused)}"
           f"{': ' + refused[0] if refused else ''}")
+    shutil.rmtree(scratch, ignore_errors=True)  # left behind only when a command failed, to look into
 
 
 if __name__ == "__main__":
