@@ -354,7 +354,7 @@ def _prepared_batches(source: Source, done: set[str], summary: ClassifySummary, 
 def _decoded(pool: ThreadPoolExecutor, pending: list[tuple], size: int, fit: str) -> Iterator:
     """The checked pixels of `pending` (sha, path, data), in order, decoded in one task a thread: a task
     an image cost more in futures, locks and wake-ups than decoding a 32-px JPEG does."""
-    step = -(-len(pending) // DECODE_THREADS)
+    step = max(1, -(-len(pending) // DECODE_THREADS))
     chunks = [pool.submit(_checked_chunk, [data for *_, data in pending[start:start + step]], size, fit)
               for start in range(0, len(pending), step)]
     return (result for chunk in chunks for result in chunk.result())

@@ -5,20 +5,23 @@ import signal
 import subprocess
 import sys
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from cnn.decoding import decode_images
 from cnn.predict import Predictor
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.predictions.classify import classify_source, open_classify_source
+from cnnpipe.predictions.classify import _checked_pixels, _decoded, classify_source, open_classify_source
 from cnnpipe.predictions.database import connect_for_writing
 from cnnpipe.predictions.sql import run_query
 from cnnpipe.settings import get_settings
-from tests.imagefactory import png, write_class_folders
+from cnnpipe.sources.images import RejectedImage
+from tests.imagefactory import jpeg, png, write_class_folders
 
 pytestmark = pytest.mark.slow
 
@@ -103,6 +106,23 @@ def test_each_row_holds_what_the_model_says_of_that_image_alone(inbox, shapes_ch
             values, indices = predictor.top_k(decode_images([image.read_bytes()], predictor.decode_size), 1).arrays()[:2]
             alone[path] = (predictor.classes[indices[0, 0]], pytest.approx(float(values[0, 0]), abs=1e-6))
     assert stored == alone and len(alone) == 49
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 9])
+def test_a_batch_decodes_in_order_in_one_task_a_thread(count):
+    datas = [jpeg(index) for index in range(count)]
+    if count > 2:
+        datas[1] = b"not an image"
+    pending = [(str(index), f"{index}.jpg", data) for index, data in enumerate(datas)]
+    with ThreadPoolExecutor(2) as pool:
+        decoded = list(_decoded(pool, pending, 32, "crop"))
+    alone = [_checked_pixels(data, 32) for data in datas]
+    assert len(decoded) == count
+    for one, other in zip(decoded, alone):
+        if isinstance(other, RejectedImage):
+            assert isinstance(one, RejectedImage) and one.reason == other.reason
+        else:
+            assert one[:2] == other[:2] and torch.equal(one[2], other[2])
 
 
 def test_a_new_model_version_classifies_everything_again(inbox, shapes_checkpoints):
@@ -309,7 +329,6 @@ CLASSIFY_IMPORTS_PROBE = """
 import sys
 from pathlib import Path
 import tasks.classify  # everything a classify flow run imports before its first image
-from cnn.decoding import decode_images
 from cnn.predict import Predictor
 from cnnpipe.predictions.classify import classify_source, open_classify_source
 from cnnpipe.monitoring.drift_picture import drift_distributions
