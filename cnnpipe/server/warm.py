@@ -9,7 +9,8 @@ exit status back. Importing the stack costs a command 1-3 s; a fork costs millis
 The worker serves a command only where its child behaves as a new process would: the same Python,
 the same code (the sources' modification times) and the same environment as the worker started
 with, but for variables that describe only the terminal. Otherwise, or where no worker answers,
-the command runs in its own process, as without one. Ctrl-C and other signals to the command are
+the command runs in its own process, as without one; a worker whose own sources changed then
+starts again on the new code. Ctrl-C and other signals to the command are
 passed on to the child, and the child dies with the command if the command is killed.
 
 Imports only the standard library and `cnnpipe.settings` at load time: every command's `main`
@@ -51,6 +52,7 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 # The environment this command started with, before `cnnpipe` added its defaults: a worker that
 # `cnnpipe server start` launches gets it, so that commands from the same shell match it.
 launch_environment: dict[str, str] | None = None
+CODE_CHANGED = "the code changed since the worker started"
 # Sockets name at most 107 bytes; a longer path is reached through its folder's descriptor.
 _SOCKET_PATH_LIMIT = 100
 
@@ -130,6 +132,7 @@ def serve(socket_path: Path, prepare, run) -> None:
 
     atexit.register(remove_socket)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
+    _reap_children()  # of the worker this one replaced, those that ended while it started
     import gc
 
     gc.freeze()  # what the children share stays shared: the collector does not touch it
@@ -137,6 +140,7 @@ def serve(socket_path: Path, prepare, run) -> None:
     while True:
         connection, _ = listener.accept()
         descriptors: list[int] = []
+        stale = False
         try:
             connection.settimeout(CONNECT_TIMEOUT_SECONDS)
             header, descriptors, _, _ = socket.recv_fds(connection, 4, 3)
@@ -146,6 +150,7 @@ def serve(socket_path: Path, prepare, run) -> None:
             if reason:
                 connection.sendall(f"cold {reason}\n".encode())
                 print(f"not served, as {reason}: {command}", flush=True)
+                stale = reason == CODE_CHANGED and code_fingerprint() != code
             elif (child := os.fork()) == 0:
                 atexit.unregister(remove_socket)
                 _child(listener, connection, descriptors, request, run)
@@ -157,6 +162,23 @@ def serve(socket_path: Path, prepare, run) -> None:
             connection.close()
             for descriptor in descriptors:
                 os.close(descriptor)
+        if stale:
+            # The sources changed under it (an upgrade, a `git pull`): the worker starts again as it was
+            # started, on the new code, so that the commands after this one are served again. The same
+            # PID, so `server stop` still finds it; its children run on, each with its own command.
+            print("the code changed since the worker started: starting again on the new code", flush=True)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            remove_socket()  # until it listens again: commands run in their own process, and status says so
+            os.chdir(cwd)
+            os.execve(sys.executable, sys.orig_argv, environ)
+
+
+def _reap_children() -> None:
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
 
 
 def _child(listener: socket.socket, connection: socket.socket, descriptors: list[int], request: dict, run) -> None:
@@ -220,7 +242,7 @@ def why_cold(request: dict, environ: dict[str, str], code: str, cwd: str) -> str
     if request.get("python") != sys.executable:
         return f"another Python ({request.get('python')})"
     if request.get("code") != code:
-        return "the code changed since the worker started"
+        return CODE_CHANGED
     theirs, ours = _comparable(request.get("env") or {}, request.get("cwd") or "/"), _comparable(environ, cwd)
     differing = sorted(name for name in set(theirs) ^ set(ours) | {
         name for name in set(theirs) & set(ours) if theirs[name] != ours[name]})

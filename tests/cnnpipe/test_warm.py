@@ -5,7 +5,9 @@ runs commands through a real one."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 
 from cnnpipe.server import warm
 
@@ -65,3 +67,59 @@ def test_the_code_fingerprint_moves_when_a_source_changes(tmp_path, monkeypatch)
     before = warm.code_fingerprint()
     os.utime(source, ns=(2, 2))
     assert warm.code_fingerprint() != before == "1:1"
+
+
+# A worker whose code is the text of a file, which runs a command by writing its arguments, the code
+# it ran on and its PID to the file the command names: the same loop as the real one, in a second.
+TOY_WORKER = """
+import os, sys
+from pathlib import Path
+from cnnpipe.server import warm
+warm.PRELOADED = ()
+code = Path(sys.argv[2])
+warm.code_fingerprint = code.read_text
+
+def run():
+    Path(sys.argv[-1]).write_text(f"{warm.code_fingerprint()} {os.getpid()}")
+
+warm.serve(Path(sys.argv[1]), lambda: None, run)
+"""
+
+
+def test_a_worker_whose_code_changed_starts_again_on_it_and_serves_again(tmp_path, monkeypatch):
+    socket_path, code, log = tmp_path / "warm.sock", tmp_path / "code", tmp_path / "warm.log"
+    code.write_text("v1")
+    monkeypatch.setattr(warm, "code_fingerprint", code.read_text)
+    environ = dict(os.environ)
+    with open(log, "ab") as output:
+        worker = subprocess.Popen([sys.executable, "-c", TOY_WORKER, str(socket_path), str(code)], env=environ,
+                                  cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+    monkeypatch.chdir(tmp_path)
+
+    def served(argv: list[str]) -> int | None:
+        deadline = time.monotonic() + 60
+        while not socket_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return warm.run_warm(argv, environ, socket_path)
+
+    def wait_for_ready(times: int) -> None:
+        deadline = time.monotonic() + 60
+        while log.read_text().count("ready at") < times and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    try:
+        wait_for_ready(1)
+        assert served(["ingest", "first"]) == 0
+        ran_on, child = (tmp_path / "first").read_text().split()
+        assert ran_on == "v1" and int(child) != worker.pid
+        code.write_text("v2")  # an upgrade: the command and the worker's sources now say v2
+        assert served(["ingest", "second"]) is None and not (tmp_path / "second").exists()
+        wait_for_ready(2)
+        assert served(["ingest", "third"]) == 0
+        assert (tmp_path / "third").read_text().split()[0] == "v2"
+        assert worker.poll() is None  # the same process, on the new code: `server stop` still finds it
+        assert f"not served, as {warm.CODE_CHANGED}: cnnpipe ingest second" in log.read_text()
+        assert "starting again on the new code" in log.read_text()
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
