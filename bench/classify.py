@@ -201,7 +201,8 @@ def main() -> None:
         base = baseline(scratch / "folder" / "test", predictor, scratch / "baseline.duckdb")
         pipeline = statistics.median(
             classify_source(open_source(str(test_tar)), InstantModel(predictor), scratch / f"instant-{repeat}.duckdb",
-                            scratch / "staging", f"bench-instant-{repeat}").images_per_second for repeat in range(3))
+                            scratch / "staging", f"bench-instant-{repeat}").images_per_second
+            for repeat in range(min(3, args.repeats)))
         if args.profile:  # a run of its own: the profiler's cost per call would skew the rates above
             profile = cProfile.Profile()
             profiled = profile.runcall(classify_source, open_source(str(test_tar)), predictor,

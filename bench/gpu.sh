@@ -36,7 +36,7 @@ if $dry_run; then
   "$PY" bench/mini_cifar.py "$scratch/shared/data/cifar10-jpeg.tar.gz" --train-per-class 30 --test-per-class 10 \
     || exit 1
   train_sizes=(--subset 10 --batch-size 16 --steps 2 --alexnet-per-class 1)
-  classify_sizes=(--images 100 --batch-size 50)
+  classify_sizes=(--images 100 --batch-size 50 --repeats 1)
   accuracy_sizes=(--seeds 1 --epochs 1 --train-per-class 30 --test-per-class 10)
   report_flags=(--dry-run)
 else

@@ -2,8 +2,8 @@
 
 `FAILPOINT=parquet.after_rowgroup FAILPOINT_AFTER=3 FAILPOINT_ACTION=kill` kills the
 process on the third row group. Actions: kill (SIGKILL), exit (os._exit(137)),
-enospc (OSError: no space left), eio (a transient OSError), hang (sleeps an hour),
-raise (RuntimeError). Timed kills are flaky on two cores;
+enospc (OSError: no space left), eio (a transient OSError), hang (says so on stderr,
+then sleeps an hour), raise (RuntimeError). Timed kills are flaky on two cores;
 these are not.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -35,6 +36,8 @@ def failpoint(name: str, key: Callable[[], str] | None = None) -> None:
     elif action == "exit":
         os._exit(137)
     elif action == "hang":
+        # Said, so a test knows the process is held here rather than only slow on a loaded machine.
+        print(f"failpoint {name}: hanging", file=sys.stderr, flush=True)
         time.sleep(3600)
     elif action in ("enospc", "eio"):
         code = errno.ENOSPC if action == "enospc" else errno.EIO

@@ -24,7 +24,11 @@ CIFAR_TARBALL = SHARED / "data" / "cifar10-jpeg.tar.gz"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`device` tests skip where there is no GPU, so the suite passes on any machine."""
+    """Modules holding a `minutes` test first, each kept whole (its module fixtures are set up once):
+    xdist hands tests out in this order, and a test of minutes started last would leave the other
+    worker idle that long. `device` tests skip where there is no GPU, so the suite passes on any machine."""
+    long_modules = {item.module for item in items if item.get_closest_marker("minutes")}
+    items.sort(key=lambda item: item.module not in long_modules)
     marked = [item for item in items if item.get_closest_marker("device")]
     if not marked:
         return

@@ -16,6 +16,7 @@ STEPS = ["train", "time-to-accuracy", "classify", "device-tests"]
 
 
 @pytest.mark.slow
+@pytest.mark.minutes
 @pytest.mark.timeout(900)
 def test_the_dry_run_runs_every_step_and_prints_one_table(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}

@@ -19,6 +19,9 @@ import pytest
 
 from tests.imagefactory import write_class_folders
 
+# Its module fixture is costly: every test of the module runs on one xdist worker, which builds it once.
+pytestmark = pytest.mark.xdist_group("server")
+
 # What main() leaves in PREFECT_API_URL, run as the `cnnpipe` script runs it.
 PROBE = """
 import os, sys, time
@@ -173,13 +176,6 @@ def served_lines(home: Path) -> list[str]:
     return [line for line in (home / "server" / "warm.log").read_text().splitlines() if " pid " in line or "not served" in line]
 
 
-def idle(process: psutil.Process) -> bool:
-    """Whether `process` used no CPU for a second: held at a `hang` failpoint."""
-    before = sum(process.cpu_times()[:2])
-    time.sleep(1)
-    return sum(process.cpu_times()[:2]) - before < 0.02
-
-
 def wait_for(condition, what: str, seconds: float = 180):
     deadline = time.monotonic() + seconds
     while not (found := condition()):
@@ -214,18 +210,21 @@ def test_flow_commands_run_in_a_fork_of_the_warm_worker_and_end_with_their_comma
         wait_for((home / "server" / "warm.sock").exists, "second warm worker ready")
         for number in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
             served_before = len(served_lines(home))
-            command = subprocess.Popen([sys.executable, "-m", "cnnpipe.cli", "ingest", str(tmp_path / "pets"),
-                                        "--dataset", f"held-{number}"], env=env, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.PIPE, text=True)
+            errors = tmp_path / f"held-{number}.err"
+            with open(errors, "w") as stderr:
+                command = subprocess.Popen([sys.executable, "-m", "cnnpipe.cli", "ingest", str(tmp_path / "pets"),
+                                            "--dataset", f"held-{number}"], env=env, stdout=subprocess.DEVNULL,
+                                           stderr=stderr)
             line = wait_for(lambda: served_lines(home)[served_before:], "ingest served")[0]
             child = psutil.Process(int(line.split()[3].rstrip(":")))
-            wait_for(lambda: idle(child), "ingest held at its failpoint", seconds=120)
+            wait_for(lambda: "failpoint store.before_manifest: hanging" in errors.read_text(),
+                     "ingest held at its failpoint", seconds=120)
             command.send_signal(number)
-            _, errors = command.communicate(timeout=120)  # never, were the signal not passed on
+            command.wait(timeout=120)  # never, were the signal not passed on
             if number == signal.SIGKILL:
                 assert command.returncode == -signal.SIGKILL
             else:
-                assert command.returncode not in (0, None), errors[-2000:]
+                assert command.returncode not in (0, None), errors.read_text()[-2000:]
             wait_for(lambda: not child.is_running(), "end of the worker's child", seconds=30)
     finally:
         worker.terminate()

@@ -21,6 +21,9 @@ from cnnpipe.sources import open_source
 from cnnpipe.store import DatasetStore, IngestOptions
 from tests.imagefactory import write_class_folders
 
+# Its module fixture is costly: every test of the module runs on one xdist worker, which builds it once.
+pytestmark = pytest.mark.xdist_group("training-faults")
+
 
 def unfinished_run(home: Path, shapes_dataset: Path, shapes_checkpoints: list[Path]) -> Path:
     """The shapes in `home`, and under its checkpoints a copy of the session's 2-epoch run, left unfinished."""

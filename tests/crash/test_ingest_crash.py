@@ -14,7 +14,7 @@ import pytest
 from cnnpipe.store import DatasetStore
 from tests.imagefactory import write_class_folders
 
-pytestmark = [pytest.mark.crash, pytest.mark.slow]
+pytestmark = [pytest.mark.xdist_group("ingest-crash"), pytest.mark.crash, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from PIL import Image
 from cnnpipe.demo import SHAPES, encode, render_shape, write_demo_images
 from tests.e2e.servers import BIN, http_ready, mlflow_server, postgres, prefect_server, process, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.minutes, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -24,7 +24,7 @@ from flows.train import train
 from tests.e2e.servers import free_port, process
 
 s3fs = pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed")
-pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
+pytestmark = [pytest.mark.xdist_group("object-storage"), pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

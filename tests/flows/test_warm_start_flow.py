@@ -31,6 +31,7 @@ def shapes_in_home(shapes_dataset, cnnpipe_home):
     return cnnpipe_home
 
 
+@pytest.mark.minutes
 def test_retrain_fine_tunes_the_champion_links_its_run_and_falls_back_to_scratch(shapes_in_home, register_version,
                                                                               trained_on_shapes):
     learned = Path(trained_on_shapes.checkpoint)
