@@ -44,17 +44,36 @@ def ray_address(tmp_path_factory):
         subprocess.run([RAY, "stop", "--force"], env=env, check=False, capture_output=True, timeout=120)
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """An untrained alexnet-cifar with an embedding projection: what the rows hold matters here, not how
+    right they are, and this session runs alone, where training the shared shapes model cost seconds."""
+    import torch
+
+    from cnn.embeddings import fit_projection, save_projection
+    from cnn.model import build_model
+
+    path = tmp_path_factory.mktemp("untrained") / "model.pt"
+    torch.manual_seed(0)
+    model = build_model("alexnet-cifar", 2)
+    save_projection(fit_projection(torch.randn(64, model.classifier[-1].in_features)), path.parent)
+    torch.save({"model": model.state_dict(), "classes": ["a", "b"],
+                "config": {"dataset_dir": "untrained", "model": "alexnet-cifar", "norm": "lrn", "padding": "zeros",
+                           "pool": "max", "dropout": 0.5},
+                "colour_stats": {"mean": [0.5] * 3, "std": [0.25] * 3, "eigenvalues": [0.0] * 3,
+                                 "eigenvectors": torch.eye(3).tolist()}}, path)
+    return str(path)
+
+
 def _rows() -> list[tuple]:
     with duckdb.connect(str(get_settings().predictions_db), read_only=True) as connection:
         return connection.execute("SELECT image_sha256, member_path, label, round(confidence, 4) FROM predictions "
                                   "ORDER BY image_sha256").fetchall()
 
 
-def test_sharded_classification_writes_the_rows_of_a_local_run(ray_address, tmp_path, shapes_checkpoints,
-                                                               monkeypatch):
+def test_sharded_classification_writes_the_rows_of_a_local_run(ray_address, tmp_path, checkpoint, monkeypatch):
     write_class_folders(tmp_path / "inbox", {"a": 40, "b": 40})
     (tmp_path / "inbox" / "a" / "broken.jpg").write_bytes(b"not an image")
-    checkpoint = str(shapes_checkpoints[-1])
     local = classify(str(tmp_path / "inbox"), checkpoint=checkpoint, device="cpu")
     expected = _rows()
 
@@ -78,9 +97,8 @@ def _shard_workers(task: str = "classify-shard") -> list[psutil.Process]:
     return found
 
 
-def test_a_killed_ray_worker_loses_and_duplicates_nothing(ray_address, tmp_path, shapes_checkpoints):
+def test_a_killed_ray_worker_loses_and_duplicates_nothing(ray_address, tmp_path, checkpoint):
     write_class_folders(tmp_path / "inbox", {"a": 1000, "b": 1000, "c": 1000})  # seeds stay distinct
-    checkpoint = str(shapes_checkpoints[-1])
     outcome: dict = {}
 
     def run() -> None:
