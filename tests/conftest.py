@@ -28,7 +28,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     xdist hands tests out in this order, and a test of minutes started last would leave the other
     worker idle that long. `device` tests skip where there is no GPU, so the suite passes on any machine."""
     long_modules = {item.module for item in items if item.get_closest_marker("minutes")}
-    items.sort(key=lambda item: item.module not in long_modules)
+    # Of those, one that needs the session's trained shapes model first: built early, while the other
+    # worker runs the groups, it is ready by the time that worker's tests ask for it, not awaited.
+    building = {item.module for item in items if "trained_on_shapes" in item.fixturenames} & long_modules
+    items.sort(key=lambda item: (item.module not in long_modules, item.module not in building))
     marked = [item for item in items if item.get_closest_marker("device")]
     if not marked:
         return

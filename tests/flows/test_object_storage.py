@@ -14,7 +14,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from cnnpipe.demo import write_demo_images
+from cnnpipe.demo import SHAPES, write_demo_images
 from cnnpipe.models.params import TrainingParams
 from cnnpipe.settings import get_settings
 from cnnpipe.store import DatasetStore
@@ -25,6 +25,10 @@ from tests.e2e.servers import free_port, process
 
 s3fs = pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed")
 pytestmark = [pytest.mark.xdist_group("object-storage"), pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
+
+
+PER_CLASS, ARCHIVE_PER_CLASS = 30, 10
+IMAGES, ARCHIVED = PER_CLASS * len(SHAPES), ARCHIVE_PER_CLASS * len(SHAPES)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,8 @@ def bucket(s3_endpoint, monkeypatch, tmp_path):
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     name = f"images-{os.getpid()}-{tmp_path.name[-8:].lower().replace('_', '-')}"
     fs.mkdir(name)
-    folder, archive = write_demo_images(tmp_path / "demo")
+    # A fifth of the demo's shapes: every file is a request to the moto server.
+    folder, archive = write_demo_images(tmp_path / "demo", per_class=PER_CLASS, archive_per_class=ARCHIVE_PER_CLASS)
     fs.put(str(folder), f"{name}/shapes", recursive=True)
     fs.put(str(archive), f"{name}/more-shapes.tar")
     s3fs.S3FileSystem.clear_instance_cache()
@@ -57,17 +62,17 @@ def bucket(s3_endpoint, monkeypatch, tmp_path):
 
 def test_ingest_and_classify_from_s3(bucket, shapes_checkpoints):
     summary = ingest(source=f"s3://{bucket}/shapes", dataset="from-s3")
-    assert summary.added == 600 and {r.reason for r in summary.rejected} == {"truncated", "unidentified"}
+    assert summary.added == IMAGES and {r.reason for r in summary.rejected} == {"truncated", "unidentified"}
     assert summary.source_uri == f"s3://{bucket}/shapes"
-    assert DatasetStore("from-s3").manifest()["num_rows"] == 600
+    assert DatasetStore("from-s3").manifest()["num_rows"] == IMAGES
     assert ingest(source=f"s3://{bucket}/shapes", dataset="from-s3").added == 0  # incremental
 
     first = classify(f"s3://{bucket}/more-shapes.tar", checkpoint=str(shapes_checkpoints[-1]), device="cpu")
     again = classify(f"s3://{bucket}/more-shapes.tar", checkpoint=str(shapes_checkpoints[-1]), device="cpu")
-    assert (first.classified, again.classified, again.skipped) == (200, 0, 200)
+    assert (first.classified, again.classified, again.skipped) == (ARCHIVED, 0, ARCHIVED)
     with duckdb.connect(str(get_settings().predictions_db), read_only=True) as connection:
         assert connection.execute("SELECT count(*), any_value(source_uri) FROM predictions").fetchone() == \
-            (200, f"s3://{bucket}/more-shapes.tar")
+            (ARCHIVED, f"s3://{bucket}/more-shapes.tar")
 
 
 def test_the_dataset_store_on_s3_ingests_trains_and_serves_as_a_source(bucket, monkeypatch, s3_endpoint,
@@ -75,7 +80,7 @@ def test_the_dataset_store_on_s3_ingests_trains_and_serves_as_a_source(bucket, m
     monkeypatch.setenv("CNNPIPE_DATASETS_URL", f"s3://{bucket}/datasets")
     summary = ingest(source=f"s3://{bucket}/shapes", dataset="shapes")
     store = DatasetStore("shapes")
-    assert (summary.added, store.root) == (600, f"s3://{bucket}/datasets/shapes")
+    assert (summary.added, store.root) == (IMAGES, f"s3://{bucket}/datasets/shapes")
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     assert fs.exists(f"{bucket}/datasets/shapes/v000001/version.json")
     assert not (get_settings().home / "datasets").exists()
