@@ -189,6 +189,10 @@ def _child(listener: socket.socket, connection: socket.socket, descriptors: list
         listener.close()
         for number in (signal.SIGCHLD, signal.SIGTERM):
             signal.signal(number, signal.SIG_DFL)
+        # Ctrl-C is a KeyboardInterrupt, as in a new `cnnpipe` from a terminal, even when the worker was
+        # started with SIGINT ignored (in the background, or by a process that ignores it): the client
+        # forwards it, and an ignored one left the command running.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         for target, descriptor in zip((0, 1, 2), descriptors):
             os.dup2(descriptor, target)
         for descriptor in set(descriptors) - {0, 1, 2}:
