@@ -11,6 +11,9 @@ run of median time; each round's cnnpipe time against its own baseline (the floo
 floor and decode) gives the paired ratio, whose median the targets are judged on.
 
 - floor: read each file's bytes and write them to Parquet; no decoding, no hashing;
+- check bound (folders): read each file and decode it as ingest's check does at the least, with
+  libjpeg-turbo to greyscale, in as many processes as ingest decodes in, writing nothing: the time
+  below which no ingest that decodes every image can go on this machine;
 - cnnpipe: the store's full path: hash, deduplicate, decode every image, write Parquet,
   commit a version (the library call that the `ingest` flow's tasks make);
 - peer: `datasets.load_dataset("imagefolder")` followed by `to_parquet`;
@@ -111,6 +114,32 @@ def decode(source: str, out: str) -> int:
         return sum(pool.map(_decode_files, chunks))
 
 
+def _check_files(paths: list[str]) -> int:
+    import simplejpeg
+
+    for path in paths:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            data = os.read(descriptor, 1 << 24)
+        finally:
+            os.close(descriptor)
+        simplejpeg.decode_jpeg(data, colorspace="GRAY", strict=True)
+    return len(paths)
+
+
+def check_bound(source: str, out: str) -> int:
+    """Every JPEG of a folder read and decoded to greyscale by libjpeg-turbo, in ingest's decoding processes."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from cnn.cores import usable_cores
+
+    paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(source) for name in names)
+    chunks = [paths[start:start + 1024] for start in range(0, len(paths), 1024)]
+    with ProcessPoolExecutor(usable_cores(), mp_context=get_context("spawn")) as pool:
+        return sum(pool.map(_check_files, chunks))
+
+
 def cnnpipe_ingest(source: str, home: str) -> int:
     os.environ["CNNPIPE_HOME"] = home
     from cnnpipe.sources import open_source
@@ -160,9 +189,9 @@ def profiled_ingest(source: str, home: str) -> dict:
         for stage, functions in PROFILE_STAGES.items()}}
 
 
-CASES = {"floor": floor, "decode": decode, "cnnpipe": cnnpipe_ingest, "peer": peer, "profile": profiled_ingest}
+CASES = {"floor": floor, "decode": decode, "check": check_bound, "cnnpipe": cnnpipe_ingest, "peer": peer, "profile": profiled_ingest}
 # Imported before the clock starts: interpreter start-up is not ingestion, for any case.
-IMPORTS = {"floor": ["pyarrow.parquet"], "decode": ["PIL.Image", "cnn.cores"], "cnnpipe": ["cnnpipe.store", "cnnpipe.sources"],
+IMPORTS = {"floor": ["pyarrow.parquet"], "decode": ["PIL.Image", "cnn.cores"], "check": ["simplejpeg", "cnn.cores"], "cnnpipe": ["cnnpipe.store", "cnnpipe.sources"],
            "peer": ["datasets"], "profile": ["cnnpipe.store", "cnnpipe.sources"]}
 
 
@@ -177,14 +206,15 @@ def run_case(case: str, source: str) -> dict:
         return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def run_cases(cases: tuple[str, ...], source: str, repeats: int) -> tuple[list[dict], float]:
+def run_cases(cases: tuple[str, ...], source: str, repeats: int, baselines: int | None = None) -> tuple[list[dict], float]:
     """Each case `repeats` times, the cases in turns: for each case its run of median time, and the
-    median over the rounds of the last case's time against the largest of the others' in that round.
-    On a shared VM one case's time moved by half from one run to the next, and its baseline's with it."""
+    median over the rounds of the last case's time against the largest of the first `baselines` cases'
+    (all the others by default) in that round. On a shared VM one case's time moved by half from one
+    run to the next, and its baseline's with it."""
     rounds = [[run_case(case, source) for case in cases] for _ in range(repeats)]
     medians = [sorted((round_[index] for round_ in rounds), key=lambda result: result["seconds"])[repeats // 2]
                for index in range(len(cases))]
-    paired = statistics.median(round_[-1]["seconds"] / max(result["seconds"] for result in round_[:-1])
+    paired = statistics.median(round_[-1]["seconds"] / max(result["seconds"] for result in round_[:baselines or -1])
                                for round_ in rounds)
     return medians, paired
 
@@ -235,13 +265,20 @@ def main() -> None:
         rows = []
         profile = None
         for label, source in (("folder", str(folder)), ("tar.gz", str(CIFAR))):
-            (floor_result, ours), paired = run_cases(("floor", "cnnpipe"), source, args.repeats)
+            if label == "folder":
+                (floor_result, bound, ours), paired = run_cases(("floor", "check", "cnnpipe"), source, args.repeats,
+                                                                baselines=1)
+            else:
+                (floor_result, ours), paired = run_cases(("floor", "cnnpipe"), source, args.repeats)
             if label == "folder" and args.profile:  # a run of its own: the profiler's cost skews its time
                 profile = run_case("profile", source)
                 profile["floor"] = floor_result["seconds"]
             rows.append((f"cnnpipe, {label}", ours, ours["seconds"] / floor_result["seconds"],
                          f"<= 1.25x floor: {paired:.2f}x paired"))
             rows.append((f"floor, {label}", floor_result, 1.0, ""))
+            if label == "folder":
+                rows.append(("check bound, folder", bound, bound["seconds"] / floor_result["seconds"],
+                             f"decoding alone; cnnpipe {ours['seconds'] / bound['seconds']:.2f}x it"))
             if label == "folder" and not args.skip_peer:
                 peer_result = run_case("peer", source)
                 rows.append(("HF datasets, folder", peer_result, peer_result["seconds"] / floor_result["seconds"],

@@ -196,8 +196,8 @@ def test_sigkill_after_a_commit_then_rerun_gives_exactly_one_row_per_image(inbox
     env = {**os.environ, "FAILPOINT": "duckdb.after_commit", "FAILPOINT_AFTER": "2", "FAILPOINT_ACTION": "kill"}
     killed = subprocess.run([*arguments, "killed"], env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    # Two committed parts of 16, each with its embeddings in the same transaction.
-    assert query("SELECT count(*) FROM predictions") == query("SELECT count(*) FROM embeddings") == [(32,)]
+    # Two committed parts, of 16 and then 32 (parts grow), each with its embeddings in the same transaction.
+    assert query("SELECT count(*) FROM predictions") == query("SELECT count(*) FROM embeddings") == [(48,)]
     clean_env = {k: v for k, v in os.environ.items() if not k.startswith("FAILPOINT")}
     rerun = subprocess.run([*arguments, "rerun"], env=clean_env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
