@@ -189,10 +189,11 @@ def profiled_ingest(source: str, home: str) -> dict:
         for stage, functions in PROFILE_STAGES.items()}}
 
 
-CASES = {"floor": floor, "decode": decode, "check": check_bound, "cnnpipe": cnnpipe_ingest, "peer": peer, "profile": profiled_ingest}
+CASES = {"floor": floor, "decode": decode, "check": check_bound, "cnnpipe": cnnpipe_ingest, "peer": peer,
+         "profile": profiled_ingest}
 # Imported before the clock starts: interpreter start-up is not ingestion, for any case.
-IMPORTS = {"floor": ["pyarrow.parquet"], "decode": ["PIL.Image", "cnn.cores"], "check": ["simplejpeg", "cnn.cores"], "cnnpipe": ["cnnpipe.store", "cnnpipe.sources"],
-           "peer": ["datasets"], "profile": ["cnnpipe.store", "cnnpipe.sources"]}
+IMPORTS = {"floor": ["pyarrow.parquet"], "decode": ["PIL.Image", "cnn.cores"], "check": ["simplejpeg", "cnn.cores"],
+           "cnnpipe": ["cnnpipe.store", "cnnpipe.sources"], "peer": ["datasets"], "profile": ["cnnpipe.store", "cnnpipe.sources"]}
 
 
 def run_case(case: str, source: str) -> dict:
@@ -206,7 +207,8 @@ def run_case(case: str, source: str) -> dict:
         return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def run_cases(cases: tuple[str, ...], source: str, repeats: int, baselines: int | None = None) -> tuple[list[dict], float]:
+def run_cases(cases: tuple[str, ...], source: str, repeats: int,
+              baselines: int | None = None) -> tuple[list[dict], float]:
     """Each case `repeats` times, the cases in turns: for each case its run of median time, and the
     median over the rounds of the last case's time against the largest of the first `baselines` cases'
     (all the others by default) in that round. On a shared VM one case's time moved by half from one

@@ -6,8 +6,9 @@ before decoding. The rest are validated and normalised exactly as ingestion does
 batches, while a background thread reads and hashes the next ones. Predictions are
 committed a part at a time (PART_ROWS images, then twice as many each time up to MAX_PART_ROWS),
 each in one short transaction with `ON CONFLICT DO NOTHING`, so a killed run keeps every part
-it committed and a rerun adds each image exactly once. A part that cannot commit, and every part of one shard of a
-distributed run, is staged as Parquet (written aside, then renamed) for a later commit.
+it committed and a rerun adds each image exactly once. A part that cannot commit, and every
+part of one shard of a distributed run, is staged as Parquet (written aside, then renamed) for
+a later commit.
 """
 
 from __future__ import annotations

@@ -212,7 +212,7 @@ def _decode_plain_jpeg(data: bytes, keep_pixels: bool = False) -> tuple[int, int
     file libjpeg-turbo complains about, returns None and gets Pillow's full treatment,
     so the two paths accept and reject the same files.
     """
-    if data.find(b"Exif\x00\x00", 0, 65536) != -1:
+    if _may_have_exif(data):
         return None
     try:
         height, width, colourspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -223,6 +223,35 @@ def _decode_plain_jpeg(data: bytes, keep_pixels: bool = False) -> tuple[int, int
     except ValueError:
         return None
     return width, height, pixels
+
+
+# A file this small is scanned whole for EXIF's signature faster than its markers are walked.
+_EXIF_SCAN_BYTES = 16384
+
+
+def _may_have_exif(data: bytes) -> bool:
+    """Whether a JPEG's header may hold EXIF, an APP1 segment that starts `Exif\\0\\0`, as Pillow reads it.
+    A larger file's markers are walked up to its scan: scanning a 50 KB photo whole for the signature
+    cost 40 of its check's 550 us, and the first 64 KB alone missed an EXIF segment placed after a
+    large ICC profile. True also when the markers cannot be walked: Pillow then has the file."""
+    if len(data) <= _EXIF_SCAN_BYTES:
+        return data.find(b"Exif\x00\x00") != -1
+    offset = 2
+    while offset + 4 <= len(data):
+        if data[offset] != 0xFF:
+            return True
+        marker = data[offset + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            offset += 1
+        elif marker == 0xDA:  # the scan starts: no EXIF can follow
+            return False
+        elif 0xD0 <= marker <= 0xD8 or marker == 0x01:  # markers without a length
+            offset += 2
+        elif marker == 0xE1 and data[offset + 4:offset + 10] == b"Exif\x00\x00":
+            return True
+        else:
+            offset += 2 + int.from_bytes(data[offset + 2:offset + 4], "big")
+    return True
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -129,6 +129,20 @@ def test_exif_orientation_is_applied_and_cleared():
     assert (again.width, again.height) == (20, 40)
 
 
+def test_exif_orientation_behind_64_kb_of_other_segments_is_applied_too():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(noise_image(8, size=(40, 20)), "JPEG", exif=exif.tobytes())
+    comment = b"\xff\xfe" + (2 + 40_000).to_bytes(2, "big") + bytes(40_000)
+    padded = data[:2] + comment + comment + data[2:]
+    assert padded.find(b"Exif\x00\x00") > 65_536
+    checked = check_image(padded)
+    assert (checked.width, checked.height) == (20, 40) and checked.encoded is not None
+    # The same file without its EXIF is kept byte for byte, as any plain JPEG is.
+    plain = encode(noise_image(8, size=(40, 20)), "JPEG")
+    assert check_image(plain[:2] + comment + comment + plain[2:]).encoded is None
+
+
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
 def test_animations_keep_frame_zero_and_record_the_frame_count(fmt):
     frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
