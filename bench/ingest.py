@@ -22,7 +22,7 @@ floor and decode) gives the paired ratio, whose median the targets are judged on
 - photos: PHOTOS JPEGs of 500x375, bench/photos.py's synthetic photos (textured, about
   50 KB each, written once per run), where decoding rather than copying bytes is the floor.
   Its second baseline, decode, reads every file and decodes it fully with Pillow in as many
-  processes as ingest decodes in (one a core).
+  processes as ingest decodes in (one a core), started as ingest's are.
 
 With --profile, one more cnnpipe run on the folder, under cProfile in its main process, gives
 a table of where that process spends the run (reading, hashing, waiting for the decoders,
@@ -100,17 +100,24 @@ def _decode_files(paths: list[str]) -> int:
     return len(paths)
 
 
-def decode(source: str, out: str) -> int:
-    """Every file of a folder read and fully decoded by Pillow, in ingest's decoding processes."""
+def _pool(preload: str):
+    """Processes as ingest's decoders are: one a core, forked from a server that imported `preload`."""
     from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
+    from multiprocessing import get_all_start_methods, get_context
 
-    paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(source) for name in names)
-    chunks = [paths[start:start + 256] for start in range(0, len(paths), 256)]
     from cnn.cores import usable_cores
 
-    workers = usable_cores()
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    context = get_context("forkserver" if "forkserver" in get_all_start_methods() else "spawn")
+    if context.get_start_method() == "forkserver":
+        context.set_forkserver_preload([preload])
+    return ProcessPoolExecutor(usable_cores(), mp_context=context)
+
+
+def decode(source: str, out: str) -> int:
+    """Every file of a folder read and fully decoded by Pillow, in processes started as ingest's decoders."""
+    paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(source) for name in names)
+    chunks = [paths[start:start + 256] for start in range(0, len(paths), 256)]
+    with _pool("PIL.Image") as pool:
         return sum(pool.map(_decode_files, chunks))
 
 
@@ -128,15 +135,11 @@ def _check_files(paths: list[str]) -> int:
 
 
 def check_bound(source: str, out: str) -> int:
-    """Every JPEG of a folder read and decoded to greyscale by libjpeg-turbo, in ingest's decoding processes."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
-    from cnn.cores import usable_cores
-
+    """Every JPEG of a folder read and decoded to greyscale by libjpeg-turbo, in processes started as
+    ingest's decoders."""
     paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(source) for name in names)
     chunks = [paths[start:start + 1024] for start in range(0, len(paths), 1024)]
-    with ProcessPoolExecutor(usable_cores(), mp_context=get_context("spawn")) as pool:
+    with _pool("simplejpeg") as pool:
         return sum(pool.map(_check_files, chunks))
 
 
@@ -229,6 +232,11 @@ def child(case: str, source: str, target: str) -> None:
     started = time.perf_counter()
     outcome = CASES[case](source, target)
     seconds = time.perf_counter() - started
+    # Ingest's decoders fork from a server that lives as long as this process: end it, so that their
+    # CPU time and memory count among its children's.
+    from multiprocessing import forkserver
+
+    forkserver._forkserver._stop()
     rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     workers = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(json.dumps({"seconds": seconds, "peak_rss_mb": rss / 1024, "children_cpu": workers.ru_utime + workers.ru_stime,

@@ -20,8 +20,27 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def start_worker(pids) -> None:
-    """A pool worker's initializer: tie its life to the parent's, then say its pid to the pool
-    (a SimpleQueue), which has no other way to end a call that hangs."""
+def _let_the_fork_server_end() -> None:
+    """A worker forked by multiprocessing's fork server holds the pipe whose closing tells the server
+    that its owner is gone, so the server outlived an owner killed with SIGKILL, and kept its workers
+    and the owner's stdout open. With this copy closed, the server ends with its owner and its
+    workers with it (`die_with_parent`)."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    alive = getattr(server, "_forkserver_alive_fd", None)
+    if alive is not None:
+        os.close(alive)
+        server._forkserver_alive_fd = None
+
+
+def start_worker(pids, environment: dict[str, str] | None = None) -> None:
+    """A pool worker's initializer: tie its life to the parent's, take the pool owner's `environment`
+    (a forked worker has its fork server's), then say its pid to the pool (a SimpleQueue), which has
+    no other way to end a call that hangs."""
     die_with_parent()
+    _let_the_fork_server_end()
+    if environment is not None and environment != os.environ:
+        os.environ.clear()
+        os.environ.update(environment)
     pids.put(os.getpid())

@@ -13,6 +13,7 @@ import sys
 import tarfile
 import time
 import zipfile
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import duckdb
@@ -286,6 +287,58 @@ def test_an_image_that_kills_its_decoder_is_rejected_and_the_rest_kept(tmp_path,
     summary = ingest(tmp_path / "src", "crashy", workers=2)
     assert summary.added == 599
     assert [(r.path, r.reason) for r in summary.rejected] == [("cat/0300.jpg", "decoder_crashed")]
+
+
+def test_a_call_after_a_decoder_died_fails_in_its_future_rather_than_at_submit(monkeypatch):
+    """Ingest submits the next chunk before it collects the one whose decoder died; the pool may know
+    by then, and that chunk must wait for the culprit's search rather than end the ingest."""
+    monkeypatch.setenv("FAILPOINT", "decode.image")  # seen by a worker forked from a server started without it
+    pool = decoders_module._DecoderPool(1)
+    try:
+        with pytest.raises(BrokenProcessPool):
+            pool.submit([jpeg(1)], None).result(timeout=60)
+        later = pool.submit([jpeg(2)], None)
+        with pytest.raises(BrokenProcessPool):
+            later.result(timeout=60)
+    finally:
+        pool.kill()
+
+
+_OWNER_OF_HUNG_DECODERS = """
+import time
+from multiprocessing import forkserver
+from cnnpipe.store.decoders import _DecoderPool
+from tests.imagefactory import jpeg
+pool = _DecoderPool(2)
+for seed in range(4):
+    pool.submit([jpeg(seed)], None)
+workers = [pool._pids.get() for _ in range(2)]
+print(*workers, forkserver._forkserver._forkserver_pid, flush=True)
+time.sleep(3600)
+"""
+
+
+def test_decoders_and_their_fork_server_end_with_an_owner_killed_by_sigkill():
+    import psutil
+
+    environment = {**os.environ, "FAILPOINT": "decode.image", "FAILPOINT_ACTION": "hang"}
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER_OF_HUNG_DECODERS], stdout=subprocess.PIPE, text=True,
+                             env=environment, cwd=Path(__file__).parents[2])
+    pids = [int(pid) for pid in owner.stdout.readline().split()]
+    assert len(pids) == 3 and all(psutil.pid_exists(pid) for pid in pids)
+    owner.kill()
+    owner.wait(30)
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 20
+    while any(map(alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in pids if alive(pid)]
 
 
 def test_an_image_whose_decoder_hangs_is_rejected_after_a_timeout(tmp_path, monkeypatch):
