@@ -13,7 +13,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 import os
-from multiprocessing import active_children, get_all_start_methods, get_context
+from multiprocessing import active_children, forkserver, get_all_start_methods, get_context
 
 from cnn.cores import usable_cores
 from cnnpipe.base.processes import start_worker
@@ -53,6 +53,10 @@ def _decoder_context():
         return get_context("spawn")
     context = get_context("forkserver")
     context.set_forkserver_preload(_DECODER_MODULES)
+    try:
+        forkserver.ensure_running()
+    except OSError:  # its socket's path is too long for AF_UNIX under a deep TMPDIR, say
+        return get_context("spawn")
     return context
 
 

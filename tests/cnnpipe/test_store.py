@@ -341,6 +341,20 @@ def test_decoders_and_their_fork_server_end_with_an_owner_killed_by_sigkill():
     assert not [pid for pid in pids if alive(pid)]
 
 
+def test_decoders_are_spawned_where_the_fork_server_cannot_start(tmp_path):
+    deep = tmp_path / ("d" * 100)  # a socket path under it is too long for AF_UNIX
+    deep.mkdir()
+    script = ("from cnnpipe.store.decoders import _DecoderPool\n"
+              "from tests.imagefactory import jpeg\n"
+              "pool = _DecoderPool(1)\n"
+              "print(pool.submit([jpeg(1), b'nope'], None).result(timeout=60)[1])\n"
+              "pool.shutdown()\n")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TMPDIR": str(deep)}, capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "unidentified" in done.stdout
+
+
 def test_an_image_whose_decoder_hangs_is_rejected_after_a_timeout(tmp_path, monkeypatch):
     images = write_class_folders(tmp_path / "src", {"cat": 300})
     monkeypatch.setattr(decoders_module, "CHUNK_TIMEOUT", 3.0)
