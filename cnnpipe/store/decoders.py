@@ -7,12 +7,12 @@ rest are kept.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-import os
 from multiprocessing import active_children, forkserver, get_all_start_methods, get_context
 
 from cnn.cores import usable_cores
@@ -47,7 +47,7 @@ _DECODER_MODULES = ["cnnpipe.base.processes", "cnnpipe.sources.images"]
 def _decoder_context():
     """Decoders fork from a server process that imported their modules once, as Python 3.14 does by
     default on Linux: a spawned decoder started an interpreter and imported NumPy, Pillow and the check,
-    0.18 CPU-s each, which on 2 cores was a fifth of ingesting 2,000 photos. Where there is no fork
+    0.18 CPU-s each, a sixth of the CPU that ingesting 2,000 photos took on 2 cores. Where there is no fork
     server, they are spawned."""
     if "forkserver" not in get_all_start_methods():
         return get_context("spawn")
