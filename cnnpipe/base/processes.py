@@ -1,6 +1,6 @@
 """What a worker process runs as it starts. It lives apart from the pools that start such workers,
-so that a spawned worker imports only this and the function it runs, not the store (pyarrow and
-the rest: a tenth of a second of CPU a worker, at every ingest)."""
+so that a worker, and the fork server it is forked from, imports only this and the function it
+runs, not the store (pyarrow and the rest: a tenth of a second of CPU a process, at every ingest)."""
 
 from __future__ import annotations
 
