@@ -17,6 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import duckdb
+import psutil
 import pyarrow.parquet as pq
 import pytest
 
@@ -319,8 +320,6 @@ time.sleep(3600)
 
 
 def test_decoders_and_their_fork_server_end_with_an_owner_killed_by_sigkill():
-    import psutil
-
     environment = {**os.environ, "FAILPOINT": "decode.image", "FAILPOINT_ACTION": "hang"}
     owner = subprocess.Popen([sys.executable, "-c", _OWNER_OF_HUNG_DECODERS], stdout=subprocess.PIPE, text=True,
                              env=environment, cwd=Path(__file__).parents[2])
