@@ -103,14 +103,11 @@ def _decode_files(paths: list[str]) -> int:
 def _pool(preload: str):
     """Processes as ingest's decoders are: one a core, forked from a server that imported `preload`."""
     from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_all_start_methods, get_context
 
     from cnn.cores import usable_cores
+    from cnnpipe.store.decoders import decoder_context
 
-    context = get_context("forkserver" if "forkserver" in get_all_start_methods() else "spawn")
-    if context.get_start_method() == "forkserver":
-        context.set_forkserver_preload([preload])
-    return ProcessPoolExecutor(usable_cores(), mp_context=context)
+    return ProcessPoolExecutor(usable_cores(), mp_context=decoder_context([preload]))
 
 
 def decode(source: str, out: str) -> int:
@@ -195,7 +192,8 @@ def profiled_ingest(source: str, home: str) -> dict:
 CASES = {"floor": floor, "decode": decode, "check": check_bound, "cnnpipe": cnnpipe_ingest, "peer": peer,
          "profile": profiled_ingest}
 # Imported before the clock starts: interpreter start-up is not ingestion, for any case.
-IMPORTS = {"floor": ["pyarrow.parquet"], "decode": ["PIL.Image", "cnn.cores"], "check": ["simplejpeg", "cnn.cores"],
+IMPORTS = {"floor": ["pyarrow.parquet"], "decode": ["PIL.Image", "cnn.cores", "cnnpipe.store.decoders"],
+           "check": ["simplejpeg", "cnn.cores", "cnnpipe.store.decoders"],
            "cnnpipe": ["cnnpipe.store", "cnnpipe.sources"], "peer": ["datasets"], "profile": ["cnnpipe.store", "cnnpipe.sources"]}
 
 

@@ -44,15 +44,15 @@ class _Pending:
 _DECODER_MODULES = ["cnnpipe.base.processes", "cnnpipe.sources.images"]
 
 
-def _decoder_context():
-    """Decoders fork from a server process that imported their modules once, as Python 3.14 does by
+def decoder_context(modules: list[str] = _DECODER_MODULES):
+    """Decoders fork from a server process that imported their `modules` once, as Python 3.14 does by
     default on Linux: a spawned decoder started an interpreter and imported NumPy, Pillow and the check,
     0.18 CPU-s each, a sixth of the CPU that ingesting 2,000 photos took on 2 cores. Where there is no fork
-    server, they are spawned."""
+    server, they are spawned. `bench/ingest.py` starts its decoding baselines with it too."""
     if "forkserver" not in get_all_start_methods():
         return get_context("spawn")
     context = get_context("forkserver")
-    context.set_forkserver_preload(_DECODER_MODULES)
+    context.set_forkserver_preload(modules)
     try:
         forkserver.ensure_running()
     except OSError:  # its socket's path is too long for AF_UNIX under a deep TMPDIR, say
@@ -66,7 +66,7 @@ class _DecoderPool:
     environment as it is now, which the fork server, started once, may not have (FAILPOINT, say)."""
 
     def __init__(self, workers: int):
-        context = _decoder_context()
+        context = decoder_context()
         self._pids = context.SimpleQueue()
         self.executor = ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker,
                                             initargs=(self._pids, dict(os.environ)))
