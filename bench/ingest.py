@@ -12,8 +12,8 @@ floor and decode) gives the paired ratio, whose median the targets are judged on
 
 - floor: read each file's bytes and write them to Parquet; no decoding, no hashing;
 - check bound (folders): read each file and decode it as ingest's check does at the least, with
-  libjpeg-turbo to greyscale, in as many processes as ingest decodes in, writing nothing: the time
-  below which no ingest that decodes every image can go on this machine;
+  libjpeg-turbo to greyscale, in as many processes as ingest decodes in, started as its decoders are
+  (their start-up included), writing nothing: reading and decoding alone, done as ingest does them;
 - work bound (folders): the floor's CPU time and the check's decoding CPU time, spread perfectly
   over the cores: what an ingest that both copies every file into Parquet and decodes every image
   needs at the least. Above 1.25x the floor, the folder's target is out of reach on this machine;
