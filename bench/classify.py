@@ -53,6 +53,7 @@ sys.path.insert(0, str(REPO))
 CIFAR = Path(os.environ.get("CNNPIPE_SHARED", REPO.parent / "shared")) / "data" / "cifar10-jpeg.tar.gz"
 
 from cnn.augment import ColourStats  # noqa: E402
+from cnn.cores import usable_cores  # noqa: E402
 from cnn.embeddings import fit_projection, save_projection  # noqa: E402
 from cnn.model import build_model  # noqa: E402
 from cnn.predict import PendingTopK, Predictor  # noqa: E402
@@ -245,8 +246,8 @@ def main() -> None:
     print(f"Paired: each cnnpipe run against the mean of the model-only runs either side of it "
           f"({', '.join(f'{ratio:.2f}' for ratio in paired)}), and against the run without embeddings after it; "
           f"the median of each")
-    cores = torch.get_num_threads() if args.device == "cpu" else 0
-    if cores:
+    if args.device == "cpu":
+        cores = usable_cores()
         per_10k = 10_000
         budget = cpu_budget(model_rate, statistics.median(model_cpu), 0.90, cores)
         print(f"CPU budget at 0.90 on {cores} cores, per {per_10k:,} images: the model alone took "

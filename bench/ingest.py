@@ -333,7 +333,7 @@ def main() -> None:
             photos = Path(scratch) / "photos"
             write_photo_dataset(photos, PHOTOS["classes"], PHOTOS["per_class"], 0, PHOTOS["size"])
             (floor_result, decode_result, ours), paired, _ = run_cases(("floor", "decode", "cnnpipe"), str(photos),
-                                                                    args.repeats)
+                                                                       args.repeats)
             base = max(floor_result["seconds"], decode_result["seconds"])
             width, height = PHOTOS["size"]
             rows.append((f"cnnpipe, {width}x{height}", ours, ours["seconds"] / base,
