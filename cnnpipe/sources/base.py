@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import os
 import re
@@ -81,6 +82,20 @@ class Refused(Exception):
 
     def entry(self, path: str, label: str | None = None, split: str | None = None) -> Entry:
         return Entry(path, label, split, reject_reason=self.reason, reject_detail=self.detail)
+
+
+# What reading or listing one file can fail with that is that file's own fault: it is refused and the
+# rest are read. Anything else (a network down, too many open files) ends the run, which a rerun resumes.
+_FILE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EIO, errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENXIO}
+
+
+def file_refusal(exc: OSError) -> Refused | None:
+    """Why a file whose reading raised `exc` is refused, or None where the error is not the file's."""
+    if isinstance(exc, FileNotFoundError):
+        return Refused("missing", "file not found")
+    if exc.errno in _FILE_ERRNOS:
+        return Refused("unreadable", f"cannot be read: {exc.strerror or type(exc).__name__}")
+    return None
 
 
 def regular_file_size(path: str, root: str) -> int:

@@ -7,7 +7,7 @@ import posixpath
 from collections.abc import Callable, Iterator
 
 from cnnpipe.sources.base import NOT_REGULAR, Entry, Refused, Source, _bad_name, _is_utf8, _skipped, \
-    regular_file_size, with_retries
+    file_refusal, regular_file_size, with_retries
 
 
 _READ_CHUNK = 1 << 20
@@ -44,14 +44,20 @@ class FolderSource(Source):
                 yield self._too_large(rel, size)
                 continue
             full = f"{root}/{rel}"
-            data = read(full, size)
-            if size is not None and len(data) != size:
-                # The file changed between listing and reading: read once more, then give up.
+            try:
                 data = read(full, size)
-                if len(data) != size:
-                    yield Entry(rel, None, None, reject_reason="changed_during_read",
-                                reject_detail=f"listed as {size} bytes, read {len(data)}")
-                    continue
+                if size is not None and len(data) != size:
+                    # The file changed between listing and reading: read once more, then give up.
+                    data = read(full, size)
+                    if len(data) != size:
+                        yield Entry(rel, None, None, reject_reason="changed_during_read",
+                                    reject_detail=f"listed as {size} bytes, read {len(data)}")
+                        continue
+            except OSError as exc:
+                if (refused := file_refusal(exc)) is None:
+                    raise
+                yield refused.entry(rel)
+                continue
             yield self._labelled(rel, data)
 
     def _listing(self, root: str) -> list[tuple[str, int | None, Refused | None]]:
@@ -64,7 +70,17 @@ class FolderSource(Source):
         # fsspec's local filesystem costs ~50 us a file; plain os calls keep listing cheap.
         real_root = os.path.realpath(root)
         found = []
-        for folder, subfolders, names in os.walk(root):
+
+        def unlisted(exc: OSError) -> None:
+            # A folder inside the source that cannot be listed is refused by name, not passed over in silence.
+            if isinstance(exc, FileNotFoundError) and exc.filename != root:
+                return  # removed since its parent was listed, as a file can be
+            if exc.filename == root or file_refusal(exc) is None:
+                raise exc
+            found.append((os.path.relpath(exc.filename, root), None,
+                          Refused("unreadable", f"a folder that cannot be listed: {exc.strerror}")))
+
+        for folder, subfolders, names in os.walk(root, onerror=unlisted):
             rel_folder = os.path.relpath(folder, root)
             # os.walk lists a link to a folder among the subfolders, and does not enter it.
             linked = [name for name in subfolders if os.path.islink(os.path.join(folder, name))]
@@ -75,6 +91,10 @@ class FolderSource(Source):
                 except FileNotFoundError:
                     continue
                 except Refused as refused:
+                    found.append((rel, None, refused))
+                except OSError as exc:  # a folder that can be listed but not searched
+                    if (refused := file_refusal(exc)) is None:
+                        raise
                     found.append((rel, None, refused))
         return sorted(found, key=lambda item: item[0])
 

@@ -10,8 +10,8 @@ import posixpath
 from collections.abc import Iterator
 
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.sources.base import SPLIT_NAMES, Entry, Refused, Source, UnsafePath, inside, regular_file_size, \
-    safe_relative_path, with_retries
+from cnnpipe.sources.base import SPLIT_NAMES, Entry, Refused, Source, UnsafePath, file_refusal, inside, \
+    regular_file_size, safe_relative_path, with_retries
 
 
 class ManifestSource(Source):
@@ -79,10 +79,12 @@ class ManifestSource(Source):
                     yield self._too_large(rel, size)
                     continue
                 data = with_retries(lambda: self.fs.cat_file(full))
-            except FileNotFoundError:
-                yield Entry(rel, label, split, reject_reason="missing", reject_detail="file not found")
-                continue
             except Refused as refused:
+                yield refused.entry(rel, label, split)
+                continue
+            except OSError as exc:
+                if (refused := file_refusal(exc)) is None:
+                    raise
                 yield refused.entry(rel, label, split)
                 continue
             yield Entry(rel, label, split, data, expected_sha256=expected)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import builtins
 import bz2
+import errno
 import gzip
 import io
 import lzma
@@ -260,6 +262,61 @@ def test_file_that_changes_between_listing_and_reading_is_rejected(tmp_path, mon
     assert set(good(entries)) == {"cat/0001.jpg"}
 
 
+def denied(monkeypatch, function: str, *paths: Path, code: int = errno.EACCES, module=os) -> None:
+    """`module.<function>` raises OSError `code` for `paths`, as for a file or folder without permission:
+    these tests run as root in CI, where chmod takes nothing away (checked by hand as an unprivileged user too)."""
+    real = getattr(module, function)
+    refused = {str(path) for path in paths}
+
+    def call(path, *args, **kwargs):
+        if os.fspath(path) in refused:
+            raise OSError(code, os.strerror(code), os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(module, function, call)
+
+
+def test_files_and_folders_that_cannot_be_read_are_refused_by_name_and_the_rest_are_read(tmp_path, monkeypatch):
+    root = tmp_path / "src"
+    write_class_folders(root, {"cat": 2, "dog": 1, "owl": 1, "emu": 1})
+    denied(monkeypatch, "open", root / "cat" / "0000.jpg")  # the file's own permission
+    denied(monkeypatch, "scandir", root / "dog")  # a folder that cannot be listed
+    denied(monkeypatch, "lstat", root / "owl" / "0000.jpg")  # a folder listed but not searchable
+    denied(monkeypatch, "open", root / "emu" / "0000.jpg", code=errno.EIO)  # a bad sector
+    entries = entries_of(str(root))
+    assert rejected(entries) == {"cat/0000.jpg": "unreadable", "dog": "unreadable", "owl/0000.jpg": "unreadable",
+                                 "emu/0000.jpg": "unreadable"}
+    details = {entry.path: entry.reject_detail for entry in entries if entry.reject_reason}
+    assert details["cat/0000.jpg"] == "cannot be read: Permission denied"
+    assert details["dog"] == "a folder that cannot be listed: Permission denied"
+    assert details["emu/0000.jpg"] == "cannot be read: Input/output error"
+    assert set(good(entries)) == {"cat/0001.jpg"}
+
+
+def test_an_error_that_is_not_the_files_still_ends_the_read(tmp_path, monkeypatch):
+    # Too many open files says nothing about this file: refusing it, and every one after it, would lose them.
+    write_class_folders(tmp_path / "src", {"cat": 2})
+    denied(monkeypatch, "open", tmp_path / "src" / "cat" / "0001.jpg", code=errno.EMFILE)
+    with pytest.raises(OSError, match="Too many open files"):
+        entries_of(str(tmp_path / "src"))
+
+
+def test_a_source_folder_that_cannot_be_listed_is_an_error_not_an_empty_source(tmp_path, monkeypatch):
+    write_class_folders(tmp_path / "src", {"cat": 1})
+    denied(monkeypatch, "scandir", tmp_path / "src")
+    with pytest.raises(PermissionError):
+        entries_of(str(tmp_path / "src"))
+
+
+def test_a_manifest_row_whose_file_cannot_be_read_is_refused_with_its_label(tmp_path, monkeypatch):
+    (tmp_path / "a.jpg").write_bytes(jpeg(1))
+    (tmp_path / "b.jpg").write_bytes(jpeg(2))
+    (tmp_path / "labels.csv").write_text("path,label\na.jpg,cat\nb.jpg,dog\n")
+    denied(monkeypatch, "open", tmp_path / "a.jpg", module=builtins)  # fsspec's local files open with it
+    entries = entries_of(str(tmp_path / "labels.csv"))
+    assert [(e.path, e.label, e.reject_reason) for e in entries] == [("a.jpg", "cat", "unreadable"), ("b.jpg", "dog", None)]
+
+
 def test_oversized_files_are_rejected_before_reading(tmp_path):
     write_class_folders(tmp_path / "src", {"cat": 1})
     (tmp_path / "src" / "cat" / "huge.jpg").write_bytes(os.urandom(5000))
@@ -374,6 +431,21 @@ def test_a_device_file_in_a_folder_is_refused_unopened(tmp_path):
     except PermissionError:
         pytest.skip("creating a device file needs CAP_MKNOD")
     assert rejected(entries_of(str(root))) == {"red/zero.jpg": "special_file"}
+
+
+@pytest.mark.timeout(120)
+def test_an_ingest_stores_the_readable_images_and_names_the_unreadable_one(tmp_path, monkeypatch):
+    from cnnpipe.settings import Settings
+    from cnnpipe.store import DatasetStore, IngestOptions
+
+    write_class_folders(tmp_path / "src", {"cat": 3, "dog": 2})
+    denied(monkeypatch, "open", tmp_path / "src" / "dog" / "0001.jpg")
+    store = DatasetStore("partly", Settings(home=tmp_path / "home", mlflow_tracking_uri=""))
+    with store.lock():
+        summary = store.commit(store.stage(open_source(str(tmp_path / "src")), IngestOptions(workers=0)))
+    assert [(r.path, r.reason, r.detail) for r in summary.rejected] == [
+        ("dog/0001.jpg", "unreadable", "cannot be read: Permission denied")]
+    assert summary.added == 4
 
 
 @pytest.mark.timeout(120)
