@@ -86,15 +86,17 @@ class Refused(Exception):
 
 # What reading or listing one file can fail with that is that file's own fault: it is refused and the
 # rest are read. Anything else (a network down, too many open files) ends the run, which a rerun resumes.
-_FILE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EIO, errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENXIO}
+# By class as well as by number: fsspec raises PermissionError for an HTTP 403 with no errno.
+_FILE_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError)
+_FILE_ERRNOS = {errno.EIO, errno.ELOOP, errno.ENXIO}
 
 
 def file_refusal(exc: OSError) -> Refused | None:
     """Why a file whose reading raised `exc` is refused, or None where the error is not the file's."""
     if isinstance(exc, FileNotFoundError):
         return Refused("missing", "file not found")
-    if exc.errno in _FILE_ERRNOS:
-        return Refused("unreadable", f"cannot be read: {exc.strerror or type(exc).__name__}")
+    if isinstance(exc, _FILE_ERRORS) or exc.errno in _FILE_ERRNOS:
+        return Refused("unreadable", f"cannot be read: {exc.strerror or exc}")
     return None
 
 

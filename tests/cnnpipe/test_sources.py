@@ -234,6 +234,28 @@ def test_flaky_remote_folder_is_read_after_retries(monkeypatch):
     assert calls["n"] == 3 and sleeps == [0.2, 0.4]
 
 
+def test_a_remote_file_refused_by_its_server_is_unreadable_and_an_outage_still_ends_the_read(monkeypatch):
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/guarded/cat/1.jpg", jpeg(1))
+    memory.pipe("/guarded/cat/2.jpg", jpeg(2))
+    original = type(memory).cat_file
+    failure = PermissionError("403 Forbidden")  # as fsspec's HTTP filesystem raises it: no errno
+
+    def guarded(self, path, *args, **kwargs):
+        if path.endswith("1.jpg"):
+            raise failure
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(type(memory), "cat_file", guarded)
+    entries = entries_of("memory://guarded")
+    assert rejected(entries) == {"cat/1.jpg": "unreadable"} and set(good(entries)) == {"cat/2.jpg"}
+    assert [e.reject_detail for e in entries if e.reject_reason] == ["cannot be read: 403 Forbidden"]
+    failure = ConnectionError("connection refused")
+    monkeypatch.setattr("cnnpipe.sources.base.time.sleep", lambda seconds: None)
+    with pytest.raises(ConnectionError):
+        entries_of("memory://guarded")
+
+
 def test_a_shard_is_a_copy_and_the_source_stays_whole(tmp_path):
     write_class_folders(tmp_path / "src", {"cat": 6, "dog": 6})
     source = open_source(str(tmp_path / "src"))
