@@ -84,18 +84,20 @@ class Refused(Exception):
         return Entry(path, label, split, reject_reason=self.reason, reject_detail=self.detail)
 
 
-# What reading or listing one file can fail with that is that file's own fault: it is refused and the
-# rest are read. Anything else (a network down, too many open files) ends the run, which a rerun resumes.
-# By class as well as by number: fsspec raises PermissionError for an HTTP 403 with no errno.
-_FILE_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError)
-_FILE_ERRNOS = {errno.EIO, errno.ELOOP, errno.ENXIO}
+# What reading or listing a local file can fail with that is that file's own fault: it is refused and
+# the rest are read. Anything else (too many open files, say) ends the run, which a rerun resumes.
+_FILE_ERRORS = (PermissionError, IsADirectoryError)
+_FILE_ERRNOS = {errno.EIO, errno.ELOOP, errno.ENXIO, errno.ENAMETOOLONG}
 
 
-def file_refusal(exc: OSError) -> Refused | None:
-    """Why a file whose reading raised `exc` is refused, or None where the error is not the file's."""
-    if isinstance(exc, FileNotFoundError):
+def file_refusal(exc: OSError, local: bool = True) -> Refused | None:
+    """Why a file whose reading raised `exc` is refused, or None where the error is not the file's.
+    On remote storage only a missing object is its own: s3fs raises PermissionError for an expired
+    token as for a denied object, and EIO for any error it does not know, so that refusing those
+    would refuse every file left in a long run."""
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
         return Refused("missing", "file not found")
-    if isinstance(exc, _FILE_ERRORS) or exc.errno in _FILE_ERRNOS:
+    if local and (isinstance(exc, _FILE_ERRORS) or exc.errno in _FILE_ERRNOS):
         return Refused("unreadable", f"cannot be read: {exc.strerror or exc}")
     return None
 

@@ -49,14 +49,14 @@ class FolderSource(Source):
                 if size is not None and len(data) != size:
                     # The file changed between listing and reading: read once more, then give up.
                     data = read(full, size)
-                    if len(data) != size:
-                        yield Entry(rel, None, None, reject_reason="changed_during_read",
-                                    reject_detail=f"listed as {size} bytes, read {len(data)}")
-                        continue
             except OSError as exc:
-                if (refused := file_refusal(exc)) is None:
+                if (refused := file_refusal(exc, self._local)) is None:
                     raise
                 yield refused.entry(rel)
+                continue
+            if size is not None and len(data) != size:
+                yield Entry(rel, None, None, reject_reason="changed_during_read",
+                            reject_detail=f"listed as {size} bytes, read {len(data)}")
                 continue
             yield self._labelled(rel, data)
 
@@ -72,13 +72,14 @@ class FolderSource(Source):
         found = []
 
         def unlisted(exc: OSError) -> None:
-            # A folder inside the source that cannot be listed is refused by name, not passed over in silence.
-            if isinstance(exc, FileNotFoundError) and exc.filename != root:
-                return  # removed since its parent was listed, as a file can be
-            if exc.filename == root or file_refusal(exc) is None:
+            # A folder inside the source that cannot be listed is refused by name, not passed over in silence;
+            # one that is gone since its parent was listed is passed over, as a file that is gone is.
+            refused = file_refusal(exc)
+            if exc.filename == root or refused is None:
                 raise exc
-            found.append((os.path.relpath(exc.filename, root), None,
-                          Refused("unreadable", f"a folder that cannot be listed: {exc.strerror}")))
+            if refused.reason != "missing":
+                found.append((os.path.relpath(exc.filename, root), None,
+                              Refused(refused.reason, f"a folder that cannot be listed: {exc.strerror}")))
 
         for folder, subfolders, names in os.walk(root, onerror=unlisted):
             rel_folder = os.path.relpath(folder, root)
@@ -92,7 +93,7 @@ class FolderSource(Source):
                     continue
                 except Refused as refused:
                     found.append((rel, None, refused))
-                except OSError as exc:  # a folder that can be listed but not searched
+                except OSError as exc:  # in a folder that can be listed but not searched, say
                     if (refused := file_refusal(exc)) is None:
                         raise
                     found.append((rel, None, refused))

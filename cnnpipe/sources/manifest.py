@@ -83,7 +83,7 @@ class ManifestSource(Source):
                 yield refused.entry(rel, label, split)
                 continue
             except OSError as exc:
-                if (refused := file_refusal(exc)) is None:
+                if (refused := file_refusal(exc, self._local)) is None:
                     raise
                 yield refused.entry(rel, label, split)
                 continue
