@@ -34,13 +34,13 @@ def _let_the_fork_server_end() -> None:
         server._forkserver_alive_fd = None
 
 
-def start_worker(pids, environment: dict[str, str] | None = None) -> None:
+def start_worker(pids, environment: dict[str, str]) -> None:
     """A pool worker's initializer: tie its life to the parent's, take the pool owner's `environment`
     (a forked worker has its fork server's), then say its pid to the pool (a SimpleQueue), which has
     no other way to end a call that hangs."""
     die_with_parent()
     _let_the_fork_server_end()
-    if environment is not None and environment != os.environ:
+    if environment != os.environ:
         os.environ.clear()
         os.environ.update(environment)
     pids.put(os.getpid())
