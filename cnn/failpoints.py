@@ -46,6 +46,11 @@ def failpoint(name: str, key: Callable[[], str] | None = None) -> None:
         raise RuntimeError(f"failpoint {name} triggered")
 
 
+def failpoint_armed(name: str) -> bool:
+    """Whether `failpoint(name)` may fire: a loop of many hits asks once, not once a hit."""
+    return os.environ.get("FAILPOINT") == name
+
+
 def reset() -> None:
     """Forget hit counts (tests that arm several failpoints in one process)."""
     _hits.clear()

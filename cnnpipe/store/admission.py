@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.sources import Entry, Source
-from cnnpipe.store.decoders import Result, _Pending
+from cnnpipe.store.decoders import _Pending
 from cnnpipe.store.records import Reject, StagedRun
 
 log = logging.getLogger("cnnpipe.store")
@@ -151,13 +151,14 @@ class Admission:
             reject_conflict(run, entry.path, stored)
         return None
 
-    def settle(self, item: _Pending, result: Result) -> bool:
-        """Take the decoder's verdict on `item` for it and its copies seen meanwhile; True to keep it."""
+    def settle(self, item: _Pending, refusal: tuple[str, str] | None) -> bool:
+        """Take the decoder's verdict on `item` for it and its copies seen meanwhile: True to keep
+        it, False when the decoder refused it with `refusal` (reason, detail)."""
         copies = self.waiting.pop(item.sha256)
-        if isinstance(result, tuple):
+        if refusal is not None:
             self.known.remove(item.sha256)
             for path in [item.entry.path, *copies]:
-                reject(self.run, path, *result)
+                reject(self.run, path, *refusal)
             return False
         self.run.duplicates += len(copies)
         return True

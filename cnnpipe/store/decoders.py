@@ -18,7 +18,7 @@ from multiprocessing import active_children, forkserver, get_all_start_methods, 
 from cnn.cores import usable_cores
 from cnnpipe.base.processes import start_worker
 from cnnpipe.sources import Entry
-from cnnpipe.sources.images import CheckedImage, check_batch
+from cnnpipe.sources.images import CheckedBatch, check_batch
 
 VALIDATION_CHUNK = 256
 # Or fewer, where images are large: a chunk of 256 photos kept a decoder busy for a sixth of a
@@ -28,9 +28,6 @@ VALIDATION_CHUNK_BYTES = 4 * 1024 * 1024
 # seconds, then its images are retried one by one with ITEM_TIMEOUT seconds each.
 CHUNK_TIMEOUT = 300.0
 ITEM_TIMEOUT = 30.0
-
-Result = CheckedImage | tuple[str, str]  # a decoded image, or (reason, detail) when refused
-
 
 @dataclass
 class _Pending:
@@ -120,11 +117,11 @@ class _Validator:
         if self.pool is not None:
             self.pool.shutdown()
 
-    def submit(self, chunk: list[_Pending]) -> Iterator[tuple[_Pending, Result]]:
+    def submit(self, chunk: list[_Pending]) -> Iterator[tuple[list[_Pending], CheckedBatch]]:
         datas = [item.entry.data for item in chunk]
         if self.workers == 0 or (self.pool is None and len(chunk) < VALIDATION_CHUNK):
             # Small sources are not worth starting processes for.
-            yield from zip(chunk, check_batch(datas, self.resize))
+            yield chunk, check_batch(datas, self.resize)
             return
         if self.pool is None:
             self.pool = _DecoderPool(self.workers)
@@ -132,22 +129,22 @@ class _Validator:
         while len(self.inflight) > 2 * self.workers:
             yield from self._collect()
 
-    def drain(self) -> Iterator[tuple[_Pending, Result]]:
+    def drain(self) -> Iterator[tuple[list[_Pending], CheckedBatch]]:
         while self.inflight:
             yield from self._collect()
 
-    def _collect(self) -> Iterator[tuple[_Pending, Result]]:
+    def _collect(self) -> Iterator[tuple[list[_Pending], CheckedBatch]]:
         chunk, future = self.inflight.popleft()
         try:
             results = future.result(timeout=CHUNK_TIMEOUT)
         except (BrokenProcessPool, TimeoutError):
             results = self._isolate(chunk)
-        yield from zip(chunk, results)
+        yield chunk, results
 
-    def _isolate(self, chunk: list[_Pending]) -> list[Result]:
+    def _isolate(self, chunk: list[_Pending]) -> CheckedBatch:
         """A decoder killed or hung a worker: find the culprit, keep the rest."""
         self.pool.kill()
-        results: list[Result] = []
+        results = CheckedBatch()
         remaining = chunk
         while remaining:
             # One worker runs them in order, so the first broken or late future is the culprit.
@@ -155,11 +152,11 @@ class _Validator:
             futures = [single.submit([item.entry.data], self.resize) for item in remaining]
             for index, future in enumerate(futures):
                 try:
-                    results.append(future.result(timeout=ITEM_TIMEOUT)[0])
+                    results.extend(future.result(timeout=ITEM_TIMEOUT))
                 except (BrokenProcessPool, TimeoutError) as exc:
-                    results.append(("decoder_crashed", "the decoding process died on this file")
-                                   if isinstance(exc, BrokenProcessPool)
-                                   else ("decode_timeout", f"decoding took over {ITEM_TIMEOUT:.0f} s"))
+                    results.refuse(*(("decoder_crashed", "the decoding process died on this file")
+                                     if isinstance(exc, BrokenProcessPool)
+                                     else ("decode_timeout", f"decoding took over {ITEM_TIMEOUT:.0f} s")))
                     remaining = remaining[index + 1:]
                     break
             else:

@@ -26,7 +26,8 @@ from cnnpipe.base.fsutil import atomic_write_json, fsync_dir
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.sources import Source
 from cnnpipe.store.admission import Admission, IngestOptions, _ImageIndex, reject_conflict, resolve_options
-from cnnpipe.store.decoders import VALIDATION_CHUNK, VALIDATION_CHUNK_BYTES, Result, _Pending, _Validator
+from cnnpipe.sources.images import CheckedBatch
+from cnnpipe.store.decoders import VALIDATION_CHUNK, VALIDATION_CHUNK_BYTES, _Pending, _Validator
 from cnnpipe.store.parts import _PartWriter, publish_rows
 from cnnpipe.store.records import StagedRun
 
@@ -105,29 +106,41 @@ class _Stager:
             self.accept(validator.drain())
         self.writer.close()
 
-    def accept(self, results: Iterator[tuple[_Pending, Result]]) -> None:
-        kept = [(item, result) for item, result in results if self.admission.settle(item, result)]
+    def accept(self, verdicts: Iterator[tuple[list[_Pending], CheckedBatch]]) -> None:
+        for chunk, batch in verdicts:
+            self._keep(chunk, batch)
+
+    def _keep(self, chunk: list[_Pending], batch: CheckedBatch) -> None:
+        settle, refused = self.admission.settle, batch.refused
+        kept = [index for index, item in enumerate(chunk) if settle(item, refused.get(index))]
         if not kept:
             return
+        whole = len(kept) == len(chunk)
+        items = chunk if whole else [chunk[index] for index in kept]
+
+        def column(values: list) -> list:
+            return values if whole else [values[index] for index in kept]
+
+        encoded = batch.encoded
         self.writer.add({
-            "sha256": [item.sha256 for item, _ in kept],
-            "image": [item.entry.data if r.encoded is None else r.encoded for item, r in kept],
-            "format": [r.format for _, r in kept],
-            "width": [r.width for _, r in kept],
-            "height": [r.height for _, r in kept],
-            "n_frames": [r.n_frames for _, r in kept],
-            "label": [item.label for item, _ in kept],
-            "split": [item.split for item, _ in kept],
-            "source_uri": [self.source.uri] * len(kept),
-            "member_path": [item.entry.path for item, _ in kept],
-            "ingested_at": [self.ingested_at] * len(kept),
-            "phash": [r.phash for _, r in kept],
+            "sha256": [item.sha256 for item in items],
+            "image": [encoded.get(index) or item.entry.data for index, item in zip(kept, items)] if encoded
+            else [item.entry.data for item in items],
+            "format": column(batch.formats),
+            "width": column(batch.widths),
+            "height": column(batch.heights),
+            "n_frames": column(batch.n_frames),
+            "label": [item.label for item in items],
+            "split": [item.split for item in items],
+            "source_uri": [self.source.uri] * len(items),
+            "member_path": [item.entry.path for item in items],
+            "ingested_at": [self.ingested_at] * len(items),
+            "phash": column(batch.phashes),
         })
-        for item, _ in kept:
+        for item in items:
             self.added[item.split][item.label] += 1
-        for item, _ in kept:
             self.run.add_content(item.sha256, item.label, item.split)
-        self.run.rows += len(kept)
+        self.run.rows += len(items)
 
     def finish(self) -> StagedRun:
         self.run.hidden_skipped = self.source.hidden_skipped

@@ -346,7 +346,7 @@ def test_decoders_are_spawned_where_the_fork_server_cannot_start(tmp_path):
     script = ("from cnnpipe.store.decoders import _DecoderPool\n"
               "from tests.imagefactory import jpeg\n"
               "pool = _DecoderPool(1)\n"
-              "print(pool.submit([jpeg(1), b'nope'], None).result(timeout=60)[1])\n"
+              "print(pool.submit([jpeg(1), b'nope'], None).result(timeout=60).refused[1])\n"
               "pool.shutdown()\n")
     done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TMPDIR": str(deep)}, capture_output=True,
                           text=True, timeout=120, cwd=Path(__file__).parents[2])

@@ -91,9 +91,13 @@ def test_a_batch_of_images_hashes_as_each_image_alone():
     datas += [encoded(photo(40, (500, 375)), "JPEG"), encoded(photo(41).convert("L"), "JPEG"), encoded(photo(42)),
               b"not an image", encoded(photo(43, (32, 32)).convert("RGBA"))]
     batch = check_batch(datas, None)
-    assert batch[-2] == ("unidentified", "not a JPEG, PNG, GIF, BMP or WebP image")
-    assert [result.phash for result in batch[:-2] + batch[-1:]] == \
-        [check_image(data, with_hash=True).phash for data in datas[:-2] + datas[-1:]]
+    assert batch.refused == {len(datas) - 2: ("unidentified", "not a JPEG, PNG, GIF, BMP or WebP image")}
+    singles = [check_image(data, with_hash=True) for data in datas[:-2] + datas[-1:]]
+    assert batch.phashes[:-2] + batch.phashes[-1:] == [single.phash for single in singles]
+    assert batch.widths[:-2] + batch.widths[-1:] == [single.width for single in singles]
+    assert batch.formats[:-2] + batch.formats[-1:] == [single.format for single in singles]
+    # The RGBA image is stored re-encoded, and only it.
+    assert list(batch.encoded) == [len(datas) - 1] and batch.encoded[len(datas) - 1] == singles[-1].encoded
 
 
 def test_ingest_keeps_the_hash_of_what_it_stores_by_every_decoding_path(tmp_path):
