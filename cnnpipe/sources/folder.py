@@ -23,7 +23,10 @@ class FolderSource(Source):
 
     def explicit_splits(self) -> set[str]:
         self._listed = self._listing(self.path.rstrip("/"))
-        return {split for rel, _, refused in self._listed if not refused and (split := self._split_of(rel))}
+        # A folder's files share its split: each folder is looked at once, by one of its files that is not hidden.
+        files_by_folder = {rel.rpartition("/")[0]: rel for rel, _, refused in self._listed
+                           if not refused and not rel.rpartition("/")[2].startswith(".")}
+        return {split for rel in files_by_folder.values() if (split := self._split_of(rel))}
 
     def entries(self) -> Iterator[Entry]:
         root = self.path.rstrip("/")
@@ -112,9 +115,10 @@ def _read_local(path: str, size: int | None) -> bytes:
     size is the whole file: a regular file reads short only at its end."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
-        chunks = [os.read(descriptor, (_READ_CHUNK if size is None else size) + 1)]
-        if len(chunks[0]) == size:  # one byte short of what was asked: the end, without a read to say so
-            return chunks[0]
+        first = os.read(descriptor, (_READ_CHUNK if size is None else size) + 1)
+        if len(first) == size:  # one byte short of what was asked: the end, without a read to say so
+            return first
+        chunks = [first]
         while chunks[-1]:  # to the end, whatever the listing said: a file that grew reads as changed
             chunks.append(os.read(descriptor, _READ_CHUNK))
         return chunks[0] if len(chunks) == 2 else b"".join(chunks)

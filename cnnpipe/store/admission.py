@@ -94,13 +94,20 @@ class _ImageIndex:
         self._pair_codes: dict[tuple[str, str], int] = {}
 
     def add(self, sha256_hex: str, label: str, split: str) -> None:
-        code = self._pair_codes.setdefault((label, split), len(self._pairs))
-        if code == len(self._pairs):
+        self.add_digest(bytes.fromhex(sha256_hex), label, split)
+
+    def add_digest(self, digest: bytes, label: str, split: str) -> None:
+        code = self._pair_codes.get((label, split))
+        if code is None:
+            code = self._pair_codes[(label, split)] = len(self._pairs)
             self._pairs.append((label, split))
-        self._codes[bytes.fromhex(sha256_hex)] = code
+        self._codes[digest] = code
 
     def get(self, sha256_hex: str) -> tuple[str, str] | None:
-        code = self._codes.get(bytes.fromhex(sha256_hex))
+        return self.get_digest(bytes.fromhex(sha256_hex))
+
+    def get_digest(self, digest: bytes) -> tuple[str, str] | None:
+        code = self._codes.get(digest)
         return None if code is None else self._pairs[code]
 
     def remove(self, sha256_hex: str) -> None:
@@ -125,7 +132,8 @@ class Admission:
         if entry.label is None:
             reject(run, entry.path, "no_label", self.unlabelled)
             return None
-        sha = hashlib.sha256(entry.data).hexdigest()
+        digest = hashlib.sha256(entry.data).digest()
+        sha = digest.hex()
         if entry.expected_sha256 and entry.expected_sha256 != sha:
             reject(run, entry.path, "checksum_mismatch",
                    f"manifest says sha256 {entry.expected_sha256[:12]}…, bytes hash to {sha[:12]}…")
@@ -135,9 +143,9 @@ class Admission:
             split = split_for_train(sha, options.val_fraction, options.test_fraction)
         else:
             split = entry.split or split_for(sha, options.val_fraction, options.test_fraction)
-        stored = self.known.get(sha)
+        stored = self.known.get_digest(digest)
         if stored is None:
-            self.known.add(sha, entry.label, split)
+            self.known.add_digest(digest, entry.label, split)
             self.waiting[sha] = []
             return _Pending(entry, sha, entry.label, split)
         # A carved train/ image already stored in train or val (say, before carving existed,

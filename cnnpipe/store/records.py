@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,8 +56,13 @@ class StagedRun:
     skipped: list[Reject] = field(default_factory=list)
 
     def add_content(self, sha256_hex: str, label: str, split: str) -> None:
-        row = hashlib.sha256(f"{sha256_hex}\0{label}\0{split}".encode()).digest()
-        self.content_sum = (self.content_sum + int.from_bytes(row, "big")) % 2**256
+        self.add_contents([(sha256_hex, label, split)])
+
+    def add_contents(self, rows: Iterable[tuple[str, str, str]]) -> None:
+        """`add_content` for many (sha256, label, split) rows: the sum is taken modulo once."""
+        total = sum(int.from_bytes(hashlib.sha256(f"{sha}\0{label}\0{split}".encode()).digest(), "big")
+                    for sha, label, split in rows)
+        self.content_sum = (self.content_sum + total) % 2**256
 
     def add_count(self, split: str, label: str, count: int = 1) -> None:
         labels = self.added_counts.setdefault(split, {})

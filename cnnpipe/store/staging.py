@@ -139,7 +139,7 @@ class _Stager:
         })
         for item in items:
             self.added[item.split][item.label] += 1
-            self.run.add_content(item.sha256, item.label, item.split)
+        self.run.add_contents((item.sha256, item.label, item.split) for item in items)
         self.run.rows += len(items)
 
     def finish(self) -> StagedRun:
