@@ -20,7 +20,9 @@ from cnnpipe.base.processes import start_worker
 from cnnpipe.sources import Entry
 from cnnpipe.sources.images import CheckedBatch, check_batch
 
-VALIDATION_CHUNK = 256
+# Images a decoding call: each costs a future, two pickles and a batch of verdicts, and chunks of 256
+# made the CIFAR-10 folder's ingest about 5% slower (1.37-1.59 s against 1.28-1.39 s, paired, 2 cores).
+VALIDATION_CHUNK = 1024
 # Or fewer, where images are large: a chunk of 256 photos kept a decoder busy for a sixth of a
 # second, and the last one alone at the end of the run while the other waited.
 VALIDATION_CHUNK_BYTES = 4 * 1024 * 1024
