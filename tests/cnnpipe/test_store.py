@@ -26,6 +26,7 @@ from cnnpipe.reports.markdown import ingest_markdown
 from cnnpipe.sources import open_source
 from cnnpipe.store import decoders as decoders_module
 from cnnpipe.store import parts as parts_module
+from cnnpipe.store import staging as staging_module
 from cnnpipe.store import (DatasetStore, IngestOptions, list_datasets, open_dataset_source, split_for,
                            split_for_train)
 from tests.imagefactory import jpeg, png, write_class_folders
@@ -283,6 +284,8 @@ def test_decoding_in_worker_processes_matches_decoding_inline(tmp_path):
 
 def test_an_image_that_kills_its_decoder_is_rejected_and_the_rest_kept(tmp_path, monkeypatch):
     images = write_class_folders(tmp_path / "src", {"cat": 600})
+    # Three chunks: the culprit's in the middle, with one on either side in flight when its decoder dies.
+    monkeypatch.setattr(staging_module, "VALIDATION_CHUNK", 256)
     monkeypatch.setenv("FAILPOINT", "decode.image")
     monkeypatch.setenv("FAILPOINT_KEY", hashlib.sha256(images[300]).hexdigest())
     summary = ingest(tmp_path / "src", "crashy", workers=2)
@@ -356,6 +359,7 @@ def test_decoders_are_spawned_where_the_fork_server_cannot_start(tmp_path):
 
 def test_an_image_whose_decoder_hangs_is_rejected_after_a_timeout(tmp_path, monkeypatch):
     images = write_class_folders(tmp_path / "src", {"cat": 300})
+    monkeypatch.setattr(staging_module, "VALIDATION_CHUNK", 128)  # the hang in the first of three chunks
     monkeypatch.setattr(decoders_module, "CHUNK_TIMEOUT", 3.0)
     monkeypatch.setattr(decoders_module, "ITEM_TIMEOUT", 2.0)
     monkeypatch.setenv("FAILPOINT", "decode.image")
