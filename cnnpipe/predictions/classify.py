@@ -369,20 +369,28 @@ def _checked_chunk(datas: list[bytes], size: int, fit: str) -> list:
     return [_checked_pixels(data, size, fit) for data in datas]
 
 
-def _checked_pixels(data: bytes, size: int, fit: str = "crop") -> tuple[int, int, torch.Tensor] | RejectedImage:
-    """(width, height, uint8 CHW pixels at `size`), validated exactly as ingestion does, or why not."""
+def _checked_pixels(data: bytes, size: int, fit: str = "crop") -> tuple[int, int, np.ndarray] | RejectedImage:
+    """(width, height, uint8 pixels at `size`, height x width x RGB), validated exactly as ingestion does,
+    or why not."""
     try:
         checked = check_image(data, keep_pixels=True)
     except RejectedImage as exc:
         return exc
     if checked.pixels is not None and checked.pixels.shape[:2] == (size, size):
-        return checked.width, checked.height, torch.from_numpy(checked.pixels).permute(2, 0, 1)  # decoded once
-    return checked.width, checked.height, decode_images([data if checked.encoded is None else checked.encoded], size,
-                                                               fit=fit)[0]
+        return checked.width, checked.height, checked.pixels  # decoded once
+    blob = data if checked.encoded is None else checked.encoded
+    return checked.width, checked.height, decode_images([blob], size, fit=fit)[0].permute(1, 2, 0).numpy()
 
 
-def _batch(items: list[tuple], images: list[torch.Tensor], pin: bool) -> tuple[list[tuple], torch.Tensor]:
-    batch = torch.stack(images)
+def as_batch(images: list[np.ndarray]) -> torch.Tensor:
+    """Height x width x RGB images as one uint8 batch, N x RGB x height x width in channels-last memory:
+    one copy, where a tensor an image stacked into NCHW took a copy an image, a transposing one, which
+    the model's channels-last input then transposed back."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+
+
+def _batch(items: list[tuple], images: list[np.ndarray], pin: bool) -> tuple[list[tuple], torch.Tensor]:
+    batch = as_batch(images)
     return items, batch.pin_memory() if pin else batch  # pinned: the copy to the GPU need not wait
 
 

@@ -115,7 +115,7 @@ def embed_image(data: bytes, model_ref: str) -> tuple[str, str, list[float]]:
     """(model name, version, embedding) of an image no run has classified yet, by the registered
     version `model_ref` names, decoded and validated as classify does."""
     from cnnpipe.models.registry import load_predictor
-    from cnnpipe.predictions.classify import _checked_pixels
+    from cnnpipe.predictions.classify import _checked_pixels, as_batch
     from cnnpipe.sources.images import RejectedImage
 
     predictor = load_predictor(model_ref)
@@ -125,5 +125,5 @@ def embed_image(data: bytes, model_ref: str) -> tuple[str, str, list[float]]:
     checked = _checked_pixels(data, predictor.decode_size, predictor.resize)
     if isinstance(checked, RejectedImage):
         raise CnnpipeError(f"not an image this pipeline reads ({checked.reason}: {checked.detail})")
-    *_, embeddings = predictor.top_k(checked[2].unsqueeze(0), 1).result()
+    *_, embeddings = predictor.top_k(as_batch([checked[2]]), 1).result()
     return predictor.name, predictor.version, embeddings[0]
