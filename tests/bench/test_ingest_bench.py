@@ -1,4 +1,5 @@
-"""bench/ingest.py's check bound reads and fully decodes every image of a folder, so no ingest can beat it."""
+"""bench/ingest.py's bounds: the check reads and fully decodes every image of a folder; the floor with
+guarantees also hashes every file and fsyncs what it wrote."""
 
 from __future__ import annotations
 
@@ -20,3 +21,18 @@ def test_the_check_bound_decodes_every_file_and_fails_on_a_truncated_one(tmp_pat
 def test_the_work_bound_spreads_the_floor_and_the_decoding_over_every_core(monkeypatch):
     monkeypatch.setattr("cnn.cores.usable_cores", lambda: 2)
     assert work_bound({"cpu": 0.6, "seconds": 0.7}, {"decode_cpu": 1.4, "images": 9}) == pytest.approx(1.0)
+
+
+def test_the_floor_with_guarantees_stores_each_files_hash_beside_the_floors_rows(tmp_path):
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from bench.ingest import floor, floor_with_guarantees
+
+    images = write_class_folders(tmp_path / "folder", {"a": 3, "b": 2})
+    assert floor(str(tmp_path / "folder"), str(tmp_path / "floor.parquet")) == 5
+    assert floor_with_guarantees(str(tmp_path / "folder"), str(tmp_path / "guarded.parquet")) == 5
+    plain, guarded = pq.read_table(tmp_path / "floor.parquet"), pq.read_table(tmp_path / "guarded.parquet")
+    assert guarded.select(["path", "image"]).equals(plain)
+    assert sorted(guarded.column("sha256").to_pylist()) == sorted(hashlib.sha256(data).hexdigest() for data in images)
