@@ -226,10 +226,11 @@ def profiled_ingest(source: str, home: str) -> dict:
         for stage, functions in PROFILE_STAGES.items()}}
 
 
-CASES = {"floor": floor, "guarantees": floor_with_guarantees, "decode": decode, "check": check_bound, "cnnpipe": cnnpipe_ingest, "peer": peer,
-         "profile": profiled_ingest}
+CASES = {"floor": floor, "guarantees": floor_with_guarantees, "decode": decode, "check": check_bound,
+         "cnnpipe": cnnpipe_ingest, "peer": peer, "profile": profiled_ingest}
 # Imported before the clock starts: interpreter start-up is not ingestion, for any case.
-IMPORTS = {"floor": ["pyarrow.parquet"], "guarantees": ["pyarrow.parquet", "hashlib"], "decode": ["PIL.Image", "cnn.cores", "cnnpipe.store.decoders"],
+IMPORTS = {"floor": ["pyarrow.parquet"], "guarantees": ["pyarrow.parquet", "hashlib"],
+           "decode": ["PIL.Image", "cnn.cores", "cnnpipe.store.decoders"],
            "check": ["simplejpeg", "cnn.cores", "cnnpipe.store.decoders"],
            "cnnpipe": ["cnnpipe.store", "cnnpipe.sources"], "peer": ["datasets"], "profile": ["cnnpipe.store", "cnnpipe.sources"]}
 
