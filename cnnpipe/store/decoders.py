@@ -8,10 +8,12 @@ rest are kept.
 from __future__ import annotations
 
 import os
+import sys
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import active_children, forkserver, get_all_start_methods, get_context
 
@@ -53,10 +55,30 @@ def decoder_context(modules: list[str] = _DECODER_MODULES):
     context = get_context("forkserver")
     context.set_forkserver_preload(modules)
     try:
-        forkserver.ensure_running()
+        with _owners_import_path():
+            forkserver.ensure_running()
     except OSError:  # its socket's path is too long for AF_UNIX under a deep TMPDIR, say
         return get_context("spawn")
     return context
+
+
+@contextmanager
+def _owners_import_path() -> Iterator[None]:
+    """A fork server started meanwhile imports its modules from this process's `sys.path`. Python 3.11's
+    ignores the path it is given and, started with `-c`, looks in the current folder first: run from
+    inside a checkout of another cnnpipe version, the decoders imported that version's check, and every
+    image was refused as `decoder_crashed`. The server takes the path from the environment it starts in."""
+    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(path or os.getcwd() for path in sys.path)
+    os.environ["PYTHONSAFEPATH"] = "1"  # no current folder before it
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class _DecoderPool:

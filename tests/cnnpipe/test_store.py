@@ -357,6 +357,39 @@ def test_decoders_are_spawned_where_the_fork_server_cannot_start(tmp_path):
     assert "unidentified" in done.stdout
 
 
+DECOY_RUN = """
+import os, sys
+from cnnpipe.sources import open_source
+from cnnpipe.store import DatasetStore, IngestOptions
+if __name__ == "__main__":
+    store = DatasetStore("decoyed")
+    with store.lock():
+        summary = store.commit(store.stage(open_source(sys.argv[1]), IngestOptions(workers=1)))
+    print(summary.added, [r.reason for r in summary.rejected])
+"""
+
+
+def test_decoders_import_the_owners_cnnpipe_not_one_in_the_current_folder(tmp_path):
+    # Another cnnpipe in the folder a command runs from (a checkout of another version, say): a fork server
+    # started with `-c` looks there first, and its decoders took that one's check for the owner's.
+    write_class_folders(tmp_path / "src", {"cat": 3})
+    decoy = tmp_path / "cwd" / "cnnpipe"
+    for package in (decoy, decoy / "base", decoy / "sources"):
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+    (decoy / "base" / "processes.py").write_text("def start_worker(pids, environment):\n    pids.put(0)\n")
+    (decoy / "sources" / "images.py").write_text("def check_batch(datas, resize):\n    raise SystemExit('the decoy')\n")
+    script = tmp_path / "run" / "ingest.py"
+    script.parent.mkdir()
+    script.write_text(DECOY_RUN)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "src")], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path / "cwd",
+                          env={**os.environ, "CNNPIPE_HOME": str(tmp_path / "home"),
+                               "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == "3 []"
+
+
 def test_an_image_whose_decoder_hangs_is_rejected_after_a_timeout(tmp_path, monkeypatch):
     images = write_class_folders(tmp_path / "src", {"cat": 300})
     monkeypatch.setattr(staging_module, "VALIDATION_CHUNK", 128)  # the hang in the first of three chunks
