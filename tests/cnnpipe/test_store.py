@@ -358,7 +358,7 @@ def test_decoders_are_spawned_where_the_fork_server_cannot_start(tmp_path):
 
 
 DECOY_RUN = """
-import os, sys
+import sys
 from cnnpipe.sources import open_source
 from cnnpipe.store import DatasetStore, IngestOptions
 if __name__ == "__main__":
