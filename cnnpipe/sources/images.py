@@ -80,27 +80,19 @@ def check_image(data: bytes, resize: int | None = None, keep_pixels: bool = Fals
     (plain JPEGs), so a caller that classifies the image need not decode it again.
     `with_hash` adds the hash of what is stored (`stored_image_hash`), from the pixels decoded here.
     """
-    checked, luma = _check(data, resize, keep_pixels, with_hash)
-    return checked if luma is None else _hashed(checked, luma_hash(luma))
-
-
-def _check(data: bytes, resize: int | None, keep_pixels: bool, with_hash: bool) -> tuple[CheckedImage, np.ndarray | None]:
-    """`check_image`, but a plain JPEG's hash is left to the caller: (the image without it, the luma
-    to hash). Other images come with their hash, and None."""
-    if not data:
-        raise RejectedImage("empty", "zero-byte file")
-    if resize is None and data[:3] == JPEG_MAGIC:
-        decoded = _decode_plain_jpeg(data, keep_pixels)
-        if decoded is not None:
-            width, height, pixels = decoded
-            luma = None
-            if with_hash:
-                luma = simplejpeg.decode_jpeg(data, **_REDUCED_DECODE) if keep_pixels else pixels
-            return CheckedImage("JPEG", width, height, 1, None, pixels if keep_pixels else None), luma
-    return _check_with_pillow(data, resize, with_hash), None
+    if resize is None and data[:3] == JPEG_MAGIC and (decoded := _decode_plain_jpeg(data, keep_pixels)) is not None:
+        width, height, pixels = decoded
+        phash = None
+        if with_hash:
+            phash = luma_hash(simplejpeg.decode_jpeg(data, **_REDUCED_DECODE) if keep_pixels else pixels)
+        return CheckedImage("JPEG", width, height, 1, None, pixels if keep_pixels else None, phash)
+    return _check_with_pillow(data, resize, with_hash)
 
 
 def _check_with_pillow(data: bytes, resize: int | None, with_hash: bool) -> CheckedImage:
+    """`check_image` of anything but a plain JPEG."""
+    if not data:
+        raise RejectedImage("empty", "zero-byte file")
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -184,11 +176,6 @@ def _dct_hashes(greys: np.ndarray) -> list[int]:
     low = (_DCT_LOW @ greys.astype(np.float64) @ _DCT_LOW.T).reshape(len(greys), 64)
     medians = np.partition(low, (31, 32), axis=1)[:, 31:33].mean(axis=1)  # np.median's, without its overhead
     return np.packbits(low > medians[:, None], axis=1).view(">i8")[:, 0].tolist()
-
-
-def _hashed(checked: CheckedImage, phash: int) -> CheckedImage:
-    return CheckedImage(checked.format, checked.width, checked.height, checked.n_frames, checked.encoded,
-                        checked.pixels, phash)
 
 
 def stored_image_hash(data: bytes) -> int:
@@ -373,14 +360,13 @@ def check_batch(datas: list[bytes], resize: int | None) -> CheckedBatch:
     for data in datas:
         if armed:
             failpoint("decode.image", key=lambda: hashlib.sha256(data).hexdigest())
-        plain = _decode_plain_jpeg(data) if resize is None and data[:3] == JPEG_MAGIC else None
-        if plain is not None:
+        if resize is None and data[:3] == JPEG_MAGIC and (plain := _decode_plain_jpeg(data)) is not None:
             width, height, luma = plain
             lumas[len(batch)] = luma[:, :, 0] if luma.ndim == 3 else luma
             batch._add("JPEG", width, height, 1, None)
             continue
-        try:
-            batch.add(check_image(data, resize, with_hash=True))
+        try:  # as check_image goes on, without decoding a JPEG that failed above once more
+            batch.add(_check_with_pillow(data, resize, with_hash=True))
         except RejectedImage as exc:
             batch.refuse(exc.reason, exc.detail)
         except Exception as exc:  # noqa: BLE001 - a decoder bug must not end the batch
