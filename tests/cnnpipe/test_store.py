@@ -788,3 +788,27 @@ def test_sharded_staging_takes_the_whole_sources_decision(tmp_path, val):
     assert (sharded.added, sharded.counts, sharded.val_from_train) == (local.added, local.counts,
                                                                         0.0 if val else 0.25)
     assert sum(sharded.counts["val"].values()) > 1 if not val else sharded.counts["val"] == {"dog": 1}
+
+
+def test_verify_passes_images_that_ingest_converted_and_still_names_a_damaged_one(tmp_path):
+    from PIL import Image
+
+    source = tmp_path / "src" / "cat"
+    source.mkdir(parents=True)
+    for index in range(3):
+        Image.new("RGBA", (12, 10), (40 * index, 90, 200, 128)).save(source / f"{index}.png")
+    (source / "plain.jpg").write_bytes(jpeg(1))
+    assert ingest(tmp_path / "src", "converted").added == 4
+    store = DatasetStore("converted")
+    assert store.verify(read_rows=True) == []
+    [part] = store.files()
+    table = pq.read_table(part)
+    images = table.column("image").to_pylist()
+    converted = next(index for index, data in enumerate(images) if data[:4] == b"\x89PNG")
+    images[converted] = images[converted][:-20] + bytes(20)
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", [images]), part)
+    [damaged] = store.verify(read_rows=True)
+    assert "1 of 4 rows" in damaged.problem
+    write_class_folders(tmp_path / "photos", {"a": 6, "b": 6})
+    assert ingest(tmp_path / "photos", "resized", resize=24).added == 12
+    assert DatasetStore("resized").verify(read_rows=True) == []
