@@ -178,10 +178,24 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointRefused(f"{path}: refused, it is not a plain checkpoint (weights_only load failed: "
-                              f"{str(exc).splitlines()[0]})") from None
+        raise CheckpointRefused(f"{path}: refused, it is not a plain checkpoint "
+                                f"(a weights-only load failed: {_unpickler_reason(exc)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
+        reason = "it ends early" if isinstance(exc, EOFError) else _first_line(exc)
+        raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from None
+    except (IndexError, KeyError, TypeError):  # how torch's reader fails on an empty file or a text file
+        raise CheckpointError(f"{path}: unreadable checkpoint (not a file that torch.save wrote)") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The unpickler's own reason, without torch's advice to load the file with weights_only off:
+    that runs any code the file holds."""
+    _, found, reason = str(exc).partition("WeightsUnpickler error:")
+    return _first_line(Exception(reason)) if found else _first_line(exc)
 
 
 def newest_readable(run_dir: Path) -> tuple[dict, Path, list[str]] | None:

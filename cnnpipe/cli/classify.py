@@ -18,7 +18,7 @@ from cnnpipe.settings import REGISTERED_MODEL
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
               help="Use a checkpoint file from `cnnpipe train` instead of the registry.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--batch-size", default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--ray-address", envvar="CNNPIPE_RAY_ADDRESS", default=None,
               help="Shard the source over this Ray cluster (HOST:PORT, or ray://HOST:PORT) [env: CNNPIPE_RAY_ADDRESS].")
 @click.option("--shards", type=int, default=None, help="Shards on Ray [default: one per GPU, else per CPU].")
@@ -49,12 +49,27 @@ def classify(source: str, model_ref: str, checkpoint: str | None, device: str, b
 
     if not checkpoint:
         parse_model_ref(model_ref)  # a malformed reference fails here, in one line
+    _check_device_and_checkpoint(device, checkpoint)
     open_classify_source(source)
     before_flows()
     summary = classify_flow(source=source, model=model_ref, checkpoint=checkpoint, device=device, batch_size=batch_size,
                             ray_address=ray_address, shards=shards)
     print_markdown(classify_markdown(summary))
 
+
+
+def _check_device_and_checkpoint(device: str, checkpoint: str | None) -> None:
+    """A device this machine lacks, or a file that is not a checkpoint, in one line before the flow
+    starts: inside it, either failed with the flow's tracebacks."""
+    from cnn.checkpoint import CheckpointError, load_checkpoint
+    from cnn.device import resolve_device
+
+    try:
+        resolve_device(device)
+        if checkpoint:
+            load_checkpoint(checkpoint)
+    except (ValueError, CheckpointError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 @click.command()
 @click.argument("query")

@@ -169,3 +169,23 @@ def test_a_script_gets_valid_json_and_csv_on_stdout_even_when_there_is_nothing(c
     assert as_csv.exit_code == 0, as_csv.output
     header, *rows = list(csv.reader(io.StringIO(as_csv.stdout)))
     assert rows == [] and header and all(header)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "unreadable checkpoint (it ends early)"),
+    (b"a text file\n", "unreadable checkpoint (not a file that torch.save wrote)"),
+    (b"\xff\xd8\xff\xe0 not really a JPEG", "refused, it is not a plain checkpoint"),
+])
+def test_classify_refuses_a_file_that_is_not_a_checkpoint_in_one_line_before_any_flow(tmp_path, content, reason):
+    (tmp_path / "bad.pt").write_bytes(content)
+    result = CliRunner().invoke(cli, ["classify", str(tmp_path), "--checkpoint", str(tmp_path / "bad.pt")])
+    [line] = result.output.strip().splitlines()
+    assert result.exit_code == 1 and line.startswith(f"Error: {tmp_path / 'bad.pt'}: {reason}")
+
+
+def test_classify_refuses_a_batch_size_below_one_and_a_missing_gpu_in_one_line(tmp_path, monkeypatch):
+    result = CliRunner().invoke(cli, ["classify", str(tmp_path), "--batch-size", "0"])
+    assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    result = CliRunner().invoke(cli, ["classify", str(tmp_path), "--checkpoint", __file__, "--device", "cuda"])
+    assert result.exit_code == 1 and result.output.strip() == "Error: --device cuda: no CUDA device is available here"
