@@ -89,7 +89,12 @@ def _write_text(result: QueryResult, output_format: str, handle) -> None:
     else:
         writer = csv.writer(handle)
         writer.writerow(result.columns)
-        writer.writerows(result.rows)
+        writer.writerows([_csv_cell(value) for value in row] for row in result.rows)
+
+
+def _csv_cell(value):
+    """A list, struct or map as JSON, which a CSV reader's user can parse, not as Python's repr."""
+    return json.dumps(value, default=str) if isinstance(value, (list, dict, tuple)) else value
 
 
 def table_console():

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -165,6 +166,15 @@ def test_csv_json_and_parquet_output(database, tmp_path):
     assert written.exit_code == 0 and written.output.strip() == f"5 rows written to {tmp_path / 'p.parquet'} (parquet)"
     assert pq.read_table(tmp_path / "p.parquet").num_rows == 5
     assert "needs --output" in sql(query, "--format", "parquet").output
+
+
+def test_csv_writes_lists_and_structs_as_json(database):
+    import csv as csv_module
+
+    result = sql("SELECT [1, 2] AS ids, {'label': 'cat', 'probability': 0.5::DOUBLE} AS top, 'x' AS plain", "--format", "csv")
+    [row] = list(csv_module.DictReader(io.StringIO(result.output)))
+    assert json.loads(row["ids"]) == [1, 2] and json.loads(row["top"]) == {"label": "cat", "probability": 0.5}
+    assert row["plain"] == "x"
 
 
 def test_eight_threads_query_at_once(database):
