@@ -313,13 +313,18 @@ def _prepared_batches(source: Source, done: set[str], summary: ClassifySummary, 
     read and hashed."""
     pending, decoding, seen = [], None, 0
     items, images = [], []
+    # The other paths of the same bytes met while an image is still being checked: skipped as classified
+    # if it is, refused by name beside it if it is not.
+    copies: dict[str, list[str]] = {}
 
     def collect(chunk: list[tuple], results: Iterator) -> Iterator[tuple[list[tuple], torch.Tensor]]:
         nonlocal items, images
         for (sha, path, _), result in zip(chunk, results):
+            same_bytes = copies.pop(sha, [])
             if isinstance(result, RejectedImage):
                 done.discard(sha)
-                summary.rejected.append(Reject(path, result.reason, result.detail))
+                summary.rejected.extend(Reject(copy, result.reason, result.detail) for copy in [path, *same_bytes])
+                summary.skipped -= len(same_bytes)
                 continue
             width, height, pixels = result
             items.append((sha, path, width, height))
@@ -339,8 +344,11 @@ def _prepared_batches(source: Source, done: set[str], summary: ClassifySummary, 
             sha = entry.content_sha256 or hashlib.sha256(entry.data).hexdigest()
             if sha in done:
                 summary.skipped += 1
+                if sha in copies:
+                    copies[sha].append(entry.path)
                 continue
             done.add(sha)
+            copies[sha] = []
             pending.append((sha, entry.path, entry.data))
             if len(pending) == batch_size:
                 if decoding is not None:

@@ -77,6 +77,17 @@ def test_a_name_that_is_not_utf8_is_rejected_and_the_rest_classified(tmp_path, s
     assert list((get_settings().staging_dir / "classify").iterdir()) == []
 
 
+def test_copies_of_a_broken_file_are_each_refused_by_name_not_skipped_as_classified(inbox, shapes_checkpoints):
+    for copy in ("copy1.jpg", "copy2.jpg"):
+        (inbox / "b" / copy).write_text("not an image")
+    (inbox / "b" / "twin.jpg").write_bytes((inbox / "a" / "0001.jpg").read_bytes())
+    summary = run(inbox, shapes_checkpoints[0])
+    assert (summary.classified, summary.skipped) == (50, 1)
+    assert sorted((r.path, r.reason) for r in summary.rejected) == [
+        ("a/broken.jpg", "unidentified"), ("b/copy1.jpg", "unidentified"), ("b/copy2.jpg", "unidentified")]
+    assert query("SELECT count(*) FROM rejected_inputs") == [(3,)]
+
+
 def test_images_reach_the_model_in_batches_of_the_batch_size_asked_for(inbox, shapes_checkpoints):
     predictor = Predictor(shapes_checkpoints[0], batch_size=8)
     sizes = []
