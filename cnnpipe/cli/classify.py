@@ -57,7 +57,6 @@ def classify(source: str, model_ref: str, checkpoint: str | None, device: str, b
     print_markdown(classify_markdown(summary))
 
 
-
 def _check_device_and_checkpoint(device: str, checkpoint: str | None) -> None:
     """A device this machine lacks, or a file that is not a checkpoint, in one line before the flow
     starts: inside it, either failed with the flow's tracebacks."""
@@ -70,6 +69,7 @@ def _check_device_and_checkpoint(device: str, checkpoint: str | None) -> None:
             load_checkpoint(checkpoint)
     except (ValueError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from None
+
 
 @click.command()
 @click.argument("query")

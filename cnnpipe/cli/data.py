@@ -114,7 +114,8 @@ def datasets_show(name: str) -> None:
 @datasets.command("verify")
 @click.argument("name")
 def datasets_verify(name: str) -> None:
-    """Read every Parquet part of a dataset: its footer, and each row's image against its SHA-256.
+    """Read every Parquet part of a dataset: its footer, and each row's image against its SHA-256
+    (an image that ingest converted or resized: a full decode, against its perceptual hash).
 
     Reads the whole dataset. Exits 1 if a part is damaged, after saying how to repair it."""
     from cnnpipe.reports.markdown import verification_markdown
